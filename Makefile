@@ -1,0 +1,25 @@
+# The README's two commands are `make demo` and `make test`; each does its own set-up.
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-unit test-bpf test-netns bench-xdp
+
+setup:
+	@bash .ci/setup
+
+demo: setup
+	$(PY) -m examples.demo_single
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m unit
+
+test-bpf: setup
+	$(PY) -m pytest -m bpf
+
+test-netns: setup
+	$(PY) -m pytest -m netns
+
+bench-xdp: setup
+	$(PY) bench/xdp.py

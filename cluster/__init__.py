@@ -1,0 +1,1 @@
+"""The lbnode cluster node: CLI, config, flow sync and lifecycle."""

@@ -1,0 +1,1 @@
+"""Example configs, the namespace lab and the demos."""

@@ -1,0 +1,1 @@
+"""Backend health checks: pure hysteresis and aggregation, plus trio probes."""
