@@ -1,0 +1,326 @@
+"""Health-check configuration: frozen dataclasses, validated once, errors naming the key path.
+
+Each class has ``from_dict(data, path)``: `data` is what ``yaml.safe_load`` produced for that
+node and `path` is where it sits in the document (``"services[0].checks[1]"``), so the node's
+YAML loader can reuse these and add line numbers to `ConfigError`. Unknown keys are errors.
+
+    services:
+      - name: web
+        vip: 192.0.2.10
+        port: 80
+        need: 1                 # service is up while >= need backends are healthy
+        through_vip: true       # probe the backend's MAC with the VIP as destination (DSR path)
+        checks:
+          - kind: http          # tcp | http | https
+            interval_ms: 1000
+            timeout_ms: 500     # 0 < timeout_ms < interval_ms
+            rise: 2             # consecutive passes to go up
+            fall: 3             # consecutive failures to go down
+            path: /healthz
+            host: www.example.com
+            expect_status: [200, "300-399"]
+            body_contains: ok
+        backends:
+          - {address: 10.0.0.11, port: 80}
+          - {address: 10.0.0.12, port: 80, disabled: true, initial: up}
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from healthcheck.errors import ConfigError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# RFC 9110 §5.6.2 token, used for the HTTP method.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A request target we are willing to put on the wire: origin-form, visible ASCII only.
+_PATH = re.compile(r"^/[\x21-\x7e]*$")
+_HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
+_STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])-([1-5][0-9][0-9])$")
+
+
+class CheckKind(enum.Enum):
+    TCP = "tcp"
+    HTTP = "http"
+    HTTPS = "https"
+
+
+class InitialState(enum.Enum):
+    DOWN = "down"
+    UP = "up"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRange:
+    """Inclusive range of acceptable HTTP status codes."""
+
+    lo: int
+    hi: int
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and self.lo <= status <= self.hi
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None
+    expect_status: tuple[StatusRange, ...] = (StatusRange(200, 299),)
+    body_contains: str | None = None
+    # HTTPS only.
+    verify: bool = True
+    sni: str | None = None
+    ca_file: str | None = None
+
+    def status_ok(self, status: int) -> bool:
+        return any(status in r for r in self.expect_status)
+
+    def expected_text(self) -> str:
+        return ",".join(str(r) for r in self.expect_status)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckConfig:
+    kind: CheckKind
+    interval_ms: int = 1000
+    timeout_ms: int = 500
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None  # None: the backend's port
+    http: HttpOptions | None = None  # set for http and https
+
+    _KEYS = frozenset({"kind", "interval_ms", "timeout_ms", "rise", "fall", "port", "method", "path",
+                       "host", "expect_status", "body_contains", "verify", "sni", "ca_file"})
+    _HTTP_KEYS = frozenset({"method", "path", "host", "expect_status", "body_contains"})
+    _HTTPS_KEYS = frozenset({"verify", "sni", "ca_file"})
+
+    @property
+    def interval_s(self) -> float:
+        return self.interval_ms / 1000
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ms / 1000
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> CheckConfig:
+        d = _mapping(data, path)
+        _no_unknown_keys(d, cls._KEYS, path)
+        kind_raw = _require(d, "kind", path)
+        try:
+            kind = CheckKind(kind_raw)
+        except ValueError:
+            raise ConfigError(f"{path}.kind", f"must be one of tcp, http, https, got {kind_raw!r}") from None
+        interval_ms = _int(d, "interval_ms", path, 1000, lo=10, hi=3_600_000)
+        timeout_ms = _int(d, "timeout_ms", path, min(500, interval_ms // 2))
+        if not 0 < timeout_ms < interval_ms:
+            raise ConfigError(f"{path}.timeout_ms", f"must be > 0 and < interval_ms, got {timeout_ms}")
+        rise = _int(d, "rise", path, 2, lo=1, hi=1000)
+        fall = _int(d, "fall", path, 3, lo=1, hi=1000)
+        port = _int(d, "port", path, None, lo=1, hi=65535) if "port" in d else None
+        if kind is CheckKind.TCP:
+            extra = sorted(set(d) & (cls._HTTP_KEYS | cls._HTTPS_KEYS))
+            if extra:
+                raise ConfigError(f"{path}.{extra[0]}", "only valid for http and https checks")
+            http = None
+        else:
+            if kind is CheckKind.HTTP:
+                extra = sorted(set(d) & cls._HTTPS_KEYS)
+                if extra:
+                    raise ConfigError(f"{path}.{extra[0]}", "only valid for https checks")
+            http = _http_options(d, path)
+        return cls(kind=kind, interval_ms=interval_ms, timeout_ms=timeout_ms, rise=rise, fall=fall, port=port,
+                   http=http)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    address: IPAddress
+    port: int
+    disabled: bool = False  # drained: still probed, never counted, out of the hash for new flows
+    initial: InitialState = InitialState.DOWN
+
+    _KEYS = frozenset({"address", "port", "disabled", "initial"})
+
+    @property
+    def key(self) -> str:
+        """Identity used in events and snapshots: ``10.0.0.1:80`` / ``[2001:db8::1]:80``."""
+        host = str(self.address) if self.address.version == 4 else f"[{self.address}]"
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> BackendConfig:
+        d = _mapping(data, path)
+        _no_unknown_keys(d, cls._KEYS, path)
+        address = _address(_require(d, "address", path), f"{path}.address")
+        port = _int(d, "port", path, None, lo=1, hi=65535)
+        disabled = _bool(d, "disabled", path, False)
+        initial_raw = d.get("initial", "down")
+        try:
+            initial = InitialState(initial_raw)
+        except ValueError:
+            raise ConfigError(f"{path}.initial", f"must be 'up' or 'down', got {initial_raw!r}") from None
+        return cls(address=address, port=port, disabled=disabled, initial=initial)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceHealthConfig:
+    name: str
+    vip: IPAddress
+    port: int
+    checks: tuple[CheckConfig, ...]
+    backends: tuple[BackendConfig, ...]
+    need: int = 1
+    through_vip: bool = True
+
+    _KEYS = frozenset({"name", "vip", "port", "checks", "backends", "need", "through_vip"})
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str) -> ServiceHealthConfig:
+        d = _mapping(data, path)
+        _no_unknown_keys(d, cls._KEYS, path)
+        name = _require(d, "name", path)
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise ConfigError(f"{path}.name", f"must be 1-64 of [A-Za-z0-9_.-], got {name!r}")
+        vip = _address(_require(d, "vip", path), f"{path}.vip")
+        port = _int(d, "port", path, None, lo=1, hi=65535)
+        checks = tuple(CheckConfig.from_dict(c, f"{path}.checks[{i}]")
+                       for i, c in enumerate(_sequence(_require(d, "checks", path), f"{path}.checks")))
+        if not checks:
+            raise ConfigError(f"{path}.checks", "must list at least one check, got []")
+        backends = tuple(BackendConfig.from_dict(b, f"{path}.backends[{i}]")
+                         for i, b in enumerate(_sequence(_require(d, "backends", path), f"{path}.backends")))
+        seen: dict[str, int] = {}
+        for i, b in enumerate(backends):
+            if b.key in seen:
+                raise ConfigError(f"{path}.backends[{i}]", f"duplicate of backends[{seen[b.key]}], got {b.key}")
+            seen[b.key] = i
+            if b.address.version != vip.version:
+                raise ConfigError(f"{path}.backends[{i}].address",
+                                  f"must be IPv{vip.version} like the vip, got {b.address}")
+        need = _int(d, "need", path, 1, lo=1, hi=max(1, len(backends)))
+        through_vip = _bool(d, "through_vip", path, True)
+        return cls(name=name, vip=vip, port=port, checks=checks, backends=backends, need=need,
+                   through_vip=through_vip)
+
+
+def services_from_list(data: Any, path: str = "services") -> tuple[ServiceHealthConfig, ...]:
+    services = tuple(ServiceHealthConfig.from_dict(s, f"{path}[{i}]") for i, s in enumerate(_sequence(data, path)))
+    names: dict[str, int] = {}
+    for i, s in enumerate(services):
+        if s.name in names:
+            raise ConfigError(f"{path}[{i}].name", f"duplicate of {path}[{names[s.name]}], got {s.name!r}")
+        names[s.name] = i
+    return services
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _http_options(d: Mapping[str, Any], path: str) -> HttpOptions:
+    method = d.get("method", "GET")
+    if not isinstance(method, str) or not _TOKEN.match(method) or method.upper() != method:
+        raise ConfigError(f"{path}.method", f"must be an upper-case HTTP method token, got {method!r}")
+    req_path = d.get("path", "/")
+    if not isinstance(req_path, str) or not _PATH.match(req_path):
+        raise ConfigError(f"{path}.path", f"must start with '/' and be visible ASCII, got {req_path!r}")
+    host = d.get("host")
+    if host is not None and (not isinstance(host, str) or not _HOST.match(host)):
+        raise ConfigError(f"{path}.host", f"must be a host name or address, got {host!r}")
+    expect = _expect_status(d.get("expect_status", ["200-299"]), f"{path}.expect_status")
+    body = d.get("body_contains")
+    if body is not None and (not isinstance(body, str) or not body):
+        raise ConfigError(f"{path}.body_contains", f"must be a non-empty string, got {body!r}")
+    verify = _bool(d, "verify", path, True)
+    sni = d.get("sni")
+    if sni is not None and (not isinstance(sni, str) or not _HOST.match(sni)):
+        raise ConfigError(f"{path}.sni", f"must be a host name, got {sni!r}")
+    ca_file = d.get("ca_file")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
+        raise ConfigError(f"{path}.ca_file", f"must be a file path, got {ca_file!r}")
+    return HttpOptions(method=method, path=req_path, host=host, expect_status=expect, body_contains=body,
+                       verify=verify, sni=sni, ca_file=ca_file)
+
+
+def _expect_status(raw: Any, path: str) -> tuple[StatusRange, ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ConfigError(path, "must list at least one status or range, got []")
+    out = []
+    for i, item in enumerate(items):
+        p = f"{path}[{i}]" if isinstance(raw, list) else path
+        if isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 599:
+            out.append(StatusRange(item, item))
+            continue
+        m = _STATUS_RANGE.match(item) if isinstance(item, str) else None
+        if isinstance(item, str) and item.isdigit() and 100 <= int(item) <= 599:
+            out.append(StatusRange(int(item), int(item)))
+        elif m and int(m.group(1)) <= int(m.group(2)):
+            out.append(StatusRange(int(m.group(1)), int(m.group(2))))
+        else:
+            raise ConfigError(p, f"must be a status 100..599 or a range like '200-299', got {item!r}")
+    return tuple(out)
+
+
+def _mapping(data: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"must be a mapping, got {type(data).__name__}")
+    for k in data:
+        if not isinstance(k, str):
+            raise ConfigError(path, f"keys must be strings, got {k!r}")
+    return data
+
+
+def _sequence(data: Any, path: str) -> Sequence[Any]:
+    if not isinstance(data, list):
+        raise ConfigError(path, f"must be a list, got {type(data).__name__}")
+    return data
+
+
+def _no_unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _require(d: Mapping[str, Any], key: str, path: str) -> Any:
+    if key not in d:
+        raise ConfigError(f"{path}.{key}", "is required")
+    return d[key]
+
+
+def _int(d: Mapping[str, Any], key: str, path: str, default: int | None, *, lo: int | None = None,
+         hi: int | None = None) -> int:
+    if key not in d:
+        if default is None:
+            raise ConfigError(f"{path}.{key}", "is required")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{path}.{key}", f"must be an integer, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ConfigError(f"{path}.{key}", f"must be {lo}..{hi}, got {v}")
+    return v
+
+
+def _bool(d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{path}.{key}", f"must be true or false, got {v!r}")
+    return v
+
+
+def _address(raw: Any, path: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(path, f"must be an IP address, got {raw!r}") from None
