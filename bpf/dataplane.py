@@ -1,0 +1,319 @@
+"""The typed API over the XDP program's maps: the one way the rest of lbnode steers it.
+
+`DataPlane.apply(services)` takes the complete desired set of services and reconciles the
+kernel with it: backends get stable indexes, each service's consistent-hash table is written
+into its idle half and then switched in with one map update (a packet sees the old table or
+the new one, never a mix), and removed backends are marked invalid so their pinned flows are
+re-chosen. Flows can be listed and written in batches (the peer side of flow sync), counters
+are summed over CPUs, and new/closing flows are read from the ring buffer.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bpf import structs
+from bpf.consistent_hash import Member, build_table
+from bpf.loader import PROGRAM_SOURCE, Attachment, BpfError, Limits, XdpMode, attach, compile_program, detach
+from bpf.structs import (
+    BackendStats,
+    Flow,
+    FlowEvent,
+    FlowKey,
+    IPAddress,
+    LbConfig,
+    Service,
+    ServiceKey,
+    ServiceStats,
+    Stat,
+)
+
+
+class MapError(BpfError):
+    """A map operation failed (full map, bad index, kernel error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A backend of one service. In DSR the backend listens on the service's own port."""
+
+    address: IPAddress
+    mac: str | None  # None until the neighbour table knows it: not usable
+    weight: int = 1
+    in_hash: bool = True  # False when unhealthy or drained: no new flows, pinned flows continue
+
+    @property
+    def usable(self) -> bool:
+        return self.mac is not None
+
+    @property
+    def hash_weight(self) -> int:
+        return self.weight if (self.in_hash and self.usable) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    vip: IPAddress
+    port: int
+    proto: int  # structs.IPPROTO_TCP / IPPROTO_UDP
+    backends: tuple[BackendSpec, ...] = ()
+
+    @property
+    def key(self) -> tuple[IPAddress, int, int]:
+        return (self.vip, self.port, self.proto)
+
+
+@dataclass
+class _IndexPool:
+    """Stable small integers; freed ones are reused last, so a stale pin rarely meets a new owner."""
+
+    size: int
+    what: str
+    next_unused: int = 0
+    freed: deque[int] = field(default_factory=deque)
+
+    def take(self) -> int:
+        if self.next_unused < self.size:
+            self.next_unused += 1
+            return self.next_unused - 1
+        if self.freed:
+            return self.freed.popleft()
+        raise MapError(f"no free {self.what} index (limit {self.size})")
+
+    def give_back(self, index: int) -> None:
+        self.freed.append(index)
+
+
+@dataclass
+class _ServiceState:
+    index: int
+    active_half: int
+    backends: dict[IPAddress, int]  # address -> backend index
+
+
+def monotonic_ns() -> int:
+    """The program's clock (bpf_ktime_get_coarse_ns), for flow timestamps written from user space."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC_COARSE)
+
+
+class DataPlane:
+    """A compiled lbnode XDP program and its maps. Not thread-safe: one owner drives it."""
+
+    def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = ()) -> None:
+        self.limits = limits
+        self._bpf, self._fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
+        self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
+        self._service_pool = _IndexPool(limits.max_services, "service")
+        self._backend_pool = _IndexPool(limits.max_backends, "backend")
+        self._attachments: list[Attachment] = []
+        self._event_callback: Callable[[FlowEvent], None] | None = None
+
+    # ---- program -------------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        return int(self._fn.fd)
+
+    def attach(self, ifname: str, mode: XdpMode = XdpMode.NATIVE, netns: str | None = None) -> Attachment:
+        attachment = attach(self.fd, ifname, mode, netns)
+        self._attachments.append(attachment)
+        return attachment
+
+    def detach_all(self) -> None:
+        while self._attachments:
+            detach(self._attachments.pop())
+
+    def close(self) -> None:
+        try:
+            self.detach_all()
+        finally:
+            self._bpf.cleanup()
+
+    def _map(self, name: str) -> Any:
+        return self._bpf[name.encode()]
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    def set_config(self, mac: str, refresh_s: float = 1.0) -> None:
+        """Our MAC (source of forwarded frames) and how stale a flow's timestamp may get."""
+        cfg = LbConfig((ctypes.c_uint8 * 6)(*structs.mac_bytes(mac)), 0, 0, int(refresh_s * 1e9))
+        self._map("config")[ctypes.c_int(0)] = cfg
+
+    def apply(self, services: Iterable[ServiceSpec]) -> None:
+        """Make the kernel serve exactly `services` (add, change, remove)."""
+        wanted = {spec.key: spec for spec in services}
+        for key in [k for k in self._services if k not in wanted]:
+            self._remove_service(key)
+        for spec in wanted.values():
+            self._apply_service(spec)
+        self._sync_vips()
+
+    def _apply_service(self, spec: ServiceSpec) -> None:
+        state = self._services.get(spec.key)
+        if state is None:
+            index = self._service_pool.take()
+            self._zero_percpu("service_stats", index)
+            state = _ServiceState(index=index, active_half=1, backends={})
+            self._services[spec.key] = state
+        wanted = {b.address: b for b in spec.backends}
+        for address in [a for a in state.backends if a not in wanted]:
+            self._retire_backend(state.backends.pop(address))
+        members = []
+        for address, backend in wanted.items():
+            index = state.backends.get(address)
+            if index is None:
+                index = self._backend_pool.take()
+                self._zero_percpu("backend_stats", index)
+                state.backends[address] = index
+            if backend.usable:
+                assert backend.mac is not None
+                self._map("backends")[ctypes.c_int(index)] = structs.backend_value(address, backend.mac)
+            else:
+                self._retire_backend(index, give_back=False)
+            members.append(Member(identity=str(address), weight=backend.hash_weight, index=index))
+        idle_half = 1 - state.active_half
+        base = (state.index * 2 + idle_half) * self.limits.ch_table_size
+        self._write_array("ch_tables", base, build_table(members, self.limits.ch_table_size))
+        # The table is complete before a packet can use it: flip, then (first time) publish.
+        self._map("service_slots")[ctypes.c_int(state.index)] = Service(base, structs.SERVICE_F_ACTIVE)
+        self._map("services")[ServiceKey.make(*spec.key)] = ctypes.c_uint32(state.index)
+        state.active_half = idle_half
+
+    def _remove_service(self, key: tuple[IPAddress, int, int]) -> None:
+        state = self._services.pop(key)
+        # Inactive first: from here on its pinned flows take the slow path and find no service.
+        self._map("service_slots")[ctypes.c_int(state.index)] = Service()
+        del self._map("services")[ServiceKey.make(*key)]
+        self.delete_flows([k for k, f in self.flows() if f.service == state.index])
+        for index in state.backends.values():
+            self._retire_backend(index)
+        self._service_pool.give_back(state.index)
+
+    def _retire_backend(self, index: int, *, give_back: bool = True) -> None:
+        """Invalid backends make their pinned flows re-choose instead of going nowhere."""
+        self._map("backends")[ctypes.c_int(index)] = structs.Backend()
+        if give_back:
+            self._backend_pool.give_back(index)
+
+    def _sync_vips(self) -> None:
+        counts: dict[IPAddress, int] = {}
+        for vip, _, _ in self._services:
+            counts[vip] = counts.get(vip, 0) + 1
+        vips = self._map("vips")
+        for key in list(vips.keys()):
+            if structs.from_addr16(bytes(key.addr)) not in counts:  # type: ignore[arg-type]
+                del vips[key]
+        for vip, n in counts.items():
+            vips[structs.vip_key(vip)] = ctypes.c_uint32(n)
+
+    def _write_array(self, name: str, first: int, values: Sequence[int]) -> None:
+        table = self._map(name)
+        keys = (table.Key * len(values))(*range(first, first + len(values)))
+        leaves = (table.Leaf * len(values))(*values)
+        try:
+            table.items_update_batch(keys, leaves)
+        except Exception as exc:
+            raise MapError(f"{name}: batch write of {len(values)} entries at {first}: {exc}") from exc
+
+    def _zero_percpu(self, name: str, index: int) -> None:
+        table = self._map(name)
+        table[ctypes.c_int(index)] = table.Leaf()
+
+    # ---- lookups for callers ------------------------------------------------------------------
+
+    def service_index(self, vip: IPAddress, port: int, proto: int) -> int | None:
+        state = self._services.get((vip, port, proto))
+        return state.index if state else None
+
+    def backend_index(self, vip: IPAddress, port: int, proto: int, address: IPAddress) -> int | None:
+        """The local index of a service's backend: how a flow learned from a peer is translated."""
+        state = self._services.get((vip, port, proto))
+        return state.backends.get(address) if state else None
+
+    def table(self, vip: IPAddress, port: int, proto: int) -> list[int]:
+        """The active consistent-hash table of a service, as the kernel has it."""
+        state = self._services[(vip, port, proto)]
+        base = (state.index * 2 + state.active_half) * self.limits.ch_table_size
+        table = self._map("ch_tables")
+        return [table[ctypes.c_int(base + i)].value for i in range(self.limits.ch_table_size)]
+
+    # ---- flows --------------------------------------------------------------------------------
+
+    def write_flows(self, entries: Sequence[tuple[FlowKey, Flow]]) -> None:
+        """Install flows in one batch (e.g. learned from a peer); existing entries are replaced."""
+        if not entries:
+            return
+        flows = self._map("flows")
+        keys = (flows.Key * len(entries))(*(flows.Key.from_buffer_copy(k) for k, _ in entries))
+        values = (flows.Leaf * len(entries))(*(flows.Leaf.from_buffer_copy(v) for _, v in entries))
+        try:
+            flows.items_update_batch(keys, values)
+        except Exception as exc:
+            raise MapError(f"flows: batch write of {len(entries)} entries: {exc}") from exc
+
+    def lookup_flow(self, key: FlowKey) -> Flow | None:
+        flows = self._map("flows")
+        try:
+            leaf = flows[flows.Key.from_buffer_copy(key)]
+        except KeyError:
+            return None
+        return Flow.from_buffer_copy(leaf)
+
+    def flows(self) -> list[tuple[FlowKey, Flow]]:
+        """Every pinned flow (one batched walk of the table)."""
+        return [(FlowKey.from_buffer_copy(k), Flow.from_buffer_copy(v))
+                for k, v in self._map("flows").items_lookup_batch()]
+
+    def delete_flows(self, keys: Sequence[FlowKey]) -> None:
+        flows = self._map("flows")
+        for key in keys:
+            raw = flows.Key.from_buffer_copy(key)
+            try:
+                del flows[raw]
+            except KeyError:
+                pass
+
+    # ---- counters -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[Stat, int]:
+        table = self._map("stats")
+        return {stat: int(sum(table.getvalue(ctypes.c_int(stat)))) for stat in Stat}
+
+    def service_stats(self, index: int) -> ServiceStats:
+        return _sum_structs(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)
+
+    def backend_stats(self, index: int) -> BackendStats:
+        return _sum_structs(self._map("backend_stats").getvalue(ctypes.c_int(index)), BackendStats)
+
+    # ---- flow events ----------------------------------------------------------------------------
+
+    def open_flow_events(self, callback: Callable[[FlowEvent], None]) -> None:
+        """Deliver ring-buffer flow events to `callback` on each poll."""
+        def on_event(_ctx: Any, data: Any, size: int) -> None:
+            callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
+
+        self._event_callback = on_event  # keep a reference: bcc holds only a C pointer
+        self._map("flow_events").open_ring_buffer(on_event)
+
+    def poll_flow_events(self, timeout_ms: int = 0) -> None:
+        """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""
+        if timeout_ms:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.ring_buffer_consume()
+
+
+def _sum_structs(per_cpu: Any, cls: type[ctypes.Structure]) -> Any:
+    total = cls()
+    for name, _ in cls._fields_:
+        setattr(total, name, sum(getattr(cpu, name) for cpu in per_cpu))
+    return total
+
+
+def ip(value: str) -> IPAddress:
+    return ipaddress.ip_address(value)

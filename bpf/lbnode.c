@@ -1,0 +1,367 @@
+/* lbnode XDP program: layer-2 direct server return.
+ *
+ * Theory of operation. A frame to (VIP, port, proto) of a configured service is sent to a
+ * backend by rewriting its MACs (destination = backend, source = us) and XDP_TX; the backend
+ * holds the VIP on loopback and answers the client directly. Everything else is XDP_PASS.
+ *
+ * Backend choice: a pinned flow (LRU flow table, keyed by the 5-tuple) always wins; otherwise
+ * the service's consistent-hash table, built in user space, is indexed by a hash of the 5-tuple.
+ *
+ * Pinning policy (what keeps a SYN flood from evicting established flows and from flooding flow
+ * sync): a TCP flow is pinned at its first packet that is neither a bare SYN nor an RST, i.e.
+ * at the handshake's ACK, or at any mid-flow packet of a flow that moved here from another
+ * node. Bare SYNs are forwarded by the table alone. UDP flows are pinned at their first packet.
+ * Each pin is reported on the flow_events ring buffer; so is the first FIN/RST of a pinned flow.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+
+#define LBNODE_MAPS
+#include "lbnode.h"
+
+/* What the parser found. */
+enum parse_result {
+	PARSE_OK,        /* TCP/UDP (or ICMP too-big about one) with a full key */
+	PARSE_NOT_OURS,  /* another protocol: never a service */
+	PARSE_UNPARSED,  /* truncated or malformed */
+	PARSE_FRAGMENT,  /* IP fragment: addresses known, ports not */
+};
+
+struct packet {
+	struct flow_key key;
+	__u8 tcp_flags;    /* TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) */
+	__u8 icmp_too_big; /* key was taken from the header quoted in an ICMP too-big */
+};
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define TCP_FLAGS_OFFSET 13
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *value = stats.lookup(&stat);
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int verdict(__u32 stat, int action)
+{
+	count(stat);
+	return action;
+}
+
+static __always_inline __u32 rotl32(__u32 x, __u32 r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+/* murmur3_32 over the key's ten 32-bit words (host order); bpf/flowhash.py mirrors it. */
+static __always_inline __u32 flow_hash(const struct flow_key *key)
+{
+	const __u32 *words = (const __u32 *)key;
+	__u32 h = FLOW_HASH_SEED;
+#pragma unroll
+	for (int i = 0; i < sizeof(*key) / 4; i++) {
+		__u32 k = words[i] * 0xcc9e2d51u;
+		k = rotl32(k, 15) * 0x1b873593u;
+		h ^= k;
+		h = rotl32(h, 13) * 5 + 0xe6546b64u;
+	}
+	h ^= sizeof(*key);
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline void ipv4_to_16(__be32 *out, __be32 addr)
+{
+	out[0] = 0;
+	out[1] = 0;
+	out[2] = bpf_htonl(0xffff);
+	out[3] = addr;
+}
+
+/* TCP or UDP ports (and TCP flags) at l4. */
+static __always_inline int parse_ports(void *l4, void *data_end, struct packet *pkt)
+{
+	if (pkt->key.proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = l4;
+		if ((void *)(tcp + 1) > data_end)
+			return PARSE_UNPARSED;
+		pkt->key.sport = tcp->source;
+		pkt->key.dport = tcp->dest;
+		pkt->tcp_flags = ((__u8 *)tcp)[TCP_FLAGS_OFFSET];
+		return PARSE_OK;
+	}
+	if (pkt->key.proto == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+		if ((void *)(udp + 1) > data_end)
+			return PARSE_UNPARSED;
+		pkt->key.sport = udp->source;
+		pkt->key.dport = udp->dest;
+		return PARSE_OK;
+	}
+	return PARSE_NOT_OURS;
+}
+
+/* The quoted header's first 4 L4 bytes are its ports: the flow is the reverse of the quote. */
+static __always_inline int key_from_quote(void *ports, void *data_end, __u8 proto, struct packet *pkt)
+{
+	__be16 *p = ports;
+	if ((void *)(p + 2) > data_end)
+		return PARSE_UNPARSED;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return PARSE_NOT_OURS;
+	pkt->key.proto = proto;
+	pkt->key.sport = p[1];
+	pkt->key.dport = p[0];
+	pkt->icmp_too_big = 1;
+	return PARSE_OK;
+}
+
+/* ICMP "fragmentation needed" about a packet a backend sent from a VIP. */
+static __always_inline int parse_icmp4(void *l4, void *data_end, struct packet *pkt)
+{
+	struct icmphdr *icmp = l4;
+	if ((void *)(icmp + 1) > data_end)
+		return PARSE_UNPARSED;
+	if (icmp->type != ICMP_DEST_UNREACH || icmp->code != ICMP_FRAG_NEEDED)
+		return PARSE_NOT_OURS;
+	struct iphdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > data_end)
+		return PARSE_UNPARSED;
+	__u32 ihl = inner->ihl;
+	if (inner->version != 4 || ihl < 5)
+		return PARSE_UNPARSED;
+	/* The ICMP went to the VIP that sent the quoted packet. */
+	if (inner->saddr != pkt->key.dst[3])
+		return PARSE_NOT_OURS;
+	ipv4_to_16(pkt->key.src, inner->daddr);
+	return key_from_quote((void *)inner + ihl * 4, data_end, inner->protocol, pkt);
+}
+
+static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *pkt)
+{
+	struct iphdr *ip = l3;
+	if ((void *)(ip + 1) > data_end)
+		return PARSE_UNPARSED;
+	__u32 ihl = ip->ihl;
+	if (ip->version != 4 || ihl < 5)
+		return PARSE_UNPARSED;
+	void *l4 = l3 + ihl * 4;
+	if (l4 > data_end)
+		return PARSE_UNPARSED;
+	ipv4_to_16(pkt->key.src, ip->saddr);
+	ipv4_to_16(pkt->key.dst, ip->daddr);
+	pkt->key.proto = ip->protocol;
+	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or a fragment offset */
+		return PARSE_FRAGMENT;
+	if (ip->protocol == IPPROTO_ICMP)
+		return parse_icmp4(l4, data_end, pkt);
+	return parse_ports(l4, data_end, pkt);
+}
+
+/* ICMPv6 "packet too big" about a packet a backend sent from a VIP. */
+static __always_inline int parse_icmp6(void *l4, void *data_end, struct packet *pkt)
+{
+	struct icmp6hdr *icmp = l4;
+	if ((void *)(icmp + 1) > data_end)
+		return PARSE_UNPARSED;
+	if (icmp->icmp6_type != ICMPV6_PKT_TOOBIG)
+		return PARSE_NOT_OURS;
+	struct ipv6hdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > data_end)
+		return PARSE_UNPARSED;
+	__be32 *quoted_src = (__be32 *)&inner->saddr;
+	if (quoted_src[0] != pkt->key.dst[0] || quoted_src[1] != pkt->key.dst[1] ||
+	    quoted_src[2] != pkt->key.dst[2] || quoted_src[3] != pkt->key.dst[3])
+		return PARSE_NOT_OURS;
+	__builtin_memcpy(pkt->key.src, &inner->daddr, 16);
+	return key_from_quote(inner + 1, data_end, inner->nexthdr, pkt);
+}
+
+static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *pkt)
+{
+	struct ipv6hdr *ip6 = l3;
+	if ((void *)(ip6 + 1) > data_end)
+		return PARSE_UNPARSED;
+	if (ip6->version != 6)
+		return PARSE_UNPARSED;
+	__builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
+	__builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
+	__u8 nexthdr = ip6->nexthdr;
+	void *l4 = ip6 + 1;
+#pragma unroll
+	for (int i = 0; i < IPV6_EXT_HEADERS_MAX; i++) {
+		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING && nexthdr != IPPROTO_DSTOPTS)
+			break;
+		struct ipv6_opt_hdr *opt = l4;
+		if ((void *)(opt + 1) > data_end)
+			return PARSE_UNPARSED;
+		nexthdr = opt->nexthdr;
+		l4 += (opt->hdrlen + 1) * 8;
+	}
+	pkt->key.proto = nexthdr;
+	if (nexthdr == IPPROTO_FRAGMENT)
+		return PARSE_FRAGMENT;
+	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS)
+		return PARSE_UNPARSED; /* more extension headers than we walk */
+	if (nexthdr == IPPROTO_ICMPV6)
+		return parse_icmp6(l4, data_end, pkt);
+	return parse_ports(l4, data_end, pkt);
+}
+
+static __always_inline void emit(struct packet *pkt, struct backend *be, __u32 backend_idx,
+				 __u32 service_idx, __u64 now, __u8 kind)
+{
+	struct flow_event ev = {};
+	ev.key = pkt->key;
+	__builtin_memcpy(ev.backend_addr, be->addr, sizeof(ev.backend_addr));
+	ev.backend = backend_idx;
+	ev.service = service_idx;
+	ev.time_ns = now;
+	ev.kind = kind;
+	if (flow_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+		count(STAT_EVENT_LOST);
+}
+
+int xdp_main(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return verdict(STAT_PASS_UNPARSED, XDP_PASS);
+
+	struct packet pkt = {};
+	int parsed;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		parsed = parse_ipv4(eth + 1, data_end, &pkt);
+	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		parsed = parse_ipv6(eth + 1, data_end, &pkt);
+	else
+		return verdict(STAT_PASS, XDP_PASS);
+
+	if (parsed == PARSE_UNPARSED)
+		return verdict(STAT_PASS_UNPARSED, XDP_PASS);
+	if (parsed == PARSE_NOT_OURS)
+		return verdict(STAT_PASS, XDP_PASS);
+	if (parsed == PARSE_FRAGMENT) {
+		struct vip_key vk = {};
+		__builtin_memcpy(vk.addr, pkt.key.dst, sizeof(vk.addr));
+		if (vips.lookup(&vk))
+			return verdict(STAT_DROP_FRAGMENT, XDP_DROP);
+		return verdict(STAT_PASS, XDP_PASS);
+	}
+
+	__u32 zero = 0;
+	struct lb_config *cfg = config.lookup(&zero);
+	if (!cfg)
+		return verdict(STAT_PASS, XDP_PASS);
+	__u64 now; /* read only where needed: the clock is not free */
+	int is_tcp = pkt.key.proto == IPPROTO_TCP && !pkt.icmp_too_big;
+	int bare_syn = is_tcp && (pkt.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	int closing = is_tcp && (pkt.tcp_flags & (TCP_FIN | TCP_RST));
+	struct backend *be;
+	struct service *svc;
+	__u32 backend_idx, service_idx;
+
+	/* Fast path: a pinned flow of a live service to a valid backend. Looked up before the
+	 * service, so an established packet costs one hash lookup. */
+	struct flow *flow = flows.lookup(&pkt.key);
+	if (flow && bare_syn && (flow->flags & FLOW_F_CLOSING)) {
+		/* A new connection reusing the 5-tuple of a closed one starts afresh. */
+		flows.delete(&pkt.key);
+		flow = NULL;
+	}
+	if (flow) {
+		backend_idx = flow->backend;
+		service_idx = flow->service;
+		svc = service_slots.lookup(&service_idx);
+		be = backends.lookup(&backend_idx);
+		if (svc && (svc->flags & SERVICE_F_ACTIVE) && be && (be->flags & BACKEND_F_VALID)) {
+			now = bpf_ktime_get_coarse_ns();
+			if (now - flow->last_seen_ns > cfg->refresh_ns)
+				flow->last_seen_ns = now;
+			if (closing && !(flow->flags & FLOW_F_CLOSING)) {
+				flow->flags |= FLOW_F_CLOSING;
+				emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_CLOSE);
+			}
+			goto forward;
+		}
+		count(STAT_FLOW_REPINNED);
+	}
+
+	struct service_key sk = {};
+	__builtin_memcpy(sk.vip, pkt.key.dst, sizeof(sk.vip));
+	sk.port = pkt.key.dport;
+	sk.proto = pkt.key.proto;
+	__u32 *found = services.lookup(&sk);
+	if (!found)
+		return verdict(STAT_PASS, XDP_PASS);
+	service_idx = *found;
+	svc = service_slots.lookup(&service_idx);
+	if (!svc || !(svc->flags & SERVICE_F_ACTIVE))
+		return verdict(STAT_PASS, XDP_PASS);
+
+	__u32 slot = svc->table_base + (flow_hash(&pkt.key) & CH_TABLE_MASK);
+	__u32 *chosen = ch_tables.lookup(&slot);
+	if (!chosen || *chosen == NO_BACKEND)
+		goto no_backend;
+	backend_idx = *chosen;
+	be = backends.lookup(&backend_idx);
+	if (!be || !(be->flags & BACKEND_F_VALID))
+		goto no_backend;
+
+	now = bpf_ktime_get_coarse_ns();
+	if (bare_syn) {
+		count(STAT_SYN_UNPINNED);
+	} else if (!pkt.icmp_too_big && !(is_tcp && (pkt.tcp_flags & TCP_RST))) {
+		struct flow pinned = {.backend = backend_idx, .service = service_idx, .last_seen_ns = now};
+		flows.update(&pkt.key, &pinned);
+		count(STAT_NEW_FLOW);
+		struct service_stats *ss_new = service_stats.lookup(&service_idx);
+		if (ss_new)
+			ss_new->new_flows += 1;
+		struct backend_stats *bs_new = backend_stats.lookup(&backend_idx);
+		if (bs_new)
+			bs_new->new_flows += 1;
+		emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_NEW);
+	}
+
+forward:
+	if (pkt.icmp_too_big)
+		count(STAT_ICMP_TOO_BIG);
+	__u64 bytes = data_end - data;
+	struct service_stats *ss = service_stats.lookup(&service_idx);
+	if (ss) {
+		ss->packets += 1;
+		ss->bytes += bytes;
+	}
+	struct backend_stats *bs = backend_stats.lookup(&backend_idx);
+	if (bs) {
+		bs->packets += 1;
+		bs->bytes += bytes;
+	}
+	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, cfg->mac, ETH_ALEN);
+	return verdict(STAT_TX, XDP_TX);
+
+no_backend:;
+	struct service_stats *ss_drop = service_stats.lookup(&service_idx);
+	if (ss_drop)
+		ss_drop->drops += 1;
+	return verdict(STAT_DROP_NO_BACKEND, XDP_DROP);
+}
