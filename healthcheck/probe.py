@@ -1,0 +1,189 @@
+"""Probes: TCP connect, HTTP and HTTPS requests, with trio.
+
+A probe makes one attempt and returns a `ProbeResult`; it never raises for anything the network
+or the backend does. The runner wraps it in a cancel scope for the check's timeout and reads
+`Attempt.phase` to say what was being waited for ("timeout after 500 ms waiting for response").
+Sockets are plain trio sockets (no happy-eyeballs, no DNS: addresses are numeric), so a check
+costs a handful of syscalls; HTTPS adds `trio.SSLStream` with a cached `ssl.SSLContext`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdsocket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from healthcheck.config import CheckConfig, CheckKind, HttpOptions
+from healthcheck.errors import HttpParseError
+from healthcheck.http import ResponseParser, build_request
+
+RECV_SIZE = 16 * 1024
+SocketFactory = Callable[[int], stdsocket.socket]
+
+
+def plain_socket(family: int) -> stdsocket.socket:
+    return stdsocket.socket(family, stdsocket.SOCK_STREAM)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTarget:
+    """Where one (backend, check) connects to.
+
+    For a through-VIP check `address` is the VIP and `mark` selects the routing table that sends
+    it to the backend's MAC (see `healthcheck.vipnet`); `open_socket` may create the socket in
+    another network namespace.
+    """
+
+    address: str
+    port: int
+    host: str  # Host header / default SNI
+    mark: int | None = None
+    open_socket: SocketFactory = field(default=plain_socket, compare=False)
+
+    @property
+    def family(self) -> int:
+        return stdsocket.AF_INET6 if ":" in self.address else stdsocket.AF_INET
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+    status: int | None = None
+
+
+class Attempt:
+    """Mutable progress of one probe, read by the runner when the timeout fires."""
+
+    __slots__ = ("phase",)
+
+    def __init__(self) -> None:
+        self.phase = "while connecting"
+
+
+async def probe(check: CheckConfig, target: ProbeTarget, attempt: Attempt) -> ProbeResult:
+    """One attempt of `check` against `target`; failures come back as results with a reason."""
+    start = trio.current_time()
+    status: int | None = None
+    try:
+        sock = _open(target)
+        try:
+            attempt.phase = "while connecting"
+            await sock.connect((target.address, target.port))
+            if check.kind is CheckKind.TCP:
+                return ProbeResult(True, _ms_since(start))
+            assert check.http is not None
+            if check.kind is CheckKind.HTTPS:
+                status, error = await _https(check.http, target, sock, attempt)
+            else:
+                status, error = await _http(check.http, target, sock, attempt)
+        finally:
+            sock.close()
+    except HttpParseError as exc:
+        error = str(exc)
+    except trio.BrokenResourceError as exc:
+        error = failure_reason(exc.__cause__ or exc)
+    except (OSError, ssl.SSLError) as exc:
+        error = failure_reason(exc)
+    return ProbeResult(error is None, _ms_since(start), error, status)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, stable reason string for a network failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS verify failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if isinstance(exc, (BrokenPipeError, trio.BrokenResourceError)):
+        return "connection broken"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno == errno.EHOSTUNREACH:
+            return "host unreachable"
+        if exc.errno == errno.ENETUNREACH:
+            return "network unreachable"
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {os.strerror(exc.errno)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _open(target: ProbeTarget) -> trio.socket.SocketType:
+    raw = target.open_socket(target.family)
+    try:
+        if target.mark is not None:
+            raw.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_MARK, target.mark)
+        return trio.socket.from_stdlib_socket(raw)
+    except BaseException:
+        raw.close()
+        raise
+
+
+async def _http(opts: HttpOptions, target: ProbeTarget, sock: trio.socket.SocketType,
+                attempt: Attempt) -> tuple[int | None, str | None]:
+    attempt.phase = "while sending request"
+    request = build_request(opts.method, opts.path, opts.host or target.host)
+    view = memoryview(request)
+    while view:
+        view = view[await sock.send(view):]
+    attempt.phase = "waiting for response"
+    parser = ResponseParser(want_body=opts.body_contains is not None, head_request=opts.method == "HEAD")
+    while True:
+        data = await sock.recv(RECV_SIZE)
+        response = parser.feed(data) if data else parser.eof()
+        if response is not None:
+            return response.status, _judge(opts, response.status, response.body)
+
+
+async def _https(opts: HttpOptions, target: ProbeTarget, sock: trio.socket.SocketType,
+                 attempt: Attempt) -> tuple[int | None, str | None]:
+    attempt.phase = "in TLS handshake"
+    server_hostname = opts.sni or opts.host or target.host
+    stream = trio.SSLStream(trio.SocketStream(sock), _ssl_context(opts.verify, opts.ca_file),
+                            server_hostname=server_hostname, https_compatible=True)
+    await stream.do_handshake()
+    attempt.phase = "while sending request"
+    await stream.send_all(build_request(opts.method, opts.path, opts.host or target.host))
+    attempt.phase = "waiting for response"
+    parser = ResponseParser(want_body=opts.body_contains is not None, head_request=opts.method == "HEAD")
+    while True:
+        data = await stream.receive_some(RECV_SIZE)
+        response = parser.feed(data) if data else parser.eof()
+        if response is not None:
+            return response.status, _judge(opts, response.status, response.body)
+
+
+def _judge(opts: HttpOptions, status: int, body: bytes) -> str | None:
+    if not opts.status_ok(status):
+        return f"bad status {status} (expected {opts.expected_text()})"
+    if opts.body_contains is not None and opts.body_contains.encode() not in body:
+        return f"body mismatch: {opts.body_contains!r} not in the first {len(body)} bytes"
+    return None
+
+
+_SSL_CONTEXTS: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+
+
+def _ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """One context per (verify, ca_file): building one loads the trust store, so reuse it."""
+    key = (verify, ca_file)
+    ctx = _SSL_CONTEXTS.get(key)
+    if ctx is None:
+        if verify:
+            ctx = ssl.create_default_context(cafile=ca_file)
+        else:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _SSL_CONTEXTS[key] = ctx
+    return ctx
+
+
+def _ms_since(start: float) -> float:
+    return (trio.current_time() - start) * 1000

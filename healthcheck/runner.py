@@ -1,0 +1,132 @@
+"""The health checker component: one trio task per (backend, check), events out on a channel.
+
+    checker = HealthChecker(services, steering=VipSteering(netns))
+    await nursery.start(checker.run)        # ready: steering installed, all loops started
+    async for event in checker.events: ...  # BackendChanged / ServiceChanged
+    checker.snapshot()                      # ServiceStatus per service, for status output
+
+Each loop starts at a random phase within its interval and then ticks every interval scaled by
+``1 ± jitter``, so a thousand checks neither beat in phase nor drift into lock-step. A probe runs
+inside a cancel scope of the check's timeout; results go into the pure `ServiceHealth`, and the
+events it returns are sent on a memory channel (a slow consumer applies back-pressure to the
+checks, it does not lose events). Events report changes only: read `snapshot()` once after
+start for the initial state.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from healthcheck.config import BackendConfig, CheckConfig, ServiceHealthConfig
+from healthcheck.errors import HealthCheckError
+from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, probe
+from healthcheck.state import BackendChanged, Event, ServiceHealth, ServiceStatus
+from healthcheck.vipnet import VipSteering
+
+log = logging.getLogger(__name__)
+
+ProbeFn = Callable[[CheckConfig, ProbeTarget, Attempt], Awaitable[ProbeResult]]
+CLEANUP_TIMEOUT_S = 5.0
+
+
+class HealthChecker:
+    def __init__(self, services: Sequence[ServiceHealthConfig], *, steering: VipSteering | None = None,
+                 probe_fn: ProbeFn = probe, jitter: float = 0.05, rng: random.Random | None = None,
+                 event_buffer: int | None = None) -> None:
+        if not 0 <= jitter < 0.5:
+            raise HealthCheckError(f"jitter must be in [0, 0.5), got {jitter}")
+        through = [s.name for s in services if s.through_vip]
+        if through and steering is None:
+            raise HealthCheckError(f"services {', '.join(through)} check through the VIP but no VipSteering was given")
+        self.services = tuple(services)
+        self._steering = steering
+        self._probe = probe_fn
+        self._jitter = jitter
+        self._rng = rng or random.Random()
+        buffer = event_buffer if event_buffer is not None else 2 * sum(len(s.backends) + 1 for s in services) + 16
+        self._send, self.events = trio.open_memory_channel[Event](buffer)
+        self._health: dict[str, ServiceHealth] = {}
+
+    def snapshot(self) -> tuple[ServiceStatus, ...]:
+        return tuple(h.snapshot() for h in self._health.values())
+
+    def service(self, name: str) -> ServiceHealth:
+        return self._health[name]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        now = trio.current_time()
+        self._health = {s.name: ServiceHealth(s, now) for s in self.services}
+        pairs = [(s.vip, b.address) for s in self.services if s.through_vip for b in s.backends]
+        try:
+            if pairs:
+                assert self._steering is not None
+                await self._steering.apply(pairs)
+            async with self._send, trio.open_nursery() as nursery:
+                count = 0
+                for s in self.services:
+                    for b in s.backends:
+                        for i, check in enumerate(s.checks):
+                            nursery.start_soon(self._loop, self._health[s.name], b, i, check, self._target(s, b, check),
+                                               name=f"healthcheck {s.name} {b.key} #{i}")
+                            count += 1
+                log.info("health checker: %d checks for %d services started", count, len(self.services))
+                task_status.started()
+        finally:
+            if pairs:
+                assert self._steering is not None
+                with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True) as scope:
+                    await self._steering.remove()
+                if scope.cancelled_caught:
+                    log.error("health checker: removing through-VIP steering timed out after %ss", CLEANUP_TIMEOUT_S)
+
+    def _target(self, s: ServiceHealthConfig, b: BackendConfig, check: CheckConfig) -> ProbeTarget:
+        if s.through_vip:
+            assert self._steering is not None
+            host = str(s.vip) if s.vip.version == 4 else f"[{s.vip}]"
+            return ProbeTarget(str(s.vip), check.port or b.port, host, mark=self._steering.mark_for(b.address),
+                               open_socket=self._steering.open_socket)
+        host = str(b.address) if b.address.version == 4 else f"[{b.address}]"
+        return ProbeTarget(str(b.address), check.port or b.port, host)
+
+    async def _loop(self, health: ServiceHealth, backend: BackendConfig, index: int, check: CheckConfig,
+                    target: ProbeTarget) -> None:
+        interval_s = check.interval_s
+        next_at = trio.current_time() + self._rng.uniform(0, interval_s)
+        last_error: str | None = None
+        while True:
+            await trio.sleep_until(next_at)
+            result = await check_once(check, target, self._probe)
+            now = trio.current_time()
+            if result.error != last_error:
+                log.debug("%s %s #%d: %s", health.config.name, backend.key, index, result.error or "passed")
+                last_error = result.error
+            events = health.observe(backend.key, index, result.ok, now, latency_ms=result.latency_ms,
+                                    error=result.error)
+            for event in events:
+                if isinstance(event, BackendChanged):
+                    log.info("%s: %s -> %s (%s)", event.service, event.backend, "up" if event.usable else "down",
+                             event.reason)
+                else:
+                    log.info("%s: service -> %s (%d of need %d)", event.service, "up" if event.up else "down",
+                             event.usable, event.need)
+                await self._send.send(event)
+            next_at += interval_s * (1 + self._rng.uniform(-self._jitter, self._jitter))
+            if next_at < now:  # the probe overran (should not happen: timeout < interval); skip beats
+                next_at = now + interval_s * self._rng.uniform(0, 1)
+
+
+async def check_once(check: CheckConfig, target: ProbeTarget, probe_fn: ProbeFn = probe) -> ProbeResult:
+    """One probe under the check's timeout; a timeout or a probe bug is a failed result."""
+    attempt = Attempt()
+    start = trio.current_time()
+    with trio.move_on_after(check.timeout_s):
+        try:
+            return await probe_fn(check, target, attempt)
+        except Exception as exc:  # a probe bug must not take the other checks down
+            log.warning("%s:%d: probe raised", target.address, target.port, exc_info=True)
+            return ProbeResult(False, (trio.current_time() - start) * 1000, f"internal error: {exc!r}")
+    elapsed_ms = (trio.current_time() - start) * 1000
+    return ProbeResult(False, elapsed_ms, f"timeout after {check.timeout_ms} ms {attempt.phase}")
