@@ -1,6 +1,6 @@
 """The health checker component: one trio task per (backend, check), events out on a channel.
 
-    checker = HealthChecker(services, steering=VipSteering(netns))
+    checker = HealthChecker(services, netns="lb-node")  # through-VIP routing set up there
     await nursery.start(checker.run)        # ready: steering installed, all loops started
     async for event in checker.events: ...  # BackendChanged / ServiceChanged
     checker.snapshot()                      # ServiceStatus per service, for status output
@@ -22,9 +22,9 @@ import trio
 
 from healthcheck.config import BackendConfig, CheckConfig, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
-from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, probe
+from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, SocketFactory, plain_socket, probe
 from healthcheck.state import BackendChanged, Event, ServiceHealth, ServiceStatus
-from healthcheck.vipnet import VipSteering
+from healthcheck.vipnet import NetnsSockets, VipSteering
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,24 @@ CLEANUP_TIMEOUT_S = 5.0
 
 
 class HealthChecker:
-    def __init__(self, services: Sequence[ServiceHealthConfig], *, steering: VipSteering | None = None,
-                 probe_fn: ProbeFn = probe, jitter: float = 0.05, rng: random.Random | None = None,
-                 event_buffer: int | None = None) -> None:
+    def __init__(self, services: Sequence[ServiceHealthConfig], *, netns: str | None = None,
+                 steering: VipSteering | None = None, probe_fn: ProbeFn = probe, jitter: float = 0.05,
+                 rng: random.Random | None = None, event_buffer: int | None = None) -> None:
+        """`netns`: probe from this named network namespace (None: the process's own).
+
+        Services with `through_vip` get policy routing from `steering`, by default a
+        `VipSteering` in the same namespace, installed by `run` and removed when it ends.
+        """
         if not 0 <= jitter < 0.5:
             raise HealthCheckError(f"jitter must be in [0, 0.5), got {jitter}")
-        through = [s.name for s in services if s.through_vip]
-        if through and steering is None:
-            raise HealthCheckError(f"services {', '.join(through)} check through the VIP but no VipSteering was given")
+        if steering is None and any(s.through_vip for s in services):
+            steering = VipSteering(netns)
+        if steering is not None and steering.netns != netns:
+            raise HealthCheckError(f"steering is for netns {steering.netns!r} but checks run in {netns!r}")
         self.services = tuple(services)
+        self.netns = netns
         self._steering = steering
+        self._open_socket: SocketFactory = plain_socket
         self._probe = probe_fn
         self._jitter = jitter
         self._rng = rng or random.Random()
@@ -60,6 +68,8 @@ class HealthChecker:
         now = trio.current_time()
         self._health = {s.name: ServiceHealth(s, now) for s in self.services}
         pairs = [(s.vip, b.address) for s in self.services if s.through_vip for b in s.backends]
+        sockets = NetnsSockets(self.netns) if self.netns is not None else None
+        self._open_socket = sockets or plain_socket
         try:
             if pairs:
                 assert self._steering is not None
@@ -81,15 +91,17 @@ class HealthChecker:
                     await self._steering.remove()
                 if scope.cancelled_caught:
                     log.error("health checker: removing through-VIP steering timed out after %ss", CLEANUP_TIMEOUT_S)
+            if sockets is not None:
+                sockets.close()
 
     def _target(self, s: ServiceHealthConfig, b: BackendConfig, check: CheckConfig) -> ProbeTarget:
         if s.through_vip:
             assert self._steering is not None
             host = str(s.vip) if s.vip.version == 4 else f"[{s.vip}]"
             return ProbeTarget(str(s.vip), check.port or b.port, host, mark=self._steering.mark_for(b.address),
-                               open_socket=self._steering.open_socket)
+                               open_socket=self._open_socket)
         host = str(b.address) if b.address.version == 4 else f"[{b.address}]"
-        return ProbeTarget(str(b.address), check.port or b.port, host)
+        return ProbeTarget(str(b.address), check.port or b.port, host, open_socket=self._open_socket)
 
     async def _loop(self, health: ServiceHealth, backend: BackendConfig, index: int, check: CheckConfig,
                     target: ProbeTarget) -> None:

@@ -29,7 +29,8 @@ XDP, raw sockets or a namespace per backend. Requirements, checked by `VipSteeri
 
 Everything namespace-specific lives here: `NetnsSockets` creates sockets inside a named network
 namespace (``setns`` around ``socket()``, then back; a socket stays in the namespace it was
-created in), and the ``ip`` commands run with ``-n <netns>``. IPv4 and IPv6 use the same scheme
+created in), so `HealthChecker(netns=...)` probes from there while the process stays put; the
+``ip`` commands run with ``-n <netns>``. IPv4 and IPv6 use the same scheme
 (``-6`` tables and rules); the tests exercise IPv4.
 """
 from __future__ import annotations
@@ -137,7 +138,6 @@ class VipSteering:
         self.relax_rp_filter = relax_rp_filter
         self.entries: tuple[SteeringEntry, ...] = ()
         self._marks: dict[IPAddress, int] = {}
-        self._sockets: NetnsSockets | None = None
 
     def mark_for(self, backend: IPAddress) -> int:
         try:
@@ -145,17 +145,10 @@ class VipSteering:
         except KeyError:
             raise SteeringError(f"no through-VIP route for backend {backend}; apply() first") from None
 
-    def open_socket(self, family: int) -> stdsocket.socket:
-        """Socket factory for `ProbeTarget.open_socket`: a socket in the steering namespace."""
-        if self._sockets is None:
-            return stdsocket.socket(family, stdsocket.SOCK_STREAM)
-        return self._sockets(family)
-
     async def apply(self, pairs: Sequence[tuple[IPAddress, IPAddress]]) -> None:
         """Route each (vip, backend) pair; replaces what a crashed earlier run left at `pref`."""
         for vip in {v for v, _ in pairs}:
-            route = await self._route_get(vip)
-            if route.get("type") == "local":
+            if (await self._ip(vip.version, ["route", "show", "table", "local", str(vip)])).strip():
                 raise SteeringError(f"VIP {vip} is a local address in netns {self.netns or '(own)'}: "
                                     "through-VIP checks need a namespace without it")
         devs: dict[IPAddress, str] = {}
@@ -167,8 +160,6 @@ class VipSteering:
             devs[backend] = route["dev"]
         entries = plan(pairs, devs, mark_base=self.mark_base, table_base=self.table_base)
         await self._flush_pref()
-        if self._sockets is None and self.netns is not None:
-            self._sockets = NetnsSockets(self.netns)
         for version in (4, 6):
             fam = [e for e in entries if e.backend.version == version]
             if fam:
@@ -183,15 +174,10 @@ class VipSteering:
 
     async def remove(self) -> None:
         entries, self.entries, self._marks = self.entries, (), {}
-        try:
-            for version in (4, 6):
-                fam = [e for e in entries if e.backend.version == version]
-                if fam:
-                    await self._batch(version, remove_commands(fam, self.pref), force=True)
-        finally:
-            if self._sockets is not None:
-                self._sockets.close()
-                self._sockets = None
+        for version in (4, 6):
+            fam = [e for e in entries if e.backend.version == version]
+            if fam:
+                await self._batch(version, remove_commands(fam, self.pref), force=True)
 
     async def _flush_pref(self) -> None:
         for version in (4, 6):

@@ -14,6 +14,7 @@ from healthcheck.errors import HealthCheckError
 from healthcheck.probe import Attempt, ProbeResult, ProbeTarget
 from healthcheck.runner import HealthChecker
 from healthcheck.state import BackendChanged, Health, ServiceChanged
+from healthcheck.vipnet import VipSteering
 
 pytestmark = pytest.mark.unit
 
@@ -127,10 +128,10 @@ async def test_a_probe_bug_is_a_failed_check_not_a_crash(autojump_clock: trio.te
     assert c.runs >= 2 and c.last_error == "internal error: ValueError('boom')"
 
 
-def test_through_vip_needs_steering() -> None:
+def test_bad_arguments() -> None:
     svc = ServiceHealthConfig.from_dict({"name": "web", "vip": "192.0.2.10", "port": 80, "checks": [{"kind": "tcp"}],
                                          "backends": [{"address": "10.0.0.1", "port": 80}]}, "s")
-    with pytest.raises(HealthCheckError, match="check through the VIP but no VipSteering"):
-        HealthChecker([svc])
+    with pytest.raises(HealthCheckError, match="steering is for netns 'a' but checks run in None"):
+        HealthChecker([svc], steering=VipSteering("a"))
     with pytest.raises(HealthCheckError, match="jitter"):
         HealthChecker(_services(1), jitter=0.7)

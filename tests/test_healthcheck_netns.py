@@ -1,0 +1,120 @@
+"""Through-VIP checks in real namespaces: only a backend with the VIP on loopback passes.
+
+    chk (checker, 10.77.0.1) --+
+    b1  (10.77.0.11, VIP on lo, arp_ignore=1/arp_announce=2) --+-- bridge in sw
+    b2  (10.77.0.12, no VIP) --+
+
+Both backends serve HTTP on 0.0.0.0:80 inside their namespaces. The test process stays in the
+root namespace; the checker creates its sockets in `chk` and installs its policy routing there.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+from examples.lab.netns import Lab, wait_until
+from healthcheck.config import ServiceHealthConfig
+from healthcheck.runner import HealthChecker
+from healthcheck.state import BackendChanged, ServiceStatus
+from healthcheck.vipnet import RULE_PREF
+
+pytestmark = pytest.mark.netns
+
+VIP = "10.77.100.1"
+CHECKER, B1, B2 = "10.77.0.1", "10.77.0.11", "10.77.0.12"
+
+
+@dataclass
+class Topology:
+    lab: Lab
+    chk: str
+    b1: str
+    b2: str
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    www = tmp_path_factory.mktemp("www")
+    (www / "index.html").write_text("ok\n")
+    with Lab(prefix="lbhc") as lab:
+        sw, chk, b1, b2 = lab.netns("sw"), lab.netns("chk"), lab.netns("b1"), lab.netns("b2")
+        for ns, port, addr in ((chk, "p-chk", CHECKER), (b1, "p-b1", B1), (b2, "p-b2", B2)):
+            lab.veth(sw, port, ns, "eth0")
+            lab.addr(ns, "eth0", f"{addr}/24")
+        lab.bridge(sw, "br0", ["p-chk", "p-b1", "p-b2"])
+        # b1 is a proper DSR backend: VIP on loopback, never answering ARP for it.
+        lab.addr(b1, "lo", f"{VIP}/32")
+        for key, value in (("arp_ignore", "1"), ("arp_announce", "2")):
+            for dev in ("all", "eth0"):
+                lab.ns_run(b1, "sysctl", "-q", "-w", f"net.ipv4.conf.{dev}.{key}={value}")
+        for ns in (b1, b2):
+            lab.spawn(ns, sys.executable, "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", str(www))
+        for ns in (b1, b2):
+            wait_until(lambda ns=ns: "LISTEN" in lab.ns_run(ns, "ss", "-Hltn", "sport = :80").stdout,
+                       timeout_s=10, what=f"http server in {ns}")
+        yield Topology(lab, chk, b1, b2)
+
+
+def _service(name: str, through_vip: bool, kind: str = "http") -> dict[str, Any]:
+    return {"name": name, "vip": VIP, "port": 80, "through_vip": through_vip,
+            "checks": [{"kind": kind, "interval_ms": 100, "timeout_ms": 80, "rise": 1, "fall": 1}],
+            "backends": [{"address": B1, "port": 80}, {"address": B2, "port": 80}]}
+
+
+async def _settled(checker: HealthChecker, runs: int) -> tuple[ServiceStatus, ...]:
+    """Wait until every check ran `runs` times; return the snapshot."""
+    while True:
+        snap = checker.snapshot()
+        if all(c.runs >= runs for s in snap for b in s.backends for c in b.checks):
+            return snap
+        await trio.sleep(0.05)
+
+
+async def test_only_the_backend_with_the_vip_passes_through_the_vip(topo: Topology) -> None:
+    services = [ServiceHealthConfig.from_dict(_service(n, tv, kind), f"services[{i}]")
+                for i, (n, tv, kind) in enumerate([("via-vip-http", True, "http"), ("via-vip-tcp", True, "tcp"),
+                                                   ("direct", False, "http")])]
+    checker = HealthChecker(services, netns=topo.chk)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.run)
+            rules = topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+            assert rules.count("fwmark") == 2, rules
+            snap = {s.service: s for s in await _settled(checker, 3)}
+            nursery.cancel_scope.cancel()
+    for name in ("via-vip-http", "via-vip-tcp"):
+        good, bad = snap[name].backends
+        assert good.usable and good.checks[0].last_error is None, (name, good)
+        assert not bad.usable and bad.checks[0].last_ok is False, (name, bad)
+        assert bad.checks[0].last_error in ("host unreachable", "timeout after 80 ms while connecting"), bad
+        assert snap[name].up
+    # Connecting to the backends' own addresses cannot tell them apart: both pass.
+    assert all(b.usable for b in snap["direct"].backends)
+    # The policy routing is gone once the checker stops.
+    assert "fwmark" not in topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+    assert topo.lab.ns_run(topo.chk, "ip", "route", "show", "table", "all", VIP).stdout.strip() == ""
+
+
+async def test_vip_added_later_brings_the_backend_up(topo: Topology) -> None:
+    svc = ServiceHealthConfig.from_dict(_service("late", True, "tcp"), "services[0]")
+    checker = HealthChecker([svc], netns=topo.chk)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(checker.run)
+                ev = await checker.events.receive()
+                assert isinstance(ev, BackendChanged) and ev.backend == f"{B1}:80" and ev.usable
+                await checker.events.receive()  # service up
+                topo.lab.ns_run(topo.b2, "ip", "addr", "add", f"{VIP}/32", "dev", "lo")
+                for key, value in (("arp_ignore", "1"), ("arp_announce", "2")):
+                    topo.lab.ns_run(topo.b2, "sysctl", "-q", "-w", f"net.ipv4.conf.all.{key}={value}")
+                ev = await checker.events.receive()
+                assert isinstance(ev, BackendChanged) and ev.backend == f"{B2}:80" and ev.usable
+                nursery.cancel_scope.cancel()
+    finally:
+        topo.lab.ns_run(topo.b2, "ip", "addr", "del", f"{VIP}/32", "dev", "lo", check=False)
