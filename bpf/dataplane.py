@@ -141,7 +141,7 @@ class DataPlane:
 
     def set_config(self, mac: str, refresh_s: float = 1.0) -> None:
         """Our MAC (source of forwarded frames) and how stale a flow's timestamp may get."""
-        cfg = LbConfig((ctypes.c_uint8 * 6)(*structs.mac_bytes(mac)), 0, 0, int(refresh_s * 1e9))
+        cfg = LbConfig((ctypes.c_uint8 * 6)(*structs.mac_bytes(mac)), 0, int(refresh_s * 1e9))
         self._map("config")[ctypes.c_int(0)] = cfg
 
     def apply(self, services: Iterable[ServiceSpec]) -> None:
@@ -293,12 +293,17 @@ class DataPlane:
     # ---- flow events ----------------------------------------------------------------------------
 
     def open_flow_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Deliver ring-buffer flow events to `callback` on each poll."""
-        def on_event(_ctx: Any, data: Any, size: int) -> None:
-            callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
+        """Deliver ring-buffer flow events to `callback` on each poll (replaces an earlier one)."""
+        first = self._event_callback is None
+        self._event_callback = callback
+        if first:
+            self._ring_handler = self._on_ring_event  # bcc keeps only a C pointer: hold a reference
+            self._map("flow_events").open_ring_buffer(self._ring_handler)
 
-        self._event_callback = on_event  # keep a reference: bcc holds only a C pointer
-        self._map("flow_events").open_ring_buffer(on_event)
+    def _on_ring_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        assert self._event_callback is not None
+        self._event_callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
+        return 0
 
     def poll_flow_events(self, timeout_ms: int = 0) -> None:
         """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""

@@ -92,7 +92,6 @@ struct backend {
 struct lb_config {
 	__u8 mac[6]; /* source MAC of forwarded frames: the attached interface's */
 	__u16 flags;
-	__u32 pad;
 	__u64 refresh_ns; /* rewrite flow.last_seen_ns only when older than this */
 };
 
@@ -172,5 +171,10 @@ BPF_PERCPU_ARRAY(backend_stats, struct backend_stats, MAX_BACKENDS);
 BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
 /* New and closing flows, for flow sync. */
 BPF_RINGBUF_OUTPUT(flow_events, EVENT_RING_PAGES);
+
+#ifdef LBNODE_LAYOUT_CHECK
+/* Compiled only by the layout test, so bcc generates a type for the ring-buffer record too. */
+BPF_ARRAY(layout_flow_event, struct flow_event, 1);
+#endif
 
 #endif /* LBNODE_MAPS */

@@ -154,7 +154,6 @@ class LbConfig(ctypes.Structure):
     _fields_ = [
         ("mac", ctypes.c_uint8 * 6),
         ("flags", ctypes.c_uint16),
-        ("pad", ctypes.c_uint32),
         ("refresh_ns", ctypes.c_uint64),
     ]
 

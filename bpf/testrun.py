@@ -50,13 +50,13 @@ class _TestAttr(ctypes.Structure):
 
 
 @dataclass(frozen=True, slots=True)
-class TestRunResult:
+class XdpRunResult:
     action: XdpAction
     packet: bytes  # the frame as the program left it
     duration_ns: int  # kernel-measured mean per repetition
 
 
-def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRunResult:
+def run_xdp(prog_fd: int, frame: bytes, repeat: int = 1) -> XdpRunResult:
     """Run the XDP program `repeat` times on `frame` (the kernel needs >= 14 bytes)."""
     data_in = ctypes.create_string_buffer(bytes(frame), len(frame))
     data_out = ctypes.create_string_buffer(len(frame) + 256)
@@ -71,4 +71,4 @@ def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> TestRunResult:
     if _libc.syscall(_SYS_BPF, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         err = ctypes.get_errno()
         raise BpfError(f"BPF_PROG_TEST_RUN on a {len(frame)}-byte frame: {os.strerror(err)}")
-    return TestRunResult(XdpAction(attr.retval), data_out.raw[: attr.data_size_out], attr.duration)
+    return XdpRunResult(XdpAction(attr.retval), data_out.raw[: attr.data_size_out], attr.duration)

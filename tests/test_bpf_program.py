@@ -1,0 +1,340 @@
+"""The XDP program on scapy-built frames via BPF_PROG_TEST_RUN (katran-style tables).
+
+Maps are filled through DataPlane, the same API production uses; one compiled program serves
+the module and each test starts from an empty flow table.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, Raw  # type: ignore[attr-defined]
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig
+
+from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
+from bpf.flowhash import flow_hash
+from bpf.structs import EVENT_FLOW_CLOSE, EVENT_FLOW_NEW, FLOW_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP, Flow, FlowEvent, FlowKey, Stat
+from bpf.testrun import XdpAction, run_xdp
+
+pytestmark = pytest.mark.bpf
+
+ip = ipaddress.ip_address
+OUR_MAC = "02:00:00:00:00:01"
+ROUTER_MAC = "02:00:00:00:00:fe"
+VIP4, VIP6, VIP_EMPTY = ip("10.0.0.100"), ip("2001:db8::100"), ip("10.0.0.101")
+CLIENT4, CLIENT6 = "192.0.2.7", "2001:db8:c::7"
+B1 = BackendSpec(ip("10.0.0.11"), "02:00:00:00:0b:01")
+B2 = BackendSpec(ip("10.0.0.12"), "02:00:00:00:0b:02")
+B3 = BackendSpec(ip("10.0.0.13"), "02:00:00:00:0b:03")
+B6 = BackendSpec(ip("2001:db8::11"), "02:00:00:00:0b:61")
+VIP_ADDRESSES = {str(VIP4), str(VIP6), str(VIP_EMPTY)}
+
+BASE_SERVICES = [
+    ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1,)),
+    ServiceSpec(VIP4, 53, IPPROTO_UDP, (B2,)),
+    ServiceSpec(VIP6, 443, IPPROTO_TCP, (B6,)),
+    ServiceSpec(VIP_EMPTY, 80, IPPROTO_TCP, (BackendSpec(ip("10.0.0.14"), "02:00:00:00:0b:04", in_hash=False),)),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Iterator[DataPlane]:
+    dp = DataPlane()
+    dp.set_config(OUR_MAC, refresh_s=1.0)
+    try:
+        yield dp
+    finally:
+        dp.close()
+
+
+@pytest.fixture
+def dp(compiled: DataPlane) -> DataPlane:
+    compiled.apply(BASE_SERVICES)
+    compiled.delete_flows([k for k, _ in compiled.flows()])
+    return compiled
+
+
+@pytest.fixture
+def events(dp: DataPlane) -> list[FlowEvent]:
+    received: list[FlowEvent] = []
+    dp.open_flow_events(received.append)
+    dp.poll_flow_events()  # drop what earlier tests left
+    received.clear()
+    return received
+
+
+def eth() -> Ether:
+    return Ether(dst=OUR_MAC, src=ROUTER_MAC)
+
+
+def tcp4(flags: str = "A", sport: int = 40000, dport: int = 80, dst: object = VIP4, src: str = CLIENT4) -> bytes:
+    return bytes(eth() / IP(src=src, dst=str(dst)) / TCP(sport=sport, dport=dport, flags=flags) / Raw(b"x" * 20))
+
+
+def forwarded(frame: bytes, backend: BackendSpec) -> bytes:
+    assert backend.mac is not None
+    return bytes.fromhex(backend.mac.replace(":", "") + OUR_MAC.replace(":", "")) + frame[12:]
+
+
+def stat_delta(dp: DataPlane, before: dict[Stat, int]) -> dict[Stat, int]:
+    return {k: v - before[k] for k, v in dp.stats().items() if v != before[k]}
+
+
+def too_big4(quoted_sport: int = 80, quoted_dst: str = CLIENT4) -> bytes:
+    quote = IP(src=str(VIP4), dst=quoted_dst) / TCP(sport=quoted_sport, dport=40000, flags="PA")
+    return bytes(eth() / IP(src="198.51.100.1", dst=str(VIP4)) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(quote)[:28])
+
+
+def too_big6() -> bytes:
+    quote = IPv6(src=str(VIP6), dst=CLIENT6) / TCP(sport=443, dport=40000, flags="PA") / Raw(b"y" * 40)
+    return bytes(eth() / IPv6(src="2001:db8:ff::1", dst=str(VIP6)) / ICMPv6PacketTooBig(mtu=1280) / bytes(quote))
+
+
+# {description, frame, expected verdict, expected output (None: unchanged), expected counter}
+CASES = [
+    ("TCP SYN to VIP:80", tcp4("S"), XdpAction.TX, B1, Stat.TX),
+    ("TCP mid-flow ACK to VIP:80", tcp4("A"), XdpAction.TX, B1, Stat.TX),
+    ("TCP PSH/ACK with options in the IPv4 header (IHL 6)",
+     bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=80, flags="PA")),
+     XdpAction.TX, B1, Stat.TX),
+    ("UDP to VIP:53", bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=5353, dport=53) / Raw(b"q")),
+     XdpAction.TX, B2, Stat.TX),
+    ("IPv6 TCP to VIP6:443", bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=1234, dport=443, flags="A")),
+     XdpAction.TX, B6, Stat.TX),
+    ("IPv6 hop-by-hop header, then TCP to VIP6:443",
+     bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / IPv6ExtHdrHopByHop() / TCP(sport=1234, dport=443, flags="A")),
+     XdpAction.TX, B6, Stat.TX),
+    ("ICMP frag-needed quoting a VIP:80 flow", too_big4(), XdpAction.TX, B1, Stat.TX),
+    ("ICMPv6 packet-too-big quoting a VIP6:443 flow", too_big6(), XdpAction.TX, B6, Stat.TX),
+    ("TCP to a non-VIP address", tcp4(dst="10.0.0.5"), XdpAction.PASS, None, Stat.PASS),
+    ("TCP to the VIP on a port without a service", tcp4(dport=8080), XdpAction.PASS, None, Stat.PASS),
+    ("UDP to the VIP's TCP-only port", bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=1, dport=80)),
+     XdpAction.PASS, None, Stat.PASS),
+    ("ICMP echo to the VIP", bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / ICMP()), XdpAction.PASS, None, Stat.PASS),
+    ("ICMPv6 echo to VIP6", bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / ICMPv6EchoRequest()),
+     XdpAction.PASS, None, Stat.PASS),
+    ("ICMP frag-needed quoting a non-service port", too_big4(quoted_sport=22), XdpAction.PASS, None, Stat.PASS),
+    ("ARP", bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=ROUTER_MAC) / ARP(pdst=str(VIP4))), XdpAction.PASS, None, Stat.PASS),
+    ("service with no usable backend", tcp4(dst=VIP_EMPTY), XdpAction.DROP, None, Stat.DROP_NO_BACKEND),
+    ("first IPv4 fragment to the VIP (MF)",
+     bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), flags="MF") / TCP(sport=1, dport=80)),
+     XdpAction.DROP, None, Stat.DROP_FRAGMENT),
+    ("later IPv4 fragment to the VIP (offset)",
+     bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), frag=100, proto=6) / Raw(b"z" * 30)),
+     XdpAction.DROP, None, Stat.DROP_FRAGMENT),
+    ("IPv4 fragment to a non-VIP", bytes(eth() / IP(src=CLIENT4, dst="10.0.0.5", frag=100, proto=6) / Raw(b"z" * 30)),
+     XdpAction.PASS, None, Stat.PASS),
+    ("IPv6 fragment to VIP6",
+     bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / IPv6ExtHdrFragment(m=1) / TCP(sport=1, dport=443)),
+     XdpAction.DROP, None, Stat.DROP_FRAGMENT),
+    ("Ethernet header only, IPv4 type", bytes(eth() / IP())[:14], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 header cut short", tcp4()[:14 + 12], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("TCP header cut short", tcp4()[:14 + 20 + 10], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 IHL below 5", tcp4()[:14] + bytes([0x44]) + tcp4()[15:], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IHL pointing past the frame", tcp4()[:14] + bytes([0x4F]) + tcp4()[15:14 + 40], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 header cut short", bytes(eth() / IPv6(dst=str(VIP6)))[:14 + 30], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+]
+
+
+@pytest.mark.parametrize("description,frame,action,backend,stat", CASES, ids=[c[0] for c in CASES])
+def test_verdict_table(dp: DataPlane, description: str, frame: bytes, action: XdpAction,
+                       backend: BackendSpec | None, stat: Stat) -> None:
+    before = dp.stats()
+    result = run_xdp(dp.fd, frame)
+    assert result.action == action
+    assert result.packet == (forwarded(frame, backend) if backend else frame)
+    delta = stat_delta(dp, before)
+    verdicts = {s: n for s, n in delta.items() if s <= Stat.DROP_FRAGMENT}
+    assert verdicts == {stat: 1}, "exactly one verdict counter moves"
+
+
+def test_pinning_policy_tcp_pins_at_first_non_syn_packet(dp: DataPlane, events: list[FlowEvent]) -> None:
+    before = dp.stats()
+    for sport in range(20000, 22000):  # a SYN flood: forwarded, never pinned, never reported
+        assert run_xdp(dp.fd, tcp4("S", sport=sport)).action == XdpAction.TX
+    dp.poll_flow_events()
+    assert dp.flows() == [] and events == []
+    assert stat_delta(dp, before)[Stat.SYN_UNPINNED] == 2000
+    assert run_xdp(dp.fd, tcp4("R", sport=30000)).action == XdpAction.TX  # RST of an unknown flow
+    assert dp.flows() == []
+
+    run_xdp(dp.fd, tcp4("A", sport=20001))  # the handshake's ACK pins
+    dp.poll_flow_events()
+    [(key, flow)] = dp.flows()
+    assert (str(key.src_ip), key.src_port, key.dst_ip, key.dst_port, key.proto) == (CLIENT4, 20001, VIP4, 80, IPPROTO_TCP)
+    assert flow.backend == dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
+    assert flow.service == dp.service_index(VIP4, 80, IPPROTO_TCP)
+    [event] = events
+    assert event.kind == EVENT_FLOW_NEW and event.backend_ip == B1.address and bytes(event.key) == bytes(key)
+
+
+def test_syn_flood_cannot_evict_established_flows(dp: DataPlane) -> None:
+    established = [tcp4("A", sport=p) for p in range(1000, 1010)]
+    for frame in established:
+        run_xdp(dp.fd, frame)
+    for sport in range(40000, 45000):
+        run_xdp(dp.fd, tcp4("S", sport=sport, src="198.51.100.9"))
+    assert len(dp.flows()) == len(established)
+
+
+def test_udp_pins_at_first_packet(dp: DataPlane, events: list[FlowEvent]) -> None:
+    run_xdp(dp.fd, bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=5000, dport=53)))
+    dp.poll_flow_events()
+    assert len(dp.flows()) == 1 and [e.kind for e in events] == [EVENT_FLOW_NEW]
+
+
+def test_flow_stays_pinned_after_its_backend_leaves_the_hash(dp: DataPlane) -> None:
+    service = ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))
+    dp.apply([service])
+    frames = [tcp4("A", sport=p) for p in range(3000, 3060)]
+    first = {f: Ether(run_xdp(dp.fd, f).packet).dst for f in frames}
+    assert set(first.values()) == {B1.mac, B2.mac, B3.mac}
+    # B1 leaves the hash (unhealthy) and B2 gets most weight: slots are reassigned.
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (BackendSpec(B1.address, B1.mac, in_hash=False),
+                                                  BackendSpec(B2.address, B2.mac, weight=10), B3))])
+    assert dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address) not in dp.table(VIP4, 80, IPPROTO_TCP)
+    for frame, mac in first.items():
+        assert Ether(run_xdp(dp.fd, frame).packet).dst == mac
+    new = Ether(run_xdp(dp.fd, tcp4("A", sport=3999)).packet).dst
+    assert new != B1.mac, "a new flow may not go to a backend outside the hash"
+
+
+def test_flows_of_a_removed_backend_are_re_chosen(dp: DataPlane) -> None:
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2))])
+    frames = [tcp4("A", sport=p) for p in range(5000, 5040)]
+    on_b1 = [f for f in frames if Ether(run_xdp(dp.fd, f).packet).dst == B1.mac]
+    assert on_b1
+    before = dp.stats()
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B2,))])  # B1 deleted from the config
+    for frame in on_b1:
+        assert Ether(run_xdp(dp.fd, frame).packet).dst == B2.mac
+    assert stat_delta(dp, before)[Stat.FLOW_REPINNED] == len(on_b1)
+
+
+def test_removed_service_passes_and_forgets_its_flows(dp: DataPlane) -> None:
+    run_xdp(dp.fd, tcp4("A", sport=7000))
+    assert dp.flows()
+    dp.apply([s for s in BASE_SERVICES if s.port != 80])
+    assert dp.flows() == []
+    assert run_xdp(dp.fd, tcp4("A", sport=7000)).action == XdpAction.PASS
+
+
+def test_close_is_reported_once_and_a_reused_tuple_starts_afresh(dp: DataPlane, events: list[FlowEvent]) -> None:
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))])
+    run_xdp(dp.fd, tcp4("A", sport=8000))
+    run_xdp(dp.fd, tcp4("FA", sport=8000))
+    run_xdp(dp.fd, tcp4("FA", sport=8000))
+    dp.poll_flow_events()
+    assert [e.kind for e in events] == [EVENT_FLOW_NEW, EVENT_FLOW_CLOSE]
+    [(key, flow)] = dp.flows()
+    assert flow.flags & FLOW_F_CLOSING
+    # Pin the closed flow to B3 from user space, then reuse the tuple with a SYN: the table decides.
+    dp.write_flows([(key, Flow(dp.backend_index(VIP4, 80, IPPROTO_TCP, B3.address), flow.service, FLOW_F_CLOSING, 0))])
+    chosen = dp.table(VIP4, 80, IPPROTO_TCP)[flow_hash(key) & 4095]
+    out = Ether(run_xdp(dp.fd, tcp4("S", sport=8000)).packet).dst
+    assert out == {dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address): b.mac for b in (B1, B2, B3)}[chosen]
+    assert dp.flows() == []
+
+
+def test_flows_written_from_user_space_are_followed(dp: DataPlane) -> None:
+    """The peer side of flow sync: a batch of flows learned elsewhere overrides the table."""
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2))])
+    b2 = dp.backend_index(VIP4, 80, IPPROTO_TCP, B2.address)
+    service = dp.service_index(VIP4, 80, IPPROTO_TCP)
+    assert b2 is not None and service is not None
+    keys = [FlowKey.make(CLIENT4, p, VIP4, 80, IPPROTO_TCP) for p in range(9000, 9200)]
+    dp.write_flows([(k, Flow(b2, service, 0, 0)) for k in keys])
+    assert len(dp.flows()) == 200
+    for port in range(9000, 9200, 17):
+        assert Ether(run_xdp(dp.fd, tcp4("A", sport=port)).packet).dst == B2.mac
+
+
+def test_icmp_too_big_follows_the_pinned_backend(dp: DataPlane) -> None:
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))])
+    key = FlowKey.make(CLIENT4, 40000, VIP4, 80, IPPROTO_TCP)
+    for backend in (B1, B2, B3):
+        index = dp.backend_index(VIP4, 80, IPPROTO_TCP, backend.address)
+        dp.write_flows([(key, Flow(index, dp.service_index(VIP4, 80, IPPROTO_TCP), 0, 0))])
+        frame = too_big4()
+        assert run_xdp(dp.fd, frame).packet == forwarded(frame, backend)
+
+
+def test_counters_per_service_and_backend(dp: DataPlane) -> None:
+    service = dp.service_index(VIP4, 80, IPPROTO_TCP)
+    backend = dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
+    assert service is not None and backend is not None
+    s0, b0 = dp.service_stats(service), dp.backend_stats(backend)
+    frame = tcp4("A", sport=12345)
+    for _ in range(5):
+        run_xdp(dp.fd, frame)
+    s1, b1 = dp.service_stats(service), dp.backend_stats(backend)
+    assert (s1.packets - s0.packets, s1.bytes - s0.bytes, s1.new_flows - s0.new_flows) == (5, 5 * len(frame), 1)
+    assert (b1.packets - b0.packets, b1.bytes - b0.bytes, b1.new_flows - b0.new_flows) == (5, 5 * len(frame), 1)
+    empty = dp.service_index(VIP_EMPTY, 80, IPPROTO_TCP)
+    assert empty is not None
+    d0 = dp.service_stats(empty).drops
+    run_xdp(dp.fd, tcp4(dst=VIP_EMPTY))
+    assert dp.service_stats(empty).drops == d0 + 1
+
+
+def test_weighted_distribution_of_10k_flows_matches_the_table(dp: DataPlane) -> None:
+    weights = {B1: 1, B2: 2, B3: 3}
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(BackendSpec(b.address, b.mac, w) for b, w in weights.items()))])
+    table = dp.table(VIP4, 80, IPPROTO_TCP)
+    mac_of = {dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address): b.mac for b in weights}
+    rng = random.Random(7)
+    seen: Counter[str] = Counter()
+    for _ in range(10_000):
+        src, sport = f"198.18.{rng.randrange(256)}.{rng.randrange(256)}", rng.randrange(1024, 65536)
+        out = Ether(run_xdp(dp.fd, tcp4("S", sport=sport, src=src)).packet).dst
+        predicted = table[flow_hash(FlowKey.make(src, sport, VIP4, 80, IPPROTO_TCP)) & 4095]
+        assert out == mac_of[predicted], "the kernel indexes the table where user space expects"
+        seen[out] += 1
+    total = sum(weights.values())
+    for backend, weight in weights.items():
+        assert backend.mac is not None
+        assert abs(seen[backend.mac] / 10_000 - weight / total) <= 0.03, seen
+
+
+def _ip_destination(frame: bytes) -> str | None:
+    if len(frame) >= 34 and frame[12:14] == b"\x08\x00":
+        return str(ipaddress.IPv4Address(frame[30:34]))
+    if len(frame) >= 54 and frame[12:14] == b"\x86\xdd":
+        return str(ipaddress.IPv6Address(frame[38:54]))
+    return None
+
+
+def _check_verdict_rules(dp: DataPlane, frame: bytes) -> None:
+    result = run_xdp(dp.fd, frame)
+    assert result.action in (XdpAction.PASS, XdpAction.TX, XdpAction.DROP)
+    if _ip_destination(frame) not in VIP_ADDRESSES:
+        assert result.action == XdpAction.PASS and result.packet == frame, "never touch a non-VIP frame"
+    if result.action == XdpAction.TX:
+        assert result.packet[6:12] == bytes.fromhex(OUR_MAC.replace(":", ""))
+        assert result.packet[12:] == frame[12:], "only the MACs change"
+    else:
+        assert result.packet == frame
+
+
+VALID_FRAMES = [c[1] for c in CASES if len(c[1]) > 40]
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=14, max_size=200))
+def test_fuzz_random_frames(dp: DataPlane, frame: bytes) -> None:
+    _check_verdict_rules(dp, frame)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(VALID_FRAMES), st.integers(14, 200), st.lists(st.tuples(st.integers(0, 199), st.integers(0, 255)), max_size=4))
+def test_fuzz_truncated_and_mutated_frames(dp: DataPlane, frame: bytes, cut: int, flips: list[tuple[int, int]]) -> None:
+    mutated = bytearray(frame[:cut])
+    for position, value in flips:
+        if 12 <= position < len(mutated):  # keep the MACs; anything after is fair game
+            mutated[position] = value
+    _check_verdict_rules(dp, bytes(mutated))
