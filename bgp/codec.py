@@ -725,11 +725,16 @@ class Framer:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
-    def messages(self) -> Iterator[Message]:
+    def frames(self) -> Iterator[bytes]:
+        """Whole messages as bytes, headers checked (for callers that decode with their own context)."""
         while len(self._buf) >= HEADER_LEN:
             length, _ = check_header(bytes(self._buf[:HEADER_LEN]))
             if len(self._buf) < length:
                 return
             raw = bytes(self._buf[:length])
             del self._buf[:length]
+            yield raw
+
+    def messages(self) -> Iterator[Message]:
+        for raw in self.frames():
             yield decode(raw, four_octet_as=self.four_octet_as)

@@ -1,0 +1,492 @@
+"""The BGP speaker's only I/O module: trio sockets, timers and tasks around the sans-IO core.
+
+Theory of operation
+-------------------
+`Speaker.run` owns a nursery (start it with `await nursery.start(speaker.run)`; it reports ready
+once the listener, if any, is bound). Inside: an optional listener that accepts only configured
+peer addresses, and one loop per peer. A peer loop is the only place its `Fsm` is touched: it
+waits for the next inbox item (bytes from a connection, a finished connect attempt, an accepted
+connection, a RIB change, a stop request) or the FSM's next deadline, feeds that in with
+`trio.current_time()`, and carries out the actions. Each connection has a reader task that only
+frames bytes and posts them to the inbox; decoding happens in the loop, so the 4-octet-AS switch
+applies exactly from the message after the OPEN.
+
+Collisions (RFC 4271 §6.8): a connection accepted while the peer's FSM is in OpenSent/OpenConfirm
+gets its own FSM; once an OPEN names the peer's identifier, `collision_loser` picks the connection
+to dump (Cease 6/7) and the survivor becomes the peer's FSM.
+
+Shutdown (`shutdown()`): optionally re-advertise everything with GRACEFUL_SHUTDOWN and wait, then
+withdraw all routes, then NOTIFICATION Cease/Administrative Shutdown and close (FIN after data).
+
+TCP MD5 (RFC 2385) uses Linux's TCP_MD5SIG socket option, set before connect() and per peer on
+the listener, so unsigned or wrongly signed segments never reach us.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import math
+import random
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+import trio
+
+from bgp.codec import Framer, Message, Open, Prefix, Update, decode, encode
+from bgp.config import PeerConfig, SpeakerConfig
+from bgp.errors import BgpError, DecodeError
+from bgp.fsm import (Close, Connect, Event, EventKind, Fsm, FsmConfig, ResendRoutes, Send, SessionDown, SessionUp,
+                     State, collision_loser, event_for)
+from bgp.rib import AdjRibOut, DesiredRib, ExportPolicy, RouteAttrs, end_of_rib
+
+log = logging.getLogger(__name__)
+
+TCP_MD5SIG = 14
+TCP_MD5SIG_MAXKEYLEN = 80
+SEND_TIMEOUT_S = 10.0
+CLOSE_LINGER_S = 1.0
+RETRY_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                          errno.ENETUNREACH, errno.ECONNABORTED, errno.EPIPE, errno.EADDRNOTAVAIL})
+
+Connector = Callable[[PeerConfig], Awaitable[trio.abc.Stream]]
+
+
+def md5sig(address: IPv4Address | IPv6Address, password: str, *, v6_socket: bool) -> bytes:
+    """`struct tcp_md5sig` (linux/tcp.h) for one peer address and key."""
+    key = password.encode()
+    if len(key) > TCP_MD5SIG_MAXKEYLEN:
+        raise BgpError(f"MD5 key of {len(key)} bytes exceeds {TCP_MD5SIG_MAXKEYLEN}")
+    if v6_socket:
+        ip6 = address if isinstance(address, IPv6Address) else IPv6Address(f"::ffff:{address}")
+        sa = struct.pack("=HHI16sI", socket.AF_INET6, 0, 0, ip6.packed, 0)
+    else:
+        sa = struct.pack("=HH4s", socket.AF_INET, 0, address.packed)
+    return sa.ljust(128, b"\0") + struct.pack("=BBHi", 0, 0, len(key), 0) + key.ljust(TCP_MD5SIG_MAXKEYLEN, b"\0")
+
+
+async def tcp_connect(peer: PeerConfig) -> trio.abc.Stream:
+    """Default connector: a TCP connection to the peer, MD5-signed if configured."""
+    family = socket.AF_INET6 if peer.address.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if peer.md5_password:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG,
+                            md5sig(peer.address, peer.md5_password, v6_socket=family == socket.AF_INET6))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await sock.connect((str(peer.address), peer.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One TCP connection (or outgoing attempt) and the tasks that serve it."""
+
+    outgoing: bool
+    stream: trio.abc.Stream | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reader_done: trio.Event | None = None  # set when the reader task has exited
+
+
+@dataclass(eq=False)
+class _Peer:
+    config: PeerConfig
+    fsm: Fsm
+    inbox_send: trio.MemorySendChannel[tuple[Any, ...]]
+    inbox_recv: trio.MemoryReceiveChannel[tuple[Any, ...]]
+    conn: _Conn | None = None  # the connection the FSM drives
+    other: tuple[Fsm, _Conn] | None = None  # a colliding incoming connection and its FSM
+    adj_out: AdjRibOut = field(default_factory=AdjRibOut)
+    sync_pending: bool = False
+    established_count: int = 0
+    up: trio.Event = field(default_factory=trio.Event)
+    received_updates: int = 0
+    last_error: str = ""
+
+
+class Speaker:
+    """Originates routes to the configured peers. The node calls `announce` and `withdraw`."""
+
+    def __init__(self, config: SpeakerConfig, *, connector: Connector = tcp_connect,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.config = config
+        self.rib = DesiredRib()
+        self.draining = False
+        self._connector = connector
+        self._rng = rng
+        self._nursery: trio.Nursery | None = None
+        self._peers: dict[str, _Peer] = {}
+        self.listen_port: int | None = None
+        self._stopping = False
+        for pc in config.peers:
+            send, recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+            self._peers[str(pc.address)] = _Peer(pc, self._new_fsm(pc), send, recv)
+
+    # ---- the node's API -------------------------------------------------------------------
+
+    def announce(self, prefix: Prefix, attrs: RouteAttrs = RouteAttrs()) -> None:
+        self.rib.announce(prefix, attrs)
+        self._request_sync()
+
+    def withdraw(self, prefix: Prefix) -> None:
+        self.rib.withdraw(prefix)
+        self._request_sync()
+
+    def peer_state(self, address: str) -> State:
+        return self._peers[str(ipaddress.ip_address(address))].fsm.state
+
+    async def wait_established(self, address: str) -> None:
+        await self._peers[str(ipaddress.ip_address(address))].up.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.config.listen:
+                await nursery.start(self._listen)
+            for peer in self._peers.values():
+                nursery.start_soon(self._peer_loop, peer)
+            task_status.started()
+
+    async def shutdown(self, *, timeout_s: float = 10.0) -> None:
+        """Graceful: GRACEFUL_SHUTDOWN + wait (if configured), withdraw all, Cease 6/2, close."""
+        if self.config.graceful_shutdown_wait_s > 0 and any(p.fsm.state is State.ESTABLISHED
+                                                             for p in self._peers.values()):
+            log.info("graceful shutdown: tagging routes 65535:0 for %ss", self.config.graceful_shutdown_wait_s)
+            self.draining = True
+            self._request_sync()
+            await trio.sleep(self.config.graceful_shutdown_wait_s)
+        self.rib.routes.clear()
+        self._stopping = True  # from now on connections are closed inline, so the FIN is not cut short
+        with trio.move_on_after(timeout_s) as scope:
+            done = []
+            for peer in self._peers.values():
+                ev = trio.Event()
+                done.append(ev)
+                peer.inbox_send.send_nowait(("stop", ev))
+            for ev in done:
+                await ev.wait()
+        if scope.cancelled_caught:
+            log.warning("graceful shutdown: peers did not finish within %ss", timeout_s)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _new_fsm(self, pc: PeerConfig) -> Fsm:
+        cfg = FsmConfig(local_as=self.config.local_as, peer_as=pc.asn, router_id=self.config.router_id,
+                        hold_time_s=pc.hold_time_s, passive=pc.passive, connect_retry_s=pc.connect_retry_s,
+                        families=self.config.families)
+        return Fsm(cfg, self._rng)
+
+    def _request_sync(self) -> None:
+        for peer in self._peers.values():
+            if not peer.sync_pending:
+                peer.sync_pending = True
+                peer.inbox_send.send_nowait(("sync",))
+
+    def _policy(self, peer: _Peer, fsm: Fsm) -> ExportPolicy:
+        assert fsm.negotiated is not None
+        return ExportPolicy(local_as=self.config.local_as, ibgp=fsm.negotiated.ibgp,
+                            next_hop_v4=self.config.next_hop_v4, next_hop_v6=self.config.next_hop_v6,
+                            families=fsm.negotiated.families, peer_attrs=peer.config.attrs,
+                            graceful_shutdown=self.draining)
+
+    async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        addr = ipaddress.ip_address(self.config.listen_address)
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for peer in self._peers.values():
+                if peer.config.md5_password and (family == socket.AF_INET6 or peer.config.address.version == 4):
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG, md5sig(
+                        peer.config.address, peer.config.md5_password, v6_socket=family == socket.AF_INET6))
+            await sock.bind((str(addr), self.config.listen_port))
+            sock.listen(16)
+            self.listen_port = sock.getsockname()[1]
+            log.info("listening on %s port %s", addr, self.listen_port)
+            task_status.started()
+            while True:
+                conn_sock, remote = await sock.accept()
+                remote_ip = ipaddress.ip_address(remote[0])
+                if isinstance(remote_ip, IPv6Address) and remote_ip.ipv4_mapped:
+                    remote_ip = remote_ip.ipv4_mapped
+                peer = self._peers.get(str(remote_ip))
+                if peer is None:
+                    log.warning("refusing connection from unconfigured %s", remote_ip)
+                    conn_sock.close()
+                    continue
+                peer.inbox_send.send_nowait(("accepted", trio.SocketStream(conn_sock)))
+
+    async def _attempt(self, peer: _Peer, conn: _Conn) -> None:
+        with conn.scope:
+            try:
+                stream = await self._connector(peer.config)
+            except OSError as exc:
+                if exc.errno not in RETRY_ERRNOS:
+                    log.warning("%s: connect failed: %s", peer.config.address, exc)
+                peer.inbox_send.send_nowait(("connect_failed", conn, str(exc)))
+                return
+            peer.inbox_send.send_nowait(("connected", conn, stream))
+
+    def _start_reader(self, peer: _Peer, conn: _Conn) -> None:
+        assert self._nursery is not None
+        conn.reader_done = trio.Event()
+        self._nursery.start_soon(self._reader, peer, conn)
+
+    async def _reader(self, peer: _Peer, conn: _Conn) -> None:
+        try:
+            await self._read(peer, conn)
+        finally:
+            assert conn.reader_done is not None
+            conn.reader_done.set()
+
+    async def _read(self, peer: _Peer, conn: _Conn) -> None:
+        framer = Framer()
+        stream = conn.stream
+        assert stream is not None
+        with conn.scope:
+            try:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        peer.inbox_send.send_nowait(("closed", conn, "peer closed the connection"))
+                        return
+                    framer.feed(data)
+                    for raw in framer.frames():
+                        peer.inbox_send.send_nowait(("frame", conn, raw))
+            except DecodeError as exc:
+                peer.inbox_send.send_nowait(("error", conn, exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                peer.inbox_send.send_nowait(("closed", conn, f"connection error: {exc}"))
+
+    def _fsm_for(self, peer: _Peer, conn: _Conn) -> Fsm | None:
+        if peer.conn is conn:
+            return peer.fsm
+        if peer.other is not None and peer.other[1] is conn:
+            return peer.other[0]
+        return None
+
+    async def _peer_loop(self, peer: _Peer) -> None:
+        name = str(peer.config.address)
+        start = EventKind.MANUAL_START_PASSIVE if peer.config.passive else EventKind.MANUAL_START
+        await self._apply(peer, peer.fsm, None, Event(start))
+        while True:
+            deadline = peer.fsm.next_deadline()
+            if peer.other is not None:
+                d2 = peer.other[0].next_deadline()
+                deadline = d2 if deadline is None else min(deadline, d2 if d2 is not None else deadline)
+            item: tuple[Any, ...] | None = None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                item = await peer.inbox_recv.receive()
+            if item is None:
+                now = trio.current_time()
+                for fsm, conn in self._fsms(peer):
+                    await self._run_actions(peer, fsm, conn, fsm.poll(now))
+                continue
+            kind = item[0]
+            if kind == "sync":
+                peer.sync_pending = False
+                await self._sync(peer)
+            elif kind == "stop":
+                await self._stop(peer)
+                item[1].set()
+                return
+            elif kind == "accepted":
+                await self._accepted(peer, item[1])
+            elif kind == "connected":
+                conn, stream = item[1], item[2]
+                if peer.conn is not conn or conn.stream is not None:
+                    await _close_quietly(stream)
+                    continue
+                conn.stream = stream
+                conn.scope = trio.CancelScope()  # the attempt used the first one
+                self._start_reader(peer, conn)
+                await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_CONNECTED))
+            elif kind == "connect_failed":
+                if peer.conn is item[1] and item[1].stream is None:
+                    log.debug("%s: connect failed: %s", name, item[2])
+                    await self._apply(peer, peer.fsm, item[1], Event(EventKind.TCP_FAILS))
+            else:
+                conn = item[1]
+                fsm = self._fsm_for(peer, conn)
+                if fsm is None:
+                    continue  # from a connection already given up
+                if kind == "frame":
+                    four = fsm.negotiated.four_octet_as if fsm.negotiated else False
+                    try:
+                        msg = decode(item[2], four_octet_as=four)
+                    except DecodeError as exc:
+                        await self._apply(peer, fsm, conn, Event(EventKind.MESSAGE_ERROR, error=exc))
+                        continue
+                    await self._received(peer, fsm, conn, msg)
+                elif kind == "error":
+                    await self._apply(peer, fsm, conn, Event(EventKind.MESSAGE_ERROR, error=item[2]))
+                elif kind == "closed":
+                    fsm.last_error = item[2]
+                    await self._apply(peer, fsm, conn, Event(EventKind.TCP_FAILS))
+
+    def _fsms(self, peer: _Peer) -> list[tuple[Fsm, _Conn | None]]:
+        out: list[tuple[Fsm, _Conn | None]] = [(peer.fsm, peer.conn)]
+        if peer.other is not None:
+            out.append(peer.other)
+        return out
+
+    async def _received(self, peer: _Peer, fsm: Fsm, conn: _Conn, msg: Message) -> None:
+        log.debug("%s: received %s", peer.config.address, type(msg).__name__)
+        if isinstance(msg, Update):
+            peer.received_updates += 1  # parsed and validated; we originate only
+        await self._apply(peer, fsm, conn, event_for(msg))
+        if isinstance(msg, Open) and fsm.state is State.OPEN_CONFIRM and peer.other is not None:
+            await self._resolve_collision(peer, msg)
+
+    async def _resolve_collision(self, peer: _Peer, msg: Open) -> None:
+        assert peer.other is not None and peer.conn is not None
+        other_fsm, other_conn = peer.other
+        if other_fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM) or \
+                peer.fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM):
+            return
+        loser = collision_loser(self.config.router_id, msg.bgp_id)
+        # Dump the connection in the losing direction; if both share a direction, the newer one.
+        dump_primary = peer.conn.outgoing == (loser == "outgoing") and other_conn.outgoing != peer.conn.outgoing
+        log.info("%s: connection collision, closing the %s one", peer.config.address,
+                 "outgoing" if (peer.conn.outgoing if dump_primary else other_conn.outgoing) else "incoming")
+        if dump_primary:
+            old_fsm, old_conn = peer.fsm, peer.conn
+            peer.fsm, peer.conn, peer.other = other_fsm, other_conn, None
+            await self._run_actions(peer, old_fsm, old_conn, old_fsm.handle(Event(EventKind.OPEN_COLLISION_DUMP),
+                                                                            trio.current_time()))
+        else:
+            peer.other = None
+            await self._run_actions(peer, other_fsm, other_conn, other_fsm.handle(
+                Event(EventKind.OPEN_COLLISION_DUMP), trio.current_time()))
+
+    async def _accepted(self, peer: _Peer, stream: trio.abc.Stream) -> None:
+        state = peer.fsm.state
+        conn = _Conn(outgoing=False, stream=stream)
+        if state in (State.CONNECT, State.ACTIVE):
+            if peer.conn is not None:
+                await self._drop(peer.conn)  # abandon our own attempt: the peer's connection wins
+            peer.conn = conn
+            self._start_reader(peer, conn)
+            await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_ACCEPTED))
+        elif state in (State.OPEN_SENT, State.OPEN_CONFIRM) and peer.other is None:
+            fsm = self._new_fsm(peer.config)
+            peer.other = (fsm, conn)
+            self._start_reader(peer, conn)
+            await self._apply(peer, fsm, conn, Event(EventKind.MANUAL_START_PASSIVE))
+            await self._apply(peer, fsm, conn, Event(EventKind.TCP_ACCEPTED))
+        else:
+            # Idle (refused by the table) or an Established session already exists.
+            if state is State.IDLE:
+                await self._run_actions(peer, peer.fsm, conn, peer.fsm.handle(Event(EventKind.TCP_ACCEPTED),
+                                                                              trio.current_time()))
+            else:
+                log.info("%s: refusing a second connection in %s", peer.config.address, state.value)
+                await self._drop(conn)
+
+    async def _apply(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, event: Event) -> None:
+        await self._run_actions(peer, fsm, conn, fsm.handle(event, trio.current_time()))
+
+    async def _run_actions(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, actions: list[Any]) -> None:
+        name = peer.config.address
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(peer, fsm, conn, action.message)
+            elif isinstance(action, Connect):
+                if peer.conn is not None:
+                    await self._drop(peer.conn)
+                conn = peer.conn = _Conn(outgoing=True)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._attempt, peer, conn)
+            elif isinstance(action, Close):
+                if conn is not None:
+                    await self._drop(conn)
+                if peer.conn is conn and fsm is peer.fsm:
+                    peer.conn = None
+                if peer.other is not None and peer.other[1] is conn:
+                    peer.other = None
+            elif isinstance(action, SessionUp):
+                peer.established_count += 1
+                peer.adj_out = AdjRibOut()
+                log.info("%s: session Established (hold %ss, peer id %s, families %s)", name,
+                         action.negotiated.hold_time_s, action.negotiated.peer_id, sorted(action.negotiated.families))
+                policy = self._policy(peer, fsm)
+                for update in peer.adj_out.sync(self.rib.routes, policy) + end_of_rib(policy.families):
+                    await self._send(peer, fsm, conn, update)
+                peer.up.set()
+            elif isinstance(action, SessionDown):
+                peer.last_error = action.reason
+                peer.up = trio.Event()
+                log.info("%s: session down: %s", name, action.reason)
+            elif isinstance(action, ResendRoutes):
+                for update in peer.adj_out.resend((action.afi, action.safi), self._policy(peer, fsm)):
+                    await self._send(peer, fsm, conn, update)
+        if fsm is peer.fsm and actions:
+            log.debug("%s: now %s", name, fsm.state.value)
+
+    async def _send(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, msg: Message) -> None:
+        if conn is None or conn.stream is None:
+            return
+        four = fsm.negotiated.four_octet_as if fsm.negotiated else True
+        try:
+            with trio.fail_after(SEND_TIMEOUT_S):
+                await conn.stream.send_all(encode(msg, four_octet_as=four))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+            peer.inbox_send.send_nowait(("closed", conn, f"send failed: {exc!r}"))
+
+    async def _sync(self, peer: _Peer) -> None:
+        if peer.fsm.state is not State.ESTABLISHED:
+            return
+        for update in peer.adj_out.sync(self.rib.routes, self._policy(peer, peer.fsm)):
+            await self._send(peer, peer.fsm, peer.conn, update)
+
+    async def _stop(self, peer: _Peer) -> None:
+        await self._sync(peer)  # the desired RIB is empty now: withdraw everything
+        if peer.other is not None:
+            other_fsm, other_conn = peer.other
+            await self._run_actions(peer, other_fsm, other_conn,
+                                    other_fsm.handle(Event(EventKind.MANUAL_STOP), trio.current_time()))
+        await self._run_actions(peer, peer.fsm, peer.conn,
+                                peer.fsm.handle(Event(EventKind.MANUAL_STOP), trio.current_time()))
+
+    async def _drop(self, conn: _Conn) -> None:
+        """Stop the connection's tasks; close it in the background after a FIN and a short linger."""
+        conn.scope.cancel()
+        if conn.reader_done is not None:
+            await conn.reader_done.wait()  # the reader is gone before anyone else reads the stream
+        stream, conn.stream = conn.stream, None
+        if stream is None:
+            return
+        if self._stopping:
+            await _close_gracefully(stream)
+        elif self._nursery is not None:
+            self._nursery.start_soon(_close_gracefully, stream)
+
+
+async def _close_gracefully(stream: trio.abc.Stream) -> None:
+    """FIN after the queued data (so a NOTIFICATION arrives), wait briefly for the peer's FIN, close."""
+    with trio.move_on_after(CLOSE_LINGER_S):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await _close_quietly(stream)
+
+
+async def _close_quietly(stream: trio.abc.Stream) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

@@ -1,0 +1,212 @@
+"""The trio speaker against a scripted peer over memory streams, on trio's virtual clock."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+import trio
+import trio.testing
+
+from bgp import config as bgp_config
+from bgp.codec import (GRACEFUL_SHUTDOWN, FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification,
+                       Open, RouteRefresh, Update, encode)
+from bgp.config import PeerConfig
+from bgp.errors import ConfigError
+from bgp.fsm import State
+from bgp.rib import RouteAttrs
+from bgp.speaker import Speaker, md5sig
+
+pytestmark = pytest.mark.unit
+
+VIP = IPv4Network("192.0.2.10/32")
+ROUTER = "10.0.0.254"
+CFG = bgp_config.load({
+    "local_as": 4200000001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1",
+    "peers": [{"address": ROUTER, "asn": 65000, "hold_time_s": 3, "connect_retry_s": 1}],
+})
+PEER_OPEN = Open(65000, 3, IPv4Address(ROUTER), (MultiprotocolCap(1, 1), FourOctetAsCap(65000)))
+
+
+class FakePeer:
+    """The router's side of the connection: scripted sends, decoded receives."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.framer = Framer(four_octet_as=True)
+        self.pending: list[Message] = []
+
+    async def send(self, msg: Message | bytes) -> None:
+        await self.stream.send_all(msg if isinstance(msg, bytes) else encode(msg))
+
+    async def receive(self) -> Message | None:
+        while not self.pending:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.framer.feed(data)
+            self.pending.extend(self.framer.messages())
+        return self.pending.pop(0)
+
+    async def establish(self) -> tuple[Open, list[Update]]:
+        """Handshake; returns our speaker's OPEN and the UPDATEs up to End-of-RIB."""
+        their_open = await self.receive()
+        assert isinstance(their_open, Open)
+        await self.send(PEER_OPEN)
+        assert isinstance(await self.receive(), Keepalive)
+        await self.send(Keepalive())
+        updates = []
+        while True:
+            m = await self.receive()
+            if isinstance(m, Keepalive):
+                continue
+            assert isinstance(m, Update)
+            updates.append(m)
+            if m.is_end_of_rib:
+                return their_open, updates
+
+    async def next_non_keepalive(self) -> Message | None:
+        while True:
+            m = await self.receive()
+            if not isinstance(m, Keepalive):
+                return m
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[FakePeer](10)
+        self.attempts = 0
+
+    async def connector(self, peer: PeerConfig) -> trio.abc.Stream:
+        self.attempts += 1
+        ours, theirs = trio.testing.memory_stream_pair()
+        await self.send.send(FakePeer(theirs))
+        return ours
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[Speaker, Harness]]:
+    h = Harness()
+    speaker = Speaker(CFG, connector=h.connector, rng=lambda: 0.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(speaker.run)
+        yield speaker, h
+        nursery.cancel_scope.cancel()
+
+
+async def test_announce_withdraw_and_only_changes(running: tuple[Speaker, Harness], autojump_clock: object) -> None:
+    speaker, h = running
+    speaker.announce(VIP, RouteAttrs(med=5))
+    with trio.fail_after(10):
+        peer = await h.recv.receive()
+        their_open, updates = await peer.establish()
+        assert their_open.asn == 4200000001 and their_open.my_as == 23456
+        assert updates[0].nlri == (VIP,) and updates[0].attributes.med == 5
+        assert speaker.peer_state(ROUTER) is State.ESTABLISHED
+        speaker.announce(VIP, RouteAttrs(med=5))  # no change: nothing sent
+        speaker.withdraw(VIP)
+        assert await peer.next_non_keepalive() == Update(withdrawn=(VIP,))
+
+
+async def test_silent_peer_dropped_at_hold_expiry_and_routes_resent(
+        running: tuple[Speaker, Harness], autojump_clock: object) -> None:
+    speaker, h = running
+    speaker.announce(VIP)
+    with trio.fail_after(30):
+        peer = await h.recv.receive()
+        await peer.establish()
+        start = trio.current_time()
+        assert await peer.next_non_keepalive() == Notification(4, 0)
+        assert trio.current_time() - start == pytest.approx(3.0, abs=0.01)
+        assert await peer.receive() is None  # closed
+        peer2 = await h.recv.receive()  # automatic restart after IdleHold
+        assert 0.7 <= trio.current_time() - start - 3.0 <= 1.1
+        _, updates = await peer2.establish()
+        assert updates[0].nlri == (VIP,)  # everything re-sent on the new session
+
+
+async def test_keepalives_at_a_third_of_hold(running: tuple[Speaker, Harness], autojump_clock: object) -> None:
+    _, h = running
+    with trio.fail_after(10):
+        peer = await h.recv.receive()
+        await peer.establish()
+        t0 = trio.current_time()
+        assert isinstance(await peer.receive(), Keepalive)
+        assert trio.current_time() - t0 == pytest.approx(1.0, abs=0.01)
+
+
+async def test_malformed_update_gets_notification(running: tuple[Speaker, Harness], autojump_clock: object) -> None:
+    _, h = running
+    with trio.fail_after(10):
+        peer = await h.recv.receive()
+        await peer.establish()
+        await peer.send(b"\xff" * 16 + bytes.fromhex("0017 02 0005 0000"))  # withdrawn length overrun
+        assert await peer.next_non_keepalive() == Notification(3, 1)
+
+
+async def test_route_refresh_is_answered(running: tuple[Speaker, Harness], autojump_clock: object) -> None:
+    speaker, h = running
+    speaker.announce(VIP)
+    with trio.fail_after(10):
+        peer = await h.recv.receive()
+        await peer.establish()
+        await peer.send(RouteRefresh(1, 1))
+        m = await peer.next_non_keepalive()
+        assert isinstance(m, Update) and m.nlri == (VIP,)
+        m = await peer.next_non_keepalive()
+        assert isinstance(m, Update) and m.is_end_of_rib
+
+
+async def test_graceful_shutdown_tags_waits_withdraws_then_ceases(autojump_clock: object) -> None:
+    h = Harness()
+    cfg = bgp_config.load({
+        "local_as": 65000, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "graceful_shutdown_wait_s": 5,
+        "peers": [{"address": ROUTER, "asn": 65000, "hold_time_s": 0}],
+    })
+    speaker = Speaker(cfg, connector=h.connector, rng=lambda: 0.0)
+    speaker.announce(VIP)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            peer = await h.recv.receive()
+            await peer.establish()
+            nursery.start_soon(speaker.shutdown)
+            t0 = trio.current_time()
+            tagged = await peer.next_non_keepalive()
+            assert isinstance(tagged, Update) and GRACEFUL_SHUTDOWN in tagged.attributes.communities
+            assert tagged.attributes.local_pref == 100 and tagged.attributes.as_path == ()
+            assert await peer.next_non_keepalive() == Update(withdrawn=(VIP,))
+            assert trio.current_time() - t0 == pytest.approx(5.0, abs=0.01)
+            assert await peer.next_non_keepalive() == Notification(6, 2)
+            assert await peer.receive() is None
+
+
+def test_md5sig_struct_layout() -> None:
+    raw = md5sig(IPv4Address("10.0.0.254"), "secret", v6_socket=False)
+    assert len(raw) == 216  # sizeof(struct tcp_md5sig)
+    assert raw[:8] == bytes([2, 0, 0, 0, 10, 0, 0, 254])  # AF_INET (host order), port 0, address
+    assert raw[128:136] == bytes([0, 0, 6, 0, 0, 0, 0, 0]) and raw[136:142] == b"secret"
+    raw6 = md5sig(IPv4Address("10.0.0.254"), "k", v6_socket=True)
+    assert raw6[:2] == bytes([10, 0]) and raw6[8:24] == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 254])
+
+
+@pytest.mark.parametrize("cfg,error", [
+    ({"router_id": "1.2.3.4", "peers": []}, "local_as: required"),
+    ({"local_as": 0, "router_id": "1.2.3.4", "peers": []}, "local_as: must be an AS number"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001}, {"address": "10.0.0.2", "asn": 65001, "hold_time_s": 2}]},
+     "peers[1].hold_time_s: must be 0 or 3..65535"),
+    ({"local_as": 65000, "router_id": "::1", "peers": []}, "router_id: must be an IPv4 address"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "attrs": {"communities": ["65536:1"]}}]},
+     "peers[0].attrs.communities[0]: must be 'ASN:VALUE'"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "passive": True}]}, "peers[0].passive: a passive peer needs"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4", "peers": [{"address": "10.0.0.1",
+      "asn": 65001}], "announce": [{"prefix": "2001:db8::/64"}]}, "announce[0].prefix: IPv6 route but no next_hop_v6"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "bogus": 1}, "bogus: unknown key"),
+])
+def test_config_errors_name_the_key_path(cfg: dict, error: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        bgp_config.load(cfg)
+    assert str(e.value).startswith(error)
