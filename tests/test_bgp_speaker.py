@@ -210,3 +210,35 @@ def test_config_errors_name_the_key_path(cfg: dict, error: str) -> None:
     with pytest.raises(ConfigError) as e:
         bgp_config.load(cfg)
     assert str(e.value).startswith(error)
+
+
+async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None:
+    """Real loopback sockets: both sides connect; the peer (10.0.0.254 > 10.0.0.1) keeps its own."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    cfg = bgp_config.load({
+        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
+        "listen_address": "127.0.0.1", "listen_port": 0,
+        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
+    })
+    speaker = Speaker(cfg, rng=lambda: 0.0)
+    speaker.announce(VIP)
+    with trio.fail_after(10), listener:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            sock, _ = await listener.accept()
+            outgoing = FakePeer(trio.SocketStream(sock))  # the speaker's connection to us
+            assert isinstance(await outgoing.receive(), Open)
+            incoming = FakePeer(await trio.open_tcp_stream("127.0.0.1", speaker.listen_port))
+            assert isinstance(await incoming.receive(), Open)
+            await outgoing.send(PEER_OPEN)
+            await incoming.send(PEER_OPEN)
+            assert await outgoing.next_non_keepalive() == Notification(6, 7)  # collision resolution
+            assert await outgoing.receive() is None
+            assert isinstance(await incoming.receive(), Keepalive)
+            await incoming.send(Keepalive())
+            await speaker.wait_established("127.0.0.1")
+            m = await incoming.next_non_keepalive()
+            assert isinstance(m, Update) and m.nlri == (VIP,)
+            nursery.cancel_scope.cancel()
