@@ -141,3 +141,18 @@ def _kill_namespace_pids(ns: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+
+
+def read_line(proc: subprocess.Popen[bytes], *, timeout_s: float) -> str:
+    """One line of a child's stdout, or TimeoutError: a hung child never hangs the caller."""
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise TimeoutError(f"pid {proc.pid}: no output within {timeout_s}s")
+    line = proc.stdout.readline()
+    if not line:
+        raise LabError(f"pid {proc.pid}: exited ({proc.poll()}) before writing a line")
+    return line.decode().rstrip("\n")

@@ -1,0 +1,153 @@
+"""One lbnode data plane in front of three backends, on one L2 segment in namespaces.
+
+    client (10.99.0.2) ---+
+    node   (10.99.0.5) ---+--- bridge (in its own "sw" namespace)
+    b1..b3 (10.99.0.11-13)+
+
+The client routes the VIPs via the node and computes checksums itself, as on a real wire. The node has no VIP and no forwarding: only its XDP
+program moves VIP traffic, rewriting MACs towards a backend (XDP_TX). Backends hold the VIPs on
+loopback (arp_ignore=1, arp_announce=2 so they never answer ARP for them) and reply to the
+client directly: layer-2 direct server return. The switch-side peer of the node's veth runs an
+XDP_PASS program, without which XDP_TX frames would vanish in the veth driver.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
+from bpf.loader import PASS_SOURCE, Attachment, XdpMode, attach, compile_program, detach
+from bpf.structs import IPPROTO_TCP
+from examples.lab.netns import Lab, read_line
+
+REPO = Path(__file__).resolve().parents[2]
+VIP4 = ipaddress.ip_address("10.99.1.100")
+VIP6 = ipaddress.ip_address("fd00:99:1::100")
+HTTP_PORT, ECHO_PORT = 80, 9000
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    ns: str
+    ip4: str
+    ip6: str
+    mac: str
+
+
+class SingleNodeLab:
+    """Builds the topology inside a `Lab` (which owns teardown) and drives it."""
+
+    def __init__(self, lab: Lab, backends: int = 3) -> None:
+        self.lab = lab
+        self.sw = lab.netns("sw")
+        self.client = self._host("client", 2)
+        self.node = self._host("node", 5)
+        self.backends = [self._host(f"b{i}", 10 + i) for i in range(1, backends + 1)]
+        lab.bridge(self.sw, "br0", [f"p-{h.name}" for h in [self.client, self.node, *self.backends]])
+        # A veth hands frames on with the TCP/UDP checksum left to "offload" (CHECKSUM_PARTIAL);
+        # once XDP_TX turns them into raw frames the backend sees a bad checksum and drops them.
+        # A real NIC delivers complete checksums, so the client computes them as if on a wire.
+        lab.ns_run(self.client.ns, "ethtool", "-K", "eth0", "tx", "off")
+        for vip in (VIP4, VIP6):
+            lab.ns_run(self.client.ns, "ip", "route", "add", str(vip), "via",
+                       self.node.ip4 if vip.version == 4 else self.node.ip6)
+        for b in self.backends:
+            for key, value in (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")):
+                lab.ns_run(b.ns, "sysctl", "-qw", f"{key}={value}")
+            lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")
+            lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP6}/128", "dev", "lo")
+        self.dataplane: DataPlane | None = None
+        self._pass_attachment: Attachment | None = None
+        self._pass_program: object | None = None
+
+    def _host(self, name: str, octet: int) -> Host:
+        ns = self.lab.netns(name)
+        self.lab.veth(ns, "eth0", self.sw, f"p-{name}")
+        ip4, ip6 = f"10.99.0.{octet}", f"fd00:99::{octet:x}"
+        self.lab.addr(ns, "eth0", f"{ip4}/24")
+        self.lab.ns_run(ns, "ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+        return Host(name, ns, ip4, ip6, self.lab.mac(ns, "eth0"))
+
+    # ---- processes ------------------------------------------------------------------------------
+
+    def start_backends(self, timeout_s: float = 10.0) -> None:
+        for b in self.backends:
+            proc = self.lab.spawn(b.ns, sys.executable, "-m", "examples.lab.backend_server", "--name", b.name,
+                                  "--http-port", str(HTTP_PORT), "--echo-port", str(ECHO_PORT),
+                                  cwd=REPO, stdout=subprocess.PIPE)
+            if read_line(proc, timeout_s=timeout_s) != "ready":
+                raise RuntimeError(f"backend {b.name} did not start")
+
+    def start_dataplane(self, mode: XdpMode = XdpMode.NATIVE) -> DataPlane:
+        dp = DataPlane()
+        self.dataplane = dp
+        dp.set_config(self.node.mac)
+        dp.attach("eth0", mode, netns=self.node.ns)
+        if mode is XdpMode.NATIVE:
+            bpf, fn = compile_program(PASS_SOURCE, "xdp_pass")
+            self._pass_program = bpf
+            self._pass_attachment = attach(fn.fd, f"p-{self.node.name}", XdpMode.NATIVE, netns=self.sw)
+        return dp
+
+    def stop_dataplane(self) -> None:
+        try:
+            if self._pass_attachment is not None:
+                detach(self._pass_attachment)
+                self._pass_attachment = None
+        finally:
+            if self.dataplane is not None:
+                self.dataplane.close()
+                self.dataplane = None
+
+    # ---- services -------------------------------------------------------------------------------
+
+    def services(self, out_of_hash: frozenset[str] = frozenset(), removed: frozenset[str] = frozenset()) -> list[ServiceSpec]:
+        """HTTP and echo on both VIPs, to every backend not `removed`; `out_of_hash` keep their flows only."""
+        specs = []
+        for vip in (VIP4, VIP6):
+            members = tuple(
+                BackendSpec(ipaddress.ip_address(b.ip4 if vip.version == 4 else b.ip6), b.mac,
+                            in_hash=b.name not in out_of_hash)
+                for b in self.backends if b.name not in removed
+            )
+            specs += [ServiceSpec(vip, port, IPPROTO_TCP, members) for port in (HTTP_PORT, ECHO_PORT)]
+        return specs
+
+    def backend_name(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+        return next(b.name for b in self.backends if str(address) in (b.ip4, b.ip6))
+
+    # ---- clients --------------------------------------------------------------------------------
+
+    def http_spread(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address, count: int) -> dict[str, object]:
+        host = f"[{vip}]" if vip.version == 6 else str(vip)
+        out = self.lab.ns_run(self.client.ns, sys.executable, "-m", "examples.lab.clients", "http",
+                              f"http://{host}:{HTTP_PORT}/", "--count", str(count), timeout_s=60 + count)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def open_echo(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> "EchoSession":
+        proc = self.lab.spawn(self.client.ns, sys.executable, "-m", "examples.lab.clients", "echo",
+                              str(vip), str(ECHO_PORT), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = read_line(proc, timeout_s=10)
+        if line != "connected":
+            raise RuntimeError(f"echo client: {line}")
+        return EchoSession(proc)
+
+
+class EchoSession:
+    """A long-lived TCP connection held by a client process; `ping` proves it still works."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.sent = 0
+
+    def ping(self, timeout_s: float = 5.0) -> str:
+        assert self.proc.stdin is not None
+        self.sent += 1
+        self.proc.stdin.write(f"ping-{self.sent}\n".encode())
+        self.proc.stdin.flush()
+        return read_line(self.proc, timeout_s=timeout_s)
