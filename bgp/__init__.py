@@ -1,1 +1,14 @@
-"""Minimal BGP4 speaker: sans-IO codec and state machine, plus one trio I/O module."""
+"""Minimal BGP4 speaker: sans-IO codec and state machine, plus one trio I/O module.
+
+Modules: `codec` (bytes <-> messages, framing), `fsm` (RFC 4271 §8 table), `rib` (desired state,
+per-peer diffing), `config` (validated settings), `speaker` (the only I/O: trio sockets, TCP MD5),
+`__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown).
+
+Operator notes:
+- Hold time 0 or >= 3 s (1-2 are refused with NOTIFICATION 2/6, as BIRD does). With 3 s a silent
+  node is dropped in about 3-4 s; a killed one (FIN) in tens of milliseconds.
+- After a hold-time expiry BIRD refuses the peer for `error wait time` (60 s by default); lower it
+  (examples/bird.conf uses `error wait time 1, 10`) or a restarted node waits a minute.
+- ECMP (`merge paths on`) merges only equal routes: give all nodes the same MED, LOCAL_PREF and
+  communities policy. Graceful Restart is never advertised, so dead nodes' routes are not kept.
+"""

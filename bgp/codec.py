@@ -552,7 +552,8 @@ def _decode_update(body: bytes, four: bool) -> Update:
         missing = [c for c, v in ((ATTR_ORIGIN, attrs.origin), (ATTR_AS_PATH, attrs.as_path)) if v is None]
         if nlri and attrs.next_hop is None:
             missing.append(ATTR_NEXT_HOP)
-        errors += [(3, 3)] * bool(missing)
+        if missing:
+            errors.append((3, 3))
     return Update(withdrawn, attrs, nlri, tuple(dict.fromkeys(errors)))
 
 

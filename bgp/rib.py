@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from bgp.codec import (AFI_IPV4, AFI_IPV6, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
+from bgp.codec import (AFI_IPV6, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
                        AsPathSegment, AS_SEQUENCE, MpReach, MpUnreach, PathAttributes, Prefix, Update)
 
 DEFAULT_LOCAL_PREF = 100
@@ -164,6 +164,3 @@ def end_of_rib(families: Iterable[tuple[int, int]]) -> list[Update]:
         else:
             out.append(Update(attributes=PathAttributes(mp_unreach=MpUnreach(afi, safi, ()))))
     return out
-
-
-__all__ = ["AFI_IPV4", "AdjRibOut", "DesiredRib", "ExportPolicy", "RouteAttrs", "end_of_rib", "export"]
