@@ -23,3 +23,7 @@ test-netns: setup
 
 bench-xdp: setup
 	$(PY) bench/xdp.py
+
+.PHONY: bench-health
+bench-health: setup
+	$(PY) bench/health.py

@@ -19,6 +19,7 @@ no whitespace before the colon, no obs-fold, one Content-Length, head at most `h
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ _FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\
 _CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[\t\x20-\x7e]*)?$")
 
 
+@functools.lru_cache(maxsize=4096)
 def build_request(method: str, path: str, host: str) -> bytes:
     """The request line and headers; inputs are validated by the config (no CR/LF possible)."""
     return (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"

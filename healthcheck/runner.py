@@ -6,7 +6,9 @@
     checker.snapshot()                      # ServiceStatus per service, for status output
 
 Each loop starts at a random phase within its interval and then ticks every interval scaled by
-``1 ± jitter``, so a thousand checks neither beat in phase nor drift into lock-step. A probe runs
+``1 ± jitter``, so a thousand checks neither beat in phase nor drift into lock-step. Wake-ups
+are rounded up to a `tick_s` grid (10 ms) so checks due close together share one pass of the
+event loop: at 1,000 checks/s that is the difference between ~1,000 and ~100 loop passes. A probe runs
 inside a cancel scope of the check's timeout; results go into the pure `ServiceHealth`, and the
 events it returns are sent on a memory channel (a slow consumer applies back-pressure to the
 checks, it does not lose events). Events report changes only: read `snapshot()` once after
@@ -15,6 +17,7 @@ start for the initial state.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -35,14 +38,21 @@ CLEANUP_TIMEOUT_S = 5.0
 class HealthChecker:
     def __init__(self, services: Sequence[ServiceHealthConfig], *, netns: str | None = None,
                  steering: VipSteering | None = None, probe_fn: ProbeFn = probe, jitter: float = 0.05,
-                 rng: random.Random | None = None, event_buffer: int | None = None) -> None:
+                 rng: random.Random | None = None, event_buffer: int | None = None, tick_s: float = 0.01) -> None:
         """`netns`: probe from this named network namespace (None: the process's own).
+
+        `tick_s`: wake-ups are rounded up to this grid so that checks due within one tick share
+        one pass of the event loop (0: exact times). It bounds how far apart the loop's
+        wake-ups are, which is most of the cost of a thousand idle-ish tasks.
 
         Services with `through_vip` get policy routing from `steering`, by default a
         `VipSteering` in the same namespace, installed by `run` and removed when it ends.
         """
         if not 0 <= jitter < 0.5:
             raise HealthCheckError(f"jitter must be in [0, 0.5), got {jitter}")
+        if not 0 <= tick_s <= 0.1:
+            raise HealthCheckError(f"tick_s must be in [0, 0.1], got {tick_s}")
+        self._tick_s = tick_s
         if steering is None and any(s.through_vip for s in services):
             steering = VipSteering(netns)
         if steering is not None and steering.netns != netns:
@@ -108,8 +118,9 @@ class HealthChecker:
         interval_s = check.interval_s
         next_at = trio.current_time() + self._rng.uniform(0, interval_s)
         last_error: str | None = None
+        tick_s = self._tick_s
         while True:
-            await trio.sleep_until(next_at)
+            await trio.sleep_until(math.ceil(next_at / tick_s) * tick_s if tick_s else next_at)
             result = await check_once(check, target, self._probe)
             now = trio.current_time()
             if result.error != last_error:

@@ -184,12 +184,9 @@ class ServiceHealth:
         for b in config.backends:
             checks = [_CheckTrack(Hysteresis(c.rise, c.fall, initial[b.initial], now), c.kind) for c in config.checks]
             self._backends[b.key] = _BackendTrack(b, checks, now)
+        self.usable_count = sum(1 for b in self._backends.values() if b.usable)
         self.up = self.usable_count >= config.need
         self.since = now
-
-    @property
-    def usable_count(self) -> int:
-        return sum(1 for b in self._backends.values() if b.usable)
 
     def usable_backends(self) -> tuple[str, ...]:
         """Backends for the hash of new flows, in config order."""
@@ -243,6 +240,7 @@ class ServiceHealth:
         if usable != b.usable:
             b.usable = usable
             b.since = now
+            self.usable_count += 1 if usable else -1
             events.append(BackendChanged(self.config.name, b.config.key, usable, b.healthy, b.disabled, reason, now))
         count = self.usable_count
         up = count >= self.config.need

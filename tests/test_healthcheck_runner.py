@@ -54,7 +54,7 @@ async def _run_for(checker: HealthChecker, seconds: float) -> None:
 
 async def test_no_jitter_ticks_at_the_interval_with_spread_phases(autojump_clock: trio.testing.MockClock) -> None:
     fake = FakeProbe()
-    checker = HealthChecker(_services(20), probe_fn=fake, jitter=0.0, rng=random.Random(1))
+    checker = HealthChecker(_services(20), probe_fn=fake, jitter=0.0, rng=random.Random(1), tick_s=0)
     start = trio.current_time()
     with trio.fail_after(60):
         await _run_for(checker, 10.0)
@@ -67,9 +67,22 @@ async def test_no_jitter_ticks_at_the_interval_with_spread_phases(autojump_clock
         assert all(g == pytest.approx(1.0, abs=1e-6) for g in gaps)
 
 
+async def test_wakeups_share_a_tick_grid(autojump_clock: trio.testing.MockClock) -> None:
+    fake = FakeProbe()
+    checker = HealthChecker(_services(50), probe_fn=fake, jitter=0.05, rng=random.Random(5), tick_s=0.01)
+    with trio.fail_after(60):
+        await _run_for(checker, 5.0)
+    times = [t for ts in fake.calls.values() for t in ts]
+    assert len(times) >= 200
+    assert all(abs(t / 0.01 - round(t / 0.01)) < 1e-6 for t in times)  # everyone wakes on the grid
+    assert len({round(ts[0], 6) for ts in fake.calls.values()}) >= 30  # still spread over the interval
+    gaps = [b - a for ts in fake.calls.values() for a, b in zip(ts, ts[1:])]
+    assert all(0.95 - 0.01 - 1e-9 <= g <= 1.05 + 0.01 + 1e-9 for g in gaps)
+
+
 async def test_jitter_bounds_every_gap(autojump_clock: trio.testing.MockClock) -> None:
     fake = FakeProbe()
-    checker = HealthChecker(_services(10), probe_fn=fake, jitter=0.1, rng=random.Random(2))
+    checker = HealthChecker(_services(10), probe_fn=fake, jitter=0.1, rng=random.Random(2), tick_s=0)
     with trio.fail_after(120):
         await _run_for(checker, 30.0)
     gaps = [b - a for times in fake.calls.values() for a, b in zip(times, times[1:])]
@@ -135,3 +148,5 @@ def test_bad_arguments() -> None:
         HealthChecker([svc], steering=VipSteering("a"))
     with pytest.raises(HealthCheckError, match="jitter"):
         HealthChecker(_services(1), jitter=0.7)
+    with pytest.raises(HealthCheckError, match="tick_s"):
+        HealthChecker(_services(1), tick_s=1.0)
