@@ -7,8 +7,9 @@
 
 Each loop starts at a random phase within its interval and then ticks every interval scaled by
 ``1 ± jitter``, so a thousand checks neither beat in phase nor drift into lock-step. Wake-ups
-are rounded up to a `tick_s` grid (10 ms) so checks due close together share one pass of the
-event loop: at 1,000 checks/s that is the difference between ~1,000 and ~100 loop passes. A probe runs
+are rounded up to a `tick_s` grid (10 ms) and parked on a `TickWheel`, so checks due close
+together share one pass of the event loop and a wake-up costs no cancel scope: at 1,000
+checks/s the difference between ~1,000 and ~100 loop passes. A probe runs
 inside a cancel scope of the check's timeout; results go into the pure `ServiceHealth`, and the
 events it returns are sent on a memory channel (a slow consumer applies back-pressure to the
 checks, it does not lose events). Events report changes only: read `snapshot()` once after
@@ -16,10 +17,12 @@ start for the initial state.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
@@ -33,6 +36,54 @@ log = logging.getLogger(__name__)
 
 ProbeFn = Callable[[CheckConfig, ProbeTarget, Attempt], Awaitable[ProbeResult]]
 CLEANUP_TIMEOUT_S = 5.0
+
+
+class TickWheel:
+    """Parks tasks until a tick of a `tick_s` grid and wakes all of a tick's tasks at once.
+
+    `trio.sleep_until` per task costs a cancel scope, a deadline registration and a
+    `Cancelled` exception per wake-up; here a parked task is rescheduled directly, and only
+    the wheel's own task sleeps (until the earliest occupied tick, moved earlier by `park`).
+    """
+
+    def __init__(self, tick_s: float) -> None:
+        self.tick_s = tick_s
+        self._slots: dict[int, list[trio.lowlevel.Task]] = {}
+        self._heap: list[int] = []
+        self._scope: trio.CancelScope | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=self._heap[0] * self.tick_s if self._heap else math.inf) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            while self._heap and self._heap[0] * self.tick_s <= now:
+                for task in self._slots.pop(heapq.heappop(self._heap), ()):
+                    trio.lowlevel.reschedule(task)
+
+    async def park(self, when: float) -> None:
+        """Sleep until the first tick at or after `when`."""
+        k = math.ceil(when / self.tick_s)
+        if k * self.tick_s <= trio.current_time():
+            await trio.lowlevel.checkpoint()
+            return
+        task = trio.lowlevel.current_task()
+        slot = self._slots.get(k)
+        if slot is None:
+            slot = self._slots[k] = []
+            heapq.heappush(self._heap, k)
+            if self._scope is not None and k * self.tick_s < self._scope.deadline:
+                self._scope.deadline = k * self.tick_s
+        slot.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            slot.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class HealthChecker:
@@ -53,6 +104,7 @@ class HealthChecker:
         if not 0 <= tick_s <= 0.1:
             raise HealthCheckError(f"tick_s must be in [0, 0.1], got {tick_s}")
         self._tick_s = tick_s
+        self._wheel: TickWheel | None = None
         if steering is None and any(s.through_vip for s in services):
             steering = VipSteering(netns)
         if steering is not None and steering.netns != netns:
@@ -85,6 +137,9 @@ class HealthChecker:
                 assert self._steering is not None
                 await self._steering.apply(pairs)
             async with self._send, trio.open_nursery() as nursery:
+                if self._tick_s:
+                    self._wheel = TickWheel(self._tick_s)
+                    await nursery.start(self._wheel.run)
                 count = 0
                 for s in self.services:
                     for b in s.backends:
@@ -118,9 +173,12 @@ class HealthChecker:
         interval_s = check.interval_s
         next_at = trio.current_time() + self._rng.uniform(0, interval_s)
         last_error: str | None = None
-        tick_s = self._tick_s
+        wheel = self._wheel
         while True:
-            await trio.sleep_until(math.ceil(next_at / tick_s) * tick_s if tick_s else next_at)
+            if wheel is not None:
+                await wheel.park(next_at)
+            else:
+                await trio.sleep_until(next_at)
             result = await check_once(check, target, self._probe)
             now = trio.current_time()
             if result.error != last_error:

@@ -12,7 +12,7 @@ import trio.testing
 from healthcheck.config import CheckConfig, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
 from healthcheck.probe import Attempt, ProbeResult, ProbeTarget
-from healthcheck.runner import HealthChecker
+from healthcheck.runner import HealthChecker, TickWheel
 from healthcheck.state import BackendChanged, Health, ServiceChanged
 from healthcheck.vipnet import VipSteering
 
@@ -150,3 +150,30 @@ def test_bad_arguments() -> None:
         HealthChecker(_services(1), jitter=0.7)
     with pytest.raises(HealthCheckError, match="tick_s"):
         HealthChecker(_services(1), tick_s=1.0)
+
+
+async def test_tick_wheel_wakes_on_time_moves_earlier_and_survives_cancellation(
+        autojump_clock: trio.testing.MockClock) -> None:
+    wheel = TickWheel(0.01)
+    woke: dict[str, float] = {}
+
+    async def sleeper(name: str, when: float) -> None:
+        await wheel.park(when)
+        woke[name] = trio.current_time()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(wheel.run)
+            t0 = trio.current_time()
+            nursery.start_soon(sleeper, "late", t0 + 5.0)
+            await trio.sleep(0.1)
+            nursery.start_soon(sleeper, "early", t0 + 1.004)  # earlier than the wheel's deadline
+            with trio.CancelScope() as doomed:
+                doomed.deadline = t0 + 2.0
+                await wheel.park(t0 + 3.0)  # cancelled while parked
+            assert doomed.cancelled_caught
+            await wheel.park(t0 - 1.0)  # in the past: returns at once
+            await trio.sleep(4.0)
+            nursery.cancel_scope.cancel()
+    assert woke["early"] - t0 == pytest.approx(1.01, abs=1e-6)
+    assert woke["late"] - t0 == pytest.approx(5.0, abs=1e-6)
