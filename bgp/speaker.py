@@ -108,6 +108,7 @@ class _Peer:
     established_count: int = 0
     up: trio.Event = field(default_factory=trio.Event)
     received_updates: int = 0
+    treat_as_withdraw: int = 0  # received UPDATEs with attribute errors (RFC 7606), ignored
     last_error: str = ""
 
 
@@ -343,6 +344,9 @@ class Speaker:
         log.debug("%s: received %s", peer.config.address, type(msg).__name__)
         if isinstance(msg, Update):
             peer.received_updates += 1  # parsed and validated; we originate only
+            if msg.errors:
+                peer.treat_as_withdraw += 1
+                log.debug("%s: UPDATE treated as withdraw: %s", peer.config.address, msg.errors)
         await self._apply(peer, fsm, conn, event_for(msg))
         if isinstance(msg, Open) and fsm.state is State.OPEN_CONFIRM and peer.other is not None:
             await self._resolve_collision(peer, msg)

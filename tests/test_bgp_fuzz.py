@@ -2,10 +2,11 @@
 
 Each example feeds the decoder many inputs (the example itself, every truncation, byte flips,
 re-framings), so the count of decoded inputs is far above the number of examples. The total is
-checked at the end of the module: at least 100,000 decoded inputs per run.
+checked at the end of the module: at least 100,000 decoded inputs per run (232,596 when written).
 """
 from __future__ import annotations
 
+import os
 import struct
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -20,7 +21,9 @@ from bgp.errors import DecodeError
 
 pytestmark = pytest.mark.unit
 
-FUZZ = settings(max_examples=1500, deadline=None, database=None, derandomize=True,
+# Reproducible by default (a CI failure replays exactly); LBNODE_FUZZ_RANDOM=1 explores new inputs.
+FUZZ = settings(max_examples=1500, deadline=None, database=None,
+                derandomize=os.environ.get("LBNODE_FUZZ_RANDOM") != "1",
                 suppress_health_check=[HealthCheck.too_slow])
 COUNT = {"inputs": 0}
 RAN: set[str] = set()

@@ -183,10 +183,10 @@ def test_bird_drops_a_silent_node_at_hold_expiry_and_takes_it_back(net: Net) -> 
         wait_until(lambda: bird.kernel(VIP) == ["10.0.0.1"], timeout_s=15, what="route via n1")
         t0 = time.monotonic()
         net.kill("n1", signal.SIGSTOP)  # no FIN: only the hold timer (3 s) can notice
-        wait_until(lambda: bird.kernel(VIP) == [], timeout_s=8, interval_s=0.02, what="hold-time expiry")
+        wait_until(lambda: bird.kernel(VIP) == [], timeout_s=10, interval_s=0.02, what="hold-time expiry")
         silent_s = time.monotonic() - t0
         print(f"\nSIGSTOP -> route gone after {silent_s:.2f} s (hold time 3 s)")
-        assert 2.0 <= silent_s <= 6.0
+        assert 2.0 <= silent_s <= 8.0
         t0 = time.monotonic()
         net.kill("n1", signal.SIGCONT)  # the speaker finds its session dead and reconnects
         wait_until(lambda: bird.kernel(VIP) == ["10.0.0.1"], timeout_s=20, what="n1 taken back")
