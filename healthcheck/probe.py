@@ -167,7 +167,8 @@ async def _http(opts: HttpOptions, target: ProbeTarget, raw: stdsocket.socket,
 async def _https(opts: HttpOptions, target: ProbeTarget, sock: trio.socket.SocketType,
                  attempt: Attempt) -> tuple[int | None, str | None]:
     attempt.phase = "in TLS handshake"
-    server_hostname = opts.sni or opts.host or target.host
+    # An address (no SNI sent) is matched against the certificate's IP SANs.
+    server_hostname = opts.sni or opts.host or target.address
     stream = trio.SSLStream(trio.SocketStream(sock), _ssl_context(opts.verify, opts.ca_file),
                             server_hostname=server_hostname, https_compatible=True)
     await stream.do_handshake()

@@ -120,6 +120,7 @@ class CheckStatus:
     since: float
     streak: int
     runs: int
+    failures: int
     last_ok: bool | None  # None: never ran
     last_latency_ms: float | None
     last_error: str | None  # text of the most recent failure, kept after later passes
@@ -147,12 +148,13 @@ class ServiceStatus:
 
 
 class _CheckTrack:
-    __slots__ = ("hyst", "kind", "runs", "last_ok", "last_latency_ms", "last_error", "last_error_at")
+    __slots__ = ("hyst", "kind", "runs", "failures", "last_ok", "last_latency_ms", "last_error", "last_error_at")
 
     def __init__(self, hyst: Hysteresis, kind: CheckKind) -> None:
         self.hyst = hyst
         self.kind = kind
         self.runs = 0
+        self.failures = 0
         self.last_ok: bool | None = None
         self.last_latency_ms: float | None = None
         self.last_error: str | None = None
@@ -201,6 +203,7 @@ class ServiceHealth:
         c.last_ok = ok
         c.last_latency_ms = latency_ms
         if not ok:
+            c.failures += 1
             c.last_error = error or "failed"
             c.last_error_at = now
         if c.hyst.observe(ok, now) is None:
@@ -221,7 +224,7 @@ class ServiceHealth:
                 backend=key, disabled=b.disabled, healthy=b.healthy, usable=b.usable, since=b.since,
                 checks=tuple(
                     CheckStatus(index=i, kind=c.kind, state=c.hyst.state, since=c.hyst.since, streak=c.hyst.streak,
-                                runs=c.runs, last_ok=c.last_ok, last_latency_ms=c.last_latency_ms,
+                                runs=c.runs, failures=c.failures, last_ok=c.last_ok, last_latency_ms=c.last_latency_ms,
                                 last_error=c.last_error, last_error_at=c.last_error_at)
                     for i, c in enumerate(b.checks)))
             for key, b in self._backends.items())

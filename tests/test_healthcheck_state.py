@@ -75,7 +75,8 @@ def test_need_n_aggregation() -> None:
     assert (snap.up, snap.usable, snap.need, snap.since) == (False, 1, 2, 5.0)
     b2 = snap.backends[1]
     assert (b2.backend, b2.usable, b2.since) == ("10.0.0.2:80", False, 5.0)
-    assert (b2.checks[0].last_ok, b2.checks[0].last_error, b2.checks[0].runs) == (False, "reset", 2)
+    assert (b2.checks[0].last_ok, b2.checks[0].last_error, b2.checks[0].runs, b2.checks[0].failures) == (
+        False, "reset", 2, 1)
 
 
 def test_disabled_backend_is_checked_but_never_counted() -> None:
