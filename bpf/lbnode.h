@@ -57,7 +57,7 @@ struct flow {
 	__u32 backend;
 	__u16 service;      /* index of the service it belongs to */
 	__u16 flags;
-	__u64 last_seen_ns; /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE */
+	__u64 last_seen_ns; /* lb_config.epoch_ns when pinned or last refreshed */
 };
 
 /* Service key: VIP, port, L4 protocol. */
@@ -88,11 +88,12 @@ struct backend {
 	__u16 flags;
 };
 
-/* Global settings written by the loader (one entry). */
+/* Global settings and the control plane's heartbeat (one entry). */
 struct lb_config {
 	__u8 mac[6]; /* source MAC of forwarded frames: the attached interface's */
 	__u16 flags;
 	__u64 refresh_ns; /* rewrite flow.last_seen_ns only when older than this */
+	__u64 epoch_ns;   /* CLOCK_MONOTONIC ns, rewritten by user space every refresh_ns / 2 */
 };
 
 /* flow_event.kind */
@@ -105,7 +106,7 @@ struct flow_event {
 	__be32 backend_addr[4];
 	__u32 backend;
 	__u32 service;
-	__u64 time_ns;
+	__u64 time_ns; /* lb_config.epoch_ns at the event */
 	__u8 kind;
 	__u8 pad[7];
 };
@@ -171,6 +172,10 @@ BPF_PERCPU_ARRAY(backend_stats, struct backend_stats, MAX_BACKENDS);
 BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
 /* New and closing flows, for flow sync. */
 BPF_RINGBUF_OUTPUT(flow_events, EVENT_RING_PAGES);
+
+#ifdef LB_BENCH_NEW_FLOW
+BPF_PERCPU_ARRAY(bench_counter, __u64, 1);
+#endif
 
 #ifdef LBNODE_LAYOUT_CHECK
 /* Compiled only by the layout test, so bcc generates a type for the ring-buffer record too. */

@@ -149,12 +149,13 @@ class Backend(ctypes.Structure):
 
 
 class LbConfig(ctypes.Structure):
-    """struct lb_config: our MAC and when to refresh a flow's last-seen time."""
+    """struct lb_config: our MAC, when to refresh a flow's last-seen time, and the control plane's clock."""
 
     _fields_ = [
         ("mac", ctypes.c_uint8 * 6),
         ("flags", ctypes.c_uint16),
         ("refresh_ns", ctypes.c_uint64),
+        ("epoch_ns", ctypes.c_uint64),
     ]
 
 

@@ -69,3 +69,12 @@ def test_route_refresh_resend() -> None:
     out.sync(rib.routes, EBGP)
     again = out.resend((1, 1), EBGP)
     assert [u.nlri for u in again] == [(V4,), ()] and again[-1].is_end_of_rib
+
+
+def test_ipv6_next_hop_with_link_local() -> None:
+    rib, out = DesiredRib(), AdjRibOut()
+    rib.announce(V6)
+    ll = IPv6Address("fe80::1")
+    (u,) = out.sync(rib.routes, replace(EBGP, families=frozenset({(2, 1)}), next_hop_v6_link_local=ll))
+    assert u.attributes.mp_reach is not None and u.attributes.mp_reach.next_hops == (EBGP.next_hop_v6, ll)
+    assert encode(u)[-17 - 1 - 32:-17 - 1][-16:] == ll.packed  # 32-byte next hop: global, then link-local

@@ -338,3 +338,19 @@ def test_fuzz_truncated_and_mutated_frames(dp: DataPlane, frame: bytes, cut: int
         if 12 <= position < len(mutated):  # keep the MACs; anything after is fair game
             mutated[position] = value
     _check_verdict_rules(dp, bytes(mutated))
+
+
+def test_last_seen_follows_the_control_plane_clock_only_when_stale(dp: DataPlane) -> None:
+    """Established packets write the flow entry at most once per refresh interval (1 s here)."""
+    frame = tcp4("A", sport=13000)
+    dp.tick(now_ns=100_000_000_000)
+    run_xdp(dp.fd, frame)
+    [(key, flow)] = dp.flows()
+    assert flow.last_seen_ns == 100_000_000_000
+    dp.tick(now_ns=100_900_000_000)  # younger than refresh: left alone
+    run_xdp(dp.fd, frame)
+    assert dp.lookup_flow(key).last_seen_ns == 100_000_000_000  # type: ignore[union-attr]
+    dp.tick(now_ns=101_500_000_000)  # stale: refreshed
+    run_xdp(dp.fd, frame)
+    assert dp.lookup_flow(key).last_seen_ns == 101_500_000_000  # type: ignore[union-attr]
+    dp.tick()
