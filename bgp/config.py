@@ -33,6 +33,7 @@ class SpeakerConfig:
     peers: tuple[PeerConfig, ...]
     next_hop_v4: IPv4Address | None = None  # the node's --ip; NEXT_HOP of IPv4 routes
     next_hop_v6: IPv6Address | None = None
+    next_hop_v6_link_local: IPv6Address | None = None  # RFC 2545 §3: also sent on a shared link
     listen: bool = False  # accept connections from the configured peers
     listen_address: str = "0.0.0.0"
     listen_port: int = 179
@@ -120,7 +121,8 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
     """Validate a mapping (as loaded from YAML/JSON) into a SpeakerConfig."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"top level: must be a mapping, got {type(d).__name__}")
-    known = {"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6", "listen", "listen_address",
+    known = {"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6",
+             "next_hop_v6_link_local", "listen", "listen_address",
              "listen_port", "graceful_shutdown_wait_s", "announce"}
     for key in d:
         if key not in known:
@@ -129,6 +131,12 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
     router_id = _ip(_get(d, "router_id", "", types=(str,)), "router_id", 4)
     nh4 = d.get("next_hop_v4")
     nh6 = d.get("next_hop_v6")
+    ll6 = d.get("next_hop_v6_link_local")
+    if ll6 is not None:
+        if nh6 is None:
+            raise ConfigError("next_hop_v6_link_local: needs next_hop_v6 as well")
+        if not _ip(ll6, "next_hop_v6_link_local", 6).is_link_local:
+            raise ConfigError(f"next_hop_v6_link_local: must be in fe80::/10, got {ll6!r}")
     peers_raw = _get(d, "peers", "", types=(list,))
     if not peers_raw:
         raise ConfigError("peers: at least one peer is required")
@@ -178,6 +186,7 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
         peers=tuple(peers),
         next_hop_v4=_ip(nh4, "next_hop_v4", 4) if nh4 is not None else None,  # type: ignore[arg-type]
         next_hop_v6=_ip(nh6, "next_hop_v6", 6) if nh6 is not None else None,  # type: ignore[arg-type]
+        next_hop_v6_link_local=IPv6Address(ll6) if ll6 is not None else None,
         listen=listen, listen_address=str(_ip(_get(d, "listen_address", "", "0.0.0.0", (str,)), "listen_address")),
         listen_port=_get(d, "listen_port", "", 179, (int,)), graceful_shutdown_wait_s=float(gs),
         announce=tuple(announce))

@@ -46,6 +46,7 @@ class ExportPolicy:
     families: frozenset[tuple[int, int]]
     peer_attrs: RouteAttrs = RouteAttrs()
     graceful_shutdown: bool = False
+    next_hop_v6_link_local: IPv6Address | None = None
 
 
 def family_of(prefix: Prefix) -> tuple[int, int]:
@@ -137,7 +138,8 @@ def announce_updates(prefixes: list[Prefix], pa: PathAttributes, policy: ExportP
         out.append(Update(attributes=pa, nlri=chunk))  # type: ignore[arg-type]
     for chunk in _chunks(v6):
         assert policy.next_hop_v6 is not None
-        mp = MpReach(AFI_IPV6, SAFI_UNICAST, (policy.next_hop_v6,), chunk)
+        hops = (policy.next_hop_v6,) + ((policy.next_hop_v6_link_local,) if policy.next_hop_v6_link_local else ())
+        mp = MpReach(AFI_IPV6, SAFI_UNICAST, hops, chunk)
         out.append(Update(attributes=PathAttributes(
             origin=pa.origin, as_path=pa.as_path, med=pa.med, local_pref=pa.local_pref, communities=pa.communities,
             large_communities=pa.large_communities, mp_reach=mp)))

@@ -197,7 +197,8 @@ class Speaker:
         return ExportPolicy(local_as=self.config.local_as, ibgp=fsm.negotiated.ibgp,
                             next_hop_v4=self.config.next_hop_v4, next_hop_v6=self.config.next_hop_v6,
                             families=fsm.negotiated.families, peer_attrs=peer.config.attrs,
-                            graceful_shutdown=self.draining)
+                            graceful_shutdown=self.draining,
+                            next_hop_v6_link_local=self.config.next_hop_v6_link_local)
 
     async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         addr = ipaddress.ip_address(self.config.listen_address)
