@@ -202,3 +202,38 @@ def test_collision_resolution_keeps_the_higher_identifiers_connection() -> None:
     f.handle(event_for(PEER_OPEN), 0)
     assert f.handle(Event(E.OPEN_COLLISION_DUMP), 0) == [Send(Notification(6, 7)), Close()]
     assert f.state is S.IDLE and f.next_deadline() is None
+
+
+def _in_state(state: State) -> Fsm:
+    f = fsm()
+    path = {S.IDLE: [], S.CONNECT: [Event(E.MANUAL_START)],
+            S.ACTIVE: [Event(E.MANUAL_START), Event(E.TCP_FAILS)],
+            S.OPEN_SENT: [Event(E.MANUAL_START), Event(E.TCP_CONNECTED)],
+            S.OPEN_CONFIRM: [Event(E.MANUAL_START), Event(E.TCP_CONNECTED), event_for(PEER_OPEN)],
+            S.ESTABLISHED: [Event(E.MANUAL_START), Event(E.TCP_CONNECTED), event_for(PEER_OPEN),
+                            event_for(Keepalive())]}[state]
+    for ev in path:
+        f.handle(ev, 0)
+    assert f.state is state
+    return f
+
+
+EXAMPLE_EVENTS = {
+    E.OPEN: event_for(PEER_OPEN), E.KEEPALIVE: event_for(Keepalive()), E.UPDATE: event_for(Update()),
+    E.NOTIFICATION: event_for(Notification(6, 4)), E.ROUTE_REFRESH: event_for(RouteRefresh(1, 1)),
+    E.MESSAGE_ERROR: Event(E.MESSAGE_ERROR, error=DecodeError(3, 1)),
+}
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_every_state_event_pair_is_an_entry_or_an_fsm_error(state: State, kind: EventKind) -> None:
+    f = _in_state(state)
+    ev = EXAMPLE_EVENTS.get(kind, Event(kind))
+    actions = f.handle(ev, 1.0)
+    if (state, kind) not in TRANSITIONS and state in (S.OPEN_SENT, S.OPEN_CONFIRM, S.ESTABLISHED) \
+            and not (kind is E.OPEN and state is S.OPEN_SENT):
+        assert actions[0] == Send(Notification(5, {S.OPEN_SENT: 1, S.OPEN_CONFIRM: 2, S.ESTABLISHED: 3}[state]))
+        assert f.state is S.IDLE
+    elif (state, kind) in TRANSITIONS:
+        assert f.state is TRANSITIONS[(state, kind)][1]

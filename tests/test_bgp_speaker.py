@@ -242,3 +242,14 @@ async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None
             m = await incoming.next_non_keepalive()
             assert isinstance(m, Update) and m.nlri == (VIP,)
             nursery.cancel_scope.cancel()
+
+
+def test_example_node_config_loads() -> None:
+    import yaml
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "bgp-node.yaml"
+    cfg = bgp_config.load(yaml.safe_load(path.read_text()))
+    assert cfg.local_as == 4200000001 and cfg.peers[0].hold_time_s == 3
+    assert [str(p) for p, _ in cfg.announce] == ["192.0.2.10/32", "2001:db8:f::10/128"]
+    assert cfg.peers[0].attrs.communities == (65000 << 16 | 100,)
