@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -246,10 +247,21 @@ async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None
 
 def test_example_node_config_loads() -> None:
     import yaml
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "examples" / "bgp-node.yaml"
     cfg = bgp_config.load(yaml.safe_load(path.read_text()))
     assert cfg.local_as == 4200000001 and cfg.peers[0].hold_time_s == 3
     assert [str(p) for p, _ in cfg.announce] == ["192.0.2.10/32", "2001:db8:f::10/128"]
     assert cfg.peers[0].attrs.communities == (65000 << 16 | 100,)
+
+
+def test_runner_rejects_a_bad_config_with_the_key_path(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("local_as: 65000\nrouter_id: 10.0.0.1\nnext_hop_v4: 10.0.0.1\n"
+                   "peers:\n  - {address: 10.0.0.254, asn: 65000, hold_time_s: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "bgp", str(bad)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "peers[0].hold_time_s: must be 0 or 3..65535 (RFC 4271 §4.2), got 1" in proc.stderr
