@@ -42,6 +42,8 @@ import os
 import socket as stdsocket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
 
 import trio
 
@@ -147,23 +149,36 @@ class VipSteering:
 
     async def apply(self, pairs: Sequence[tuple[IPAddress, IPAddress]]) -> None:
         """Route each (vip, backend) pair; replaces what a crashed earlier run left at `pref`."""
-        for vip in {v for v, _ in pairs}:
-            if (await self._ip(vip.version, ["route", "show", "table", "local", str(vip)])).strip():
+        vips = sorted({v for v, _ in pairs}, key=lambda a: (a.version, a))
+        backends = sorted({b for _, b in pairs}, key=lambda a: (a.version, a))
+        routes = await self._routes_get([*vips, *backends])
+        for vip in vips:
+            if routes.get(vip, {}).get("type") == "local":
                 raise SteeringError(f"VIP {vip} is a local address in netns {self.netns or '(own)'}: "
                                     "through-VIP checks need a namespace without it")
         devs: dict[IPAddress, str] = {}
-        for backend in {b for _, b in pairs}:
-            route = await self._route_get(backend)
-            if route.get("gateway") or route.get("type") not in (None, "unicast"):
+        for backend in backends:
+            route = routes.get(backend)
+            if route is None:
+                raise SteeringError(f"no route to backend {backend} in netns {self.netns or '(own)'}")
+            if route.get("gateway") or route.get("type") not in (None, "unicast") or "dev" not in route:
                 raise SteeringError(f"backend {backend} is not on a directly connected network "
                                     f"(route: {json.dumps(route)}); L2 DSR needs it on the segment")
             devs[backend] = route["dev"]
         entries = plan(pairs, devs, mark_base=self.mark_base, table_base=self.table_base)
         await self._flush_pref()
-        for version in (4, 6):
-            fam = [e for e in entries if e.backend.version == version]
-            if fam:
-                await self._batch(version, add_commands(fam, self.pref), force=False)
+        try:
+            for version in (4, 6):
+                fam = [e for e in entries if e.backend.version == version]
+                if fam:
+                    await self._batch(version, add_commands(fam, self.pref), force=False)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                for version in (4, 6):
+                    fam = [e for e in entries if e.backend.version == version]
+                    if fam:
+                        await self._batch(version, remove_commands(fam, self.pref), force=True)
+            raise
         if self.relax_rp_filter and any(e.backend.version == 4 for e in entries):
             await self._sysctl({"net.ipv4.conf.all.rp_filter": "0",
                                 **{f"net.ipv4.conf.{e.dev}.rp_filter": "0" for e in entries if e.backend.version == 4}})
@@ -190,13 +205,24 @@ class VipSteering:
                 log.warning("%s: removing %d stale rules at pref %d", self.netns or "(own netns)", len(rules), self.pref)
                 await self._batch(version, lines, force=True)
 
-    async def _route_get(self, addr: IPAddress) -> dict[str, str]:
-        out = await self._ip(addr.version, ["-j", "route", "get", str(addr)])
-        routes = json.loads(out)
-        if not routes:
-            raise SteeringError(f"no route to {addr} in netns {self.netns or '(own)'}")
-        route: dict[str, str] = routes[0]
-        return route
+    async def _routes_get(self, addrs: Sequence[IPAddress]) -> dict[IPAddress, dict[str, Any]]:
+        """`ip route get` for many addresses in one batch per family; unroutable ones are absent."""
+        routes: dict[IPAddress, dict[str, Any]] = {}
+        for version in (4, 6):
+            lines = [f"route get {a}" for a in addrs if a.version == version]
+            if not lines:
+                continue
+            out = await self._ip(version, ["-j", "-force", "-batch", "-"], stdin="\n".join(lines) + "\n", check=False)
+            decoder, pos = json.JSONDecoder(), 0
+            while True:
+                while pos < len(out) and out[pos].isspace():
+                    pos += 1
+                if pos >= len(out):
+                    break
+                docs, pos = decoder.raw_decode(out, pos)
+                for route in docs:
+                    routes[ip_address(route["dst"])] = route
+        return routes
 
     async def _batch(self, version: int, lines: list[str], *, force: bool) -> None:
         args = ["-force"] if force else []

@@ -10,6 +10,7 @@ root namespace; the checker creates its sockets in `chk` and installs its policy
 from __future__ import annotations
 
 import sys
+from ipaddress import ip_address
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,10 @@ import trio
 
 from examples.lab.netns import Lab, wait_until
 from healthcheck.config import ServiceHealthConfig
+from healthcheck.errors import SteeringError
 from healthcheck.runner import HealthChecker
 from healthcheck.state import BackendChanged, ServiceStatus
-from healthcheck.vipnet import RULE_PREF
+from healthcheck.vipnet import RULE_PREF, VipSteering
 
 pytestmark = pytest.mark.netns
 
@@ -118,3 +120,41 @@ async def test_vip_added_later_brings_the_backend_up(topo: Topology) -> None:
                 nursery.cancel_scope.cancel()
     finally:
         topo.lab.ns_run(topo.b2, "ip", "addr", "del", f"{VIP}/32", "dev", "lo", check=False)
+
+
+@pytest.mark.parametrize(("backend", "message"), [
+    ("10.99.0.5", "backend 10.99.0.5 is not on a directly connected network"),
+    ("10.200.0.1", "no route to backend 10.200.0.1"),
+    (B1, f"VIP {VIP} is a local address"),
+])
+async def test_steering_refuses_what_cannot_work(topo: Topology, backend: str, message: str) -> None:
+    chk = topo.chk
+    topo.lab.ns_run(chk, "ip", "route", "replace", "10.99.0.0/24", "via", B1)
+    if backend == B1:
+        topo.lab.ns_run(chk, "ip", "addr", "add", f"{VIP}/32", "dev", "lo")
+    try:
+        svc = ServiceHealthConfig.from_dict({**_service("bad", True, "tcp"), "backends": [{"address": backend, "port": 80}]},
+                                            "services[0]")
+        with trio.fail_after(10), pytest.raises(SteeringError, match=message):
+            await HealthChecker([svc], netns=chk).run()
+    finally:
+        topo.lab.ns_run(chk, "ip", "addr", "del", f"{VIP}/32", "dev", "lo", check=False)
+        topo.lab.ns_run(chk, "ip", "route", "del", "10.99.0.0/24", check=False)
+    assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+
+
+async def test_rules_left_by_a_killed_checker_are_replaced(topo: Topology) -> None:
+    stale = VipSteering(topo.chk, mark_base=0x1234, table_base=777)
+    with trio.fail_after(10):
+        await stale.apply([(ip_address(VIP), ip_address(B2))])  # never removed, as if the process died
+    assert "0x1234" in topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+    svc = ServiceHealthConfig.from_dict(_service("after-crash", True, "tcp"), "services[0]")
+    checker = HealthChecker([svc], netns=topo.chk)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.run)
+            rules = topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+            assert "0x1234" not in rules and rules.count("fwmark") == 2
+            assert topo.lab.ns_run(topo.chk, "ip", "route", "show", "table", "777").stdout.strip() == ""
+            nursery.cancel_scope.cancel()
+    assert "fwmark" not in topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
