@@ -71,7 +71,7 @@ async def _serve(n: int, tls: tuple[str, str] | None) -> None:
     if tls:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(*tls)
-    ports = {}
+    ports: dict[str, list[int]] = {}
     for kind, proto in (("http", _Http), ("tcp", _Tcp)):
         ports[kind] = []
         for _ in range(n):

@@ -177,7 +177,7 @@ async def _https(opts: HttpOptions, target: ProbeTarget, sock: trio.socket.Socke
     attempt.phase = "waiting for response"
     parser = ResponseParser(want_body=opts.body_contains is not None, head_request=opts.method == "HEAD")
     while True:
-        data = await stream.receive_some(RECV_SIZE)
+        data = bytes(await stream.receive_some(RECV_SIZE))
         response = parser.feed(data) if data else parser.eof()
         if response is not None:
             return response.status, _judge(opts, response.status, response.body)

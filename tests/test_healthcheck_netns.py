@@ -57,9 +57,12 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         for ns in (b1, b2):
             lab.spawn(ns, sys.executable, "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", str(www))
         for ns in (b1, b2):
-            wait_until(lambda ns=ns: "LISTEN" in lab.ns_run(ns, "ss", "-Hltn", "sport = :80").stdout,
-                       timeout_s=10, what=f"http server in {ns}")
+            wait_until(lambda: _listening(lab, ns), timeout_s=10, what=f"http server in {ns}")
         yield Topology(lab, chk, b1, b2)
+
+
+def _listening(lab: Lab, ns: str) -> bool:
+    return "LISTEN" in lab.ns_run(ns, "ss", "-Hltn", "sport = :80").stdout
 
 
 def _service(name: str, through_vip: bool, kind: str = "http") -> dict[str, Any]:

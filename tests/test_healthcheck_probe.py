@@ -173,13 +173,17 @@ async def test_https_verification(nursery: trio.Nursery, certs: Certs) -> None:
         b = Backend()
         b.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         b.tls.load_cert_chain(*cert)
-        b.tls.sni_callback = lambda sock, name, ctx: b.sni_seen.append(name)  # type: ignore[assignment,misc,return-value]
+
+        def record_sni(sock: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+            b.sni_seen.append(name)
+
+        b.tls.sni_callback = record_sni
         await b.serve(nursery)
         return b
 
     good, expired, self_signed = await server(certs.good), await server(certs.expired), await server(certs.self_signed)
     ca = str(certs.ca)
-    cases = [
+    cases: list[tuple[Backend, dict[str, Any], str | None]] = [
         (good, {"ca_file": ca, "sni": "backend.test"}, None),
         (good, {"ca_file": ca}, None),  # no SNI: the certificate's IP SAN matches 127.0.0.1
         (good, {"ca_file": ca, "sni": "other.test"}, "TLS verify failed: Hostname mismatch, certificate is not valid for 'other.test'."),
