@@ -10,6 +10,8 @@ with the baseline (bench/baseline.c: parse Ethernet+IPv4, swap MACs, XDP_TX) of 
   packet misses, indexes the hash table, inserts into the LRU (evicting once it is full) and
   writes a ring-buffer event (the ring fills early on, after which the event is counted lost).
 - pass: UDP to an address that is no VIP (flow miss + service miss, XDP_PASS).
+The new-flow case is repeated for other flow-table sizes: its cost is dominated by cache misses
+in the LRU table, so it grows with the table.
 Last line: established=<ratio>x new=<ratio>x pass=<ratio>x
 """
 from __future__ import annotations
@@ -24,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scapy.all import IP, TCP, UDP, Ether  # type: ignore[attr-defined]  # noqa: E402
 
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec  # noqa: E402
-from bpf.loader import compile_program  # noqa: E402
+from bpf.loader import Limits, compile_program  # noqa: E402
 from bpf.structs import IPPROTO_TCP, Stat  # noqa: E402
 from bpf.testrun import XdpAction, run_xdp  # noqa: E402
 
 REPEAT = 1_000_000
 ROUNDS = 5
+SIZE_SWEEP = (16384, 65536, 1048576)
 OUR_MAC = "02:00:00:00:00:01"
 VIP = ipaddress.ip_address("10.0.0.100")
 
@@ -38,8 +41,8 @@ def frame(dst: str, l4: object) -> bytes:
     return bytes(Ether(dst=OUR_MAC, src="02:00:00:00:00:fe") / IP(src="192.0.2.7", dst=dst) / l4 / (b"x" * 6))
 
 
-def dataplane(extra: list[str]) -> DataPlane:
-    dp = DataPlane(extra_cflags=extra)
+def dataplane(extra: list[str], limits: Limits = Limits()) -> DataPlane:
+    dp = DataPlane(limits, extra_cflags=extra)
     dp.set_config(OUR_MAC)
     backends = tuple(BackendSpec(ipaddress.ip_address(f"10.0.0.{10 + i}"), f"02:00:00:00:0b:{i:02x}") for i in range(1, 4))
     dp.apply([ServiceSpec(VIP, 80, IPPROTO_TCP, backends)])
@@ -74,6 +77,15 @@ def main() -> int:
           f"(size {lb_new.limits.flow_table_size}), {new_stats[Stat.EVENT_LOST]} ring-buffer events lost (no reader)")
     for dp in (lb, lb_new):
         dp.close()
+    # The new-flow cost is mostly the LRU insert touching cold memory: show how it scales.
+    print("new-flow cost by flow-table size (same baseline fd, 3 rounds):")
+    for size in SIZE_SWEEP:
+        sized = dataplane(["-DLB_BENCH_NEW_FLOW"], Limits(flow_table_size=size))
+        runs = [(run_xdp(sized.fd, ack, repeat=REPEAT).duration_ns, run_xdp(base_fn.fd, ack, repeat=REPEAT).duration_ns)
+                for _ in range(3)]
+        sized.close()
+        ns = statistics.median(r for r, _ in runs)
+        print(f"  {size:>8} entries: {ns:6.0f} ns  {ns / statistics.median(b for _, b in runs):5.2f}x")
     base_bpf.cleanup()
     ratio = {name: median[name] / median["baseline"] for name in ("established", "new", "pass")}
     print(f"established={ratio['established']:.2f}x new={ratio['new']:.2f}x pass={ratio['pass']:.2f}x")
