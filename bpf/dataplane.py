@@ -315,6 +315,11 @@ class DataPlane:
         self._event_callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
         return 0
 
+    @property
+    def flow_events_fd(self) -> int:
+        """The ring buffer's map fd: pollable, readable while events wait (for trio's wait_readable)."""
+        return int(self._map("flow_events").map_fd)
+
     def poll_flow_events(self, timeout_ms: int = 0) -> None:
         """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""
         if timeout_ms:

@@ -354,3 +354,14 @@ def test_last_seen_follows_the_control_plane_clock_only_when_stale(dp: DataPlane
     run_xdp(dp.fd, frame)
     assert dp.lookup_flow(key).last_seen_ns == 101_500_000_000  # type: ignore[union-attr]
     dp.tick()
+
+
+def test_flow_events_fd_is_readable_while_events_wait(dp: DataPlane, events: list[FlowEvent]) -> None:
+    import select
+
+    assert select.select([dp.flow_events_fd], [], [], 0)[0] == []
+    run_xdp(dp.fd, tcp4("A", sport=14000))
+    assert select.select([dp.flow_events_fd], [], [], 1.0)[0] == [dp.flow_events_fd]
+    dp.poll_flow_events()
+    assert len(events) == 1
+    assert select.select([dp.flow_events_fd], [], [], 0)[0] == []
