@@ -1,0 +1,139 @@
+"""Flow-sync configuration: one frozen dataclass, validated once, errors naming the key path.
+
+``SyncConfig.from_dict(data, path)`` takes what ``yaml.safe_load`` produced for the ``sync:``
+node (``path`` is where it sits, e.g. ``"sync"``) and raises `SyncConfigError` with the key path;
+unknown keys are errors. The shared key is read from ``key_file`` at load time (``load_key``),
+so a missing or short key stops the node before it starts.
+
+    sync: {group: 239.255.76.66, port: 7946, key_file: /etc/lbnode/sync.key, batch_ms: 2}
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_GROUP = ipaddress.IPv4Address("239.255.76.66")  # organisation-local scope (RFC 2365)
+DEFAULT_PORT = 7946
+MIN_KEY_BYTES = 16
+
+
+class SyncConfigError(ValueError):
+    """Invalid ``sync:`` configuration; `path` and `reason` apart so a loader can add a line number."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """Where and how flows are shared between the nodes of a cluster."""
+
+    key_file: str
+    enabled: bool = True
+    group: IPAddress = DEFAULT_GROUP  # multicast group (unused when `peers` is set)
+    port: int = DEFAULT_PORT
+    interface: str | None = None  # None: the node's interface (--if)
+    peers: tuple[IPAddress, ...] = ()  # non-empty: unicast to these instead of multicast
+    batch_ms: int = 2  # how long a new flow may wait for companions in one datagram
+    refresh_s: float = 30.0  # long-lived flows are re-sent this often so peers' LRU keeps them
+    resync_timeout_s: float = 5.0  # bulk resync at start-up gives up (with a warning) after this
+    heartbeat_s: float = 1.0  # heartbeat (digest, sequence) interval; a peer is dead after 3 missed
+    digest_mismatch_blocks: bool = False  # a view mismatch with a live peer delays advertising
+
+    _KEYS = frozenset({"enabled", "group", "port", "interface", "peers", "key_file", "batch_ms", "refresh_s",
+                       "resync_timeout_s", "heartbeat_s", "digest_mismatch_blocks"})
+
+    @property
+    def unicast(self) -> bool:
+        return bool(self.peers)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "sync") -> SyncConfig:
+        if not isinstance(data, Mapping):
+            raise SyncConfigError(path, f"must be a mapping, got {type(data).__name__}")
+        unknown = sorted(str(k) for k in data if k not in cls._KEYS)
+        if unknown:
+            raise SyncConfigError(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(cls._KEYS))})")
+        enabled = _bool(data, "enabled", path, True)
+        key_file = data.get("key_file")
+        if key_file is None:
+            if enabled:
+                raise SyncConfigError(f"{path}.key_file", "is required")
+            key_file = ""
+        elif not isinstance(key_file, str) or not key_file:
+            raise SyncConfigError(f"{path}.key_file", f"must be a file path, got {key_file!r}")
+        group = _address(data.get("group", str(DEFAULT_GROUP)), f"{path}.group")
+        if not group.is_multicast:
+            raise SyncConfigError(f"{path}.group", f"must be a multicast address, got {group}")
+        if group.version != 4:
+            raise SyncConfigError(f"{path}.group", f"only IPv4 multicast is supported, got {group}")
+        port = _int(data, "port", path, DEFAULT_PORT, 1, 65535)
+        interface = data.get("interface")
+        if interface is not None and (not isinstance(interface, str) or not interface or len(interface) > 15):
+            raise SyncConfigError(f"{path}.interface", f"must be an interface name, got {interface!r}")
+        raw_peers = data.get("peers", [])
+        if not isinstance(raw_peers, list):
+            raise SyncConfigError(f"{path}.peers", f"must be a list, got {type(raw_peers).__name__}")
+        peers = tuple(_address(p, f"{path}.peers[{i}]") for i, p in enumerate(raw_peers))
+        for i, p in enumerate(peers):
+            if p.version != 4 or p.is_multicast or p.is_unspecified:
+                raise SyncConfigError(f"{path}.peers[{i}]", f"must be a unicast IPv4 address, got {p}")
+            if p in peers[:i]:
+                raise SyncConfigError(f"{path}.peers[{i}]", f"duplicate peer {p}")
+        batch_ms = _int(data, "batch_ms", path, 2, 0, 1000)
+        refresh_s = _float(data, "refresh_s", path, 30.0, 1.0, 3600.0)
+        resync_timeout_s = _float(data, "resync_timeout_s", path, 5.0, 0.0, 600.0)
+        heartbeat_s = _float(data, "heartbeat_s", path, 1.0, 0.05, 60.0)
+        blocks = _bool(data, "digest_mismatch_blocks", path, False)
+        return cls(key_file=key_file, enabled=enabled, group=group, port=port, interface=interface, peers=peers,
+                   batch_ms=batch_ms, refresh_s=refresh_s, resync_timeout_s=resync_timeout_s,
+                   heartbeat_s=heartbeat_s, digest_mismatch_blocks=blocks)
+
+    def load_key(self, path: str = "sync") -> bytes:
+        """The shared key's bytes (file content, surrounding whitespace stripped); >= 16 bytes."""
+        try:
+            key = Path(self.key_file).read_bytes().strip()
+        except OSError as exc:
+            raise SyncConfigError(f"{path}.key_file", f"cannot read {self.key_file}: {exc.strerror}") from None
+        if len(key) < MIN_KEY_BYTES:
+            raise SyncConfigError(f"{path}.key_file", f"key in {self.key_file} is {len(key)} bytes, need >= {MIN_KEY_BYTES}")
+        return key
+
+
+def _bool(d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise SyncConfigError(f"{path}.{key}", f"must be true or false, got {v!r}")
+    return v
+
+
+def _int(d: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SyncConfigError(f"{path}.{key}", f"must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise SyncConfigError(f"{path}.{key}", f"must be {lo}..{hi}, got {v}")
+    return v
+
+
+def _float(d: Mapping[str, Any], key: str, path: str, default: float, lo: float, hi: float) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SyncConfigError(f"{path}.{key}", f"must be a number, got {v!r}")
+    if not lo <= v <= hi:
+        raise SyncConfigError(f"{path}.{key}", f"must be {lo:g}..{hi:g}, got {v}")
+    return float(v)
+
+
+def _address(raw: Any, path: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(raw)
+    except ValueError:
+        raise SyncConfigError(path, f"must be an IP address, got {raw!r}") from None
