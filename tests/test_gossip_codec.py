@@ -1,0 +1,127 @@
+"""Flow-sync datagram codec: golden bytes, round trips, forgery and malformed input, fuzz."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpf.structs import FlowKey, addr16
+from cluster import gossip as g
+
+pytestmark = pytest.mark.unit
+
+KEY = b"k" * 32
+FLOW_KEY = bytes(FlowKey.make("192.0.2.7", 40000, "10.0.0.100", 80, 6))
+BACKEND = addr16("10.0.0.11")
+
+# FLOWS from node 10.0.0.5 (0x0a000005), incarnation 1700000000, seq 7, one NEW record.
+GOLDEN_FLOWS = bytes.fromhex(
+    "4c424653" "01" "01" "0001" "0a000005" "6553f100" "0000000000000007"  # header
+    "00000000000000000000ffffc0000207"  # src 192.0.2.7 (v4-mapped)
+    "00000000000000000000ffff0a000064"  # dst 10.0.0.100
+    "9c40" "0050" "06"  # sport 40000, dport 80 (network order), proto TCP
+    "01" "0000"  # op NEW, zero
+    "00000000000000000000ffff0a00000b"  # backend 10.0.0.11
+)
+GOLDEN_HEARTBEAT = bytes.fromhex(
+    "4c424653" "01" "02" "0001" "00000001" "00000002" "0000000000000003"
+    "000102030405060708090a0b0c0d0e0f" "00000005" "0001" "0000"
+)
+
+
+def sealed(body: bytes, key: bytes = KEY) -> bytes:
+    return body + hmac.new(key, body, hashlib.sha256).digest()[:16]
+
+
+def test_flows_golden_bytes() -> None:
+    rec = g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)
+    assert g.encode_flows(KEY, 0x0A000005, 1700000000, 7, [rec]) == sealed(GOLDEN_FLOWS)
+    msg = g.decode(KEY, sealed(GOLDEN_FLOWS))
+    assert msg.header == g.Header(g.MsgType.FLOWS, 0x0A000005, 1700000000, 7, 1)
+    assert msg.body == g.Flows((g.FlowRecord(FLOW_KEY, BACKEND, g.FlowOp.NEW),))
+
+
+def test_heartbeat_golden_bytes() -> None:
+    hb = g.Heartbeat(bytes(range(16)), 5, True)
+    assert g.encode_heartbeat(KEY, 1, 2, 3, hb) == sealed(GOLDEN_HEARTBEAT)
+    assert g.decode(KEY, sealed(GOLDEN_HEARTBEAT)).body == hb
+
+
+def test_flow_record_from_raw_event_matches() -> None:
+    event = FLOW_KEY + BACKEND + bytes(24)
+    assert g.flow_wire_from_event(event, g.FlowOp.CLOSE) == g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.CLOSE)
+
+
+def test_full_datagrams_fit_the_mtu() -> None:
+    rec = g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)
+    assert len(g.encode_flows(KEY, 1, 1, 1, [rec] * g.MAX_FLOWS)) <= g.MAX_DATAGRAM
+    assert len(g.encode_resync_chunk(KEY, 1, 1, 1, 2, 3, 4, True, [rec] * g.MAX_CHUNK_FLOWS)) <= g.MAX_DATAGRAM
+    ranges = [g.ResendRange(1, 2, 3, 4)] * g.MAX_RESENDS
+    assert len(g.encode_resend(KEY, 1, 1, 1, ranges)) <= g.MAX_DATAGRAM
+    with pytest.raises(g.EncodeError):
+        g.encode_flows(KEY, 1, 1, 1, [rec] * (g.MAX_FLOWS + 1))
+
+
+@pytest.mark.parametrize("body", [
+    g.Resend((g.ResendRange(7, 8, 100, 120), g.ResendRange(9, 1, 5, 5))),
+    g.ResyncRequest(42),
+    g.ResyncChunk(7, 42, 3, True, (g.FlowRecord(FLOW_KEY, BACKEND, g.FlowOp.REFRESH),)),
+    g.ResyncChunk(7, 42, 0, False, ()),
+    g.Heartbeat(b"\xff" * 16, 0, False),
+])
+def test_round_trip(body: g.Body) -> None:
+    if isinstance(body, g.Resend):
+        data = g.encode_resend(KEY, 5, 6, 99, body.ranges)
+    elif isinstance(body, g.ResyncRequest):
+        data = g.encode_resync_request(KEY, 5, 6, 99, body.request_id)
+    elif isinstance(body, g.ResyncChunk):
+        data = g.encode_resync_chunk(KEY, 5, 6, 99, body.target, body.request_id, body.index, body.last,
+                                     [r.wire() for r in body.records])
+    else:
+        data = g.encode_heartbeat(KEY, 5, 6, 99, body)
+    msg = g.decode(KEY, data)
+    assert msg.body == body
+    assert (msg.header.node_id, msg.header.incarnation, msg.header.seq) == (5, 6, 99)
+
+
+def _flows_datagram() -> bytes:
+    return g.encode_flows(KEY, 1, 1, 1, [g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)] * 3)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda d: d[:20], "short"),
+    (lambda d: d + bytes(2000), "length"),
+    (lambda d: b"XBFS" + d[4:], "magic"),
+    (lambda d: d[:4] + b"\x02" + d[5:], "version"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "forged"),  # tag bit flip
+    (lambda d: d[:30] + bytes([d[30] ^ 1]) + d[31:], "forged"),  # body bit flip
+    (lambda d: g.encode(b"x" * 32, g.decode_header(KEY, d)[0], bytes(d[24:-16])), "forged"),  # wrong key
+    (lambda d: sealed(d[:5] + b"\x09" + d[6:-16]), "type"),
+    (lambda d: sealed(d[:6] + b"\x00\x04" + d[8:-16]), "length"),  # count says 4, body has 3
+    (lambda d: sealed(d[:-16 - 56 + 37] + b"\x07" + d[-16 - 56 + 38:-16]), "record"),  # op 7
+])
+def test_bad_datagrams_raise_typed_errors(mutate, reason) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(g.DecodeError) as err:
+        g.decode(KEY, mutate(_flows_datagram()))
+    assert err.value.reason == reason
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.binary(max_size=1500))
+def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
+    with pytest.raises(g.DecodeError):
+        g.decode(KEY, data)
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.integers(1, 5), st.integers(0, 60), st.binary(max_size=1400 - 40))
+def test_fuzz_authentic_garbage_bodies_never_crash(msg_type: int, count: int, body: bytes) -> None:
+    """Even a peer holding the key cannot crash a receiver with a malformed body."""
+    data = sealed(g.HEADER.pack(g.MAGIC, g.VERSION, msg_type, count, 1, 1, 1) + body)
+    try:
+        g.decode(KEY, data)
+    except g.DecodeError:
+        pass

@@ -1,0 +1,95 @@
+"""Flow-sync policy: replay and gap logic, resend requests and liveness on a virtual clock."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.gossip import Header, Heartbeat, MsgType, ResendRange
+from cluster.gossip_policy import ReceivePolicy, RetransmitBuffer, Verdict
+
+pytestmark = pytest.mark.unit
+
+ME, PEER = 1, 2
+
+
+def h(seq: int, inc: int = 100, node: int = PEER) -> Header:
+    return Header(MsgType.FLOWS, node, inc, seq, 0)
+
+
+def policy() -> ReceivePolicy:
+    return ReceivePolicy(ME, window=1000, resend_interval_s=0.1, resend_tries=3, dead_after_s=3.0)
+
+
+def test_in_order_replay_and_own_datagrams() -> None:
+    p = policy()
+    assert [p.accept(h(s), 0.0) for s in (10, 11, 12)] == [Verdict.ACCEPT] * 3
+    assert p.accept(h(11), 0.0) is Verdict.REPLAY
+    assert p.accept(h(12), 0.0) is Verdict.REPLAY
+    assert p.accept(h(5, node=ME), 0.0) is Verdict.SELF
+    assert (p.counters.replayed, p.counters.self_looped, p.counters.gaps) == (2, 1, 0)
+
+
+def test_incarnations_reset_or_are_stale() -> None:
+    p = policy()
+    p.accept(h(500), 0.0)
+    assert p.accept(h(1, inc=99), 0.0) is Verdict.STALE  # an old life of the peer, replayed
+    assert p.accept(h(1, inc=101), 0.0) is Verdict.ACCEPT  # restarted: numbering starts again
+    assert p.accept(h(2, inc=101), 0.0) is Verdict.ACCEPT
+    assert p.peers[PEER].incarnation == 101 and p.counters.stale == 1
+
+
+def test_gap_is_requested_filled_once_and_not_replayable() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    p.accept(h(5), 0.0)  # 2, 3, 4 missing
+    assert p.counters.gaps == 3
+    assert p.next_deadline() == 0.0
+    assert p.resend_requests(0.0) == [ResendRange(PEER, 100, 2, 4)]
+    assert p.resend_requests(0.05) == []  # not due again yet
+    assert p.next_deadline() == pytest.approx(0.1)
+    assert p.accept(h(3), 0.06) is Verdict.ACCEPT  # the resend (or a late datagram) fills the hole
+    assert p.accept(h(3), 0.07) is Verdict.REPLAY  # ...once
+    assert p.resend_requests(0.1) == [ResendRange(PEER, 100, 2, 2), ResendRange(PEER, 100, 4, 4)]
+    assert p.counters.recovered == 1
+
+
+def test_missing_numbers_are_given_up_after_the_tries() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    p.accept(h(3), 0.0)
+    asked = [p.resend_requests(t / 10) for t in range(6)]
+    assert [len(a) for a in asked] == [1, 1, 1, 0, 0, 0]
+    assert p.counters.lost == 1 and p.counters.resend_requested == 3
+    assert p.next_deadline() is None
+    assert p.accept(h(2), 1.0) is Verdict.REPLAY  # too late: treated as a replay
+
+
+def test_huge_gap_is_bounded_by_the_window() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    p.accept(h(10_000), 0.0)
+    assert len(p.peers[PEER].missing) <= 1000
+    assert p.counters.lost + len(p.peers[PEER].missing) == 9998
+    assert p.accept(h(50), 0.0) is Verdict.REPLAY  # older than the window
+
+
+def test_liveness_and_digest_mismatch() -> None:
+    p = policy()
+    p.our_digest = b"a" * 16
+    p.accept(h(1), 0.0)
+    p.heartbeat(PEER, Heartbeat(b"a" * 16, 10, True))
+    assert p.alive(PEER, 2.9) and not p.digest_mismatch(1.0)
+    p.heartbeat(PEER, Heartbeat(b"b" * 16, 10, True))
+    assert p.digest_mismatch(1.0)
+    view = p.views(1.0)[0]
+    assert (view.alive, view.digest_match, view.ready, view.flow_count) == (True, False, True, 10)
+    assert not p.alive(PEER, 3.5) and not p.digest_mismatch(3.5)  # a dead peer's view does not count
+
+
+def test_retransmit_buffer_is_bounded_and_serves_only_our_ranges() -> None:
+    buf = RetransmitBuffer(capacity=4)
+    for seq in range(1, 11):
+        buf.add(seq, b"d%d" % seq)
+    assert len(buf) == 4
+    got = buf.lookup([ResendRange(ME, 7, 5, 8), ResendRange(99, 7, 9, 9)], ME, 7)
+    assert got == [b"d7", b"d8"] and buf.missed == 2 and buf.served == 2
+    assert buf.lookup([ResendRange(ME, 6, 9, 10)], ME, 7) == []  # another incarnation of us
