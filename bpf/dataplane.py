@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bpf import structs
 from bpf.consistent_hash import Member, build_table
@@ -36,6 +37,9 @@ from bpf.structs import (
     ServiceStats,
     Stat,
 )
+
+if TYPE_CHECKING:
+    from bpf.ringbuf import RingReader
 
 
 class MapError(BpfError):
@@ -319,6 +323,13 @@ class DataPlane:
     def flow_events_fd(self) -> int:
         """The ring buffer's map fd: pollable, readable while events wait (for trio's wait_readable)."""
         return int(self._map("flow_events").map_fd)
+
+    def flow_event_reader(self) -> RingReader:
+        """A batch reader of raw `struct flow_event` records (bpf/ringbuf.py), for high event rates.
+        Use it instead of `open_flow_events`, never both: each would consume the other's records."""
+        from bpf.ringbuf import RingReader
+
+        return RingReader(self.flow_events_fd, self.limits.event_ring_pages * mmap.PAGESIZE)
 
     def poll_flow_events(self, timeout_ms: int = 0) -> None:
         """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""
