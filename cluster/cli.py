@@ -1,31 +1,117 @@
-"""The `lbnode` command. The node itself arrives with the cluster issue; until then this only
-describes itself, so the console script exists and its contract is visible."""
+"""The `lbnode` command.
+
+    lbnode --ip 10.0.0.5 --if ens192 [--config PATH] [--xdp native|generic] [--status-socket PATH]
+    lbnode check-config PATH [--ip IP]     validate, print the normalised config
+    lbnode status [--socket PATH] [--json] ask a running node
+
+Exit codes: 0 ok, 1 the node failed while running, 2 bad command line, interface, address or
+config (with a one-line reason on stderr).
+"""
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import json
+import logging
 import sys
 
+import trio
 
-def build_parser() -> argparse.ArgumentParser:
+from bpf.loader import XdpMode
+from cluster import status
+from cluster.config import ConfigError, IPAddress, NodeConfig, load_file, normalised
+
+log = logging.getLogger("lbnode")
+
+
+class UsageError(Exception):
+    """Bad input from the operator: exit code 2 with this one-line message."""
+
+
+def run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lbnode",
-        description="XDP layer-4 load balancer node (layer-2 direct server return, active/active behind ECMP).",
-    )
-    parser.add_argument("--ip", help="this node's address: BGP router id, next hop and gossip source")
-    parser.add_argument("--if", dest="interface", help="interface to attach the XDP program to")
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--xdp", choices=("native", "generic"), default="native", help="XDP attach mode")
+        description="XDP layer-4 load balancer node (layer-2 direct server return, active/active behind ECMP). "
+                    "Also: `lbnode check-config PATH`, `lbnode status`.")
+    parser.add_argument("--ip", required=True, help="this node's address: BGP router id, next hop and sync source")
+    parser.add_argument("--if", dest="interface", required=True, help="interface to attach the XDP program to")
+    parser.add_argument("--config", help="YAML config file (see examples/lbnode.yaml)")
+    parser.add_argument("--xdp", choices=[m.value for m in XdpMode], help="XDP attach mode (overrides the config)")
+    parser.add_argument("--status-socket", default=status.DEFAULT_SOCKET, help="unix socket for `lbnode status`")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
+def parse_ip(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(f"--ip: not an IP address: {text!r}") from None
+
+
+def load_config(path: str | None, ip: IPAddress) -> NodeConfig:
+    if path is None:
+        return NodeConfig(services=())
+    try:
+        return load_file(path, ip)
+    except ConfigError as err:
+        raise UsageError(f"config: {err}") from None
+
+
+def run_node(argv: list[str]) -> int:
+    from cluster.node import Node, NodeArgs, interface_mac, local_addresses
+
+    args = run_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ip = parse_ip(args.ip)
+    mac = interface_mac(args.interface)
+    if mac is None:
+        raise UsageError(f"--if: no interface {args.interface!r} in this network namespace")
+    if ip not in local_addresses():
+        raise UsageError(f"--ip: {ip} is not an address of this host")
+    config = load_config(args.config, ip)
+    node = Node(NodeArgs(ip=ip, ifname=args.interface, mac=mac, config_path=args.config,
+                         status_socket=args.status_socket, xdp=XdpMode(args.xdp) if args.xdp else None), config)
+    trio.run(node.run)
+    return 0
+
+
+def check_config(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lbnode check-config", description="Validate a config file and "
+                                     "print it normalised (every default filled in) as JSON.")
+    parser.add_argument("path")
+    parser.add_argument("--ip", default="192.0.2.1", help="the node's --ip (BGP defaults); default %(default)s")
+    args = parser.parse_args(argv)
+    config = load_config(args.path, parse_ip(args.ip))
+    print(json.dumps(normalised(config), indent=2, sort_keys=True))
+    return 0
+
+
+def show_status(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lbnode status", description="Show a running node's state.")
+    parser.add_argument("--socket", default=status.DEFAULT_SOCKET)
+    parser.add_argument("--json", action="store_true", help="the raw JSON document")
+    args = parser.parse_args(argv)
+    try:
+        snapshot = status.query(args.socket)
+    except OSError as exc:
+        raise UsageError(f"status: cannot reach a node at {args.socket}: {exc.strerror or exc}") from None
+    print(json.dumps(snapshot, indent=2) if args.json else status.render(snapshot))
+    return 0
+
+
+COMMANDS = {"check-config": check_config, "status": show_status}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.ip is None or args.interface is None:
-        build_parser().print_help()
-        return 0
-    print("lbnode: the cluster node is not built yet; see `python -m bpf.serve --help` for the data plane alone",
-          file=sys.stderr)
-    return 2
+    argv = sys.argv[1:] if argv is None else argv
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else run_node(argv)
+    except UsageError as err:
+        print(f"lbnode: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

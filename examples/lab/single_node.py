@@ -61,6 +61,7 @@ class SingleNodeLab:
                 lab.ns_run(b.ns, "sysctl", "-qw", f"{key}={value}")
             lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")
             lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP6}/128", "dev", "lo")
+        self.backend_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.dataplane: DataPlane | None = None
         self._pass_attachment: Attachment | None = None
         self._pass_program: object | None = None
@@ -82,6 +83,7 @@ class SingleNodeLab:
                                   cwd=REPO, stdout=subprocess.PIPE)
             if read_line(proc, timeout_s=timeout_s) != "ready":
                 raise RuntimeError(f"backend {b.name} did not start")
+            self.backend_procs[b.name] = proc
 
     def start_dataplane(self, mode: XdpMode = XdpMode.NATIVE) -> DataPlane:
         dp = DataPlane()
@@ -89,10 +91,19 @@ class SingleNodeLab:
         dp.set_config(self.node.mac)
         dp.attach("eth0", mode, netns=self.node.ns)
         if mode is XdpMode.NATIVE:
-            bpf, fn = compile_program(PASS_SOURCE, "xdp_pass")
-            self._pass_program = bpf
-            self._pass_attachment = attach(fn.fd, f"p-{self.node.name}", XdpMode.NATIVE, netns=self.sw)
+            self.attach_peer_pass()
         return dp
+
+    def attach_peer_pass(self) -> None:
+        """XDP_PASS on the switch side of the node's veth, so the node's XDP_TX frames arrive."""
+        bpf, fn = compile_program(PASS_SOURCE, "xdp_pass")
+        self._pass_program = bpf
+        self._pass_attachment = attach(fn.fd, f"p-{self.node.name}", XdpMode.NATIVE, netns=self.sw)
+
+    def start_node(self, config_path: Path, status_socket: Path, *extra: str) -> subprocess.Popen[bytes]:
+        """A real `lbnode` process in the node namespace (log on its stderr, inherited)."""
+        return self.lab.spawn(self.node.ns, sys.executable, "-m", "cluster.cli", "--ip", self.node.ip4, "--if", "eth0",
+                              "--config", str(config_path), "--status-socket", str(status_socket), *extra, cwd=REPO)
 
     def stop_dataplane(self) -> None:
         try:

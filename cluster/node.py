@@ -1,0 +1,360 @@
+"""The lbnode node: one nursery owns every component; health drives the data plane and BGP.
+
+Start-up: compile and attach the XDP program (a stale one left by a killed node is replaced),
+learn backend MACs, start health checks, start flow sync and resync the peers' flow tables
+(bounded by `sync.resync_timeout_s`), start BGP, serve status. Only then is the node *ready*,
+and VIPs whose services have `need` usable backends are announced.
+
+Changes: every health event, MAC change or reload recomputes the desired state
+(cluster.desired) and applies it: the data plane's services, the announced routes and the
+digest peers compare.
+
+Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
+`drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
+error logged and the running config stays.
+
+When the control plane dies: a component that raises takes the node down, its BGP session
+closes and the router withdraws the node's routes; the XDP program is detached in `finally`.
+A SIGKILLed node cannot detach: its program stays attached and keeps forwarding pinned and
+hashed flows correctly (the tables are still valid) while the router, told by the closed BGP
+session (or BFD / hold timer for a frozen node), moves traffic away. That beats falling back
+to XDP_PASS (vc5's choice after 60 s), which would blackhole: the node holds no VIP. A restart
+replaces the stale program.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+
+from bgp.rib import RouteAttrs
+from bgp.speaker import Speaker
+from bpf.dataplane import DataPlane
+from bpf.loader import Limits, XdpMode
+from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
+from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest
+from cluster.neighbours import Neighbours
+from cluster.status import serve as serve_status
+from healthcheck.runner import HealthChecker
+from healthcheck.state import BackendChanged, ServiceChanged
+
+log = logging.getLogger(__name__)
+
+CLEANUP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeArgs:
+    ip: IPAddress
+    ifname: str
+    mac: str
+    config_path: str | None
+    status_socket: str
+    xdp: XdpMode | None = None  # --xdp overrides the config
+
+
+Component = Callable[..., Awaitable[None]]
+
+
+class Node:
+    def __init__(self, args: NodeArgs, config: NodeConfig) -> None:
+        self.args = args
+        self.config = config
+        self.state = "starting"
+        self.reloads = {"ok": 0, "refused": 0}
+        self.last_reload_error: str | None = None
+        self._ready = False
+        self._usable: dict[str, frozenset[str]] = {}
+        self._service_up: dict[str, bool] = {}
+        self._announced: dict[Prefix, RouteAttrs] = {}
+        self._dp: DataPlane | None = None
+        self._checker: HealthChecker | None = None
+        self._speaker: Speaker | None = None
+        self._sync: Any = None
+        self._neighbours = Neighbours(args.ifname, self._backend_addresses(config), self.reconcile)
+        self._nursery: trio.Nursery | None = None
+        self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+
+    @property
+    def xdp_mode(self) -> XdpMode:
+        return self.args.xdp or self.config.xdp
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        limits = Limits(flow_table_size=self.config.flows.table_size)
+        log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
+        dp = await trio.to_thread.run_sync(DataPlane, limits)
+        self._dp = dp
+        try:
+            dp.set_config(self.args.mac, self.config.flows.refresh_s)
+            dp.attach(self.args.ifname, self.xdp_mode)
+            dp.apply(dataplane_services(self.view()))
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._tick)
+                    await nursery.start(self._neighbours.run)
+                    await self._start("health", self._run_health)
+                    await nursery.start(serve_status, self.args.status_socket, self.snapshot)
+                    if self.config.sync is not None and self.config.sync.enabled:
+                        await self._start("sync", self._run_sync)
+                        await self._resync()
+                    if self.config.bgp is not None:
+                        await self._start("bgp", self._run_speaker)
+                    self._ready = True
+                    self.state = "serving"
+                    self.reconcile()
+                    log.info("ready: serving %d services", len(self.config.services))
+                    task_status.started()
+                    await self._handle_signals(signals)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._dp = None
+            dp.close()  # detach: synchronous, survives cancellation
+
+    async def _handle_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+            else:
+                log.info("%s: draining", signal.Signals(signum).name)
+                await self.drain()
+                return
+
+    async def drain(self) -> None:
+        """Withdraw routes (gracefully if configured), keep forwarding for drain_s."""
+        self.state = "draining"
+        self._ready = False
+        if self._speaker is not None:
+            with trio.move_on_after(self.config.bgp.graceful_shutdown_wait_s + CLEANUP_TIMEOUT_S  # type: ignore[union-attr]
+                                    ) as scope:
+                await self._speaker.shutdown()
+            if scope.cancelled_caught:
+                log.warning("BGP shutdown did not finish in time")
+        self.reconcile()
+        log.info("routes withdrawn; forwarding for %.1fs more", self.config.drain_s)
+        await trio.sleep(self.config.drain_s)
+
+    async def reload(self) -> None:
+        path = self.args.config_path
+        if path is None:
+            log.warning("SIGHUP: no --config to reload")
+            return
+        try:
+            new = await trio.to_thread.run_sync(load_file, path, self.args.ip)
+        except ConfigError as err:
+            self.reloads["refused"] += 1
+            self.last_reload_error = str(err)
+            log.error("reload refused, the running config stays: %s", err)
+            return
+        old = self.config
+        if new.xdp != old.xdp or new.flows != old.flows:
+            log.warning("reload: xdp mode and flows settings take effect at the next restart")
+            new = replace(new, xdp=old.xdp, flows=old.flows)
+        self.config = new
+        self._neighbours.set_addresses(self._backend_addresses(new))
+        if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
+            await self._restart("health", self._run_health)
+        if new.sync != old.sync:
+            await self._stop("sync")
+            if new.sync is not None and new.sync.enabled:
+                await self._start("sync", self._run_sync)
+        if new.bgp != old.bgp:
+            await self._stop("bgp")
+            self._announced = {}
+            if new.bgp is not None:
+                await self._start("bgp", self._run_speaker)
+        self.reloads["ok"] += 1
+        self.last_reload_error = None
+        self.reconcile()
+        log.info("reload: config from %s applied", path)
+
+    # ---- components ---------------------------------------------------------------------------------
+
+    async def _start(self, name: str, component: Component) -> None:
+        assert self._nursery is not None
+        await self._nursery.start(self._supervise, name, component)
+
+    async def _supervise(self, name: str, component: Component, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        done = trio.Event()
+        with trio.CancelScope() as scope:
+            self._components[name] = (scope, done)
+            try:
+                await component(task_status=task_status)
+            finally:
+                done.set()
+
+    async def _stop(self, name: str) -> None:
+        entry = self._components.pop(name, None)
+        if entry is not None:
+            scope, done = entry
+            scope.cancel()
+            await done.wait()
+
+    async def _restart(self, name: str, component: Component) -> None:
+        await self._stop(name)
+        await self._start(name, component)
+
+    async def _run_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Backends usable now start up in a new checker, so a reload does not flap them.
+        usable_now = frozenset(k for keys in self._usable.values() for k in keys)
+        services = [h for s in self.config.services for h in s.health_configs(usable_now)]
+        checker = HealthChecker(services)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(checker.run)
+            self._checker = checker
+            self._usable = {s.service: frozenset(b.backend for b in s.backends if b.usable) for s in checker.snapshot()}
+            self._service_up = {s.service: s.up for s in checker.snapshot()}
+            self.reconcile()
+            task_status.started()
+            async for event in checker.events:
+                if isinstance(event, BackendChanged):
+                    keys = set(self._usable.get(event.service, frozenset()))
+                    (keys.add if event.usable else keys.discard)(event.backend)
+                    self._usable[event.service] = frozenset(keys)
+                elif isinstance(event, ServiceChanged):
+                    self._service_up[event.service] = event.up
+                self.reconcile()
+
+    async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.config.bgp is not None
+        speaker = Speaker(self.config.bgp)
+        self._speaker = speaker
+        self._announced = {}
+        try:
+            await speaker.run(task_status=task_status)
+        finally:
+            if self._speaker is speaker:
+                self._speaker = None
+
+    async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from cluster.flowsync import FlowSync
+
+        assert self.config.sync is not None and self._dp is not None
+        sync = FlowSync(self.config.sync, self._dp, self.args.ip, ifname=self.args.ifname)
+        self._sync = sync
+        try:
+            await sync.run(task_status=task_status)
+        finally:
+            if self._sync is sync:
+                self._sync = None
+
+    async def _resync(self) -> None:
+        assert self.config.sync is not None
+        self.state = "resyncing"
+        timeout_s = self.config.sync.resync_timeout_s
+        if not await self._sync.resync(timeout_s):
+            log.warning("flow resync incomplete after %.1fs: advertising anyway", timeout_s)
+
+    async def _tick(self) -> None:
+        """Publish the clock that stamps flows (see bpf/dataplane.py)."""
+        while True:
+            await trio.sleep(self.config.flows.refresh_s / 2)
+            if self._dp is not None:
+                self._dp.tick()
+
+    # ---- desired state --------------------------------------------------------------------------------
+
+    def view(self) -> View:
+        return View(self.config, self._usable, self._service_up, self._neighbours.macs, self._ready)
+
+    def reconcile(self) -> None:
+        """Make the data plane, BGP and the sync digest match the current view."""
+        view = self.view()
+        if self._dp is not None:
+            self._dp.apply(dataplane_services(view))
+        wanted = announcements(view)
+        if self._speaker is not None:
+            for prefix in [p for p in self._announced if p not in wanted]:
+                log.info("withdrawing %s", prefix)
+                self._speaker.withdraw(prefix)
+            for prefix, attrs in wanted.items():
+                if self._announced.get(prefix) != attrs:
+                    log.info("announcing %s", prefix)
+                    self._speaker.announce(prefix, attrs)
+            self._announced = wanted
+        if self._sync is not None:
+            self._sync.set_digest(digest(view))
+
+    @staticmethod
+    def _backend_addresses(config: NodeConfig) -> list[IPAddress]:
+        return [b.address for s in config.services for b in s.backends]
+
+    # ---- status ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        dp = self._dp
+        health = {s.service: s for s in self._checker.snapshot()} if self._checker else {}
+        services = []
+        for svc in self.config.services:
+            for vip in svc.vips:
+                for port in svc.ports:
+                    name = svc.health_name(vip, port)
+                    status = health.get(name)
+                    index = dp.service_index(vip, port, svc.proto) if dp else None
+                    stats = dp.service_stats(index) if dp is not None and index is not None else None
+                    backends = []
+                    for b in svc.backends:
+                        key = backend_key(b.address, port)
+                        bstatus = next((x for x in status.backends if x.backend == key), None) if status else None
+                        bindex = dp.backend_index(vip, port, svc.proto, b.address) if dp else None
+                        bstats = dp.backend_stats(bindex) if dp is not None and bindex is not None else None
+                        last_error = None
+                        if bstatus is not None:
+                            errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok]
+                            last_error = errors[0] if errors else None
+                        backends.append({
+                            "backend": key, "usable": key in self._usable.get(name, frozenset()),
+                            "disabled": b.disabled, "weight": b.weight, "mac": self._neighbours.macs.get(b.address),
+                            "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
+                            "last_error": last_error,
+                        })
+                    services.append({
+                        "name": name, "up": self._service_up.get(name, False),
+                        "usable": len(self._usable.get(name, frozenset())), "need": svc.need,
+                        "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
+                        "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
+                        "backends": backends,
+                    })
+        out: dict[str, Any] = {
+            "node": {"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
+                     "state": self.state, "config": self.args.config_path, "reloads": self.reloads,
+                     "last_reload_error": self.last_reload_error},
+            "services": services,
+            "flows": {"entries": len(dp.flows()) if dp else 0, "table_size": self.config.flows.table_size},
+            "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
+        }
+        if self._speaker is not None:
+            out["bgp"] = {
+                "peers": [{"address": str(p.address), "state": self._speaker.peer_state(str(p.address)).name}
+                          for p in self._speaker.config.peers],
+                "announced": sorted(str(p) for p in self._announced),
+            }
+        if self._sync is not None:
+            out["sync"] = self._sync.snapshot()
+        return out
+
+
+def interface_mac(ifname: str) -> str | None:
+    """The MAC of `ifname` in this namespace, None if there is no such interface."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        indexes = ipr.link_lookup(ifname=ifname)
+        if not indexes:
+            return None
+        return str(ipr.get_links(indexes[0])[0].get_attr("IFLA_ADDRESS"))
+
+
+def local_addresses() -> set[IPAddress]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}

@@ -1,0 +1,80 @@
+"""`lbnode status`: the running node serves a JSON snapshot on a local unix socket.
+
+A client connects and reads until EOF: one JSON document, then the server closes. The same
+data renders as text for people (`render`) or goes out as is (`lbnode status --json`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+DEFAULT_SOCKET = "/run/lbnode.sock"
+
+
+async def serve(path: str, snapshot: Callable[[], dict[str, Any]], *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `snapshot()` to every connection on the unix socket `path` (replacing a stale one)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    await sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(5):
+                await stream.send_all(json.dumps(snapshot(), default=str).encode() + b"\n")
+
+    try:
+        await trio.serve_listeners(handle, [listener], task_status=task_status)
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def query(path: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Read one snapshot from a running node (blocking; for the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"node {status['node']['ip']} on {status['node']['interface']} ({status['node']['xdp']}): "
+             f"{status['node']['state']}"]
+    lines.append("services:")
+    for svc in status["services"]:
+        lines.append(f"  {svc['name']:32} {'UP' if svc['up'] else 'DOWN':4} {svc['usable']}/{svc['need']} needed"
+                     f"  packets={svc['packets']} bytes={svc['bytes']} new_flows={svc['new_flows']} drops={svc['drops']}")
+        for b in svc["backends"]:
+            state = "usable" if b["usable"] else ("drained" if b["disabled"] else "down")
+            lines.append(f"    {b['backend']:28} {state:7} weight={b['weight']} mac={b['mac'] or '?'}"
+                         f"  packets={b['packets']} new_flows={b['new_flows']}  {b['last_error'] or ''}")
+    bgp = status.get("bgp")
+    if bgp:
+        lines.append("bgp:")
+        for peer in bgp["peers"]:
+            lines.append(f"  peer {peer['address']:24} {peer['state']}")
+        lines.append(f"  announced: {', '.join(bgp['announced']) or '(none)'}")
+    sync = status.get("sync")
+    if sync:
+        lines.append(f"sync: {json.dumps(sync, default=str)}")
+    flows = status["flows"]
+    lines.append(f"flows: {flows['entries']} of {flows['table_size']} entries")
+    lines.append("counters: " + " ".join(f"{k}={v}" for k, v in status["counters"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""A real `lbnode` process on the single-node lab: health checks drive the XDP tables, SIGHUP
+reloads atomically (a broken file changes nothing), SIGTERM drains and detaches."""
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpf.loader import attached_program_id
+from cluster import status
+from examples.lab.netns import Lab, wait_until
+from examples.lab.single_node import VIP4, SingleNodeLab
+
+pytestmark = pytest.mark.netns
+
+CONFIG = """
+xdp: native
+drain_s: 0.5
+services:
+  - name: web
+    vips: [{vip}]
+    ports: [80]
+    need: 2
+    checks: [{{kind: http, path: /, interval_ms: 200, timeout_ms: 150, rise: 1, fall: 2}}]
+    backends:
+{backends}
+"""
+
+
+def config_text(backends: list[str], weights: dict[str, int] | None = None) -> str:
+    lines = "\n".join(f"      - {{address: {b}, weight: {(weights or {}).get(b, 1)}}}" for b in backends)
+    return CONFIG.format(vip=VIP4, backends=lines)
+
+
+@pytest.fixture
+def lab() -> Iterator[SingleNodeLab]:
+    with Lab(prefix="lbn") as owner:
+        single = SingleNodeLab(owner)
+        try:
+            single.start_backends()
+            single.attach_peer_pass()
+            yield single
+        finally:
+            single.stop_dataplane()
+
+
+def node_status(sock: Path) -> dict[str, Any] | None:
+    try:
+        return status.query(str(sock))
+    except OSError:
+        return None
+
+
+def usable_backends(sock: Path) -> set[str] | None:
+    snap = node_status(sock)
+    if snap is None or snap["node"]["state"] != "serving":
+        return None
+    return {b["backend"] for s in snap["services"] for b in s["backends"] if b["usable"]}
+
+
+def test_node_balances_follows_health_reloads_and_drains(lab: SingleNodeLab, tmp_path: Path) -> None:
+    addresses = [b.ip4 for b in lab.backends]
+    config = tmp_path / "node.yaml"
+    config.write_text(config_text(addresses))
+    sock = tmp_path / "status.sock"
+    node = lab.start_node(config, sock)
+    everyone = {f"{a}:80" for a in addresses}
+    wait_until(lambda: usable_backends(sock) == everyone, timeout_s=30, what="all backends healthy")
+    assert attached_program_id("eth0", netns=lab.node.ns) != 0
+
+    result = lab.http_spread(VIP4, 30)
+    assert result["ok"] == 30 and set(result["backends"]) == {"b1", "b2", "b3"}, result  # type: ignore[arg-type]
+
+    # A backend dies: its checks fail, it leaves the hash, and new connections avoid it.
+    lab.lab.stop(lab.backend_procs["b2"])
+    wait_until(lambda: usable_backends(sock) == everyone - {f"{lab.backends[1].ip4}:80"}, timeout_s=10,
+               what="b2 out of the hash")
+    result = lab.http_spread(VIP4, 30)
+    assert result["ok"] == 30 and "b2" not in result["backends"], result  # type: ignore[operator]
+
+    # A broken file on SIGHUP is refused; the running config stays and keeps serving.
+    good = config.read_text()
+    config.write_text(good.replace("weight: 1", "weight: -1", 1))
+    node.send_signal(signal.SIGHUP)
+    snap = wait_until(lambda: (s := node_status(sock)) and s["node"]["reloads"]["refused"] == 1 and s,
+                      timeout_s=10, what="reload refused")
+    assert "weight: must be an integer 0..1000, got -1" in snap["node"]["last_reload_error"]
+    assert lab.http_spread(VIP4, 10)["ok"] == 10
+
+    # A good file is applied: b1 drained by weight 0 gets no new connections.
+    config.write_text(config_text(addresses, {lab.backends[0].ip4: 0}))
+    node.send_signal(signal.SIGHUP)
+    wait_until(lambda: (s := node_status(sock)) and s["node"]["reloads"]["ok"] == 1, timeout_s=10, what="reload")
+    result = lab.http_spread(VIP4, 20)
+    assert result["ok"] == 20 and set(result["backends"]) == {"b3"}, result  # type: ignore[arg-type]
+
+    text = subprocess.run([str(Path(__file__).parents[1] / ".venv/bin/lbnode"), "status", "--socket", str(sock)],
+                          capture_output=True, text=True, timeout=10).stdout
+    assert "web/10.99.1.100:80" in text and "counters:" in text
+
+    node.send_signal(signal.SIGTERM)
+    assert node.wait(timeout=15) == 0
+    assert attached_program_id("eth0", netns=lab.node.ns) == 0
