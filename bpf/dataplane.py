@@ -270,6 +270,25 @@ class DataPlane:
         except Exception as exc:
             raise MapError(f"flows: batch write of {len(entries)} entries: {exc}") from exc
 
+    def write_flows_packed(self, keys: bytes, values: bytes) -> int:
+        """`write_flows` for raw bytes (flow sync's hot path): concatenated `struct flow_key`s and
+        `struct flow`s, one batch; returns how many."""
+        flows = self._map("flows")
+        key_size, value_size = ctypes.sizeof(flows.Key), ctypes.sizeof(flows.Leaf)
+        n = len(keys) // key_size
+        if len(keys) != n * key_size or len(values) != n * value_size:
+            raise MapError(f"flows: packed write of {len(keys)} key / {len(values)} value bytes is not whole entries")
+        if n:
+            try:
+                flows.items_update_batch((flows.Key * n).from_buffer_copy(keys), (flows.Leaf * n).from_buffer_copy(values))
+            except Exception as exc:
+                raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
+        return n
+
+    def backend_addresses(self) -> dict[int, IPAddress]:
+        """Backend index -> address, over all services: the inverse of `backend_index`."""
+        return {index: address for state in self._services.values() for address, index in state.backends.items()}
+
     def lookup_flow(self, key: FlowKey) -> Flow | None:
         flows = self._map("flows")
         try:

@@ -1,0 +1,163 @@
+"""FlowSync end to end in one process: two data planes, two sync instances, real UDP on loopback.
+
+Node A pins flows through its XDP program (BPF_PROG_TEST_RUN); node B must hold them with its
+own indexes. Unicast mode (127.0.0.1 <-> 127.0.0.2); the multicast path runs in the netns test.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from scapy.all import IP, TCP, Ether  # type: ignore[attr-defined]
+
+from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
+from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey
+from bpf.testrun import run_xdp
+from cluster import gossip
+from cluster.flowsync import FlowSync
+from cluster.sync_config import SyncConfig
+
+pytestmark = pytest.mark.bpf
+
+ip = ipaddress.ip_address
+KEY = b"0123456789abcdef0123456789abcdef"
+MAC = "02:00:00:00:00:01"
+VIP = ip("10.0.0.100")
+B1 = BackendSpec(ip("10.0.0.11"), "02:00:00:00:0b:01")
+B2 = BackendSpec(ip("10.0.0.12"), "02:00:00:00:0b:02")
+OTHER = ServiceSpec(ip("10.0.0.200"), 443, IPPROTO_TCP, (BackendSpec(ip("10.0.0.21"), "02:00:00:00:0c:01"),))
+WEB = ServiceSpec(VIP, 80, IPPROTO_TCP, (B1, B2))
+A_IP, B_IP = ip("127.0.0.1"), ip("127.0.0.2")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def planes() -> Iterator[tuple[DataPlane, DataPlane]]:
+    a, b = DataPlane(), DataPlane()
+    try:
+        a.set_config(MAC)
+        b.set_config(MAC)
+        a.apply([WEB])
+        b.apply([OTHER])  # B numbers its services and backends differently: translation matters
+        b.apply([OTHER, WEB])
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> SyncConfig:
+    key_file = tmp_path / "sync.key"
+    key_file.write_bytes(KEY)
+    return SyncConfig.from_dict({"key_file": str(key_file), "peers": [str(A_IP), str(B_IP)], "port": free_port(),
+                                 "batch_ms": 1, "heartbeat_s": 0.2})
+
+
+@pytest.fixture
+def clean(planes: tuple[DataPlane, DataPlane]) -> tuple[DataPlane, DataPlane]:
+    for dp in planes:
+        dp.delete_flows([k for k, _ in dp.flows()])
+    return planes
+
+
+def ack(sport: int, flags: str = "A") -> bytes:
+    return bytes(Ether(dst=MAC, src="02:00:00:00:00:fe") / IP(src="192.0.2.7", dst=str(VIP))
+                 / TCP(sport=sport, dport=80, flags=flags))
+
+
+def key(sport: int) -> FlowKey:
+    return FlowKey.make("192.0.2.7", sport, VIP, 80, IPPROTO_TCP)
+
+
+async def until(predicate: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def start(nursery: trio.Nursery, cfg: SyncConfig, dp: DataPlane, node_ip: object, **kw: object) -> FlowSync:
+    sync = FlowSync(cfg, dp, node_ip, **kw)  # type: ignore[arg-type]
+    await nursery.start(sync.run)
+    return sync
+
+
+async def test_flows_pinned_on_a_appear_on_b_with_b_indexes_and_close(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        ports = range(20000, 20300)
+        for port in ports:
+            run_xdp(dp_a.fd, ack(port))
+        await until(lambda: sync_b.counters["installed"] >= 300, "300 flows on B")
+        for port in ports:
+            flow_a, flow_b = dp_a.lookup_flow(key(port)), dp_b.lookup_flow(key(port))
+            assert flow_a is not None and flow_b is not None
+            address = {i: a for i, a in dp_a.backend_addresses().items()}[flow_a.backend]
+            assert flow_b.backend == dp_b.backend_index(VIP, 80, IPPROTO_TCP, address)
+            assert flow_b.service == dp_b.service_index(VIP, 80, IPPROTO_TCP) != flow_a.service
+            assert flow_b.flags == FLOW_F_SYNCED
+        run_xdp(dp_a.fd, ack(20000, "FA"))
+        await until(lambda: (f := dp_b.lookup_flow(key(20000))) is not None and f.flags & FLOW_F_CLOSING, "close on B")
+        # Heartbeats make each a live peer of the other; B's view differs once digests do.
+        sync_a.set_digest(b"a" * 16)
+        sync_b.set_digest(b"b" * 16)
+        await until(lambda: sync_b.digest_mismatch, "digest mismatch")
+        snap = sync_b.snapshot()
+        assert snap["peers"][0]["node_id"] == int(A_IP) and snap["peers"][0]["alive"]
+        assert snap["counters"]["forged"] == snap["counters"]["replayed"] == snap["counters"]["gaps"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_forged_replayed_and_malformed_datagrams_are_dropped_and_counted(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        run_xdp(dp_a.fd, ack(21000))
+        await until(lambda: sync_b.counters["installed"] >= 1, "first flow")
+        record = gossip.flow_wire(bytes(key(21001)), bytes(16), gossip.FlowOp.NEW)
+        forged = gossip.encode_flows(b"x" * 32, sync_a.node_id, sync_a.incarnation, 10**6, [record])
+        replay = sync_a.retransmit.lookup([gossip.ResendRange(sync_a.node_id, sync_a.incarnation, 1, 10**6)],
+                                          sync_a.node_id, sync_a.incarnation)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for datagram in [forged, b"garbage", *replay]:
+                s.sendto(datagram, (str(B_IP), config.port))
+        await until(lambda: sync_b.counters["forged"] == 1 and sync_b.counters["malformed"] == 1
+                    and sync_b.snapshot()["counters"]["replayed"] >= len(replay), "drops counted")
+        assert dp_b.lookup_flow(key(21001)) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_resync_installs_the_peer_table_before_returning(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        for port in range(22000, 23000):  # pinned while B is away
+            run_xdp(dp_a.fd, ack(port))
+        await until(lambda: sync_a.counters["events"] >= 1000, "A read its events")
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        assert dp_b.lookup_flow(key(22500)) is None
+        assert await sync_b.resync(5.0)
+        assert all(dp_b.lookup_flow(key(port)) is not None for port in range(22000, 23000))
+        assert sync_b.ready and sync_a.counters["resync_served"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_resync_without_peers_times_out(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    _, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        with trio.fail_after(5):
+            assert not await sync_b.resync(0.3)
+        nursery.cancel_scope.cancel()
