@@ -4,8 +4,8 @@
     node   (10.99.0.5) ---+--- bridge (in its own "sw" namespace)
     b1..b3 (10.99.0.11-13)+
 
-The client routes the VIPs via the node and computes checksums itself, as on a real wire. The node has no VIP and no forwarding: only its XDP
-program moves VIP traffic, rewriting MACs towards a backend (XDP_TX). Backends hold the VIPs on
+The client routes the VIPs via the node and computes checksums itself, as on a real wire.
+The node has no VIP and no forwarding: only its XDP program moves VIP traffic, rewriting MACs towards a backend (XDP_TX). Backends hold the VIPs on
 loopback (arp_ignore=1, arp_announce=2 so they never answer ARP for them) and reply to the
 client directly: layer-2 direct server return. The switch-side peer of the node's veth runs an
 XDP_PASS program, without which XDP_TX frames would vanish in the veth driver.
@@ -16,27 +16,18 @@ import ipaddress
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
-from bpf.loader import PASS_SOURCE, Attachment, XdpMode, attach, compile_program, detach
+from bpf.loader import XdpMode
 from bpf.structs import IPPROTO_TCP
+from examples.lab.hosts import (ECHO_PORT, HTTP_PORT, REPO, Host, PeerPass, add_host, make_backend, make_client,
+                                start_backend_server)
 from examples.lab.netns import Lab, read_line
 
-REPO = Path(__file__).resolve().parents[2]
 VIP4 = ipaddress.ip_address("10.99.1.100")
 VIP6 = ipaddress.ip_address("fd00:99:1::100")
-HTTP_PORT, ECHO_PORT = 80, 9000
-
-
-@dataclass(frozen=True)
-class Host:
-    name: str
-    ns: str
-    ip4: str
-    ip6: str
-    mac: str
+__all__ = ["ECHO_PORT", "HTTP_PORT", "VIP4", "VIP6", "Host", "SingleNodeLab", "EchoSession"]
 
 
 class SingleNodeLab:
@@ -49,41 +40,24 @@ class SingleNodeLab:
         self.node = self._host("node", 5)
         self.backends = [self._host(f"b{i}", 10 + i) for i in range(1, backends + 1)]
         lab.bridge(self.sw, "br0", [f"p-{h.name}" for h in [self.client, self.node, *self.backends]])
-        # A veth hands frames on with the TCP/UDP checksum left to "offload" (CHECKSUM_PARTIAL);
-        # once XDP_TX turns them into raw frames the backend sees a bad checksum and drops them.
-        # A real NIC delivers complete checksums, so the client computes them as if on a wire.
-        lab.ns_run(self.client.ns, "ethtool", "-K", "eth0", "tx", "off")
+        make_client(lab, self.client.ns)
         for vip in (VIP4, VIP6):
             lab.ns_run(self.client.ns, "ip", "route", "add", str(vip), "via",
                        self.node.ip4 if vip.version == 4 else self.node.ip6)
         for b in self.backends:
-            for key, value in (("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")):
-                lab.ns_run(b.ns, "sysctl", "-qw", f"{key}={value}")
-            lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP4}/32", "dev", "lo")
-            lab.ns_run(b.ns, "ip", "addr", "add", f"{VIP6}/128", "dev", "lo")
+            make_backend(lab, b, (VIP4, VIP6))
         self.backend_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.dataplane: DataPlane | None = None
-        self._pass_attachment: Attachment | None = None
-        self._pass_program: object | None = None
+        self._peer_pass: PeerPass | None = None
 
     def _host(self, name: str, octet: int) -> Host:
-        ns = self.lab.netns(name)
-        self.lab.veth(ns, "eth0", self.sw, f"p-{name}")
-        ip4, ip6 = f"10.99.0.{octet}", f"fd00:99::{octet:x}"
-        self.lab.addr(ns, "eth0", f"{ip4}/24")
-        self.lab.ns_run(ns, "ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
-        return Host(name, ns, ip4, ip6, self.lab.mac(ns, "eth0"))
+        return add_host(self.lab, self.sw, name, f"10.99.0.{octet}", f"fd00:99::{octet:x}")
 
     # ---- processes ------------------------------------------------------------------------------
 
     def start_backends(self, timeout_s: float = 10.0) -> None:
         for b in self.backends:
-            proc = self.lab.spawn(b.ns, sys.executable, "-m", "examples.lab.backend_server", "--name", b.name,
-                                  "--http-port", str(HTTP_PORT), "--echo-port", str(ECHO_PORT),
-                                  cwd=REPO, stdout=subprocess.PIPE)
-            if read_line(proc, timeout_s=timeout_s) != "ready":
-                raise RuntimeError(f"backend {b.name} did not start")
-            self.backend_procs[b.name] = proc
+            self.backend_procs[b.name] = start_backend_server(self.lab, b, timeout_s)
 
     def start_dataplane(self, mode: XdpMode = XdpMode.NATIVE) -> DataPlane:
         dp = DataPlane()
@@ -96,9 +70,8 @@ class SingleNodeLab:
 
     def attach_peer_pass(self) -> None:
         """XDP_PASS on the switch side of the node's veth, so the node's XDP_TX frames arrive."""
-        bpf, fn = compile_program(PASS_SOURCE, "xdp_pass")
-        self._pass_program = bpf
-        self._pass_attachment = attach(fn.fd, f"p-{self.node.name}", XdpMode.NATIVE, netns=self.sw)
+        self._peer_pass = PeerPass()
+        self._peer_pass.attach(self.sw, f"p-{self.node.name}")
 
     def start_node(self, config_path: Path, status_socket: Path, *extra: str) -> subprocess.Popen[bytes]:
         """A real `lbnode` process in the node namespace (log on its stderr, inherited)."""
@@ -107,9 +80,9 @@ class SingleNodeLab:
 
     def stop_dataplane(self) -> None:
         try:
-            if self._pass_attachment is not None:
-                detach(self._pass_attachment)
-                self._pass_attachment = None
+            if self._peer_pass is not None:
+                self._peer_pass.close()
+                self._peer_pass = None
         finally:
             if self.dataplane is not None:
                 self.dataplane.close()
