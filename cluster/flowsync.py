@@ -149,6 +149,7 @@ class FlowSync:
         self._peer_addr: dict[int, str] = {}
         self._flow_count = 0
         self._nursery: trio.Nursery | None = None
+        self._reader: Any = None
         self._ratelog = _RateLimitedLog()
         self._refresh_window_ns = int(config.refresh_s * 1e9)
 
@@ -157,7 +158,7 @@ class FlowSync:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, open the ring reader, report ready, and sync until cancelled."""
         self._sock = self._open_socket()
-        reader = self.dp.flow_event_reader()
+        reader = self._reader = self.dp.flow_event_reader()
         try:
             reader.read()  # flows pinned before we started are covered by refresh and resync
             async with trio.open_nursery() as nursery:
@@ -170,6 +171,7 @@ class FlowSync:
                 task_status.started()
         finally:
             self._nursery = None
+            self._reader = None
             reader.close()
             self._sock.close()
 
@@ -205,6 +207,11 @@ class FlowSync:
         self.policy.our_digest = digest
         self._xlate.clear()
 
+    def ring_pending_bytes(self) -> int:
+        """Flow events waiting in the ring (how far the reader is behind the data plane)."""
+        reader = self._reader
+        return reader.pending_bytes() if reader is not None else 0
+
     @property
     def digest_mismatch(self) -> bool:
         return self.policy.digest_mismatch(trio.current_time())
@@ -218,6 +225,7 @@ class FlowSync:
             "sequence": self._seq,
             "ready": self.ready,
             "digest_mismatch": self.policy.digest_mismatch(now),
+            "ring_pending_bytes": self.ring_pending_bytes(),
             "peers": [{
                 "node_id": v.node_id, "address": self._peer_addr.get(v.node_id), "alive": v.alive,
                 "last_seen_s": round(v.last_heard_s_ago, 3), "highest_seq": v.highest_seq, "lag": v.missing,
@@ -412,7 +420,7 @@ class FlowSync:
                 assert isinstance(hb, gossip.Heartbeat)
                 was = self.policy.peers[header.node_id].digest
                 self.policy.heartbeat(header.node_id, hb)
-                if self._digest_set and hb.digest != self._digest and was != hb.digest:
+                if self._digest_set and any(hb.digest) and hb.digest != self._digest and was != hb.digest:
                     self._ratelog.warn("digest", "flow sync: node %#x (%s) has another service/backend view", header.node_id, addr)
             elif t is MsgType.RESEND:
                 msg = gossip.decode(self.key, data).body

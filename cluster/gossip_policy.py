@@ -139,7 +139,9 @@ class ReceivePolicy:
         """Record an accepted heartbeat's view of the peer."""
         peer = self.peers.get(node_id)
         if peer is not None:
-            peer.digest, peer.ready, peer.flow_count = hb.digest, hb.ready, hb.flow_count
+            # An all-zero digest means "no view yet" (a node that is still starting).
+            peer.digest = hb.digest if any(hb.digest) else None
+            peer.ready, peer.flow_count = hb.ready, hb.flow_count
 
     # ---- timers -----------------------------------------------------------------------------
 

@@ -93,3 +93,11 @@ def test_retransmit_buffer_is_bounded_and_serves_only_our_ranges() -> None:
     got = buf.lookup([ResendRange(ME, 7, 5, 8), ResendRange(99, 7, 9, 9)], ME, 7)
     assert got == [b"d7", b"d8"] and buf.missed == 2 and buf.served == 2
     assert buf.lookup([ResendRange(ME, 6, 9, 10)], ME, 7) == []  # another incarnation of us
+
+
+def test_a_zero_digest_is_no_view_yet() -> None:
+    p = policy()
+    p.our_digest = b"a" * 16
+    p.accept(h(1), 0.0)
+    p.heartbeat(PEER, Heartbeat(bytes(16), 0, False))
+    assert not p.digest_mismatch(0.5) and p.views(0.5)[0].digest_match is None
