@@ -7,8 +7,10 @@ From it follow three things, recomputed after any change:
   (healthy, not drained) with a known MAC. One missing from the config loses its pinned flows;
   one merely out of the hash keeps them.
 - `announcements`: a VIP is announced only while the node is ready and *every* service port on
-  that VIP has at least `need` usable backends. All nodes send the same attributes, so the
-  router's ECMP (BIRD `merge paths on`) merges their routes.
+  that VIP has at least `need` backends the data plane can use: healthy, not drained, weight
+  above 0 and with a known MAC (a healthy backend whose MAC is not learned yet cannot take
+  traffic). All nodes send the same attributes, so the router's ECMP (BIRD `merge paths on`)
+  merges their routes.
 - `digest`: a hash of the service/backend/health view that peers compare in their heartbeats.
 """
 from __future__ import annotations
@@ -29,7 +31,6 @@ Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 class View:
     config: NodeConfig
     usable: Mapping[str, frozenset[str]] = field(default_factory=dict)  # health name -> usable backend keys
-    service_up: Mapping[str, bool] = field(default_factory=dict)  # health name -> >= need usable
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
 
@@ -58,10 +59,13 @@ def announcements(view: View) -> dict[Prefix, RouteAttrs]:
         return {}
     routes: dict[Prefix, RouteAttrs] = {}
     blocked: set[IPAddress] = set()
+    specs = {(spec.vip, spec.port, spec.proto): spec for spec in dataplane_services(view)}
     for service in view.config.services:
         for vip in service.vips:
-            if not all(view.service_up.get(service.health_name(vip, port), False) for port in service.ports):
-                blocked.add(vip)
+            for port in service.ports:
+                serving = sum(1 for b in specs[(vip, port, service.proto)].backends if b.hash_weight > 0)
+                if serving < service.need:
+                    blocked.add(vip)
             routes.setdefault(ipaddress.ip_network(vip), service.route)
     return {prefix: attrs for prefix, attrs in routes.items() if prefix.network_address not in blocked}
 

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_PERMANENT, NUD_NOARP = 0x02, 0x04, 0x08, 0x10, 0x80, 0x40
 USABLE_STATES = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANENT | NUD_NOARP
 DISCARD_PORT = 9
+FAST_INTERVAL_S = 0.1
 
 
 class Neighbours:
@@ -53,7 +54,9 @@ class Neighbours:
             await self._refresh(ipr, index)
             task_status.started()
             while True:
-                await trio.sleep(self._interval_s)
+                # Poll fast while a backend's MAC is still unknown: it cannot take traffic until then.
+                missing = any(a not in self.macs for a in self.addresses)
+                await trio.sleep(FAST_INTERVAL_S if missing else self._interval_s)
                 await self._refresh(ipr, index)
 
     async def _refresh(self, ipr: Any, index: int) -> None:

@@ -41,7 +41,7 @@ from cluster.desired import Prefix, View, announcements, backend_key, dataplane_
 from cluster.neighbours import Neighbours
 from cluster.status import serve as serve_status
 from healthcheck.runner import HealthChecker
-from healthcheck.state import BackendChanged, ServiceChanged
+from healthcheck.state import BackendChanged
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ class Node:
         self.last_reload_error: str | None = None
         self._ready = False
         self._usable: dict[str, frozenset[str]] = {}
-        self._service_up: dict[str, bool] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._dp: DataPlane | None = None
         self._checker: HealthChecker | None = None
@@ -211,17 +210,15 @@ class Node:
             await nursery.start(checker.run)
             self._checker = checker
             self._usable = {s.service: frozenset(b.backend for b in s.backends if b.usable) for s in checker.snapshot()}
-            self._service_up = {s.service: s.up for s in checker.snapshot()}
             self.reconcile()
             task_status.started()
             async for event in checker.events:
+                # ServiceChanged needs no handling: a VIP's readiness also counts MACs (cluster.desired).
                 if isinstance(event, BackendChanged):
                     keys = set(self._usable.get(event.service, frozenset()))
                     (keys.add if event.usable else keys.discard)(event.backend)
                     self._usable[event.service] = frozenset(keys)
-                elif isinstance(event, ServiceChanged):
-                    self._service_up[event.service] = event.up
-                self.reconcile()
+                    self.reconcile()
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
@@ -263,7 +260,7 @@ class Node:
     # ---- desired state --------------------------------------------------------------------------------
 
     def view(self) -> View:
-        return View(self.config, self._usable, self._service_up, self._neighbours.macs, self._ready)
+        return View(self.config, self._usable, self._neighbours.macs, self._ready)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view."""
@@ -317,7 +314,7 @@ class Node:
                             "last_error": last_error,
                         })
                     services.append({
-                        "name": name, "up": self._service_up.get(name, False),
+                        "name": name, "up": status.up if status else False,
                         "usable": len(self._usable.get(name, frozenset())), "need": svc.need,
                         "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
                         "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,

@@ -32,11 +32,10 @@ ALL_UP = {
     "web/192.0.2.10:443": frozenset({"10.0.0.11:443", "10.0.0.12:443"}),
     "dns/192.0.2.20:53": frozenset({"10.0.0.21:53"}),
 }
-UP = {name: True for name in ALL_UP}
 
 
 def test_every_vip_port_is_a_dataplane_service_with_usable_backends_in_the_hash() -> None:
-    specs = {(str(s.vip), s.port, s.proto): s for s in dataplane_services(View(CONFIG, ALL_UP, UP, MACS, True))}
+    specs = {(str(s.vip), s.port, s.proto): s for s in dataplane_services(View(CONFIG, ALL_UP, MACS, True))}
     assert set(specs) == {("192.0.2.10", 80, 6), ("192.0.2.10", 443, 6), ("192.0.2.20", 53, 17)}
     https = {str(b.address): (b.in_hash, b.weight, b.mac) for b in specs[("192.0.2.10", 443, 6)].backends}
     assert https == {"10.0.0.11": (True, 1, "02:00:00:00:00:0b"), "10.0.0.12": (True, 3, "02:00:00:00:00:0c"),
@@ -45,24 +44,32 @@ def test_every_vip_port_is_a_dataplane_service_with_usable_backends_in_the_hash(
 
 def test_backend_without_mac_is_not_usable() -> None:
     macs = {k: v for k, v in MACS.items() if str(k) != "10.0.0.11"}
-    spec = dataplane_services(View(CONFIG, ALL_UP, UP, macs, True))[0]
+    spec = dataplane_services(View(CONFIG, ALL_UP, macs, True))[0]
     b11 = next(b for b in spec.backends if str(b.address) == "10.0.0.11")
     assert not b11.usable and b11.hash_weight == 0
 
 
 def test_vip_announced_only_when_ready_and_every_port_is_up() -> None:
-    assert announcements(View(CONFIG, ALL_UP, UP, MACS, ready=False)) == {}
-    routes = announcements(View(CONFIG, ALL_UP, UP, MACS, ready=True))
+    assert announcements(View(CONFIG, ALL_UP, MACS, ready=False)) == {}
+    routes = announcements(View(CONFIG, ALL_UP, MACS, ready=True))
     assert {str(p): a.med for p, a in routes.items()} == {"192.0.2.10/32": 10, "192.0.2.20/32": None}
-    one_port_down = {**UP, "web/192.0.2.10:443": False}
-    assert [str(p) for p in announcements(View(CONFIG, ALL_UP, one_port_down, MACS, True))] == ["192.0.2.20/32"]
+    # need 2 on web: one port with a single usable backend blocks the whole VIP.
+    one_port_short = {**ALL_UP, "web/192.0.2.10:443": frozenset({"10.0.0.11:443"})}
+    assert [str(p) for p in announcements(View(CONFIG, one_port_short, MACS, True))] == ["192.0.2.20/32"]
+
+
+def test_healthy_backends_count_only_once_their_mac_is_known() -> None:
+    """A VIP announced before the MACs are learned would draw traffic the node must drop."""
+    assert announcements(View(CONFIG, ALL_UP, {}, True)) == {}
+    dns_only = {ip("10.0.0.21"): MACS[ip("10.0.0.21")]}
+    assert [str(p) for p in announcements(View(CONFIG, ALL_UP, dns_only, True))] == ["192.0.2.20/32"]
 
 
 def test_digest_changes_with_health_and_weights_not_with_order() -> None:
-    base = digest(View(CONFIG, ALL_UP, UP, MACS, True))
-    assert base == digest(View(CONFIG, dict(reversed(list(ALL_UP.items()))), UP, MACS, False))
+    base = digest(View(CONFIG, ALL_UP, MACS, True))
+    assert base == digest(View(CONFIG, dict(reversed(list(ALL_UP.items()))), MACS, False))
     fewer = {**ALL_UP, "dns/192.0.2.20:53": frozenset()}
-    assert digest(View(CONFIG, fewer, UP, MACS, True)) != base
+    assert digest(View(CONFIG, fewer, MACS, True)) != base
 
 
 def test_backend_key_matches_the_health_checker() -> None:
