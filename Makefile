@@ -27,3 +27,7 @@ bench-xdp: setup
 .PHONY: bench-health
 bench-health: setup
 	$(PY) bench/health.py
+
+.PHONY: bench-sync
+bench-sync: setup
+	$(PY) bench/sync.py

@@ -304,7 +304,9 @@ class FlowSync:
         deadline = math.inf
         pending = self._pending
         while True:
-            with trio.move_on_at(deadline):
+            if pending:  # a batch is open: let it fill until its deadline instead of waking per event
+                await trio.sleep_until(deadline)
+            else:
                 await trio.lowlevel.wait_readable(reader.fd)
             raw = reader.read()
             if raw:

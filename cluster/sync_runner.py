@@ -130,6 +130,8 @@ class Host:
             return {"count": len(flows), "synced": sum(1 for _, f in flows if f.flags & FLOW_F_SYNCED),
                     "closing": sorted(int(k.src_port) for k, f in flows if f.flags & FLOW_F_CLOSING)[:1000],
                     "by_sport": by_sport}
+        if cmd == "stats":
+            return {stat.name.lower(): n for stat, n in self.dp.stats().items()}
         if cmd == "snapshot":
             return self.sync.snapshot()
         if cmd == "burst":
