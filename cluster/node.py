@@ -130,15 +130,20 @@ class Node:
         """Withdraw routes (gracefully if configured), keep forwarding for drain_s."""
         self.state = "draining"
         self._ready = False
-        if self._speaker is not None:
-            with trio.move_on_after(self.config.bgp.graceful_shutdown_wait_s + CLEANUP_TIMEOUT_S  # type: ignore[union-attr]
-                                    ) as scope:
-                await self._speaker.shutdown()
-            if scope.cancelled_caught:
-                log.warning("BGP shutdown did not finish in time")
+        await self._shutdown_speaker()
         self.reconcile()
         log.info("routes withdrawn; forwarding for %.1fs more", self.config.drain_s)
         await trio.sleep(self.config.drain_s)
+
+    async def _shutdown_speaker(self) -> None:
+        """Graceful BGP shutdown (GRACEFUL_SHUTDOWN + wait if configured, withdraw, Cease), bounded."""
+        speaker = self._speaker
+        if speaker is None:
+            return
+        with trio.move_on_after(speaker.config.graceful_shutdown_wait_s + CLEANUP_TIMEOUT_S) as scope:
+            await speaker.shutdown()
+        if scope.cancelled_caught:
+            log.warning("BGP shutdown did not finish within %ss", CLEANUP_TIMEOUT_S)
 
     async def reload(self) -> None:
         path = self.args.config_path
@@ -165,6 +170,7 @@ class Node:
             if new.sync is not None and new.sync.enabled:
                 await self._start("sync", self._run_sync)
         if new.bgp != old.bgp:
+            await self._shutdown_speaker()  # withdraw and close the sessions; a bare cancel would not
             await self._stop("bgp")
             self._announced = {}
             if new.bgp is not None:
