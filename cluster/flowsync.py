@@ -82,6 +82,17 @@ def node_id_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return int.from_bytes(hashlib.blake2b(address.packed, digest_size=4).digest(), "big")
 
 
+_last_incarnation = 0
+
+
+def _next_incarnation() -> int:
+    """Start time in seconds, but always above the previous one of this process: a sync restarted
+    within the same second (config reload) must not look like a replay of its predecessor."""
+    global _last_incarnation
+    _last_incarnation = max(int(time.time()) & 0xFFFFFFFF, _last_incarnation + 1)
+    return _last_incarnation
+
+
 class _RateLimitedLog:
     """At most one WARNING per reason per `interval_s`, saying how many were suppressed."""
 
@@ -127,7 +138,7 @@ class FlowSync:
         self.node_id = node_id_of(self.node_ip) if node_id is None else node_id
         self.ifname = config.interface or ifname
         self.key = config.load_key() if key is None else key
-        self.incarnation = (int(time.time()) if incarnation is None else incarnation) & 0xFFFFFFFF
+        self.incarnation = _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF
         self.policy = ReceivePolicy(self.node_id, resend_interval_s=RESEND_INTERVAL_S,
                                     dead_after_s=3 * config.heartbeat_s)
         self.retransmit = RetransmitBuffer(retransmit_capacity)
@@ -136,7 +147,7 @@ class FlowSync:
         self.counters: dict[str, int] = dict.fromkeys((
             "sent", "sent_flows", "received", "received_flows", "installed", "forged", "malformed",
             "replayed", "stale", "resends", "resend_requests", "unknown_service", "send_errors", "events",
-            "refreshed", "resync_served", "resync_chunks", "resync_ignored", "install_errors"), 0)
+            "refreshed", "refresh_passes", "resync_served", "resync_chunks", "resync_ignored", "install_errors"), 0)
         self._seq = 0
         self._sock: socket.socket | None = None
         self._dests: list[tuple[str, int]] = []
@@ -151,7 +162,9 @@ class FlowSync:
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
         self._ratelog = _RateLimitedLog()
-        self._refresh_window_ns = int(config.refresh_s * 1e9)
+        # "Seen recently" = within two refresh periods: the data plane rewrites last_seen at most
+        # once per its own refresh interval (assumed <= ours), so an active flow always qualifies.
+        self._refresh_window_ns = int(2 * config.refresh_s * 1e9)
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -160,7 +173,6 @@ class FlowSync:
         self._sock = self._open_socket()
         reader = self._reader = self.dp.flow_event_reader()
         try:
-            reader.read()  # flows pinned before we started are covered by refresh and resync
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._events_loop, reader)
@@ -344,6 +356,7 @@ class FlowSync:
             if i % (64 * gossip.MAX_FLOWS) == 0:
                 await trio.sleep(0)
         self.counters["refreshed"] += len(records)
+        self.counters["refresh_passes"] += 1
 
     def _records(self, flows: list[Any]) -> list[bytes]:
         addresses = {i: addr16(a) for i, a in self.dp.backend_addresses().items()}

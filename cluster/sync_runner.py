@@ -158,9 +158,16 @@ class Host:
             return {"cpu_s": ru.ru_utime + ru.ru_stime, "gen_cpu_s": self.gen_cpu_s, "mono": time.monotonic()}
         return {"error": f"unknown command {cmd!r}"}
 
+    async def _tick(self) -> None:
+        """Publish the clock that stamps flows, as the node does (bpf/dataplane.py)."""
+        while True:
+            self.dp.tick()
+            await trio.sleep(0.5)
+
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.sync.run)
+            nursery.start_soon(self._tick)
             resynced = await self.sync.resync(self.args.resync_timeout) if self.args.resync else None
             self.sync.set_digest(b"lab view")
             _emit({"event": "ready", "resync": resynced, "node_id": self.sync.node_id,

@@ -161,3 +161,22 @@ async def test_resync_without_peers_times_out(config: SyncConfig, clean) -> None
         with trio.fail_after(5):
             assert not await sync_b.resync(0.3)
         nursery.cancel_scope.cancel()
+
+
+async def test_refresh_resends_flows_active_here_but_never_echoes_learned_ones(tmp_path: Path, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    (tmp_path / "k").write_bytes(KEY)
+    cfg = SyncConfig.from_dict({"key_file": str(tmp_path / "k"), "peers": [str(A_IP), str(B_IP)],
+                                "port": free_port(), "refresh_s": 1, "heartbeat_s": 0.2})
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, cfg, dp_a, A_IP)
+        sync_b = await start(nursery, cfg, dp_b, B_IP)
+        dp_a.tick()  # the node publishes its clock; flows pinned now are "seen now"
+        for port in range(24000, 24010):
+            run_xdp(dp_a.fd, ack(port))
+        await until(lambda: sync_b.counters["installed"] >= 10, "flows on B")
+        await until(lambda: sync_a.counters["refreshed"] >= 10 and sync_b.counters["refresh_passes"] >= 2,
+                    "a refresh pass on each node", timeout_s=15)
+        assert sync_b.counters["refreshed"] == 0  # B carries no traffic for them: it must not echo them
+        assert sync_b.counters["installed"] >= 20  # the refresh reached B (its LRU keeps the flows)
+        nursery.cancel_scope.cancel()
