@@ -29,9 +29,12 @@ HEAD_CAP = 16 * 1024
 BODY_CAP = 64 * 1024
 USER_AGENT = "lbnode-healthcheck/0.1"
 
-_STATUS_LINE = re.compile(rb"^HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?$")
-_FIELD = re.compile(rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*$")
-_CHUNK_SIZE = re.compile(rb"^([0-9A-Fa-f]{1,8})(?:[ \t]*;[\t\x20-\x7e]*)?$")
+# Always used with fullmatch: `$` would also match before a trailing "\n".
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_FIELD = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:[ \t]*;[\t\x20-\x7e]*)?")
+# ASCII digits only: str.isdigit() is also true for "²" and other Unicode digits.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,7 +108,7 @@ class ResponseParser:
             head = bytes(self._buf[:end])
             del self._buf[: end + 4]
             lines = head.split(b"\r\n")
-            m = _STATUS_LINE.match(lines[0])
+            m = _STATUS_LINE.fullmatch(lines[0])
             if m is None:
                 raise HttpParseError(f"garbage response: bad status line {_excerpt(lines[0])}")
             status = int(m.group(2))
@@ -115,7 +118,7 @@ class ResponseParser:
             for line in lines[1:]:
                 if b"\n" in line or b"\r" in line:
                     raise HttpParseError(f"garbage response: bare CR or LF in header {_excerpt(line)}")
-                f = _FIELD.match(line)
+                f = _FIELD.fullmatch(line)
                 if f is None:
                     raise HttpParseError(f"garbage response: bad header line {_excerpt(line)}")
                 headers.append((f.group(1).decode("ascii").lower(), f.group(2).decode("latin-1")))
@@ -138,7 +141,7 @@ class ResponseParser:
                 raise HttpParseError(f"garbage response: unsupported transfer-encoding {', '.join(te)!r}")
             self._framing = "chunked"
         elif cl:
-            if len(cl) != 1 or not next(iter(cl)).isdigit() or len(next(iter(cl))) > 18:
+            if len(cl) != 1 or _CONTENT_LENGTH.fullmatch(next(iter(cl))) is None:
                 raise HttpParseError(f"garbage response: bad content-length {sorted(cl)!r}")
             self._framing = "length"
             self._remaining = int(next(iter(cl)))
@@ -173,7 +176,7 @@ class ResponseParser:
                     if len(self._buf) > 1024:
                         raise HttpParseError("garbage response: chunk size line too long")
                     return
-                m = _CHUNK_SIZE.match(bytes(self._buf[:end]))
+                m = _CHUNK_SIZE.fullmatch(bytes(self._buf[:end]))
                 if m is None:
                     raise HttpParseError(f"garbage response: bad chunk size {_excerpt(self._buf[:end])}")
                 del self._buf[: end + 2]
@@ -205,7 +208,7 @@ class ResponseParser:
                 del self._buf[: end + 2]
                 if not line:
                     self._finish(truncated=False)
-                elif _FIELD.match(line) is None:
+                elif _FIELD.fullmatch(line) is None:
                     raise HttpParseError(f"garbage response: bad trailer line {_excerpt(line)}")
 
     def _append(self, data: bytes | bytearray) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from healthcheck.errors import HttpParseError
@@ -96,6 +96,14 @@ GARBAGE = [
     ("bad chunk size", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "garbage response: bad chunk size"),
     ("chunk without crlf", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY",
      "garbage response: chunk not followed by CRLF"),
+    # Regressions: str.isdigit() accepts "\xb2" (superscript two), and `$` matched before a trailing LF.
+    ("superscript content length", b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n",
+     "garbage response: bad content-length ['\xb2']"),
+    ("status line ending in LF", b"HTTP/1.1 200 OK\n\r\n\r\n", "garbage response: bad status line b'HTTP/1.1 200 OK\\n'"),
+    ("chunk size ending in LF", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\n\r\nab\r\n",
+     "garbage response: bad chunk size b'2\\n'"),
+    ("trailer ending in LF", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\n\r\n\r\n",
+     "garbage response: bad trailer line b'X: 1\\n'"),
 ]
 
 
@@ -142,6 +150,25 @@ def test_fuzz_never_raises_anything_but_parse_errors(data: bytes, want_body: boo
         assert str(exc).startswith("garbage response")
     else:
         assert 100 <= r.status <= 599 and len(r.body) <= 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=24))
+@example(b"\xb2")
+@example(b"\xb9\xb3")
+@example(b"+1")
+@example(b"1_000")
+def test_fuzz_content_length_values(value: bytes) -> None:
+    """Any Content-Length value gives a response or an HttpParseError, never another exception."""
+    p = ResponseParser(want_body=True)
+    try:
+        r = p.feed(b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\nabc")
+        if r is None:
+            r = p.eof()
+    except HttpParseError as exc:
+        assert str(exc).startswith("garbage response")
+    else:
+        assert value.strip(b" \t").isdigit() and value.strip(b" \t").isascii()
 
 
 @settings(max_examples=200, deadline=None)
