@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +38,15 @@ from healthcheck.errors import ConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# All used with fullmatch: `$` would also match before a trailing "\n", which would then end up
+# in the request line or Host header.
 # RFC 9110 §5.6.2 token, used for the HTTP method.
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A request target we are willing to put on the wire: origin-form, visible ASCII only.
-_PATH = re.compile(r"^/[\x21-\x7e]*$")
-_HOST = re.compile(r"^[A-Za-z0-9.\-:\[\]_]+$")
-_STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])-([1-5][0-9][0-9])$")
+_PATH = re.compile(r"/[\x21-\x7e]*")
+_HOST = re.compile(r"[A-Za-z0-9.\-:\[\]_]+")
+_STATUS = re.compile(r"[1-5][0-9][0-9]")  # ASCII digits: str.isdigit() is also true for "²"
+_STATUS_RANGE = re.compile(r"([1-5][0-9][0-9])-([1-5][0-9][0-9])")
 
 
 class CheckKind(enum.Enum):
@@ -228,13 +232,13 @@ def services_from_list(data: Any, path: str = "services") -> tuple[ServiceHealth
 
 def _http_options(d: Mapping[str, Any], path: str) -> HttpOptions:
     method = d.get("method", "GET")
-    if not isinstance(method, str) or not _TOKEN.match(method) or method.upper() != method:
+    if not isinstance(method, str) or not _TOKEN.fullmatch(method) or method.upper() != method:
         raise ConfigError(f"{path}.method", f"must be an upper-case HTTP method token, got {method!r}")
     req_path = d.get("path", "/")
-    if not isinstance(req_path, str) or not _PATH.match(req_path):
+    if not isinstance(req_path, str) or not _PATH.fullmatch(req_path):
         raise ConfigError(f"{path}.path", f"must start with '/' and be visible ASCII, got {req_path!r}")
     host = d.get("host")
-    if host is not None and (not isinstance(host, str) or not _HOST.match(host)):
+    if host is not None and (not isinstance(host, str) or not _HOST.fullmatch(host)):
         raise ConfigError(f"{path}.host", f"must be a host name or address, got {host!r}")
     expect = _expect_status(d.get("expect_status", ["200-299"]), f"{path}.expect_status")
     body = d.get("body_contains")
@@ -242,13 +246,25 @@ def _http_options(d: Mapping[str, Any], path: str) -> HttpOptions:
         raise ConfigError(f"{path}.body_contains", f"must be a non-empty string, got {body!r}")
     verify = _bool(d, "verify", path, True)
     sni = d.get("sni")
-    if sni is not None and (not isinstance(sni, str) or not _HOST.match(sni)):
+    if sni is not None and (not isinstance(sni, str) or not _HOST.fullmatch(sni)):
         raise ConfigError(f"{path}.sni", f"must be a host name, got {sni!r}")
     ca_file = d.get("ca_file")
-    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
-        raise ConfigError(f"{path}.ca_file", f"must be a file path, got {ca_file!r}")
+    if ca_file is not None:
+        if not isinstance(ca_file, str) or not ca_file:
+            raise ConfigError(f"{path}.ca_file", f"must be a file path, got {ca_file!r}")
+        _check_ca_file(ca_file, f"{path}.ca_file")
     return HttpOptions(method=method, path=req_path, host=host, expect_status=expect, body_contains=body,
                        verify=verify, sni=sni, ca_file=ca_file)
+
+
+def _check_ca_file(ca_file: str, path: str) -> None:
+    """Refuse a CA bundle that cannot be read or holds no certificate, now rather than per probe."""
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise ConfigError(path, f"no CA certificate in {ca_file!r} ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {ca_file!r}: {exc.strerror or exc}") from None
 
 
 def _expect_status(raw: Any, path: str) -> tuple[StatusRange, ...]:
@@ -261,8 +277,8 @@ def _expect_status(raw: Any, path: str) -> tuple[StatusRange, ...]:
         if isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 599:
             out.append(StatusRange(item, item))
             continue
-        m = _STATUS_RANGE.match(item) if isinstance(item, str) else None
-        if isinstance(item, str) and item.isdigit() and 100 <= int(item) <= 599:
+        m = _STATUS_RANGE.fullmatch(item) if isinstance(item, str) else None
+        if isinstance(item, str) and _STATUS.fullmatch(item):
             out.append(StatusRange(int(item), int(item)))
         elif m and int(m.group(1)) <= int(m.group(2)):
             out.append(StatusRange(int(m.group(1)), int(m.group(2))))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,6 +88,18 @@ BAD = [
     ({"through_vip": 1}, "services[0].through_vip: must be true or false, got 1"),
     ({"name": "web site"}, "services[0].name: must be 1-64 of [A-Za-z0-9_.-], got 'web site'"),
     ({"vip": None}, "services[0].vip: must be an IP address, got None"),
+    # Regressions: `$` matched before a trailing LF, which then went into the request; and
+    # str.isdigit() accepted "²", which int() then refused with a ValueError.
+    ({"checks": [{"kind": "http", "path": "/healthz\n"}]}, "services[0].checks[0].path: must start with '/'"),
+    ({"checks": [{"kind": "http", "method": "GET\n"}]}, "services[0].checks[0].method: must be an upper-case"),
+    ({"checks": [{"kind": "http", "host": "www.example.com\n"}]}, "services[0].checks[0].host: must be a host name"),
+    ({"checks": [{"kind": "https", "sni": "www.example.com\n"}]}, "services[0].checks[0].sni: must be a host name"),
+    ({"checks": [{"kind": "http", "expect_status": ["\xb2"]}]},
+     "services[0].checks[0].expect_status[0]: must be a status 100..599 or a range like '200-299', got '\xb2'"),
+    ({"checks": [{"kind": "http", "expect_status": ["200-299\n"]}]},
+     "services[0].checks[0].expect_status[0]: must be a status"),
+    ({"checks": [{"kind": "https", "ca_file": "/nonexistent/lbnode-ca.pem"}]},
+     "services[0].checks[0].ca_file: cannot read '/nonexistent/lbnode-ca.pem': No such file or directory"),
 ]
 
 
@@ -105,3 +118,15 @@ def test_missing_and_duplicate_services() -> None:
         services_from_list([_service(), _service()])
     with pytest.raises(ConfigError, match=r"^services\[0\]: must be a mapping, got str$"):
         services_from_list(["web"])
+
+
+def test_ca_file_is_read_at_load(tmp_path: Path) -> None:
+    """A CA bundle that is a directory or holds no certificate is refused at load, not per probe."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    for ca_file, reason in ((str(tmp_path), f"cannot read {str(tmp_path)!r}: Is a directory"),
+                            (str(not_pem), f"no CA certificate in {str(not_pem)!r}")):
+        with pytest.raises(ConfigError) as info:
+            ServiceHealthConfig.from_dict(_service(checks=[{"kind": "https", "ca_file": ca_file}]), "services[0]")
+        assert info.value.path == "services[0].checks[0].ca_file"
+        assert info.value.reason.startswith(reason), info.value.reason
