@@ -3,11 +3,15 @@
 Announces the config's `announce` routes, and on SIGTERM/SIGINT shuts down gracefully
 (GRACEFUL_SHUTDOWN + wait if configured, withdraw all, Cease 6/2) and exits 0. With
 `--control-stdin` it also reads commands, one per line: `announce PREFIX [med=N] [local_pref=N]
-[community=A:B]...`, `withdraw PREFIX`, `shutdown`. Prints `ready` once started (for scripts).
+[community=A:B]...`, `withdraw PREFIX`, `status`, `shutdown`. Prints `ready` once started (for
+scripts); `status` prints one line `status {JSON}`: per peer, BGP state and counters, and BFD state
+and counters where configured; plus BFD packets dropped, by reason.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import ipaddress
 import logging
 import os
@@ -31,7 +35,7 @@ def parse_command(line: str) -> tuple[str, ipaddress.IPv4Network | ipaddress.IPv
     if not words:
         return "", None, RouteAttrs()
     verb = words[0]
-    if verb == "shutdown":
+    if verb in ("shutdown", "status"):
         return verb, None, RouteAttrs()
     if verb not in ("announce", "withdraw") or len(words) < 2:
         raise BgpError(f"unknown command {line!r}")
@@ -69,6 +73,11 @@ async def _control(speaker: Speaker, done: trio.Event) -> None:
                     speaker.withdraw(prefix)
                 elif verb == "shutdown":
                     done.set()
+                elif verb == "status":
+                    status = {"peers": [dataclasses.asdict(p) for p in speaker.snapshot()],
+                              "bfd_drops": speaker.bfd.drops if speaker.bfd is not None else {}}
+                    print("status " + json.dumps(status), flush=True)
+                    continue
                 if verb:
                     print(f"ok {verb}", flush=True)
 

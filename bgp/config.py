@@ -15,6 +15,14 @@ MAX_COMMUNITIES = 32
 
 
 @dataclass(frozen=True, slots=True)
+class BfdConfig:
+    """BFD (RFC 5880/5881) for one peer: our desired TX and required RX interval, and the multiplier."""
+
+    interval_ms: int = 300
+    multiplier: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class PeerConfig:
     address: IPv4Address | IPv6Address
     asn: int
@@ -24,6 +32,7 @@ class PeerConfig:
     md5_password: str | None = None
     connect_retry_s: float = 5.0
     attrs: RouteAttrs = RouteAttrs()  # added to every route sent to this peer
+    bfd: BfdConfig | None = None  # a BFD session to the peer; its failure tears the BGP session down
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,24 @@ def _hold(value: Any, where: str) -> int:
     return value
 
 
+def _bfd(value: Any, path: str) -> BfdConfig | None:
+    """`bfd: {interval_ms: 100, multiplier: 3}`; null or absent: no BFD."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: must be a mapping like {{interval_ms: 300, multiplier: 3}}, got {value!r}")
+    for key in value:
+        if key not in ("interval_ms", "multiplier"):
+            raise ConfigError(f"{path}.{key}: unknown key")
+    interval = _get(value, "interval_ms", f"{path}.", 300, (int,))
+    if not 10 <= interval <= 60000:
+        raise ConfigError(f"{path}.interval_ms: must be 10..60000, got {interval}")
+    mult = _get(value, "multiplier", f"{path}.", 3, (int,))
+    if not 1 <= mult <= 255:
+        raise ConfigError(f"{path}.multiplier: must be 1..255, got {mult}")
+    return BfdConfig(interval_ms=interval, multiplier=mult)
+
+
 def load(d: Mapping[str, Any]) -> SpeakerConfig:
     """Validate a mapping (as loaded from YAML/JSON) into a SpeakerConfig."""
     if not isinstance(d, Mapping):
@@ -163,7 +190,8 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
             address=address, asn=_asn(_get(p, "asn", path), f"{path}asn"),
             hold_time_s=_hold(_get(p, "hold_time_s", path, 90), f"{path}hold_time_s"),
             passive=_get(p, "passive", path, False, (bool,)), port=port, md5_password=pw,
-            connect_retry_s=float(retry), attrs=parse_attrs(p.get("attrs", {}) or {}, f"{path}attrs.")))
+            connect_retry_s=float(retry), attrs=parse_attrs(p.get("attrs", {}) or {}, f"{path}attrs."),
+            bfd=_bfd(p.get("bfd"), f"{path}bfd")))
     listen = _get(d, "listen", "", False, (bool,))
     for i, p in enumerate(peers):
         if p.passive and not listen:

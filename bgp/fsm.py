@@ -19,6 +19,10 @@ Hold-time negotiation (§4.2): the smaller of the two; 1 and 2 are refused by th
 An OPEN is checked against the configuration (`negotiate`) before it enters the table: an
 unacceptable one becomes a MESSAGE_ERROR event carrying the right NOTIFICATION.
 
+BFD (RFC 5882 §3.2): BFD_DOWN, posted by the I/O layer when the peer's BFD session fails, tears
+an OpenSent/OpenConfirm/Established session down with Cease/BFD Down (6/10, RFC 9384) and starts
+the IdleHold restart, as a hold-timer expiry would; in Idle/Connect/Active it changes nothing.
+
 Collisions (§6.8) when both sides connect: the I/O layer runs a second `Fsm` on the incoming
 connection; once both have an OPEN, `collision_loser` says which one gets OPEN_COLLISION_DUMP.
 """
@@ -66,6 +70,7 @@ class EventKind(enum.Enum):
     KEEPALIVE = 26
     UPDATE = 27
     ROUTE_REFRESH = 100  # RFC 2918; not in RFC 4271's list
+    BFD_DOWN = 101  # RFC 5882 §3.2: the peer's BFD session failed (Up -> Down); not in RFC 4271's list
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +421,12 @@ def _collision_dump(f: Fsm, ev: Event, now: float) -> list[Action]:
     return [Send(Notification(6, 7)), Close()]  # Cease / Connection Collision Resolution
 
 
+def _bfd_down(f: Fsm, ev: Event, now: float) -> list[Action]:
+    """The forwarding path to the peer is gone: drop the session, restart per IdleHold (RFC 5882 §3.2)."""
+    f._fail(now, "BFD session down")
+    return [Send(Notification(6, 10)), Close()]  # Cease / BFD Down (RFC 9384)
+
+
 def _ignore(f: Fsm, ev: Event, now: float) -> list[Action]:
     return []
 
@@ -470,6 +481,9 @@ for _s in _SESSION:
     TRANSITIONS[(_s, E.MESSAGE_ERROR)] = (_message_error, S.IDLE)
     TRANSITIONS[(_s, E.NOTIFICATION)] = (_notification, S.IDLE)
     TRANSITIONS[(_s, E.MANUAL_START)] = (_ignore, _s)
+    TRANSITIONS[(_s, E.BFD_DOWN)] = (_bfd_down, S.IDLE)
+for _s in (S.IDLE, S.CONNECT, S.ACTIVE):
+    TRANSITIONS[(_s, E.BFD_DOWN)] = (_ignore, _s)  # no session to tear down; a connect attempt fails by itself
 TRANSITIONS[(S.OPEN_SENT, E.OPEN_COLLISION_DUMP)] = (_collision_dump, S.IDLE)
 for _s in (S.CONNECT, S.ACTIVE):
     # Before any OPEN: a message error on the (just accepted) connection just drops it.

@@ -18,6 +18,12 @@ to dump (Cease 6/7) and the survivor becomes the peer's FSM.
 Shutdown (`shutdown()`): optionally re-advertise everything with GRACEFUL_SHUTDOWN and wait, then
 withdraw all routes, then NOTIFICATION Cease/Administrative Shutdown and close (FIN after data).
 
+BFD (RFC 5880/5881): peers with a `bfd` config get one session each in a `BfdEndpoint` that the
+speaker's nursery runs. When one fails (Up -> Down, not the peer's AdminDown) the endpoint's
+callback posts "bfd_down" to the peer's inbox, and the loop feeds BFD_DOWN into the FSM: Cease
+6/10, close, restart after IdleHold. On shutdown the sessions go AdminDown after the BGP Cease.
+`snapshot()` reports BGP and BFD state and counters per peer.
+
 TCP MD5 (RFC 2385) uses Linux's TCP_MD5SIG socket option, set before connect() and per peer on
 the listener, so unsigned or wrongly signed segments never reach us.
 """
@@ -37,6 +43,10 @@ from typing import Any
 
 import trio
 
+from bgp.bfd_fsm import SessionConfig as BfdSessionConfig
+from bgp.bfd_fsm import StateChange as BfdStateChange
+from bgp.bfd_session import BFD_PORT, BfdEndpoint, BfdStatus
+from bgp.bfd_session import Sender as BfdSender
 from bgp.codec import Framer, Message, Open, Prefix, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import BgpError, DecodeError
@@ -95,6 +105,20 @@ class _Conn:
     reader_done: trio.Event | None = None  # set when the reader task has exited
 
 
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """A snapshot of one peer for status output."""
+
+    address: str
+    state: str
+    established_count: int
+    received_updates: int
+    treat_as_withdraw: int
+    bfd_downs: int  # BGP sessions torn down because BFD failed
+    last_error: str
+    bfd: BfdStatus | None
+
+
 @dataclass(eq=False)
 class _Peer:
     config: PeerConfig
@@ -109,6 +133,7 @@ class _Peer:
     up: trio.Event = field(default_factory=trio.Event)
     received_updates: int = 0
     treat_as_withdraw: int = 0  # received UPDATEs with attribute errors (RFC 7606), ignored
+    bfd_downs: int = 0
     last_error: str = ""
 
 
@@ -116,7 +141,8 @@ class Speaker:
     """Originates routes to the configured peers. The node calls `announce` and `withdraw`."""
 
     def __init__(self, config: SpeakerConfig, *, connector: Connector = tcp_connect,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random, bfd_port: int = BFD_PORT,
+                 bfd_sender: BfdSender | None = None) -> None:
         self.config = config
         self.rib = DesiredRib()
         self.draining = False
@@ -129,6 +155,10 @@ class Speaker:
         for pc in config.peers:
             send, recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
             self._peers[str(pc.address)] = _Peer(pc, self._new_fsm(pc), send, recv)
+        bfd = {str(pc.address): BfdSessionConfig.from_ms(pc.bfd.interval_ms, pc.bfd.multiplier)
+               for pc in config.peers if pc.bfd is not None}
+        self.bfd = BfdEndpoint(bfd, on_change=self._bfd_changed, port=bfd_port, rng=rng,
+                               sender=bfd_sender) if bfd else None
 
     # ---- the node's API -------------------------------------------------------------------
 
@@ -146,9 +176,18 @@ class Speaker:
     async def wait_established(self, address: str) -> None:
         await self._peers[str(ipaddress.ip_address(address))].up.wait()
 
+    def snapshot(self) -> list[PeerStatus]:
+        bfd = self.bfd.snapshot() if self.bfd is not None else {}
+        return [PeerStatus(address=name, state=p.fsm.state.value, established_count=p.established_count,
+                           received_updates=p.received_updates, treat_as_withdraw=p.treat_as_withdraw,
+                           bfd_downs=p.bfd_downs, last_error=p.last_error or p.fsm.last_error, bfd=bfd.get(name))
+                for name, p in self._peers.items()]
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.bfd is not None:
+                await nursery.start(self.bfd.run)
             if self.config.listen:
                 await nursery.start(self._listen)
             for peer in self._peers.values():
@@ -175,6 +214,8 @@ class Speaker:
                 await ev.wait()
         if scope.cancelled_caught:
             log.warning("graceful shutdown: peers did not finish within %ss", timeout_s)
+        if self.bfd is not None:
+            await self.bfd.shutdown()  # AdminDown: the routers must not take this for a failure
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -185,6 +226,10 @@ class Speaker:
                         hold_time_s=pc.hold_time_s, passive=pc.passive, connect_retry_s=pc.connect_retry_s,
                         families=self.config.families)
         return Fsm(cfg, self._rng)
+
+    def _bfd_changed(self, address: str, change: BfdStateChange, failed: bool) -> None:
+        if failed and not self._stopping:
+            self._peers[address].inbox_send.send_nowait(("bfd_down", change.diag.name))
 
     def _request_sync(self) -> None:
         for peer in self._peers.values():
@@ -303,6 +348,12 @@ class Speaker:
                 return
             elif kind == "accepted":
                 await self._accepted(peer, item[1])
+            elif kind == "bfd_down":
+                if peer.fsm.state in (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED):
+                    peer.bfd_downs += 1
+                log.info("%s: BFD session down (%s) in BGP state %s", name, item[1], peer.fsm.state.value)
+                for fsm, conn in self._fsms(peer):
+                    await self._apply(peer, fsm, conn, Event(EventKind.BFD_DOWN))
             elif kind == "connected":
                 conn, stream = item[1], item[2]
                 if peer.conn is not conn or conn.stream is not None:
