@@ -52,6 +52,7 @@ def test_long_lived_connection_survives_backend_changes(lab: SingleNodeLab) -> N
     [(_, flow)] = [(k, f) for k, f in dp.flows() if k.dst_port == ECHO_PORT]
     pinned = next(b.name for b in lab.backends
                   if dp.backend_index(VIP4, ECHO_PORT, IPPROTO_TCP, ipaddress.ip_address(b.ip4)) == flow.backend)
+    assert pinned == session.backend, "the flow table and the backend's greeting agree"
 
     # Its backend leaves the hash (unhealthy or drained): the connection goes on, new ones avoid it.
     dp.apply(lab.services(out_of_hash=frozenset({pinned})))

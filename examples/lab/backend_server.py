@@ -1,5 +1,5 @@
 """A lab backend: an HTTP server that names itself, and a TCP echo service for long-lived
-connections. It binds the wildcard address, so it answers on the VIP held on loopback.
+connections (it greets with its name, then echoes lines). It binds the wildcard address, so it answers on the VIP held on loopback.
 
     python -m examples.lab.backend_server --name b1 [--http-port 80] [--echo-port 9000]
 
@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class DualStackHTTPServer(ThreadingHTTPServer):
     address_family = socket.AF_INET6
     daemon_threads = True
+    request_queue_size = 1024  # socketserver's default of 5 resets bursts of connections
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -29,6 +30,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
     address_family = socket.AF_INET6
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -36,9 +38,17 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
 
 class EchoHandler(socketserver.StreamRequestHandler):
+    """Greets with the backend's name (so a client knows where it landed), then echoes lines."""
+
+    name = "?"
+
     def handle(self) -> None:
-        for line in self.rfile:
-            self.wfile.write(line)
+        try:
+            self.wfile.write(f"{self.name}\n".encode())
+            for line in self.rfile:
+                self.wfile.write(line)
+        except ConnectionError:  # a client that goes away is not the server's problem
+            pass
 
 
 def main() -> int:
@@ -62,6 +72,7 @@ def main() -> int:
         def log_message(self, format: str, *a: object) -> None:
             pass
 
+    EchoHandler.name = args.name
     http = DualStackHTTPServer(("::", args.http_port), NameHandler)
     echo = EchoServer(("::", args.echo_port), EchoHandler)
     for server in (http, echo):

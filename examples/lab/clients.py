@@ -4,7 +4,7 @@
         N sequential GETs, each on a new TCP connection; prints one JSON line:
         {"ok": n, "failed": n, "backends": {"b1": n, ...}, "errors": [...]}
     python -m examples.lab.clients echo HOST PORT
-        Holds one TCP connection to an echo service. Prints "connected"; then for every line
+        Holds one TCP connection to an echo service. Prints "connected <backend>"; then for every line
         read on stdin sends it, checks the echo, and prints "ok <line>" or "error <why>".
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ def http_spread(url: str, count: int, timeout_s: float) -> dict[str, object]:
 def echo_session(host: str, port: int, timeout_s: float) -> int:
     sock = socket.create_connection((host, port), timeout=timeout_s)
     stream = sock.makefile("rwb")
-    print("connected", flush=True)
+    backend = stream.readline().decode().strip()
+    print(f"connected {backend}", flush=True)
     for line in sys.stdin:
         payload = line.strip().encode() + b"\n"
         try:

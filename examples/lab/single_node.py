@@ -117,16 +117,17 @@ class SingleNodeLab:
         proc = self.lab.spawn(self.client.ns, sys.executable, "-m", "examples.lab.clients", "echo",
                               str(vip), str(ECHO_PORT), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = read_line(proc, timeout_s=10)
-        if line != "connected":
+        if not line.startswith("connected "):
             raise RuntimeError(f"echo client: {line}")
-        return EchoSession(proc)
+        return EchoSession(proc, backend=line.split()[1])
 
 
 class EchoSession:
     """A long-lived TCP connection held by a client process; `ping` proves it still works."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], backend: str) -> None:
         self.proc = proc
+        self.backend = backend  # the name the backend greeted with
         self.sent = 0
 
     def ping(self, timeout_s: float = 5.0) -> str:
