@@ -4,7 +4,8 @@ A probe makes one attempt and returns a `ProbeResult`; it never raises for anyth
 or the backend does. The runner wraps it in a cancel scope for the check's timeout and reads
 `Attempt.phase` to say what was being waited for ("timeout after 500 ms waiting for response").
 Sockets are plain trio sockets (no happy-eyeballs, no DNS: addresses are numeric), so a check
-costs a handful of syscalls; HTTPS adds `trio.SSLStream` with a cached `ssl.SSLContext`.
+costs a handful of syscalls; HTTPS adds `trio.SSLStream` with the `ssl.SSLContext` the target
+carries (built once per checker).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import socket as stdsocket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -43,6 +45,7 @@ class ProbeTarget:
     host: str  # Host header / default SNI
     mark: int | None = None
     open_socket: SocketFactory = field(default=plain_socket, compare=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)  # HTTPS; see `make_ssl_context`
 
     @property
     def family(self) -> int:
@@ -78,10 +81,9 @@ async def probe(check: CheckConfig, target: ProbeTarget, attempt: Attempt) -> Pr
             await _connect(raw, (target.address, target.port))
             if check.kind is not CheckKind.TCP:
                 assert check.http is not None
-                if check.kind is CheckKind.HTTPS:
-                    status, error = await _https(check.http, target, trio.socket.from_stdlib_socket(raw), attempt)
-                else:
-                    status, error = await _http(check.http, target, raw, attempt)
+                io: _Stream = (await _tls(check.http, target, raw, attempt) if check.kind is CheckKind.HTTPS
+                               else _RawStream(raw))
+                status, error = await _exchange(check.http, target, io, attempt)
         finally:
             # No task can be waiting on `raw` here (this task is its only user), so there is no
             # one for trio.lowlevel.notify_closing to wake; the kernel drops the fd from epoll.
@@ -142,42 +144,59 @@ async def _connect(raw: stdsocket.socket, address: tuple[str, int]) -> None:
         raise OSError(err, os.strerror(err))
 
 
-async def _http(opts: HttpOptions, target: ProbeTarget, raw: stdsocket.socket,
-                attempt: Attempt) -> tuple[int | None, str | None]:
-    attempt.phase = "while sending request"
-    view = memoryview(build_request(opts.method, opts.path, opts.host or target.host))
-    while view:
-        try:
-            view = view[raw.send(view):]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(raw)
-    attempt.phase = "waiting for response"
-    parser = ResponseParser(want_body=opts.body_contains is not None, head_request=opts.method == "HEAD")
-    while True:
-        try:
-            data = raw.recv(RECV_SIZE)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(raw)
-            continue
-        response = parser.feed(data) if data else parser.eof()
-        if response is not None:
-            return response.status, _judge(opts, response.status, response.body)
+class _Stream(Protocol):
+    """The part of `trio.abc.Stream` a request needs."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self, max_bytes: int) -> bytes | bytearray: ...
 
 
-async def _https(opts: HttpOptions, target: ProbeTarget, sock: trio.socket.SocketType,
-                 attempt: Attempt) -> tuple[int | None, str | None]:
+class _RawStream:
+    """`_Stream` over the non-blocking stdlib socket, without trio.socket's wrappers."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: stdsocket.socket) -> None:
+        self._raw = raw
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._raw.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._raw)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return self._raw.recv(max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._raw)
+
+
+async def _tls(opts: HttpOptions, target: ProbeTarget, raw: stdsocket.socket,
+               attempt: Attempt) -> trio.SSLStream[trio.SocketStream]:
     attempt.phase = "in TLS handshake"
     # An address (no SNI sent) is matched against the certificate's IP SANs.
     server_hostname = opts.sni or opts.host or target.address
-    stream = trio.SSLStream(trio.SocketStream(sock), _ssl_context(opts.verify, opts.ca_file),
+    ctx = target.ssl_context or make_ssl_context(opts.verify, opts.ca_file)
+    stream = trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(raw)), ctx,
                             server_hostname=server_hostname, https_compatible=True)
     await stream.do_handshake()
+    return stream
+
+
+async def _exchange(opts: HttpOptions, target: ProbeTarget, io: _Stream,
+                    attempt: Attempt) -> tuple[int | None, str | None]:
+    """Send the request, read the response, judge it: (status, failure reason or None)."""
     attempt.phase = "while sending request"
-    await stream.send_all(build_request(opts.method, opts.path, opts.host or target.host))
+    await io.send_all(build_request(opts.method, opts.path, opts.host or target.host))
     attempt.phase = "waiting for response"
     parser = ResponseParser(want_body=opts.body_contains is not None, head_request=opts.method == "HEAD")
     while True:
-        data = bytes(await stream.receive_some(RECV_SIZE))
+        data = await io.receive_some(RECV_SIZE)
         response = parser.feed(data) if data else parser.eof()
         if response is not None:
             return response.status, _judge(opts, response.status, response.body)
@@ -191,21 +210,18 @@ def _judge(opts: HttpOptions, status: int, body: bytes) -> str | None:
     return None
 
 
-_SSL_CONTEXTS: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+def make_ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    """A client context; building one loads the trust store, so callers build it once and reuse it.
 
-
-def _ssl_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    """One context per (verify, ca_file): building one loads the trust store, so reuse it."""
-    key = (verify, ca_file)
-    ctx = _SSL_CONTEXTS.get(key)
-    if ctx is None:
-        if verify:
-            ctx = ssl.create_default_context(cafile=ca_file)
-        else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        _SSL_CONTEXTS[key] = ctx
+    `HealthChecker` builds one per (verify, ca_file) when it is created and hands it to the probes
+    in `ProbeTarget.ssl_context`; a new checker (a reload) reads the CA file again. A target
+    without one gets a fresh context per probe, which suits one-off probes only.
+    """
+    if verify:
+        return ssl.create_default_context(cafile=ca_file)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 

@@ -21,14 +21,16 @@ import heapq
 import logging
 import math
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
-from healthcheck.config import BackendConfig, CheckConfig, ServiceHealthConfig
+from healthcheck.config import BackendConfig, CheckConfig, CheckKind, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
-from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, SocketFactory, plain_socket, probe
+from healthcheck.probe import (Attempt, ProbeResult, ProbeTarget, SocketFactory, make_ssl_context, plain_socket,
+                               probe)
 from healthcheck.state import BackendChanged, Event, ServiceHealth, ServiceStatus
 from healthcheck.vipnet import NetnsSockets, VipSteering
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ProbeFn = Callable[[CheckConfig, ProbeTarget, Attempt], Awaitable[ProbeResult]]
 CLEANUP_TIMEOUT_S = 5.0
+PROBE_BUG_LOG_PERIOD_S = 60.0  # "probe raised" tracebacks: at most one per check per minute
 
 
 class TickWheel:
@@ -119,6 +122,7 @@ class HealthChecker:
         buffer = event_buffer if event_buffer is not None else 2 * sum(len(s.backends) + 1 for s in services) + 16
         self._send, self.events = trio.open_memory_channel[Event](buffer)
         self._health: dict[str, ServiceHealth] = {}
+        self._ssl_contexts = _ssl_contexts(self.services)
 
     def snapshot(self) -> tuple[ServiceStatus, ...]:
         return tuple(h.snapshot() for h in self._health.values())
@@ -164,22 +168,29 @@ class HealthChecker:
             assert self._steering is not None
             host = str(s.vip) if s.vip.version == 4 else f"[{s.vip}]"
             return ProbeTarget(str(s.vip), check.port or b.port, host, mark=self._steering.mark_for(b.address),
-                               open_socket=self._open_socket)
+                               open_socket=self._open_socket, ssl_context=self._ssl_context(check))
         host = str(b.address) if b.address.version == 4 else f"[{b.address}]"
-        return ProbeTarget(str(b.address), check.port or b.port, host, open_socket=self._open_socket)
+        return ProbeTarget(str(b.address), check.port or b.port, host, open_socket=self._open_socket,
+                           ssl_context=self._ssl_context(check))
+
+    def _ssl_context(self, check: CheckConfig) -> ssl.SSLContext | None:
+        if check.kind is not CheckKind.HTTPS or check.http is None:
+            return None
+        return self._ssl_contexts[(check.http.verify, check.http.ca_file)]
 
     async def _loop(self, health: ServiceHealth, backend: BackendConfig, index: int, check: CheckConfig,
                     target: ProbeTarget) -> None:
         interval_s = check.interval_s
         next_at = trio.current_time() + self._rng.uniform(0, interval_s)
         last_error: str | None = None
+        bug_log = LogLimiter(PROBE_BUG_LOG_PERIOD_S)
         wheel = self._wheel
         while True:
             if wheel is not None:
                 await wheel.park(next_at)
             else:
                 await trio.sleep_until(next_at)
-            result = await check_once(check, target, self._probe)
+            result = await check_once(check, target, self._probe, bug_log=bug_log)
             now = trio.current_time()
             if result.error != last_error:
                 log.debug("%s %s #%d: %s", health.config.name, backend.key, index, result.error or "passed")
@@ -199,15 +210,62 @@ class HealthChecker:
                 next_at = now + interval_s * self._rng.uniform(0, 1)
 
 
-async def check_once(check: CheckConfig, target: ProbeTarget, probe_fn: ProbeFn = probe) -> ProbeResult:
-    """One probe under the check's timeout; a timeout or a probe bug is a failed result."""
+class LogLimiter:
+    """At most one log line per `period_s`; counts the ones it holds back (for one check)."""
+
+    __slots__ = ("period_s", "_next_at", "_held")
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._next_at = -math.inf
+        self._held = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: stay quiet. Else log, mentioning the returned number of lines held back."""
+        if now < self._next_at:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next_at = now + self.period_s
+        return held
+
+
+async def check_once(check: CheckConfig, target: ProbeTarget, probe_fn: ProbeFn = probe, *,
+                     bug_log: LogLimiter | None = None) -> ProbeResult:
+    """One probe under the check's timeout; a timeout or a probe bug is a failed result.
+
+    A probe bug is logged with its traceback, at most once per `bug_log` period (every time
+    without one): a bug hit by every probe must not flood the log every interval. The failed
+    result carries the exception either way, so the snapshot shows it.
+    """
     attempt = Attempt()
     start = trio.current_time()
     with trio.move_on_after(check.timeout_s):
         try:
             return await probe_fn(check, target, attempt)
         except Exception as exc:  # a probe bug must not take the other checks down
-            log.warning("%s:%d: probe raised", target.address, target.port, exc_info=True)
-            return ProbeResult(False, (trio.current_time() - start) * 1000, f"internal error: {exc!r}")
+            now = trio.current_time()
+            held = bug_log.allow(now) if bug_log is not None else 0
+            if held is not None:
+                log.warning("%s:%d: probe raised%s", target.address, target.port,
+                            f" ({held} more since the last report)" if held else "", exc_info=True)
+            return ProbeResult(False, (now - start) * 1000, f"internal error: {exc!r}")
     elapsed_ms = (trio.current_time() - start) * 1000
     return ProbeResult(False, elapsed_ms, f"timeout after {check.timeout_ms} ms {attempt.phase}")
+
+
+def _ssl_contexts(services: Sequence[ServiceHealthConfig]) -> dict[tuple[bool, str | None], ssl.SSLContext]:
+    """One TLS client context per (verify, ca_file) of the HTTPS checks, built now, not per probe."""
+    contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+    for s in services:
+        for i, check in enumerate(s.checks):
+            if check.kind is not CheckKind.HTTPS or check.http is None:
+                continue
+            key = (check.http.verify, check.http.ca_file)
+            if key not in contexts:
+                try:
+                    contexts[key] = make_ssl_context(*key)
+                except (OSError, ssl.SSLError) as exc:  # config load checked the file; it changed since
+                    raise HealthCheckError(f"service {s.name}: checks[{i}].ca_file: cannot load "
+                                           f"{check.http.ca_file!r}: {exc}") from exc
+    return contexts

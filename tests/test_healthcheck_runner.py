@@ -1,6 +1,7 @@
 """The checker's timing on trio's virtual clock: phases, intervals, jitter, timeouts, events."""
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 from typing import Any
@@ -139,6 +140,22 @@ async def test_a_probe_bug_is_a_failed_check_not_a_crash(autojump_clock: trio.te
         await _run_for(checker, 3.0)
     c = checker.snapshot()[0].backends[0].checks[0]
     assert c.runs >= 2 and c.last_error == "internal error: ValueError('boom')"
+
+
+async def test_a_probe_bug_is_logged_at_most_once_a_minute_per_check(
+        autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(check: CheckConfig, target: ProbeTarget, attempt: Attempt) -> ProbeResult:
+        raise ValueError("boom")
+
+    checker = HealthChecker(_services(2), probe_fn=broken, jitter=0.0)
+    with caplog.at_level(logging.WARNING, logger="healthcheck.runner"), trio.fail_after(600):
+        await _run_for(checker, 150.0)
+    runs = sum(c.runs for b in checker.snapshot()[0].backends for c in b.checks)
+    assert runs >= 2 * 149
+    raised = [r for r in caplog.records if "probe raised" in r.getMessage()]
+    # Per check: the first failure, then one a minute (t0+60, t0+120) naming what it held back.
+    assert len(raised) == 2 * 3 and all(r.exc_info for r in raised)
+    assert sorted(r.getMessage().split(" raised")[1] for r in raised) == [""] * 2 + [" (59 more since the last report)"] * 4
 
 
 def test_bad_arguments() -> None:
