@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from healthcheck.config import BackendConfig, CheckConfig, CheckKind, ServiceHealthConfig
-from healthcheck.errors import HealthCheckError
+from healthcheck.errors import HealthCheckError, SteeringError
 from healthcheck.probe import (Attempt, ProbeResult, ProbeTarget, SocketFactory, make_ssl_context, plain_socket,
                                probe)
 from healthcheck.state import BackendChanged, Event, ServiceHealth, ServiceStatus
@@ -157,7 +157,10 @@ class HealthChecker:
             if pairs:
                 assert self._steering is not None
                 with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True) as scope:
-                    await self._steering.remove()
+                    try:
+                        await self._steering.remove()
+                    except SteeringError as exc:  # do not mask why we are stopping
+                        log.error("health checker: removing through-VIP steering: %s", exc)
                 if scope.cancelled_caught:
                     log.error("health checker: removing through-VIP steering timed out after %ss", CLEANUP_TIMEOUT_S)
             if sockets is not None:

@@ -25,7 +25,8 @@ XDP, raw sockets or a namespace per backend. Requirements, checked by `VipSteeri
   checks from a dedicated check namespace with a veth or macvlan into the backend segment;
 * replies come from the VIP, for which the checking namespace has no (or another) route, so
   reverse-path filtering would drop them: `apply` sets ``rp_filter=0`` on ``all`` and on the
-  devices it steers through (``relax_rp_filter=False`` leaves sysctls alone).
+  devices it steers through, and `remove` puts back the values it changed (``relax_rp_filter=False``
+  leaves sysctls alone).
 
 Everything namespace-specific lives here: `NetnsSockets` creates sockets inside a named network
 namespace (``setns`` around ``socket()``, then back; a socket stays in the namespace it was
@@ -93,6 +94,12 @@ def add_commands(entries: Sequence[SteeringEntry], pref: int) -> list[str]:
     return lines
 
 
+def by_family(entries: Sequence[SteeringEntry]) -> list[tuple[int, list[SteeringEntry]]]:
+    """Pure: (IP version, its entries) for each version that has any; `ip` takes one per batch."""
+    groups = ((version, [e for e in entries if e.backend.version == version]) for version in (4, 6))
+    return [(version, fam) for version, fam in groups if fam]
+
+
 def remove_commands(entries: Sequence[SteeringEntry], pref: int) -> list[str]:
     lines = []
     for e in entries:
@@ -114,8 +121,7 @@ class NetnsSockets:
         try:
             return stdsocket.socket(family, stdsocket.SOCK_STREAM)
         finally:
-            # Failing to return would leave this thread in the wrong namespace: fatal.
-            _setns(self._home)
+            _return_home(self._home)
 
     def close(self) -> None:
         for fd in (self._target, self._home):
@@ -126,6 +132,25 @@ def _setns(fd: int) -> None:
     if _libc.setns(fd, _CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise SteeringError(f"setns: {os.strerror(err)}")
+
+
+def _return_home(fd: int) -> None:
+    """Back to the thread's own namespace, or abort the process.
+
+    If this fails the thread, which runs every trio task of the node, stays in the check
+    namespace: every socket it opens after that (BGP sessions, the status socket, netlink for
+    the XDP detach) would silently land there. An exception cannot be made safe: `check_once`
+    turns `Exception` into a failed check, and even a `BaseException` would run the node's
+    shutdown path (withdraw, detach) in the wrong namespace on the way out. So the process
+    aborts: the kernel closes its BGP sessions, the peers withdraw its routes (the node stops
+    advertising, which is what a crashed component must cause), and the supervisor restarts it.
+    """
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        log.critical("setns back to the home network namespace failed: %s; this thread would open its "
+                     "sockets in the check namespace from now on: aborting", os.strerror(err))
+        logging.shutdown()  # flush the handlers: os.abort() does not
+        os.abort()
 
 
 class VipSteering:
@@ -140,6 +165,7 @@ class VipSteering:
         self.relax_rp_filter = relax_rp_filter
         self.entries: tuple[SteeringEntry, ...] = ()
         self._marks: dict[IPAddress, int] = {}
+        self._saved_sysctls: dict[str, str] = {}  # values `apply` changed, restored by `remove`
 
     def mark_for(self, backend: IPAddress) -> int:
         try:
@@ -168,31 +194,38 @@ class VipSteering:
         entries = plan(pairs, devs, mark_base=self.mark_base, table_base=self.table_base)
         await self._flush_pref()
         try:
-            for version in (4, 6):
-                fam = [e for e in entries if e.backend.version == version]
-                if fam:
-                    await self._batch(version, add_commands(fam, self.pref), force=False)
+            for version, fam in by_family(entries):
+                await self._batch(version, add_commands(fam, self.pref), force=False)
         except BaseException:
             with trio.CancelScope(shield=True):
-                for version in (4, 6):
-                    fam = [e for e in entries if e.backend.version == version]
-                    if fam:
-                        await self._batch(version, remove_commands(fam, self.pref), force=True)
+                for version, fam in by_family(entries):
+                    await self._batch(version, remove_commands(fam, self.pref), force=True)
             raise
-        if self.relax_rp_filter and any(e.backend.version == 4 for e in entries):
-            await self._sysctl({"net.ipv4.conf.all.rp_filter": "0",
-                                **{f"net.ipv4.conf.{e.dev}.rp_filter": "0" for e in entries if e.backend.version == 4}})
+        # Recorded before anything else can fail or be cancelled, so that `remove` undoes it all.
         self.entries = entries
         self._marks = {e.backend: e.mark for e in entries}
+        v4_devs = [e.dev for e in entries if e.backend.version == 4]
+        if self.relax_rp_filter and v4_devs:
+            keys = [f"net.ipv4.conf.{dev}.rp_filter" for dev in dict.fromkeys(["all", *v4_devs])]
+            previous = await self._sysctl_read(keys)
+            # Keep what an earlier `apply` saved: the values before *any* of ours.
+            self._saved_sysctls = {**{k: v for k, v in previous.items() if v != "0"}, **self._saved_sysctls}
+            if self._saved_sysctls:
+                await self._sysctl({k: "0" for k in self._saved_sysctls})
         log.info("%s: through-VIP steering for %d backends (marks %#x.., pref %d)", self.netns or "(own netns)",
                  len(entries), self.mark_base, self.pref)
 
     async def remove(self) -> None:
+        """Remove the rules and tables, then put back the rp_filter values `apply` changed.
+
+        Raises `SteeringError` if the sysctls could not be restored (the routing is gone by then).
+        """
         entries, self.entries, self._marks = self.entries, (), {}
-        for version in (4, 6):
-            fam = [e for e in entries if e.backend.version == version]
-            if fam:
-                await self._batch(version, remove_commands(fam, self.pref), force=True)
+        saved, self._saved_sysctls = self._saved_sysctls, {}
+        for version, fam in by_family(entries):
+            await self._batch(version, remove_commands(fam, self.pref), force=True)
+        if saved:
+            await self._sysctl(saved)
 
     async def _flush_pref(self) -> None:
         for version in (4, 6):
@@ -237,8 +270,19 @@ class VipSteering:
         return proc.stdout.decode()
 
     async def _sysctl(self, values: Mapping[str, str]) -> None:
+        await self._run_sysctl(["-q", "-w", *(f"{k}={v}" for k, v in values.items())])
+
+    async def _sysctl_read(self, keys: Sequence[str]) -> dict[str, str]:
+        out = await self._run_sysctl(["-n", *keys])
+        values = out.split()
+        if len(values) != len(keys):
+            raise SteeringError(f"sysctl -n {' '.join(keys)}: expected {len(keys)} values, got {out!r}")
+        return dict(zip(keys, values))
+
+    async def _run_sysctl(self, args: list[str]) -> str:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        cmd = [*prefix, "sysctl", "-q", "-w", *(f"{k}={v}" for k, v in values.items())]
+        cmd = [*prefix, "sysctl", *args]
         proc = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
         if proc.returncode != 0:
             raise SteeringError(f"{' '.join(cmd)} -> exit {proc.returncode}: {proc.stderr.decode().strip()}")
+        return proc.stdout.decode()

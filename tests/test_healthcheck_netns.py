@@ -9,9 +9,14 @@ root namespace; the checker creates its sockets in `chk` and installs its policy
 """
 from __future__ import annotations
 
+import os
+import resource
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from ipaddress import ip_address
-from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,3 +166,78 @@ async def test_rules_left_by_a_killed_checker_are_replaced(topo: Topology) -> No
             assert topo.lab.ns_run(topo.chk, "ip", "route", "show", "table", "777").stdout.strip() == ""
             nursery.cancel_scope.cancel()
     assert "fwmark" not in topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+
+
+def _rp_filter(lab: Lab, ns: str) -> tuple[str, str]:
+    out = lab.ns_run(ns, "sysctl", "-n", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.eth0.rp_filter").stdout
+    all_, eth0 = out.split()
+    return all_, eth0
+
+
+async def test_remove_restores_the_rp_filter_values_apply_changed(topo: Topology) -> None:
+    chk = topo.chk
+    topo.lab.ns_run(chk, "sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=2", "net.ipv4.conf.eth0.rp_filter=1")
+    steering = VipSteering(chk)
+    with trio.fail_after(10):
+        await steering.apply([(ip_address(VIP), ip_address(B1))])
+        assert _rp_filter(topo.lab, chk) == ("0", "0")
+        await steering.remove()
+    assert _rp_filter(topo.lab, chk) == ("2", "1")
+    assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+
+
+class _SysctlFails(VipSteering):
+    """Fault injection: the rp_filter write fails (`raise`) or never finishes (`hang`)."""
+
+    def __init__(self, netns: str, mode: str) -> None:
+        super().__init__(netns)
+        self.mode = mode
+
+    async def _sysctl(self, values: Mapping[str, str]) -> None:
+        if self.mode == "hang":
+            await trio.sleep_forever()
+        raise SteeringError("sysctl: injected failure")
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+async def test_rules_do_not_leak_when_the_rp_filter_step_fails_or_is_cancelled(topo: Topology, mode: str) -> None:
+    chk = topo.chk
+    svc = ServiceHealthConfig.from_dict(_service(f"sysctl-{mode}", True, "tcp"), "services[0]")
+    checker = HealthChecker([svc], netns=chk, steering=_SysctlFails(chk, mode))
+    with trio.fail_after(20):
+        if mode == "raise":
+            with pytest.raises(SteeringError, match="injected failure"):
+                await checker.run()
+        else:
+            with trio.move_on_after(1.0) as scope:
+                await checker.run()
+            assert scope.cancelled_caught
+    assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+    assert topo.lab.ns_run(chk, "ip", "route", "show", "table", "all", VIP).stdout.strip() == ""
+
+
+def test_failing_to_return_from_the_check_namespace_aborts(tmp_path: Path) -> None:
+    """No exception for check_once to swallow: the process must not go on in the wrong namespace."""
+    ns = f"lbhc-abort-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        code = f"""
+import logging, os, socket
+logging.basicConfig(level=logging.INFO)
+from healthcheck.vipnet import NetnsSockets
+sockets = NetnsSockets({ns!r})
+os.dup2(os.open("/dev/null", os.O_RDONLY), sockets._home)  # not a namespace: setns back fails (EINVAL)
+try:
+    sockets(socket.AF_INET)
+except BaseException as exc:
+    print("caught", repr(exc), flush=True)
+print("carried on", flush=True)
+"""
+        proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, timeout=30,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    assert "CRITICAL:healthcheck.vipnet:setns back to the home network namespace failed: Invalid argument" in proc.stderr

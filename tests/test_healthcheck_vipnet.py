@@ -5,7 +5,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from healthcheck.vipnet import SteeringEntry, add_commands, plan, remove_commands
+from healthcheck.vipnet import SteeringEntry, add_commands, by_family, plan, remove_commands
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,11 @@ def test_ipv6_uses_host_routes() -> None:
     v, b = ip_address("2001:db8::10"), ip_address("2001:db8:1::11")
     (entry,) = plan([(v, b)], {b: "eth0"}, mark_base=1, table_base=2)
     assert add_commands([entry], 7)[0] == "route replace 2001:db8::10/128 via 2001:db8:1::11 dev eth0 onlink table 2"
+
+
+def test_by_family_groups_v4_then_v6_and_skips_empty_ones() -> None:
+    v6, b6 = ip_address("2001:db8::10"), ip_address("2001:db8:1::11")
+    entries = plan([(V1, B1), (v6, b6), (V2, B2)], {B1: "eth0", B2: "eth0", b6: "eth1"})
+    assert by_family(entries) == [(4, list(entries[:2])), (6, [entries[2]])]
+    assert by_family(entries[:1]) == [(4, [entries[0]])]
+    assert by_family(()) == []
