@@ -145,8 +145,7 @@ class FlowSync:
         self.on_install = on_install  # test/bench hook: concatenated keys of each installed batch
         self.ready = False  # advertised in heartbeats; set once resync() has returned
         self.counters: dict[str, int] = dict.fromkeys((
-            "sent", "sent_flows", "received", "received_flows", "installed", "forged", "malformed",
-            "replayed", "stale", "resends", "resend_requests", "unknown_service", "send_errors", "events",
+            "sent", "sent_flows", "received", "received_flows", "installed", "forged", "malformed", "resends", "resend_requests", "unknown_service", "send_errors", "events",
             "refreshed", "refresh_passes", "resync_served", "resync_chunks", "resync_ignored", "install_errors"), 0)
         self._seq = 0
         self._sock: socket.socket | None = None
@@ -170,22 +169,25 @@ class FlowSync:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, open the ring reader, report ready, and sync until cancelled."""
-        self._sock = self._open_socket()
-        reader = self._reader = self.dp.flow_event_reader()
+        sock = self._sock = self._open_socket()
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._events_loop, reader)
-                nursery.start_soon(self._recv_loop)
-                nursery.start_soon(self._timer_loop)
-                log.info("flow sync %s (node %#x, incarnation %d) on %s port %d via %s", self.node_ip, self.node_id,
-                         self.incarnation, ",".join(d[0] for d in self._dests), self.config.port, self.ifname or "-")
-                task_status.started()
+            reader = self._reader = self.dp.flow_event_reader()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._events_loop, reader)
+                    nursery.start_soon(self._recv_loop)
+                    nursery.start_soon(self._timer_loop)
+                    log.info("flow sync %s (node %#x, incarnation %d) to %s port %d via %s", self.node_ip,
+                             self.node_id, self.incarnation, ",".join(d[0] for d in self._dests), self.config.port,
+                             self.ifname or "-")
+                    task_status.started()
+            finally:
+                self._nursery = None
+                self._reader = None
+                reader.close()
         finally:
-            self._nursery = None
-            self._reader = None
-            reader.close()
-            self._sock.close()
+            sock.close()
 
     async def resync(self, timeout_s: float) -> bool:
         """Install the peers' whole flow tables; False (with a warning) if not done within `timeout_s`."""

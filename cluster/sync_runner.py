@@ -266,7 +266,7 @@ class SyncLab:
         self.ips: dict[str, str] = {}
 
     def add_node(self, role: str, index: int) -> str:
-        ns = self.lab.netns(role)
+        ns: str = self.lab.netns(role)
         self.lab.veth(ns, "eth0", self.sw, f"p{role}")
         self.lab.addr(ns, "eth0", f"10.9.0.{index}/24")
         if len(self.hosts) == 0:

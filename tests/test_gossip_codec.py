@@ -81,6 +81,7 @@ def test_round_trip(body: g.Body) -> None:
         data = g.encode_resync_chunk(KEY, 5, 6, 99, body.target, body.request_id, body.index, body.last,
                                      [r.wire() for r in body.records])
     else:
+        assert isinstance(body, g.Heartbeat)
         data = g.encode_heartbeat(KEY, 5, 6, 99, body)
     msg = g.decode(KEY, data)
     assert msg.body == body
