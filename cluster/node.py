@@ -257,16 +257,28 @@ class Node:
             log.warning("flow resync incomplete after %.1fs: advertising anyway", timeout_s)
 
     async def _tick(self) -> None:
-        """Publish the clock that stamps flows (see bpf/dataplane.py)."""
+        """Publish the clock that stamps flows (see bpf/dataplane.py); notice digest verdicts."""
+        blocked = self._blocked_by_digest()
         while True:
             await trio.sleep(self.config.flows.refresh_s / 2)
             if self._dp is not None:
                 self._dp.tick()
+            if self._blocked_by_digest() != blocked:
+                blocked = self._blocked_by_digest()
+                log.warning("flow-sync digest %s a peer's: %s", "differs from" if blocked else "matches again",
+                            "not advertising" if blocked else "advertising allowed")
+                self.reconcile()
+
+    def _blocked_by_digest(self) -> bool:
+        """With sync.digest_mismatch_blocks, a live peer that sees other services/backends/health
+        holds back our routes: two nodes hashing differently would break each other's flows."""
+        sync, cfg = self._sync, self.config.sync
+        return bool(sync is not None and cfg is not None and cfg.digest_mismatch_blocks and sync.digest_mismatch)
 
     # ---- desired state --------------------------------------------------------------------------------
 
     def view(self) -> View:
-        return View(self.config, self._usable, self._neighbours.macs, self._ready)
+        return View(self.config, self._usable, self._neighbours.macs, self._ready and not self._blocked_by_digest())
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view."""

@@ -157,4 +157,31 @@ class EcmpLab:
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-__all__ = ["EcmpLab", "Host", "VIP", "ECHO_PORT", "HTTP_PORT"]
+__all__ = ["EcmpLab", "Load", "Host", "VIP", "ECHO_PORT", "HTTP_PORT"]
+
+
+class Load:
+    """The load generator running in the client namespace (examples/lab/loadgen.py)."""
+
+    def __init__(self, ecmp: EcmpLab, *, long: int = 200, short_rate: float = 20.0, interval_ms: int = 100) -> None:
+        from examples.lab.netns import read_line
+
+        self._read_line = read_line
+        self.proc = ecmp.lab.spawn(ecmp.client, sys.executable, "-m", "examples.lab.loadgen", str(VIP),
+                                   "--long", str(long), "--short-rate", str(short_rate),
+                                   "--interval-ms", str(interval_ms), cwd=REPO,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = read_line(self.proc, timeout_s=60)
+        if line != "ready":
+            raise RuntimeError(f"loadgen: {line}")
+
+    def report(self, command: str = "report") -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read_line(self.proc, timeout_s=30))  # type: ignore[no-any-return]
+
+    def stop(self) -> dict[str, Any]:
+        final = self.report("stop")
+        self.proc.wait(timeout=30)
+        return final
