@@ -244,6 +244,16 @@ int xdp_main(struct xdp_md *ctx)
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return verdict(STAT_PASS_UNPARSED, XDP_PASS);
+	__u32 zero = 0;
+	struct lb_config *cfg = config.lookup(&zero);
+	if (!cfg)
+		return verdict(STAT_PASS, XDP_PASS);
+	/* Only frames sent to us. XDP runs before the stack's MAC filter, so a switch flooding
+	 * unknown unicast (say, to a peer node whose link is down) would otherwise make two nodes
+	 * forward the same frame. The kernel drops what we pass as "other host". */
+	if (*(__u32 *)eth->h_dest != *(__u32 *)cfg->mac ||
+	    *(__u16 *)(eth->h_dest + 4) != *(__u16 *)(cfg->mac + 4))
+		return verdict(STAT_PASS_NOT_OURS, XDP_PASS);
 
 	struct packet pkt = {};
 	int parsed;
@@ -266,7 +276,6 @@ int xdp_main(struct xdp_md *ctx)
 		return verdict(STAT_PASS, XDP_PASS);
 	}
 
-	__u32 zero = 0;
 #ifdef LB_BENCH_NEW_FLOW
 	/* Benchmark build only (bench/xdp.py): each run of the same frame is a new client. */
 	__u64 *bench_n = bench_counter.lookup(&zero);
@@ -275,9 +284,6 @@ int xdp_main(struct xdp_md *ctx)
 		pkt.key.src[3] ^= (__u32)*bench_n;
 	}
 #endif
-	struct lb_config *cfg = config.lookup(&zero);
-	if (!cfg)
-		return verdict(STAT_PASS, XDP_PASS);
 	/* The control plane's clock, written every refresh interval: reading the kernel's clock
 	 * here cost 20-70 ns a packet (coarse / precise), a third of the whole fast path. */
 	__u64 now = cfg->epoch_ns;

@@ -126,10 +126,11 @@ struct backend_stats {
 	__u64 new_flows;
 };
 
-/* Global verdict counters; every verdict lands in exactly one of the first five. */
+/* Global verdict counters; every verdict lands in exactly one of the first six. */
 enum lb_stat {
 	STAT_PASS = 0,          /* not for a service */
 	STAT_PASS_UNPARSED,     /* too short or malformed to classify: left to the kernel */
+	STAT_PASS_NOT_OURS,     /* destination MAC not ours (flooded or promiscuous): left to the kernel */
 	STAT_TX,                /* forwarded to a backend */
 	STAT_DROP_NO_BACKEND,   /* service without a usable backend */
 	STAT_DROP_FRAGMENT,     /* IP fragment to a VIP: no ports to hash (see README) */

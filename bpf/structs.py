@@ -32,14 +32,15 @@ class Stat(enum.IntEnum):
 
     PASS = 0
     PASS_UNPARSED = 1
-    TX = 2
-    DROP_NO_BACKEND = 3
-    DROP_FRAGMENT = 4
-    NEW_FLOW = 5
-    SYN_UNPINNED = 6
-    ICMP_TOO_BIG = 7
-    FLOW_REPINNED = 8
-    EVENT_LOST = 9
+    PASS_NOT_OURS = 2
+    TX = 3
+    DROP_NO_BACKEND = 4
+    DROP_FRAGMENT = 5
+    NEW_FLOW = 6
+    SYN_UNPINNED = 7
+    ICMP_TOO_BIG = 8
+    FLOW_REPINNED = 9
+    EVENT_LOST = 10
 
 
 STAT_MAX = len(Stat)

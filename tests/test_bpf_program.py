@@ -119,7 +119,11 @@ CASES = [
     ("ICMPv6 echo to VIP6", bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / ICMPv6EchoRequest()),
      XdpAction.PASS, None, Stat.PASS),
     ("ICMP frag-needed quoting a non-service port", too_big4(quoted_sport=22), XdpAction.PASS, None, Stat.PASS),
-    ("ARP", bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=ROUTER_MAC) / ARP(pdst=str(VIP4))), XdpAction.PASS, None, Stat.PASS),
+    ("ARP (broadcast)", bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=ROUTER_MAC) / ARP(pdst=str(VIP4))),
+     XdpAction.PASS, None, Stat.PASS_NOT_OURS),
+    ("VIP TCP to another node's MAC (flooded by a switch)",
+     bytes(Ether(dst="02:00:00:00:00:02", src=ROUTER_MAC) / IP(src=CLIENT4, dst=str(VIP4)) / TCP(sport=2, dport=80, flags="A")),
+     XdpAction.PASS, None, Stat.PASS_NOT_OURS),
     ("service with no usable backend", tcp4(dst=VIP_EMPTY), XdpAction.DROP, None, Stat.DROP_NO_BACKEND),
     ("first IPv4 fragment to the VIP (MF)",
      bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), flags="MF") / TCP(sport=1, dport=80)),
@@ -312,7 +316,7 @@ def _ip_destination(frame: bytes) -> str | None:
 def _check_verdict_rules(dp: DataPlane, frame: bytes) -> None:
     result = run_xdp(dp.fd, frame)
     assert result.action in (XdpAction.PASS, XdpAction.TX, XdpAction.DROP)
-    if _ip_destination(frame) not in VIP_ADDRESSES:
+    if _ip_destination(frame) not in VIP_ADDRESSES or frame[:6] != bytes.fromhex(OUR_MAC.replace(":", "")):
         assert result.action == XdpAction.PASS and result.packet == frame, "never touch a non-VIP frame"
     if result.action == XdpAction.TX:
         assert result.packet[6:12] == bytes.fromhex(OUR_MAC.replace(":", ""))
@@ -325,8 +329,10 @@ VALID_FRAMES = [c[1] for c in CASES if len(c[1]) > 40]
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.binary(min_size=14, max_size=200))
-def test_fuzz_random_frames(dp: DataPlane, frame: bytes) -> None:
+@given(st.booleans(), st.binary(min_size=14, max_size=200))
+def test_fuzz_random_frames(dp: DataPlane, to_us: bool, frame: bytes) -> None:
+    if to_us:  # half the frames get past the MAC check
+        frame = bytes.fromhex(OUR_MAC.replace(":", "")) + frame[6:]
     _check_verdict_rules(dp, frame)
 
 
