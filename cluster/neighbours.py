@@ -38,10 +38,12 @@ class Neighbours:
         self.macs: dict[IPAddress, str] = {}
         self._on_change = on_change
         self._interval_s = interval_s
+        self._wake = trio.Event()
 
     def set_addresses(self, addresses: Iterable[IPAddress]) -> None:
         self.addresses = frozenset(addresses)
         self.macs = {a: m for a, m in self.macs.items() if a in self.addresses}
+        self._wake.set()  # a new backend: look it up now, not at the next slow poll
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from pyroute2 import IPRoute
@@ -56,7 +58,9 @@ class Neighbours:
             while True:
                 # Poll fast while a backend's MAC is still unknown: it cannot take traffic until then.
                 missing = any(a not in self.macs for a in self.addresses)
-                await trio.sleep(FAST_INTERVAL_S if missing else self._interval_s)
+                with trio.move_on_after(FAST_INTERVAL_S if missing else self._interval_s):
+                    await self._wake.wait()
+                self._wake = trio.Event()
                 await self._refresh(ipr, index)
 
     async def _refresh(self, ipr: Any, index: int) -> None:

@@ -307,6 +307,8 @@ class Node:
     def snapshot(self) -> dict[str, Any]:
         dp = self._dp
         health = {s.service: s for s in self._checker.snapshot()} if self._checker else {}
+        in_hash = {(spec.vip, spec.port, b.address) for spec in dataplane_services(self.view())
+                   for b in spec.backends if b.hash_weight > 0}
         services = []
         for svc in self.config.services:
             for vip in svc.vips:
@@ -327,6 +329,7 @@ class Node:
                             last_error = errors[0] if errors else None
                         backends.append({
                             "backend": key, "usable": key in self._usable.get(name, frozenset()),
+                            "in_hash": (vip, port, b.address) in in_hash,
                             "disabled": b.disabled, "weight": b.weight, "mac": self._neighbours.macs.get(b.address),
                             "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
                             "last_error": last_error,

@@ -38,8 +38,10 @@ SYNC_KEY = b"lab-flow-sync-key-0123456789abcdef\n"
 class EcmpLab:
     """Builds the topology inside a `Lab` (which owns teardown); starts and stops its processes."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, backends: int = 3) -> None:
+    def __init__(self, lab: Lab, workdir: Path, *, backends: int = 3, initial_backends: int | None = None) -> None:
+        """`initial_backends`: how many of the backends the nodes' config lists at first (default all)."""
         self.lab, self.workdir = lab, workdir
+        self.initial_backends = backends if initial_backends is None else initial_backends
         self.router = lab.netns("router")
         self.nodes = {name: add_host(lab, self.router, name, f"10.0.0.{i}", f"2001:db8::{i}")
                       for i, name in enumerate(NODE_AS, 1)}
@@ -95,7 +97,7 @@ class EcmpLab:
             "services": [{
                 "name": "web", "vips": [str(VIP)], "ports": [HTTP_PORT, ECHO_PORT], "need": 1,
                 "checks": [{"kind": "tcp", "interval_ms": 500, "timeout_ms": 300, "rise": 1, "fall": 2}],
-                "backends": [{"address": b.ip4} for b in self.backends],
+                "backends": [{"address": b.ip4} for b in self.backends[:self.initial_backends]],
             }],
         }
 

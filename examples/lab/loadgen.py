@@ -62,6 +62,7 @@ class Figures:
                 "by_backend": dict(Counter(c.backend for c in self.longs)),
                 "echoed": sum(c.echoed for c in self.longs),
                 "max_stall_ms": round(1000 * stalls[-1]) if stalls else 0,
+                "current_stall_ms": round(1000 * max((now - c.last_ok for c in alive), default=0.0)),
                 "p99_stall_ms": round(1000 * stalls[min(len(stalls) - 1, math.ceil(0.99 * len(stalls)) - 1)]) if stalls else 0,
                 "lost_at_s": sorted(round(c.lost_at - self.started, 3) for c in self.longs if c.lost_at is not None),
             },
