@@ -227,6 +227,8 @@ class Session:
         if new is old:
             return []
         self.state = new
+        if new is State.UP:
+            self.local_diag = Diag.NONE  # the diagnostic tells why the session last went down
         actions: list[Action] = [StateChange(old, new, self.local_diag)]
         if new is State.UP:
             actions += self._parameters_changed(now, old_tx_adv, old_rx_adv, send=False)

@@ -185,7 +185,9 @@ async def test_bfd_failure_tears_the_bgp_session_down_and_it_comes_back(autojump
             await peer2.establish()
             await wait_for(lambda: speaker.bfd.state(ROUTER) is State.UP)  # type: ignore[union-attr]
         await speaker.shutdown()
-        assert w.b.state(NODE) is State.DOWN and w.b.snapshot()[NODE].remote_state == "ADMIN_DOWN"
+        with trio.fail_after(1):
+            await wait_for(lambda: w.b.state(NODE) is State.DOWN)  # type: ignore[union-attr]
+        assert w.b.snapshot()[NODE].remote_state == "ADMIN_DOWN"
         assert w.b.snapshot()[NODE].failures == 1  # only the cut (our Down told it), not the shutdown
         nursery.cancel_scope.cancel()
 
