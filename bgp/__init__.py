@@ -2,7 +2,9 @@
 
 Modules: `codec` (bytes <-> messages, framing), `fsm` (RFC 4271 §8 table), `rib` (desired state,
 per-peer diffing), `config` (validated settings), `speaker` (the only I/O: trio sockets, TCP MD5),
-`__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown).
+`__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown). BFD (RFC 5880/5881)
+per peer: `bfd_codec` (control packets), `bfd_fsm` (session table, timers, demux), `bfd_session`
+(the BFD I/O: UDP with TTL 255); a failed BFD session tears its BGP session down.
 
 Operator notes:
 - Hold time 0 or >= 3 s (1-2 are refused with NOTIFICATION 2/6, as BIRD does). With 3 s a silent
@@ -11,4 +13,7 @@ Operator notes:
   (examples/bird.conf uses `error wait time 1, 10`) or a restarted node waits a minute.
 - ECMP (`merge paths on`) merges only equal routes: give all nodes the same MED, LOCAL_PREF and
   communities policy. Graceful Restart is never advertised, so dead nodes' routes are not kept.
+- BFD (`bfd: {interval_ms: 100, multiplier: 3}` on a peer, `protocol bfd` + `bfd on` at the
+  router, see examples/bird-bfd.conf) drops a frozen or unplugged node in about 3 x interval.
+  The router's BGP does not wait for BFD, so a peer without BFD simply keeps plain BGP.
 """
