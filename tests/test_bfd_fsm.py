@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
 from bgp.bfd_fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Event, Session, SessionConfig, StateChange,
@@ -354,3 +356,44 @@ def test_demux_checks_ttl_discriminators_and_source() -> None:
     assert d.route(b"\x20" * 10, 255, "10.0.0.254") is DropReason.SHORT
     assert d.drops == {DropReason.TTL: 2, DropReason.UNKNOWN_PEER: 1, DropReason.WRONG_SOURCE: 1,
                        DropReason.UNKNOWN_DISCRIMINATOR: 1, DropReason.SHORT: 1}
+
+
+# ---- any packet sequence -------------------------------------------------------------------------
+
+STEPS = st.lists(st.tuples(
+    st.floats(0, 2.0),  # time until the step
+    st.one_of(st.none(), st.builds(
+        ControlPacket, state=st.sampled_from(State), my_discriminator=st.integers(1, 3),
+        your_discriminator=st.sampled_from([0, 1, 1, 5]), desired_min_tx_us=st.sampled_from([0, 1, 50_000, 10**6]),
+        required_min_rx_us=st.sampled_from([0, 1, 100_000, 10**6]), detect_mult=st.integers(1, 5),
+        poll=st.booleans(), final=st.booleans())),
+    st.sampled_from(["recv", "change", "admin"])), max_size=40)
+
+
+def check(s: Session, acts: list) -> None:
+    for a in sent(acts):
+        assert not (a.poll and a.final)
+        assert a.state is s.state
+        assert a.desired_min_tx_us >= 1_000_000 or a.state is S.UP
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(STEPS)
+def test_any_sequence_keeps_the_invariants(steps: list) -> None:
+    s = session(rnd=None)
+    now = 0.0
+    s.start(now)
+    for dt, p, kind in steps:
+        now += dt
+        check(s, s.poll(now))
+        assert (d := s.next_deadline()) is None or d > now  # everything due has fired
+        acts: list = []
+        if p is not None and kind == "recv" and not (p.poll and p.final):
+            acts += s.receive(p, now)
+        elif kind == "change":
+            acts += s.change(now, desired_min_tx_us=int(dt * 200_000) + 10_000)
+        elif kind == "admin":
+            acts += s.admin_down(now) if s.state is not S.ADMIN_DOWN else s.admin_up(now)
+        check(s, acts)
+        if s.state is not S.UP:
+            assert not s.poll_active
