@@ -44,9 +44,10 @@ MAC = "02:00:00:00:00:01"
 VIP = ip("10.0.0.100")
 CLIENT = "192.0.2.7"
 CLIENT_WORD = bytes(ipaddress.ip_address(CLIENT).packed)
-WEB = ServiceSpec(VIP, 80, IPPROTO_TCP, (BackendSpec(ip("10.0.0.11"), "02:00:00:00:0b:01"),
-                                         BackendSpec(ip("10.0.0.12"), "02:00:00:00:0b:02")))
-DUMMY = ServiceSpec(ip("10.0.0.200"), 443, IPPROTO_TCP, (BackendSpec(ip("10.0.0.21"), "02:00:00:00:0c:01"),))
+# Backends at our own MAC: `burst` repeats one test-run buffer, and the program forwards only
+# frames addressed to us (sync translates backends by address, never by MAC).
+WEB = ServiceSpec(VIP, 80, IPPROTO_TCP, (BackendSpec(ip("10.0.0.11"), MAC), BackendSpec(ip("10.0.0.12"), MAC)))
+DUMMY = ServiceSpec(ip("10.0.0.200"), 443, IPPROTO_TCP, (BackendSpec(ip("10.0.0.21"), MAC),))
 
 
 def frame(sport: int, flags: str = "A") -> bytes:

@@ -15,7 +15,9 @@ from bpf.testrun import run_xdp
 pytestmark = pytest.mark.bpf
 
 VIP = ipaddress.ip_address("10.0.0.100")
-B1 = BackendSpec(ipaddress.ip_address("10.0.0.11"), "02:00:00:00:0b:01")
+# At our own MAC: a repeated test run reuses one buffer, and the program forwards only frames
+# addressed to us, so a backend MAC would end the flow path after the first repetition.
+B1 = BackendSpec(ipaddress.ip_address("10.0.0.11"), "02:00:00:00:00:01")
 ACK = bytes(Ether(dst="02:00:00:00:00:01", src="02:00:00:00:00:fe") / IP(src="192.0.2.7", dst=str(VIP))
             / TCP(sport=40000, dport=80, flags="A"))
 
