@@ -12,8 +12,11 @@ frames bytes and posts them to the inbox; decoding happens in the loop, so the 4
 applies exactly from the message after the OPEN.
 
 Collisions (RFC 4271 §6.8): a connection accepted while the peer's FSM is in OpenSent/OpenConfirm
-gets its own FSM; once an OPEN names the peer's identifier, `collision_loser` picks the connection
-to dump (Cease 6/7) and the survivor becomes the peer's FSM.
+gets its own FSM (`peer.other`); once an OPEN names the peer's identifier, `collision_loser` picks
+the connection to dump (Cease 6/7) and the survivor becomes the peer's FSM. If the primary
+connection closes first (the peer resolved the collision its own way), the other one is promoted;
+if the primary reaches Established first, the other one is dumped. Routes go out on whichever FSM
+is Established.
 
 Shutdown (`shutdown()`): optionally re-advertise everything with GRACEFUL_SHUTDOWN and wait, then
 withdraw all routes, then NOTIFICATION Cease/Administrative Shutdown and close (FIN after data).
@@ -403,11 +406,37 @@ class Speaker:
         if isinstance(msg, Open) and fsm.state is State.OPEN_CONFIRM and peer.other is not None:
             await self._resolve_collision(peer, msg)
 
-    async def _resolve_collision(self, peer: _Peer, msg: Open) -> None:
-        assert peer.other is not None and peer.conn is not None
+    def _promote_other(self, peer: _Peer) -> None:
+        """The primary connection is gone: the colliding incoming one becomes the peer's FSM."""
+        assert peer.other is not None
+        log.info("%s: primary connection gone (%s); carrying on with the incoming one in %s",
+                 peer.config.address, peer.fsm.state.value, peer.other[0].state.value)
+        peer.fsm, peer.conn = peer.other
+        peer.other = None
+
+    async def _dump_other(self, peer: _Peer) -> None:
+        """Close the colliding connection with Cease 6/7; the primary one carries on."""
+        assert peer.other is not None
         other_fsm, other_conn = peer.other
-        if other_fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM) or \
-                peer.fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM):
+        peer.other = None
+        await self._run_actions(peer, other_fsm, other_conn, other_fsm.handle(
+            Event(EventKind.OPEN_COLLISION_DUMP), trio.current_time()))
+
+    async def _resolve_collision(self, peer: _Peer, msg: Open) -> None:
+        if peer.other is None:
+            return
+        other_fsm, other_conn = peer.other
+        if peer.conn is None or peer.fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED):
+            self._promote_other(peer)  # no collision any more: the primary connection has gone
+            return
+        if peer.fsm.state is State.ESTABLISHED:
+            # RFC 4271 §6.8: a collision with an Established session closes the new connection.
+            if other_fsm.state in (State.OPEN_SENT, State.OPEN_CONFIRM):
+                log.info("%s: connection collision with an Established session, closing the incoming one",
+                         peer.config.address)
+                await self._dump_other(peer)
+            return
+        if other_fsm.state not in (State.OPEN_SENT, State.OPEN_CONFIRM):
             return
         loser = collision_loser(self.config.router_id, msg.bgp_id)
         # Dump the connection in the losing direction; if both share a direction, the newer one.
@@ -420,9 +449,7 @@ class Speaker:
             await self._run_actions(peer, old_fsm, old_conn, old_fsm.handle(Event(EventKind.OPEN_COLLISION_DUMP),
                                                                             trio.current_time()))
         else:
-            peer.other = None
-            await self._run_actions(peer, other_fsm, other_conn, other_fsm.handle(
-                Event(EventKind.OPEN_COLLISION_DUMP), trio.current_time()))
+            await self._dump_other(peer)
 
     async def _accepted(self, peer: _Peer, stream: trio.abc.Stream) -> None:
         state = peer.fsm.state
@@ -457,6 +484,8 @@ class Speaker:
             if isinstance(action, Send):
                 await self._send(peer, fsm, conn, action.message)
             elif isinstance(action, Connect):
+                if fsm is not peer.fsm:
+                    continue  # an FSM given up (collision) does not start connections
                 if peer.conn is not None:
                     await self._drop(peer.conn)
                 conn = peer.conn = _Conn(outgoing=True)
@@ -467,7 +496,9 @@ class Speaker:
                     await self._drop(conn)
                 if peer.conn is conn and fsm is peer.fsm:
                     peer.conn = None
-                if peer.other is not None and peer.other[1] is conn:
+                    if peer.other is not None:
+                        self._promote_other(peer)  # the colliding connection is all we have now
+                elif peer.other is not None and peer.other[1] is conn:
                     peer.other = None
             elif isinstance(action, SessionUp):
                 peer.established_count += 1
@@ -478,6 +509,11 @@ class Speaker:
                 for update in peer.adj_out.sync(self.rib.routes, policy) + end_of_rib(policy.families):
                     await self._send(peer, fsm, conn, update)
                 peer.up.set()
+                if fsm is peer.fsm and peer.other is not None and \
+                        peer.other[0].state in (State.OPEN_SENT, State.OPEN_CONFIRM):
+                    log.info("%s: connection collision with the Established session, closing the incoming one",
+                             name)
+                    await self._dump_other(peer)  # RFC 4271 §6.8
             elif isinstance(action, SessionDown):
                 peer.last_error = action.reason
                 peer.up = trio.Event()
@@ -499,10 +535,11 @@ class Speaker:
             peer.inbox_send.send_nowait(("closed", conn, f"send failed: {exc!r}"))
 
     async def _sync(self, peer: _Peer) -> None:
-        if peer.fsm.state is not State.ESTABLISHED:
-            return
-        for update in peer.adj_out.sync(self.rib.routes, self._policy(peer, peer.fsm)):
-            await self._send(peer, peer.fsm, peer.conn, update)
+        for fsm, conn in self._fsms(peer):  # routes follow whichever FSM is Established
+            if fsm.state is State.ESTABLISHED:
+                for update in peer.adj_out.sync(self.rib.routes, self._policy(peer, fsm)):
+                    await self._send(peer, fsm, conn, update)
+                return
 
     async def _stop(self, peer: _Peer) -> None:
         await self._sync(peer)  # the desired RIB is empty now: withdraw everything

@@ -245,6 +245,50 @@ async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("with_notification", [True, False], ids=["cease-then-close", "just-close"])
+async def test_collision_peer_dumps_our_outgoing_connection_first(with_notification: bool) -> None:
+    """The router resolves the collision before we do: it closes our outgoing connection in
+    OpenSent, then sends its OPEN on the incoming one. That one becomes the session (no crash),
+    and later changes are sent on it."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    cfg = bgp_config.load({
+        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
+        "listen_address": "127.0.0.1", "listen_port": 0,
+        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30,
+                   "connect_retry_s": 0.5}],
+    })
+    speaker = Speaker(cfg, rng=lambda: 0.0)
+    speaker.announce(VIP)
+    with trio.fail_after(10), listener:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            sock, _ = await listener.accept()
+            outgoing = FakePeer(trio.SocketStream(sock))
+            assert isinstance(await outgoing.receive(), Open)
+            incoming = FakePeer(await trio.open_tcp_stream("127.0.0.1", speaker.listen_port))
+            assert isinstance(await incoming.receive(), Open)
+            if with_notification:
+                await outgoing.send(Notification(6, 7))
+            await outgoing.stream.aclose()
+            await trio.sleep(0.1)  # let the speaker see the close before the OPEN
+            await incoming.send(PEER_OPEN)
+            assert isinstance(await incoming.receive(), Keepalive)
+            await incoming.send(Keepalive())
+            await speaker.wait_established("127.0.0.1")
+            assert speaker.peer_state("127.0.0.1") is State.ESTABLISHED
+            m = await incoming.next_non_keepalive()
+            assert isinstance(m, Update) and m.nlri == (VIP,)
+            assert isinstance(await incoming.next_non_keepalive(), Update)  # End-of-RIB
+            speaker.withdraw(VIP)
+            assert await incoming.next_non_keepalive() == Update(withdrawn=(VIP,))
+            with trio.move_on_after(1.0) as idle:  # > connect_retry_s: no new outgoing attempt
+                await listener.accept()
+            assert idle.cancelled_caught, "connected out again while a session is Established"
+            nursery.cancel_scope.cancel()
+
+
 def test_example_node_config_loads() -> None:
     import yaml
 
