@@ -1,12 +1,15 @@
 # The README's two commands are `make demo` and `make test`; each does its own set-up.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-unit test-bpf test-netns bench-xdp
+.PHONY: setup demo demo-single test test-unit test-bpf test-netns bench-xdp
 
 setup:
 	@bash .ci/setup
 
 demo: setup
+	$(PY) -m examples.demo
+
+demo-single: setup
 	$(PY) -m examples.demo_single
 
 test: setup
@@ -31,3 +34,7 @@ bench-health: setup
 .PHONY: bench-sync
 bench-sync: setup
 	$(PY) bench/sync.py
+
+.PHONY: faults
+faults: setup
+	$(PY) -m examples.lab.faults

@@ -23,6 +23,7 @@ replaces the stale program.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import signal
@@ -351,8 +352,7 @@ class Node:
         }
         if self._speaker is not None:
             out["bgp"] = {
-                "peers": [{"address": str(p.address), "state": self._speaker.peer_state(str(p.address)).name}
-                          for p in self._speaker.config.peers],
+                "peers": [dataclasses.asdict(p) for p in self._speaker.snapshot()],  # with BFD state and counters
                 "announced": sorted(str(p) for p in self._announced),
             }
         if self._sync is not None:

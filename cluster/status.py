@@ -69,7 +69,10 @@ def render(status: dict[str, Any]) -> str:
     if bgp:
         lines.append("bgp:")
         for peer in bgp["peers"]:
-            lines.append(f"  peer {peer['address']:24} {peer['state']}")
+            bfd = peer.get("bfd")
+            bfd_text = f"  bfd {bfd.get('state', '?')}" if isinstance(bfd, dict) else ""
+            error = f"  last error: {peer['last_error']}" if peer.get("last_error") else ""
+            lines.append(f"  peer {peer['address']:24} {peer['state']}{bfd_text}{error}")
         lines.append(f"  announced: {', '.join(bgp['announced']) or '(none)'}")
     sync = status.get("sync")
     if sync:

@@ -4,8 +4,8 @@
                                                                             +--- node2 10.0.0.2  (lbnode)
                                                                             +--- b1..b3 10.0.0.11-13
 
-The router runs examples/bird.conf unchanged (eBGP, one AS per node, `merge paths on`) and
-hashes ECMP on ports (fib_multipath_hash_policy=1). Each node announces the VIP while its
+The router runs examples/bird-bfd.conf unchanged (eBGP, one AS per node, `merge paths on`, BFD
+100 ms x 3) and hashes ECMP on ports (fib_multipath_hash_policy=1). Each node announces the VIP while its
 service is healthy; the router spreads client flows over the nodes; a node forwards by MAC
 rewrite (XDP_TX) to a backend, which answers the client directly through the router. The two
 nodes share new flows over multicast on br0 (flow sync), so a flow that the router moves to
@@ -31,7 +31,7 @@ from examples.lab.netns import Lab, wait_until
 VIP = ipaddress.ip_address("192.0.2.10")
 ROUTER_LAN, ROUTER_CLIENT = "10.0.0.254", "10.1.0.254"
 NODE_AS = {"node1": 4200000001, "node2": 4200000002}
-BIRD_CONF = REPO / "examples" / "bird.conf"
+BIRD_CONF = REPO / "examples" / "bird-bfd.conf"  # bird.conf plus BFD (100 ms x 3) towards the nodes
 SYNC_KEY = b"lab-flow-sync-key-0123456789abcdef\n"
 
 
@@ -92,7 +92,8 @@ class EcmpLab:
             "xdp": "native",
             "drain_s": 1,
             "bgp": {"local_as": NODE_AS[name],
-                    "peers": [{"address": ROUTER_LAN, "asn": 65000, "hold_time_s": 3, "connect_retry_s": 1}]},
+                    "peers": [{"address": ROUTER_LAN, "asn": 65000, "hold_time_s": 3, "connect_retry_s": 1,
+                               "bfd": {"interval_ms": 100, "multiplier": 3}}]},
             "sync": {"enabled": sync, "key_file": str(self.workdir / "sync.key"), "resync_timeout_s": 3},
             "services": [{
                 "name": "web", "vips": [str(VIP)], "ports": [HTTP_PORT, ECHO_PORT], "need": 1,
