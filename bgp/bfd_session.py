@@ -43,6 +43,7 @@ IP_RECVTTL = 12  # linux/in.h; not exported by Python's socket module
 SEND_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EHOSTDOWN,
                          errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.EPERM})
 BIND_ATTEMPTS = 64
+CANCEL_ADMIN_DOWN_S = 0.5  # on cancellation, time allowed to send AdminDown
 
 Sender = Callable[[str, bytes], Awaitable[None]]  # (peer address, datagram): replaces the UDP sockets in tests
 OnChange = Callable[[str, StateChange, bool], None]  # (peer, change, failed)
@@ -241,6 +242,13 @@ class BfdEndpoint:
                 if done is not None:
                     done.set()
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_ADMIN_DOWN_S):
+                # Cancelled without `shutdown()` (the node stopping on an error): still say AdminDown,
+                # so the router does not count a failure (RFC 5882 §3.2); the BGP Cease follows.
+                try:
+                    await self._carry_out(rt, s.admin_down(trio.current_time()))
+                except OSError as exc:  # the socket failed already; the session is gone either way
+                    log.debug("BFD %s: AdminDown on exit not sent: %s", rt.peer, exc)
             if rt.sock is not None:
                 rt.sock.close()
 

@@ -20,6 +20,15 @@ is Established.
 
 Shutdown (`shutdown()`): optionally re-advertise everything with GRACEFUL_SHUTDOWN and wait, then
 withdraw all routes, then NOTIFICATION Cease/Administrative Shutdown and close (FIN after data).
+Cancelled without `shutdown()` (the node stops on an error), `run` still sends Cease 6/2 on every
+session and closes every connection, shielded, within CANCEL_CLEANUP_S, so routers drop our routes
+at once instead of at hold expiry; BFD sessions go AdminDown as they are cancelled.
+
+Sends are awaited by the peer loop, so each is bounded by the Hold deadline (and SEND_TIMEOUT_S):
+a peer that stops reading cannot hold our timers back. A second connection while Established is
+answered with Cease 6/7. Logging: FSM transitions at INFO (Idle/Connect/Active flapping at most once
+a minute per peer), NOTIFICATIONs sent and received at WARNING with code/subcode; `snapshot()`
+shows the latest failure reason as `last_error`.
 
 BFD (RFC 5880/5881): peers with a `bfd` config get one session each in a `BfdEndpoint` that the
 speaker's nursery runs. When one fails (Up -> Down, not the peer's AdminDown) the endpoint's
@@ -50,11 +59,11 @@ from bgp.bfd_fsm import SessionConfig as BfdSessionConfig
 from bgp.bfd_fsm import StateChange as BfdStateChange
 from bgp.bfd_session import BFD_PORT, BfdEndpoint, BfdStatus
 from bgp.bfd_session import Sender as BfdSender
-from bgp.codec import Framer, Message, Open, Prefix, Update, decode, encode
+from bgp.codec import Framer, Message, Notification, Open, Prefix, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
-from bgp.errors import BgpError, DecodeError
+from bgp.errors import BgpError, DecodeError, notification_text
 from bgp.fsm import (Close, Connect, Event, EventKind, Fsm, FsmConfig, ResendRoutes, Send, SessionDown, SessionUp,
-                     State, collision_loser, event_for)
+                     State, Timer, collision_loser, event_for)
 from bgp.rib import AdjRibOut, DesiredRib, ExportPolicy, RouteAttrs, end_of_rib
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,16 @@ TCP_MD5SIG = 14
 TCP_MD5SIG_MAXKEYLEN = 80
 SEND_TIMEOUT_S = 10.0
 CLOSE_LINGER_S = 1.0
+CANCEL_CLEANUP_S = 2.0  # Cease and close on cancellation, shielded, at most this long
+FLAP_LOG_INTERVAL_S = 60.0  # at most one INFO line per peer per interval for Idle/Connect/Active flaps
+ACCEPT_LOG_INTERVAL_S = 10.0
+ACCEPT_BACKOFF_S = 0.1  # as trio.serve_listeners: out of file descriptors or memory, wait and retry
+# accept() errnos that leave the listener usable (trio's SocketListener list, plus resource exhaustion).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                                     errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                                     errno.ENETUNREACH, errno.EPERM})
+_QUIET_STATES = frozenset({State.IDLE, State.CONNECT, State.ACTIVE})
 RETRY_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                           errno.ENETUNREACH, errno.ECONNABORTED, errno.EPIPE, errno.EADDRNOTAVAIL})
 
@@ -106,6 +125,7 @@ class _Conn:
     stream: trio.abc.Stream | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reader_done: trio.Event | None = None  # set when the reader task has exited
+    torn: bool = False  # a send was cut short mid-message: the stream is unusable for BGP
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +157,10 @@ class _Peer:
     received_updates: int = 0
     treat_as_withdraw: int = 0  # received UPDATEs with attribute errors (RFC 7606), ignored
     bfd_downs: int = 0
-    last_error: str = ""
+    last_error: str = ""  # the latest reason a session failed or did not come up
+    flap_logged_at: float = -math.inf  # rate limit of Idle/Connect/Active transition logs
+    flaps_suppressed: int = 0
+    state_before: State = State.IDLE  # the FSM's state before the event whose actions are being carried out
 
 
 class Speaker:
@@ -187,15 +210,51 @@ class Speaker:
                 for name, p in self._peers.items()]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if self.bfd is not None:
-                await nursery.start(self.bfd.run)
-            if self.config.listen:
-                await nursery.start(self._listen)
-            for peer in self._peers.values():
-                nursery.start_soon(self._peer_loop, peer)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.bfd is not None:
+                    await nursery.start(self.bfd.run)
+                if self.config.listen:
+                    await nursery.start(self._listen)
+                for peer in self._peers.values():
+                    nursery.start_soon(self._peer_loop, peer)
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._abort()
+
+    async def _abort(self) -> None:
+        """Cancelled or crashed without `shutdown()`: tell every peer now rather than at its hold expiry.
+
+        Cease/Administrative Shutdown (6/2), as `shutdown()` sends: stopping the speaker is the
+        node's decision (it stops attracting traffic it may not be able to forward), not a protocol
+        error, and routers handle it like any Cease. No withdrawals first: closing the session
+        drops its routes at once. Bounded by CANCEL_CLEANUP_S; then whatever is still open is
+        closed forcefully. (BFD sessions send AdminDown from `BfdEndpoint.run` as they are cancelled.)
+        """
+        self._stopping = True  # connections are closed inline: FIN after the NOTIFICATION
+        with trio.move_on_after(CANCEL_CLEANUP_S):
+            try:
+                async with trio.open_nursery() as nursery:
+                    for peer in self._peers.values():
+                        nursery.start_soon(self._stop_fsms, peer)
+            except Exception:  # noqa: BLE001 - the streams below must be closed whatever happened
+                log.exception("Cease on cancellation failed; closing the connections")
+        for peer in self._peers.values():
+            streams = [c.stream for _, c in self._fsms(peer) if c is not None and c.stream is not None]
+            while True:
+                try:
+                    item = peer.inbox_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if item[0] == "accepted":
+                    streams.append(item[1])
+                elif item[0] == "connected":
+                    streams.append(item[2])
+            for stream in streams:
+                await trio.aclose_forcefully(stream)
 
     async def shutdown(self, *, timeout_s: float = 10.0) -> None:
         """Graceful: GRACEFUL_SHUTDOWN + wait (if configured), withdraw all, Cease 6/2, close."""
@@ -263,8 +322,23 @@ class Speaker:
             self.listen_port = sock.getsockname()[1]
             log.info("listening on %s port %s", addr, self.listen_port)
             task_status.started()
+            logged_at, suppressed = -math.inf, 0
             while True:
-                conn_sock, remote = await sock.accept()
+                try:
+                    conn_sock, remote = await self._accept(sock)
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS | ACCEPT_TRANSIENT_ERRNOS:
+                        raise
+                    now = trio.current_time()
+                    if now - logged_at >= ACCEPT_LOG_INTERVAL_S:
+                        log.warning("accept() failed: %s%s", exc,
+                                    f" ({suppressed} more since the last report)" if suppressed else "")
+                        logged_at, suppressed = now, 0
+                    else:
+                        suppressed += 1
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        await trio.sleep(ACCEPT_BACKOFF_S)
+                    continue
                 remote_ip = ipaddress.ip_address(remote[0])
                 if isinstance(remote_ip, IPv6Address) and remote_ip.ipv4_mapped:
                     remote_ip = remote_ip.ipv4_mapped
@@ -274,6 +348,9 @@ class Speaker:
                     conn_sock.close()
                     continue
                 peer.inbox_send.send_nowait(("accepted", trio.SocketStream(conn_sock)))
+
+    async def _accept(self, sock: trio.socket.SocketType) -> tuple[trio.socket.SocketType, Any]:
+        return await sock.accept()
 
     async def _attempt(self, peer: _Peer, conn: _Conn) -> None:
         with conn.scope:
@@ -339,7 +416,7 @@ class Speaker:
             if item is None:
                 now = trio.current_time()
                 for fsm, conn in self._fsms(peer):
-                    await self._run_actions(peer, fsm, conn, fsm.poll(now))
+                    await self._apply(peer, fsm, conn, None)
                 continue
             kind = item[0]
             if kind == "sync":
@@ -402,7 +479,13 @@ class Speaker:
             if msg.errors:
                 peer.treat_as_withdraw += 1
                 log.debug("%s: UPDATE treated as withdraw: %s", peer.config.address, msg.errors)
+        if isinstance(msg, Notification):
+            text = notification_text(msg.code, msg.subcode)
+            log.warning("%s: received NOTIFICATION %s/%s (%s) in %s%s", peer.config.address, msg.code, msg.subcode,
+                        text, fsm.state.value, f", data {msg.data.hex()}" if msg.data else "")
         await self._apply(peer, fsm, conn, event_for(msg))
+        if isinstance(msg, Notification):
+            peer.last_error = f"received NOTIFICATION {msg.code}/{msg.subcode} ({text})"
         if isinstance(msg, Open) and fsm.state is State.OPEN_CONFIRM and peer.other is not None:
             await self._resolve_collision(peer, msg)
 
@@ -419,8 +502,7 @@ class Speaker:
         assert peer.other is not None
         other_fsm, other_conn = peer.other
         peer.other = None
-        await self._run_actions(peer, other_fsm, other_conn, other_fsm.handle(
-            Event(EventKind.OPEN_COLLISION_DUMP), trio.current_time()))
+        await self._apply(peer, other_fsm, other_conn, Event(EventKind.OPEN_COLLISION_DUMP))
 
     async def _resolve_collision(self, peer: _Peer, msg: Open) -> None:
         if peer.other is None:
@@ -446,8 +528,7 @@ class Speaker:
         if dump_primary:
             old_fsm, old_conn = peer.fsm, peer.conn
             peer.fsm, peer.conn, peer.other = other_fsm, other_conn, None
-            await self._run_actions(peer, old_fsm, old_conn, old_fsm.handle(Event(EventKind.OPEN_COLLISION_DUMP),
-                                                                            trio.current_time()))
+            await self._apply(peer, old_fsm, old_conn, Event(EventKind.OPEN_COLLISION_DUMP))
         else:
             await self._dump_other(peer)
 
@@ -460,7 +541,7 @@ class Speaker:
             peer.conn = conn
             self._start_reader(peer, conn)
             await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_ACCEPTED))
-        elif state in (State.OPEN_SENT, State.OPEN_CONFIRM) and peer.other is None:
+        elif state in (State.OPEN_SENT, State.OPEN_CONFIRM) and peer.other is None and peer.conn is not None:
             fsm = self._new_fsm(peer.config)
             peer.other = (fsm, conn)
             self._start_reader(peer, conn)
@@ -469,14 +550,39 @@ class Speaker:
         else:
             # Idle (refused by the table) or an Established session already exists.
             if state is State.IDLE:
-                await self._run_actions(peer, peer.fsm, conn, peer.fsm.handle(Event(EventKind.TCP_ACCEPTED),
-                                                                              trio.current_time()))
+                await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_ACCEPTED))
             else:
-                log.info("%s: refusing a second connection in %s", peer.config.address, state.value)
-                await self._drop(conn)
+                # RFC 4271 §6.8: a collision with an Established session closes the new connection.
+                log.warning("%s: refusing another connection in %s: sent NOTIFICATION 6/7 (%s)",
+                            peer.config.address, state.value, notification_text(6, 7))
+                assert self._nursery is not None
+                self._nursery.start_soon(_refuse, stream)
 
-    async def _apply(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, event: Event) -> None:
-        await self._run_actions(peer, fsm, conn, fsm.handle(event, trio.current_time()))
+    async def _apply(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, event: Event | None) -> None:
+        """Feed one event (None: the passage of time) into an FSM, log the transition, carry out the actions."""
+        old, old_error = fsm.state, fsm.last_error
+        now = trio.current_time()
+        actions = fsm.poll(now) if event is None else fsm.handle(event, now)
+        if fsm.last_error and fsm.last_error != old_error:
+            peer.last_error = fsm.last_error
+        if fsm.state is not old:
+            self._log_transition(peer, fsm, old, now)
+        peer.state_before = old
+        await self._run_actions(peer, fsm, conn, actions)
+
+    def _log_transition(self, peer: _Peer, fsm: Fsm, old: State, now: float) -> None:
+        """INFO, except repeated Idle/Connect/Active flapping (a peer that refuses TCP), which is rate-limited."""
+        which = "" if fsm is peer.fsm else " (other connection)"
+        why = f" ({fsm.last_error})" if fsm.last_error and fsm.state in _QUIET_STATES else ""
+        if old in _QUIET_STATES and fsm.state in _QUIET_STATES:
+            if now - peer.flap_logged_at < FLAP_LOG_INTERVAL_S:
+                peer.flaps_suppressed += 1
+                log.debug("%s%s: %s -> %s%s", peer.config.address, which, old.value, fsm.state.value, why)
+                return
+            if peer.flaps_suppressed:
+                why += f" ({peer.flaps_suppressed} similar transitions not logged)"
+            peer.flap_logged_at, peer.flaps_suppressed = now, 0
+        log.info("%s%s: %s -> %s%s", peer.config.address, which, old.value, fsm.state.value, why)
 
     async def _run_actions(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, actions: list[Any]) -> None:
         name = peer.config.address
@@ -521,18 +627,41 @@ class Speaker:
             elif isinstance(action, ResendRoutes):
                 for update in peer.adj_out.resend((action.afi, action.safi), self._policy(peer, fsm)):
                     await self._send(peer, fsm, conn, update)
-        if fsm is peer.fsm and actions:
-            log.debug("%s: now %s", name, fsm.state.value)
 
     async def _send(self, peer: _Peer, fsm: Fsm, conn: _Conn | None, msg: Message) -> None:
-        if conn is None or conn.stream is None:
-            return
+        """Send one message. The peer loop waits for it, so it is bounded: by SEND_TIMEOUT_S, and by the
+        Hold deadline, so that a peer that stops reading cannot hold our timers back. (Keepalives
+        could not get through a full send buffer anyway; the peer's Hold timer runs out as ours would.)"""
+        if conn is None or conn.stream is None or conn.torn:
+            return  # a send that was cut short left half a message: nothing more can be framed on it
+        if isinstance(msg, Notification):
+            text = f"sent NOTIFICATION {msg.code}/{msg.subcode} ({notification_text(msg.code, msg.subcode)})"
+            why = fsm.last_error.split(": ", 1)[-1] if fsm.last_error.startswith("sent NOTIFICATION") \
+                else fsm.last_error
+            # Our own Cease on shutdown and a collision resolved are expected; anything else explains
+            # why a session failed or does not come up.
+            expected = (msg.code, msg.subcode) == (6, 7) or (self._stopping and (msg.code, msg.subcode) == (6, 2))
+            level = logging.INFO if expected else logging.WARNING
+            log.log(level, "%s: %s in %s%s", peer.config.address, text, peer.state_before.value,
+                    f": {why}" if why else "")
+            if level == logging.WARNING:
+                peer.last_error = f"{text}: {why}" if why else text
         four = fsm.negotiated.four_octet_as if fsm.negotiated else True
+        now = trio.current_time()
+        deadline = now + SEND_TIMEOUT_S
+        hold = fsm.timer(Timer.HOLD)
+        by_hold = hold is not None and hold < deadline
+        if by_hold:
+            deadline = max(hold, now)  # type: ignore[type-var]
+        conn.torn = True
         try:
-            with trio.fail_after(SEND_TIMEOUT_S):
+            with trio.fail_at(deadline):
                 await conn.stream.send_all(encode(msg, four_octet_as=four))
+            conn.torn = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
-            peer.inbox_send.send_nowait(("closed", conn, f"send failed: {exc!r}"))
+            reason = "send blocked until the hold timer expired" if isinstance(exc, trio.TooSlowError) and by_hold \
+                else f"send failed: {exc!r}"
+            peer.inbox_send.send_nowait(("closed", conn, reason))
 
     async def _sync(self, peer: _Peer) -> None:
         for fsm, conn in self._fsms(peer):  # routes follow whichever FSM is Established
@@ -543,12 +672,14 @@ class Speaker:
 
     async def _stop(self, peer: _Peer) -> None:
         await self._sync(peer)  # the desired RIB is empty now: withdraw everything
+        await self._stop_fsms(peer)
+
+    async def _stop_fsms(self, peer: _Peer) -> None:
+        """ManualStop: Cease 6/2 on a session (OpenSent and later), then close; attempts abandoned."""
         if peer.other is not None:
             other_fsm, other_conn = peer.other
-            await self._run_actions(peer, other_fsm, other_conn,
-                                    other_fsm.handle(Event(EventKind.MANUAL_STOP), trio.current_time()))
-        await self._run_actions(peer, peer.fsm, peer.conn,
-                                peer.fsm.handle(Event(EventKind.MANUAL_STOP), trio.current_time()))
+            await self._apply(peer, other_fsm, other_conn, Event(EventKind.MANUAL_STOP))
+        await self._apply(peer, peer.fsm, peer.conn, Event(EventKind.MANUAL_STOP))
 
     async def _drop(self, conn: _Conn) -> None:
         """Stop the connection's tasks; close it in the background after a FIN and a short linger."""
@@ -562,6 +693,16 @@ class Speaker:
             await _close_gracefully(stream)
         elif self._nursery is not None:
             self._nursery.start_soon(_close_gracefully, stream)
+
+
+async def _refuse(stream: trio.abc.Stream) -> None:
+    """Cease/Connection Collision Resolution on a connection we will not use, then close it."""
+    with trio.move_on_after(CLOSE_LINGER_S):
+        try:
+            await stream.send_all(encode(Notification(6, 7)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await _close_gracefully(stream)
 
 
 async def _close_gracefully(stream: trio.abc.Stream) -> None:

@@ -218,3 +218,36 @@ def test_bfd_config_defaults_and_absence() -> None:
     assert Speaker(cfg).bfd is not None and Speaker(bgp_config.load({
         "local_as": 65001, "router_id": NODE, "next_hop_v4": NODE,
         "peers": [{"address": ROUTER, "asn": 65000}]})).bfd is None
+
+
+async def test_cancelled_speaker_sends_bfd_admin_down_and_bgp_cease(autojump_clock: object) -> None:
+    """Cancelled without shutdown() (the node stopping on an error): the router's BFD session sees
+    AdminDown (not a failure, RFC 5882 §3.2) and BGP gets Cease 6/2, both at once."""
+    h = Harness()
+    w = Wire()
+    speaker = Speaker(BFD_CFG, connector=h.connector, rng=lambda: 0.0, bfd_sender=w.sender("a"))
+    assert speaker.bfd is not None
+    w.a = speaker.bfd
+    w.b = BfdEndpoint({NODE: FAST}, on_change=w.on_change("b"), sender=w.sender("b"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(w.b.run)
+        scope = trio.CancelScope()
+
+        async def run_speaker(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await speaker.run(task_status=task_status)
+
+        await nursery.start(run_speaker)
+        with trio.fail_after(30):
+            peer = await h.recv.receive()
+            await peer.establish()
+            await wait_for(lambda: speaker.bfd.state(ROUTER) is State.UP  # type: ignore[union-attr]
+                           and w.b.state(NODE) is State.UP)  # type: ignore[union-attr]
+            t0 = trio.current_time()
+            scope.cancel()
+            assert await peer.next_non_keepalive() == Notification(6, 2)
+            assert await peer.receive() is None
+            await wait_for(lambda: w.b.state(NODE) is State.DOWN, step_s=0.001)  # type: ignore[union-attr]
+            assert trio.current_time() - t0 < 0.05  # not the 300 ms detection time
+        assert w.b.snapshot()[NODE].remote_state == "ADMIN_DOWN" and w.b.snapshot()[NODE].failures == 0
+        nursery.cancel_scope.cancel()

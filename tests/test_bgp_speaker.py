@@ -289,6 +289,166 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
             nursery.cancel_scope.cancel()
 
 
+async def _run_cancellable(nursery: trio.Nursery, speaker: Speaker) -> trio.CancelScope:
+    """Start `speaker.run` under its own cancel scope, as the node does; returns the scope."""
+    scope = trio.CancelScope()
+
+    async def run_in(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await speaker.run(task_status=task_status)
+    await nursery.start(run_in)
+    return scope
+
+
+async def test_cancelled_speaker_sends_cease_and_closes(autojump_clock: object) -> None:
+    """The node cancels the speaker on an error: the router hears Cease 6/2 and EOF at once,
+    rather than keeping our routes until its hold timer expires."""
+    h = Harness()
+    speaker = Speaker(CFG, connector=h.connector, rng=lambda: 0.0)
+    speaker.announce(VIP)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            scope = await _run_cancellable(nursery, speaker)
+            peer = await h.recv.receive()
+            await peer.establish()
+            t0 = trio.current_time()
+            scope.cancel()
+            assert await peer.next_non_keepalive() == Notification(6, 2)
+            assert await peer.receive() is None
+            assert trio.current_time() - t0 < 0.1
+
+
+async def test_second_connection_while_established_gets_cease_collision() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    cfg = bgp_config.load({
+        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
+        "listen_address": "127.0.0.1", "listen_port": 0,
+        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
+    })
+    speaker = Speaker(cfg, rng=lambda: 0.0)
+    with trio.fail_after(10), listener:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            sock, _ = await listener.accept()
+            await FakePeer(trio.SocketStream(sock)).establish()
+            assert speaker.peer_state("127.0.0.1") is State.ESTABLISHED
+            second = FakePeer(await trio.open_tcp_stream("127.0.0.1", speaker.listen_port))
+            assert await second.receive() == Notification(6, 7)
+            assert await second.receive() is None
+            assert speaker.peer_state("127.0.0.1") is State.ESTABLISHED
+            nursery.cancel_scope.cancel()
+
+
+async def test_accept_errors_do_not_kill_the_speaker(monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE from accept(): logged once (rate-limited), retried after a short pause."""
+    import errno
+
+    cfg = bgp_config.load({
+        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
+        "listen_address": "127.0.0.1", "listen_port": 0,
+        "peers": [{"address": "127.0.0.1", "asn": 65000, "hold_time_s": 30, "passive": True}],
+    })
+    speaker = Speaker(cfg, rng=lambda: 0.0)
+    failures = 3
+    real_accept = speaker._accept
+
+    async def flaky_accept(sock: trio.socket.SocketType) -> object:
+        nonlocal failures
+        await trio.lowlevel.checkpoint()
+        if failures:
+            failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real_accept(sock)
+
+    monkeypatch.setattr(speaker, "_accept", flaky_accept)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            peer = FakePeer(await trio.open_tcp_stream("127.0.0.1", speaker.listen_port))
+            await peer.establish()
+            assert failures == 0
+            assert len([r for r in caplog.records if "accept() failed" in r.getMessage()]) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_cannot_stall_the_hold_timer(autojump_clock: object) -> None:
+    """Our KEEPALIVE blocks (the peer reads nothing and sends nothing): the session still ends at
+    hold expiry (3 s), not when the 10 s send timeout gives up."""
+    sent: trio.MemorySendChannel[FakePeer]
+    sent, received = trio.open_memory_channel[FakePeer](10)
+
+    async def connector(peer: PeerConfig) -> trio.abc.Stream:
+        ours, theirs = trio.testing.lockstep_stream_pair()
+        await sent.send(FakePeer(theirs))
+        return ours
+
+    speaker = Speaker(CFG, connector=connector, rng=lambda: 0.0)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            peer = await received.receive()
+            await peer.establish()
+            t0 = trio.current_time()
+            await trio.sleep(3.2)
+            assert speaker.peer_state(ROUTER) is not State.ESTABLISHED
+            (status,) = speaker.snapshot()
+            assert status.last_error == "hold timer expired"
+            assert trio.current_time() - t0 < 3.3
+            nursery.cancel_scope.cancel()
+
+
+async def test_rejected_open_is_logged_and_shown_in_the_snapshot(
+        running: tuple[Speaker, Harness], autojump_clock: object, caplog: pytest.LogCaptureFixture) -> None:
+    speaker, h = running
+    caplog.set_level("INFO", logger="bgp.speaker")
+    with trio.fail_after(10):
+        peer = await h.recv.receive()
+        assert isinstance(await peer.receive(), Open)
+        await peer.send(Open(65099, 3, IPv4Address(ROUTER), (MultiprotocolCap(1, 1), FourOctetAsCap(65099))))
+        assert await peer.next_non_keepalive() == Notification(2, 2)
+        (status,) = speaker.snapshot()
+        assert status.last_error == "sent NOTIFICATION 2/2 (Open Message/Bad Peer AS): peer AS 65099, expected 65000"
+        peer2 = await h.recv.receive()  # IdleHold restart
+        assert isinstance(await peer2.receive(), Open)
+        await peer2.send(Notification(6, 5))  # the router rejects us
+        assert await peer2.receive() is None
+        (status,) = speaker.snapshot()
+        assert status.last_error == "received NOTIFICATION 6/5 (Cease/Connection Rejected)"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("sent NOTIFICATION 2/2 (Open Message/Bad Peer AS) in OpenSent" in m for m in warnings)
+    assert any("received NOTIFICATION 6/5 (Cease/Connection Rejected) in OpenSent" in m for m in warnings)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert infos.count(f"{ROUTER}: Connect -> OpenSent") == 2
+    assert any(m.startswith(f"{ROUTER}: OpenSent -> Idle") for m in infos)
+
+
+async def test_connect_flaps_are_logged_at_a_limited_rate(
+        autojump_clock: object, caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    attempts = 0
+
+    async def refused(peer: PeerConfig) -> trio.abc.Stream:
+        nonlocal attempts
+        attempts += 1
+        raise OSError(errno.ECONNREFUSED, "Connection refused")
+
+    caplog.set_level("DEBUG", logger="bgp.speaker")
+    speaker = Speaker(CFG, connector=refused, rng=lambda: 0.0)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            await trio.sleep(50)  # ConnectRetry 1 s with backoff: several refused attempts
+            nursery.cancel_scope.cancel()
+    assert attempts >= 4
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "->" in r.getMessage()]
+    debug = [r for r in caplog.records if r.levelname == "DEBUG" and "->" in r.getMessage()]
+    assert info == [f"{ROUTER}: Idle -> Connect"] and len(debug) >= 2 * attempts - 2
+
+
 def test_example_node_config_loads() -> None:
     import yaml
 
