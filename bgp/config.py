@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -12,6 +12,12 @@ from bgp.errors import ConfigError
 from bgp.rib import RouteAttrs
 
 MAX_COMMUNITIES = 32
+TOP_KEYS = frozenset({"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6", "next_hop_v6_link_local", "listen",
+                      "listen_address", "listen_port", "graceful_shutdown_wait_s", "announce"})
+PEER_KEYS = frozenset({"address", "asn", "hold_time_s", "passive", "port", "md5_password", "connect_retry_s", "attrs",
+                       "bfd"})
+ATTR_KEYS = frozenset({"med", "local_pref", "communities", "large_communities"})
+BFD_KEYS = frozenset({"interval_ms", "multiplier"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +100,21 @@ def _large_community(value: Any, where: str) -> tuple[int, int, int]:
     raise ConfigError(f"{where}: must be 'GLOBAL:LOCAL1:LOCAL2' of 32-bit numbers, got {value!r}")
 
 
-def parse_attrs(d: Mapping[str, Any], path: str) -> RouteAttrs:
-    """`med`, `local_pref`, `communities` ("65000:1"), `large_communities` ("65000:1:2")."""
+def _no_unknown(d: Mapping[str, Any], known: Collection[str], path: str) -> None:
+    """A typo (`hold_time: 3`) must not silently run with the default."""
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"{path}{key}: unknown key")
+
+
+def parse_attrs(d: Mapping[str, Any], path: str, *, other_keys: Collection[str] = ()) -> RouteAttrs:
+    """`med`, `local_pref`, `communities` ("65000:1"), `large_communities` ("65000:1:2").
+
+    `path` ends with a dot ("peers[0].attrs."); keys other than these (and `other_keys`) are errors.
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{path.rstrip('.')}: must be a mapping, got {type(d).__name__}")
+    _no_unknown(d, ATTR_KEYS | frozenset(other_keys), path)
     for key in ("med", "local_pref"):
         v = _get(d, key, path, None, (int,))
         if v is not None and not 0 <= v <= 0xFFFFFFFF:
@@ -132,9 +151,7 @@ def _bfd(value: Any, path: str) -> BfdConfig | None:
         return None
     if not isinstance(value, Mapping):
         raise ConfigError(f"{path}: must be a mapping like {{interval_ms: 300, multiplier: 3}}, got {value!r}")
-    for key in value:
-        if key not in ("interval_ms", "multiplier"):
-            raise ConfigError(f"{path}.{key}: unknown key")
+    _no_unknown(value, BFD_KEYS, f"{path}.")
     interval = _get(value, "interval_ms", f"{path}.", 300, (int,))
     if not 10 <= interval <= 60000:
         raise ConfigError(f"{path}.interval_ms: must be 10..60000, got {interval}")
@@ -148,12 +165,7 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
     """Validate a mapping (as loaded from YAML/JSON) into a SpeakerConfig."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"top level: must be a mapping, got {type(d).__name__}")
-    known = {"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6",
-             "next_hop_v6_link_local", "listen", "listen_address",
-             "listen_port", "graceful_shutdown_wait_s", "announce"}
-    for key in d:
-        if key not in known:
-            raise ConfigError(f"{key}: unknown key")
+    _no_unknown(d, TOP_KEYS, "")
     local_as = _asn(_get(d, "local_as", ""), "local_as")
     router_id = _ip(_get(d, "router_id", "", types=(str,)), "router_id", 4)
     nh4 = d.get("next_hop_v4")
@@ -173,6 +185,7 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
         path = f"peers[{i}]."
         if not isinstance(p, Mapping):
             raise ConfigError(f"peers[{i}]: must be a mapping")
+        _no_unknown(p, PEER_KEYS, path)
         address = _ip(_get(p, "address", path, types=(str,)), f"{path}address")
         if address in seen:
             raise ConfigError(f"{path}address: duplicate peer {address}")
@@ -190,7 +203,7 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
             address=address, asn=_asn(_get(p, "asn", path), f"{path}asn"),
             hold_time_s=_hold(_get(p, "hold_time_s", path, 90), f"{path}hold_time_s"),
             passive=_get(p, "passive", path, False, (bool,)), port=port, md5_password=pw,
-            connect_retry_s=float(retry), attrs=parse_attrs(p.get("attrs", {}) or {}, f"{path}attrs."),
+            connect_retry_s=float(retry), attrs=parse_attrs({} if p.get("attrs") is None else p["attrs"], f"{path}attrs."),
             bfd=_bfd(p.get("bfd"), f"{path}bfd")))
     listen = _get(d, "listen", "", False, (bool,))
     for i, p in enumerate(peers):
@@ -205,7 +218,10 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
             prefix: IPv4Network | IPv6Network = ipaddress.ip_network(_get(a, "prefix", path, types=(str,)))
         except ValueError as exc:
             raise ConfigError(f"{path}prefix: {exc}") from None
-        announce.append((prefix, parse_attrs(a, path)))
+        announce.append((prefix, parse_attrs(a, path, other_keys=("prefix",))))
+    listen_port = _get(d, "listen_port", "", 179, (int,))
+    if not 0 <= listen_port <= 65535:
+        raise ConfigError(f"listen_port: must be 0..65535 (0: any free port), got {listen_port}")
     gs = _get(d, "graceful_shutdown_wait_s", "", 0.0, (int, float))
     if not 0 <= gs <= 3600:
         raise ConfigError(f"graceful_shutdown_wait_s: must be 0..3600, got {gs}")
@@ -216,7 +232,7 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
         next_hop_v6=_ip(nh6, "next_hop_v6", 6) if nh6 is not None else None,  # type: ignore[arg-type]
         next_hop_v6_link_local=IPv6Address(ll6) if ll6 is not None else None,
         listen=listen, listen_address=str(_ip(_get(d, "listen_address", "", "0.0.0.0", (str,)), "listen_address")),
-        listen_port=_get(d, "listen_port", "", 179, (int,)), graceful_shutdown_wait_s=float(gs),
+        listen_port=listen_port, graceful_shutdown_wait_s=float(gs),
         announce=tuple(announce))
     if cfg.next_hop_v4 is None and cfg.next_hop_v6 is None:
         raise ConfigError("next_hop_v4: at least one of next_hop_v4/next_hop_v6 is required")

@@ -206,6 +206,23 @@ def test_md5sig_struct_layout() -> None:
     ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4", "peers": [{"address": "10.0.0.1",
       "asn": 65001}], "announce": [{"prefix": "2001:db8::/64"}]}, "announce[0].prefix: IPv6 route but no next_hop_v6"),
     ({"local_as": 65000, "router_id": "1.2.3.4", "bogus": 1}, "bogus: unknown key"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "hold_time": 3}]}, "peers[0].hold_time: unknown key"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "attrs": {"comunities": ["65000:1"]}}]},
+     "peers[0].attrs.comunities: unknown key"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "attrs": 5}]}, "peers[0].attrs: must be a mapping, got int"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "attrs": ["med"]}]}, "peers[0].attrs: must be a mapping"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4",
+      "peers": [{"address": "10.0.0.1", "asn": 65001, "bfd": {"interval": 100}}]}, "peers[0].bfd.interval: unknown key"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4", "peers": [{"address": "10.0.0.1",
+      "asn": 65001}], "announce": [{"prefix": "192.0.2.1/32", "metric": 5}]}, "announce[0].metric: unknown key"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4", "listen_port": 70000,
+      "peers": [{"address": "10.0.0.1", "asn": 65001}]}, "listen_port: must be 0..65535 (0: any free port), got 70000"),
+    ({"local_as": 65000, "router_id": "1.2.3.4", "next_hop_v4": "1.2.3.4", "listen_port": -1,
+      "peers": [{"address": "10.0.0.1", "asn": 65001}]}, "listen_port: must be 0..65535"),
 ])
 def test_config_errors_name_the_key_path(cfg: dict, error: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -447,6 +464,14 @@ async def test_connect_flaps_are_logged_at_a_limited_rate(
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "->" in r.getMessage()]
     debug = [r for r in caplog.records if r.levelname == "DEBUG" and "->" in r.getMessage()]
     assert info == [f"{ROUTER}: Idle -> Connect"] and len(debug) >= 2 * attempts - 2
+
+
+def test_parse_attrs_keeps_its_signature_for_the_node_config() -> None:
+    """cluster/config.py calls parse_attrs(d, "services[0].route.") for a service's `route`."""
+    attrs = bgp_config.parse_attrs({"med": 0, "communities": ["65000:100"]}, "services[0].route.")
+    assert attrs == RouteAttrs(med=0, communities=(65000 << 16 | 100,))
+    with pytest.raises(ConfigError, match=r"^services\[0\]\.route\.localpref: unknown key$"):
+        bgp_config.parse_attrs({"localpref": 200}, "services[0].route.")
 
 
 def test_example_node_config_loads() -> None:
