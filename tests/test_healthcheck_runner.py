@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import random
 from collections import defaultdict
 from typing import Any
@@ -155,7 +156,10 @@ async def test_a_probe_bug_is_logged_at_most_once_a_minute_per_check(
     raised = [r for r in caplog.records if "probe raised" in r.getMessage()]
     # Per check: the first failure, then one a minute (t0+60, t0+120) naming what it held back.
     assert len(raised) == 2 * 3 and all(r.exc_info for r in raised)
-    assert sorted(r.getMessage().split(" raised")[1] for r in raised) == [""] * 2 + [" (59 more since the last report)"] * 4
+    held_back = sorted(r.getMessage().split(" raised")[1] for r in raised)
+    assert held_back[:2] == [""] * 2
+    # 59 or 60: a probe due exactly at a minute's edge falls on either side of it (float time).
+    assert all(re.fullmatch(r" \((59|60) more since the last report\)", text) for text in held_back[2:]), held_back
 
 
 def test_bad_arguments() -> None:

@@ -60,10 +60,20 @@ class Run:
         for node in ecmp.nodes:
             ecmp.start_node(node, sync=sync)
         ecmp.wait_next_hops({N1, N2}, timeout_s=40)
+        # BFD reacts only to a session that was Up, at its fast rate: a silent failure injected
+        # before that would be caught by the hold timer instead.
+        wait_until(lambda: all(self.bfd_fast(n) for n in ecmp.nodes), timeout_s=20, what="BFD up at 100 ms")
         self.load = Load(ecmp, long=long, short_rate=20)
         if sync:
             wait_until(lambda: min(self.entries(n) for n in ecmp.nodes) >= long, timeout_s=20,
                        what="every flow on both nodes")
+
+    def bfd_fast(self, node: str) -> bool:
+        status = self.ecmp.node_status(node)
+        peers = status.get("bgp", {}).get("peers", []) if status else []
+        return bool(peers) and all(
+            (bfd := p.get("bfd")) and str(bfd["state"]).upper() == "UP" and not bfd["poll_active"]
+            and bfd["detection_time_ms"] is not None and bfd["detection_time_ms"] <= 300 for p in peers)
 
     def entries(self, node: str) -> int:
         status = self.ecmp.node_status(node)
