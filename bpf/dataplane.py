@@ -260,15 +260,7 @@ class DataPlane:
 
     def write_flows(self, entries: Sequence[tuple[FlowKey, Flow]]) -> None:
         """Install flows in one batch (e.g. learned from a peer); existing entries are replaced."""
-        if not entries:
-            return
-        flows = self._map("flows")
-        keys = (flows.Key * len(entries))(*(flows.Key.from_buffer_copy(k) for k, _ in entries))
-        values = (flows.Leaf * len(entries))(*(flows.Leaf.from_buffer_copy(v) for _, v in entries))
-        try:
-            flows.items_update_batch(keys, values)
-        except Exception as exc:
-            raise MapError(f"flows: batch write of {len(entries)} entries: {exc}") from exc
+        self.write_flows_packed(b"".join(bytes(k) for k, _ in entries), b"".join(bytes(v) for _, v in entries))
 
     def write_flows_packed(self, keys: bytes, values: bytes) -> int:
         """`write_flows` for raw bytes (flow sync's hot path): concatenated `struct flow_key`s and
