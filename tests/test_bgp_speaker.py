@@ -306,6 +306,36 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
             nursery.cancel_scope.cancel()
 
 
+async def test_collision_with_a_session_that_becomes_established_closes_the_new_connection() -> None:
+    """RFC 4271 §6.8: our outgoing session reaches Established while the peer's incoming connection
+    is still in OpenSent: the incoming one gets Cease 6/7 rather than becoming a second session."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    cfg = bgp_config.load({
+        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
+        "listen_address": "127.0.0.1", "listen_port": 0,
+        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
+    })
+    speaker = Speaker(cfg, rng=lambda: 0.0)
+    with trio.fail_after(10), listener:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            sock, _ = await listener.accept()
+            outgoing = FakePeer(trio.SocketStream(sock))
+            assert isinstance(await outgoing.receive(), Open)
+            await outgoing.send(PEER_OPEN)
+            assert isinstance(await outgoing.receive(), Keepalive)  # OpenConfirm
+            incoming = FakePeer(await trio.open_tcp_stream("127.0.0.1", speaker.listen_port))
+            assert isinstance(await incoming.receive(), Open)  # the incoming connection has its own FSM
+            await outgoing.send(Keepalive())
+            await speaker.wait_established("127.0.0.1")
+            assert await incoming.next_non_keepalive() == Notification(6, 7)
+            assert await incoming.receive() is None
+            assert speaker.peer_state("127.0.0.1") is State.ESTABLISHED
+            nursery.cancel_scope.cancel()
+
+
 async def _run_cancellable(nursery: trio.Nursery, speaker: Speaker) -> trio.CancelScope:
     """Start `speaker.run` under its own cancel scope, as the node does; returns the scope."""
     scope = trio.CancelScope()
