@@ -571,10 +571,11 @@ class Speaker:
         await self._run_actions(peer, fsm, conn, actions)
 
     def _log_transition(self, peer: _Peer, fsm: Fsm, old: State, now: float) -> None:
-        """INFO, except repeated Idle/Connect/Active flapping (a peer that refuses TCP), which is rate-limited."""
+        """INFO. Only the Connect/Active cycle of a peer that refuses TCP (and the restarts out of Idle)
+        is rate-limited; a fall to Idle, which an error or a stop causes, is always shown."""
         which = "" if fsm is peer.fsm else " (other connection)"
         why = f" ({fsm.last_error})" if fsm.last_error and fsm.state in _QUIET_STATES else ""
-        if old in _QUIET_STATES and fsm.state in _QUIET_STATES:
+        if old in _QUIET_STATES and fsm.state in (State.CONNECT, State.ACTIVE):
             if now - peer.flap_logged_at < FLAP_LOG_INTERVAL_S:
                 peer.flaps_suppressed += 1
                 log.debug("%s%s: %s -> %s%s", peer.config.address, which, old.value, fsm.state.value, why)

@@ -493,7 +493,8 @@ async def test_connect_flaps_are_logged_at_a_limited_rate(
     assert attempts >= 4
     info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "->" in r.getMessage()]
     debug = [r for r in caplog.records if r.levelname == "DEBUG" and "->" in r.getMessage()]
-    assert info == [f"{ROUTER}: Idle -> Connect"] and len(debug) >= 2 * attempts - 2
+    assert [m for m in info if "-> Idle" not in m] == [f"{ROUTER}: Idle -> Connect"]
+    assert len(debug) >= 2 * attempts - 2
 
 
 def test_parse_attrs_keeps_its_signature_for_the_node_config() -> None:
