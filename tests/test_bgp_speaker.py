@@ -289,7 +289,9 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
             if with_notification:
                 await outgoing.send(Notification(6, 7))
             await outgoing.stream.aclose()
-            await trio.sleep(0.1)  # let the speaker see the close before the OPEN
+            # The speaker must see the close before the OPEN: wait until it records the failure.
+            while not speaker.snapshot()[0].last_error:
+                await trio.sleep(0.005)
             await incoming.send(PEER_OPEN)
             assert isinstance(await incoming.receive(), Keepalive)
             await incoming.send(Keepalive())

@@ -90,7 +90,10 @@ class Run:
         return time.monotonic() - t0
 
     def finish(self, name: str, converged_s: float, dead_backends: frozenset[str] = frozenset()) -> Result:
-        time.sleep(1)  # one more second of traffic after convergence: late resets would show here
+        # Every surviving connection completes a few more echoes: a late reset would show here.
+        echoed = self.load.report()["long"]["echoed"]
+        wait_until(lambda: (r := self.load.report()["long"])["echoed"] >= echoed + 5 * r["alive"], timeout_s=30,
+                   interval_s=0.1, what="five more echoes per connection")
         report = self.load.stop()
         lost_by_backend: dict[str, int] = report["long"]["lost_by_backend"]
         expected = sum(n for b, n in lost_by_backend.items() if b in dead_backends)
