@@ -179,17 +179,17 @@ class DataPlane:
             self._retire_backend(state.backends.pop(address))
         members = []
         for address, backend in wanted.items():
-            index = state.backends.get(address)
-            if index is None:
-                index = self._backend_pool.take()
-                self._zero_percpu("backend_stats", index)
-                state.backends[address] = index
+            known = state.backends.get(address)
+            slot = self._backend_pool.take() if known is None else known
+            if known is None:
+                self._zero_percpu("backend_stats", slot)
+                state.backends[address] = slot
             if backend.usable:
                 assert backend.mac is not None
-                self._map("backends")[ctypes.c_int(index)] = structs.backend_value(address, backend.mac)
+                self._map("backends")[ctypes.c_int(slot)] = structs.backend_value(address, backend.mac)
             else:
-                self._retire_backend(index, give_back=False)
-            members.append(Member(identity=str(address), weight=backend.hash_weight, index=index))
+                self._retire_backend(slot, give_back=False)
+            members.append(Member(identity=str(address), weight=backend.hash_weight, index=slot))
         idle_half = 1 - state.active_half
         base = (state.index * 2 + idle_half) * self.limits.ch_table_size
         self._write_array("ch_tables", base, build_table(members, self.limits.ch_table_size))
@@ -352,8 +352,8 @@ class DataPlane:
 
 def _sum_structs(per_cpu: Any, cls: type[ctypes.Structure]) -> Any:
     total = cls()
-    for name, _ in cls._fields_:
-        setattr(total, name, sum(getattr(cpu, name) for cpu in per_cpu))
+    for field in cls._fields_:
+        setattr(total, field[0], sum(getattr(cpu, field[0]) for cpu in per_cpu))
     return total
 
 

@@ -92,14 +92,13 @@ def compile_program(source: Path, function: str, cflags: Sequence[str] = ()) -> 
     import bcc  # Debian's python3-bpfcc; imported here so pure modules never need it
 
     flags = [f"-I{BPF_DIR}", *cflags]
+    failure: Exception | None = None
     with _captured_stderr() as output:
         try:
             bpf = bcc.BPF(src_file=str(source).encode(), cflags=flags)
             fn = bpf.load_func(function.encode(), bcc.BPF.XDP)
         except Exception as exc:
             failure = exc
-        else:
-            failure = None
     if failure is not None:
         raise CompileError(f"{source}: {failure} (cflags: {' '.join(flags)})\n{output[0].strip()}") from failure
     return bpf, fn

@@ -224,7 +224,7 @@ def _service(data: Any, path: str) -> ServiceConfig:
     vips = tuple(_address(v, f"{path}.vips[{i}]") for i, v in enumerate(_sequence(_require(d, "vips", path), f"{path}.vips")))
     if not vips:
         raise ConfigError(f"{path}.vips", "must list at least one VIP")
-    families = {v.version for v in vips}
+    families: set[int] = {v.version for v in vips}
     if len(families) > 1:
         raise ConfigError(f"{path}.vips", "must all be IPv4 or all IPv6 (make one service per family)")
     ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(_sequence(_require(d, "ports", path), f"{path}.ports")))

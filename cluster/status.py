@@ -17,7 +17,7 @@ DEFAULT_SOCKET = "/run/lbnode.sock"
 
 
 async def serve(path: str, snapshot: Callable[[], dict[str, Any]], *,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `snapshot()` to every connection on the unix socket `path` (replacing a stale one)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

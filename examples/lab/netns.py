@@ -118,9 +118,9 @@ class Lab:
         self.processes.clear()
         for ns in reversed(self.namespaces):
             _kill_namespace_pids(ns)
-            proc = run(["ip", "netns", "delete", ns], check=False)
-            if proc.returncode != 0:
-                errors.append(f"netns {ns}: {proc.stderr.strip()}")
+            deleted = run(["ip", "netns", "delete", ns], check=False)
+            if deleted.returncode != 0:
+                errors.append(f"netns {ns}: {deleted.stderr.strip()}")
         self.namespaces.clear()
         if errors:
             raise LabError("lab teardown: " + "; ".join(errors))
