@@ -6,12 +6,15 @@ data renders as text for people (`render`) or goes out as is (`lbnode status --j
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import trio
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/lbnode.sock"
 
@@ -30,9 +33,15 @@ async def serve(path: str, snapshot: Callable[[], dict[str, Any]], *,
     listener = trio.SocketListener(sock)
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(5):
-                await stream.send_all(json.dumps(snapshot(), default=str).encode() + b"\n")
+        # A client that hangs up early, or a snapshot that fails, must never take the node down.
+        try:
+            async with stream:
+                with trio.move_on_after(5):
+                    await stream.send_all(json.dumps(snapshot(), default=str).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("status client went away: %s", exc)
+        except Exception:
+            log.exception("status snapshot failed")
 
     try:
         await trio.serve_listeners(handle, [listener], task_status=task_status)
