@@ -85,12 +85,13 @@ class _IndexPool:
     next_unused: int = 0
     freed: deque[int] = field(default_factory=deque)
 
-    def take(self) -> int:
+    def take(self) -> tuple[int, bool]:
+        """A free index, and whether it was used before (its old pins must be purged)."""
         if self.next_unused < self.size:
             self.next_unused += 1
-            return self.next_unused - 1
+            return self.next_unused - 1, False
         if self.freed:
-            return self.freed.popleft()
+            return self.freed.popleft(), True
         raise MapError(f"no free {self.what} index (limit {self.size})")
 
     def give_back(self, index: int) -> None:
@@ -102,6 +103,7 @@ class _ServiceState:
     index: int
     active_half: int
     backends: dict[IPAddress, int]  # address -> backend index
+    applied: tuple[object, ...] = ()  # what the kernel has now: unchanged services are skipped
 
 
 def monotonic_ns() -> int:
@@ -170,20 +172,33 @@ class DataPlane:
     def _apply_service(self, spec: ServiceSpec) -> None:
         state = self._services.get(spec.key)
         if state is None:
-            index = self._service_pool.take()
+            index, _ = self._service_pool.take()  # a reused index had its flows purged on removal
             self._zero_percpu("service_stats", index)
             state = _ServiceState(index=index, active_half=1, backends={})
             self._services[spec.key] = state
         wanted = {b.address: b for b in spec.backends}
-        for address in [a for a in state.backends if a not in wanted]:
-            self._retire_backend(state.backends.pop(address))
-        members = []
-        for address, backend in wanted.items():
-            known = state.backends.get(address)
-            slot = self._backend_pool.take() if known is None else known
-            if known is None:
+        removed = [state.backends.pop(a) for a in [a for a in state.backends if a not in wanted]]
+        for address in wanted:
+            if address not in state.backends:
+                try:
+                    slot, reused = self._backend_pool.take()
+                except MapError:
+                    if not removed:
+                        raise
+                    # Every index is taken: hand over one of a removed backend's at once (its
+                    # slots in the live table now drop until the flip below: only when full).
+                    slot, reused = removed.pop(), True
+                    self._retire_backend(slot, give_back=False)
+                if reused:  # an old pin to this index must not reach its new owner
+                    self.delete_flows([k for k, f in self.flows() if f.backend == slot])
                 self._zero_percpu("backend_stats", slot)
                 state.backends[address] = slot
+        applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
+        if applied == state.applied and not removed:
+            return  # health events re-apply everything; rebuilding unchanged tables costs ms each
+        members = []
+        for address, backend in wanted.items():
+            slot = state.backends[address]
             if backend.usable:
                 assert backend.mac is not None
                 self._map("backends")[ctypes.c_int(slot)] = structs.backend_value(address, backend.mac)
@@ -197,6 +212,11 @@ class DataPlane:
         self._map("service_slots")[ctypes.c_int(state.index)] = Service(base, structs.SERVICE_F_ACTIVE)
         self._map("services")[ServiceKey.make(*spec.key)] = ctypes.c_uint32(state.index)
         state.active_half = idle_half
+        state.applied = applied
+        # Only now, with no live table pointing at them, may removed backends become invalid
+        # (their pinned flows then re-choose from the new table).
+        for slot in removed:
+            self._retire_backend(slot)
 
     def _remove_service(self, key: tuple[IPAddress, int, int]) -> None:
         state = self._services.pop(key)

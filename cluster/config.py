@@ -28,7 +28,8 @@ from bgp.config import SpeakerConfig
 from bgp.rib import RouteAttrs
 from bpf.loader import XdpMode
 from bpf.structs import PROTOCOLS
-from cluster.sync_config import SyncConfig
+from bpf.loader import Limits
+from cluster.sync_config import SyncConfig, SyncConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -120,17 +121,19 @@ SERVICE_KEYS = frozenset({"name", "vips", "ports", "protocol", "backends", "chec
 BACKEND_KEYS = frozenset({"address", "weight", "disabled"})
 
 
-def load_file(path: str | Path, node_ip: IPAddress) -> NodeConfig:
-    """Read and validate a config file; every error is a ConfigError with path and line."""
+def load_file(path: str | Path, node_ip: IPAddress, *, check_files: bool = True) -> NodeConfig:
+    """Read and validate a config file; every error is a ConfigError with path and line.
+
+    `check_files`: also read the files the config names (the sync key), as the node will."""
     source = str(path)
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError("(file)", f"cannot read: {exc.strerror or exc}", source) from None
-    return load_text(text, node_ip, source)
+    return load_text(text, node_ip, source, check_files=check_files)
 
 
-def load_text(text: str, node_ip: IPAddress, source: str | None = None) -> NodeConfig:
+def load_text(text: str, node_ip: IPAddress, source: str | None = None, *, check_files: bool = True) -> NodeConfig:
     try:
         data = yaml.safe_load(text)
         lines = _line_index(yaml.compose(text)) if text.strip() else {}
@@ -139,7 +142,7 @@ def load_text(text: str, node_ip: IPAddress, source: str | None = None) -> NodeC
         raise ConfigError("(yaml)", str(getattr(exc, "problem", None) or exc), source,
                           mark.line + 1 if mark is not None else None) from None
     try:
-        config = _node(data if data is not None else {}, node_ip)
+        config = _node(data if data is not None else {}, node_ip, check_files)
     except ConfigError as err:
         raise ConfigError(err.path, err.reason, source, _line_of(err.path, lines)) from None
     return _replace_source(config, source)
@@ -194,7 +197,7 @@ def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
     return None
 
 
-def _node(data: Any, node_ip: IPAddress) -> NodeConfig:
+def _node(data: Any, node_ip: IPAddress, check_files: bool) -> NodeConfig:
     d = _mapping(data, "(top level)")
     _no_unknown(d, TOP_KEYS, "")
     services = tuple(_service(s, f"services[{i}]") for i, s in enumerate(_sequence(d.get("services", []), "services")))
@@ -205,11 +208,13 @@ def _node(data: Any, node_ip: IPAddress) -> NodeConfig:
     except ValueError:
         raise ConfigError("xdp", f"must be native or generic, got {xdp_raw!r}") from None
     drain_s = _number(d, "drain_s", "", 5.0, 0, 3600)
+    flows = _flows(d.get("flows") or {})
+    _check_limits(services, flows)
     return NodeConfig(
         services=services,
         bgp=_bgp(d["bgp"], node_ip) if d.get("bgp") is not None else None,
-        sync=_sync(d["sync"]) if d.get("sync") is not None else None,
-        flows=_flows(d.get("flows") or {}),
+        sync=_sync(d["sync"], check_files) if d.get("sync") is not None else None,
+        flows=flows,
         xdp=xdp,
         drain_s=drain_s,
     )
@@ -286,14 +291,14 @@ def _bgp(data: Any, node_ip: IPAddress) -> SpeakerConfig:
         raise _split(err, "bgp.") from None
 
 
-def _sync(data: Any) -> SyncConfig:
+def _sync(data: Any, check_files: bool) -> SyncConfig:
     try:
-        return SyncConfig.from_dict(data, "sync")
-    except ConfigError:
-        raise
-    except Exception as err:  # the sync package's own ConfigError: path and reason
-        path, reason = getattr(err, "path", "sync"), getattr(err, "reason", str(err))
-        raise ConfigError(path, reason) from None
+        config = SyncConfig.from_dict(data, "sync")
+        if config.enabled and check_files:
+            config.load_key()  # a missing or short key is a config error, not a crash at start or reload
+        return config
+    except SyncConfigError as err:
+        raise ConfigError(err.path, err.reason) from None
 
 
 def _flows(data: Any) -> FlowConfig:
@@ -301,6 +306,18 @@ def _flows(data: Any) -> FlowConfig:
     _no_unknown(d, frozenset({"table_size", "refresh_s"}), "flows")
     size = _int(d, "table_size", "flows", 262144, 1024, 1 << 26)
     return FlowConfig(table_size=size, refresh_s=_number(d, "refresh_s", "flows", 1.0, 0.1, 60))
+
+
+def _check_limits(services: Sequence[ServiceConfig], flows: FlowConfig) -> None:
+    """Refuse what the data plane cannot hold, instead of failing halfway through applying it."""
+    limits = Limits(flow_table_size=flows.table_size)
+    pairs = sum(len(s.vips) * len(s.ports) for s in services)
+    if pairs > limits.max_services:
+        raise ConfigError("services", f"{pairs} (VIP, port) services, the data plane holds {limits.max_services}")
+    backends = sum(len(s.vips) * len(s.ports) * len(s.backends) for s in services)
+    if backends > limits.max_backends:
+        raise ConfigError("services", f"{backends} backends over all (VIP, port) services, "
+                                      f"the data plane holds {limits.max_backends}")
 
 
 def _check_unique_services(services: Sequence[ServiceConfig]) -> None:

@@ -162,6 +162,20 @@ class Node:
         if new.xdp != old.xdp or new.flows != old.flows:
             log.warning("reload: xdp mode and flows settings take effect at the next restart")
             new = replace(new, xdp=old.xdp, flows=old.flows)
+        try:
+            await self._switch_config(old, new)
+        except Exception as exc:  # e.g. a socket the new sync or BGP config cannot open
+            self.reloads["refused"] += 1
+            self.last_reload_error = f"applying {path} failed, previous config restored: {exc}"
+            log.error("reload: %s", self.last_reload_error)
+            await self._switch_config(new, old)  # what ran before must run again; if not, the node stops
+            return
+        self.reloads["ok"] += 1
+        self.last_reload_error = None
+        log.info("reload: config from %s applied", path)
+
+    async def _switch_config(self, old: NodeConfig, new: NodeConfig) -> None:
+        """Make `new` the running config, restarting only the components whose settings changed."""
         self.config = new
         self._neighbours.set_addresses(self._backend_addresses(new))
         if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
@@ -176,10 +190,7 @@ class Node:
             self._announced = {}
             if new.bgp is not None:
                 await self._start("bgp", self._run_speaker)
-        self.reloads["ok"] += 1
-        self.last_reload_error = None
         self.reconcile()
-        log.info("reload: config from %s applied", path)
 
     # ---- components ---------------------------------------------------------------------------------
 

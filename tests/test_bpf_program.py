@@ -371,3 +371,24 @@ def test_flow_events_fd_is_readable_while_events_wait(dp: DataPlane, events: lis
     dp.poll_flow_events()
     assert len(events) == 1
     assert select.select([dp.flow_events_fd], [], [], 0)[0] == []
+
+
+def test_a_reused_backend_index_does_not_inherit_old_pins() -> None:
+    """With every index used, a new backend reuses a freed one; flows pinned to the backend that
+    had it must not follow it to the new owner (which may even serve another service)."""
+    from bpf.loader import Limits
+
+    dp = DataPlane(Limits(max_backends=3))
+    dp.set_config(OUR_MAC)
+    try:
+        dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))])
+        run_xdp(dp.fd, tcp4("A", sport=15000))
+        [(key, flow)] = dp.flows()
+        old = {b.address: dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address) for b in (B1, B2, B3)}
+        pinned = next(a for a, i in old.items() if i == flow.backend)
+        newcomer = BackendSpec(ip("10.0.0.99"), "02:00:00:00:0b:99")
+        dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(b for b in (B1, B2, B3) if b.address != pinned) + (newcomer,))])
+        assert dp.backend_index(VIP4, 80, IPPROTO_TCP, newcomer.address) == flow.backend  # the freed index
+        assert dp.lookup_flow(key) is None, "the old pin was purged before the index got a new owner"
+    finally:
+        dp.close()

@@ -21,7 +21,7 @@ BAD = sorted((DATA / "bad").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", GOOD, ids=[p.stem for p in GOOD])
 def test_good_config_normalises_to_golden(path: Path) -> None:
-    got = normalised(load_file(path, NODE_IP))
+    got = normalised(load_file(path, NODE_IP, check_files=False))  # the example's key is not on this machine
     golden = path.with_suffix(".json")
     if os.environ.get("LBNODE_UPDATE_GOLDEN"):
         golden.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
@@ -53,3 +53,26 @@ def test_bgp_defaults_come_from_the_node_ip() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_file(tmp_path / "nope.yaml", NODE_IP)
+
+
+def test_sync_key_is_read_at_load_so_a_bad_key_is_a_config_error(tmp_path: Path) -> None:
+    """A missing or short key must refuse the config (exit 2, refused reload), not crash later."""
+    from cluster.config import load_text
+
+    text = "sync: {{key_file: {key}}}\nservices: []\n"
+    with pytest.raises(ConfigError, match=r"sync.key_file: cannot read .*nope.key"):
+        load_text(text.format(key=tmp_path / "nope.key"), NODE_IP)
+    (tmp_path / "short.key").write_text("too short")
+    with pytest.raises(ConfigError, match=r"sync.key_file: key in .* is 9 bytes, need >= 16"):
+        load_text(text.format(key=tmp_path / "short.key"), NODE_IP)
+    (tmp_path / "good.key").write_text("a-long-enough-shared-key")
+    assert load_text(text.format(key=tmp_path / "good.key"), NODE_IP).sync is not None
+
+
+def test_services_beyond_the_data_planes_limits_are_refused() -> None:
+    from cluster.config import load_text
+
+    ports = list(range(1, 130))
+    text = f"services: [{{name: big, vips: [192.0.2.1, 192.0.2.2], ports: {ports}, backends: [{{address: 10.0.0.1}}]}}]"
+    with pytest.raises(ConfigError, match=r"^services: 258 \(VIP, port\) services, the data plane holds 256"):
+        load_text(text, NODE_IP)
