@@ -15,10 +15,27 @@ Missing numbers are asked for with RESEND ranges every `resend_interval_s`, at m
 sender keeps its last `capacity` datagrams in a `RetransmitBuffer` to answer. Heartbeats carry
 the sender's view digest: a live peer whose digest differs from ours is a *mismatch*. A peer
 unheard for `dead_after_s` is dead.
+
+Incarnations are wall-clock seconds, so they are only as good as the clocks:
+
+- a lower incarnation than the known one is STALE while the known one is alive; once the known
+  one has been silent for `dead_after_s`, the lower one is adopted (the peer restarted with its
+  clock behind its previous start, e.g. an NTP step at boot);
+- an incarnation is adopted (first word from a peer, a restart, the case above) only if it is at
+  most `max_incarnation_age_s` older than our wall clock (`wall_s`, passed in): a captured datagram
+  of a long-gone life cannot be replayed to a freshly started receiver. Senders therefore renew
+  their incarnation well within that age (flowsync.INCARNATION_RENEW_S).
+
+Cost. Missing numbers are kept in a dict whose insertion order is ascending sequence order (gaps
+only ever open above `highest`), so trimming the oldest is O(1) each; request deadlines sit in a
+heap (lazy deletion), so `next_deadline` and `resend_requests` cost O(log n) per due number, not
+O(n) per wake-up. A jump of more than `max_gap` numbers is not tracked number by number: the
+whole gap is counted as lost and as an *overflow* (resync-worthy; `PeerState.overflowed`).
 """
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,7 +46,7 @@ from cluster.gossip import Header, Heartbeat, ResendRange
 class Verdict(enum.Enum):
     ACCEPT = "accept"
     REPLAY = "replay"  # already seen, or older than the window
-    STALE = "stale"  # from an older incarnation of the peer
+    STALE = "stale"  # from an older incarnation of the peer (while it lives), or far older than our clock
     SELF = "self"  # our own datagram (multicast loop, or a forged node id of ours)
 
 
@@ -40,8 +57,10 @@ class PeerState:
     highest: int
     first_heard: float
     last_heard: float
-    # missing seq -> [first missed at, requests sent, next request at]
+    # missing seq -> [first missed at, requests sent, next request at]; iteration order is
+    # ascending seq (numbers are only ever added above `highest`)
     missing: dict[int, list[float]] = field(default_factory=dict)
+    overflowed: int = 0  # gaps too large to track (counted lost): this peer's table wants a resync
     digest: bytes | None = None
     ready: bool = False
     flow_count: int = 0
@@ -71,47 +90,73 @@ class Counters:
     recovered: int = 0  # missing numbers that arrived later
     lost: int = 0  # missing numbers given up on
     resend_requested: int = 0  # sequence numbers asked for (counting retries)
+    overflows: int = 0  # gaps larger than max_gap (all their numbers counted lost, resync-worthy)
+    reincarnated: int = 0  # lower incarnations adopted after the known one went silent
+    too_old: int = 0  # incarnations refused for being far older than our clock (also counted stale)
 
 
 class ReceivePolicy:
     """What to accept from peers, what to ask them to resend, and who is alive."""
 
     def __init__(self, node_id: int, *, window: int = 65536, resend_interval_s: float = 0.05,
-                 resend_tries: int = 5, dead_after_s: float = 3.0, max_missing: int = 65536) -> None:
+                 resend_tries: int = 5, dead_after_s: float = 3.0, max_missing: int = 65536,
+                 max_gap: int = 16384, max_incarnation_age_s: float = 6 * 3600) -> None:
         self.node_id = node_id
         self.window = window
         self.resend_interval_s = resend_interval_s
         self.resend_tries = resend_tries
         self.dead_after_s = dead_after_s
         self.max_missing = max_missing
+        self.max_gap = max_gap
+        self.max_incarnation_age_s = max_incarnation_age_s
         self.peers: dict[int, PeerState] = {}
         self.counters = Counters()
         self.our_digest: bytes | None = None
+        # (next request at, node id, incarnation, seq); an entry is live only while it matches
+        # the peer's current incarnation and missing[seq][2] (lazy deletion)
+        self._due: list[tuple[float, int, int, int]] = []
 
     # ---- datagrams --------------------------------------------------------------------------
 
-    def accept(self, header: Header, now: float) -> Verdict:
-        """Decide on an authenticated datagram's header; updates sequence state on ACCEPT."""
+    def accept(self, header: Header, now: float, wall_s: float | None = None) -> Verdict:
+        """Decide on an authenticated datagram's header; updates sequence state on ACCEPT.
+        `wall_s` (the receiver's wall clock, seconds) enables the incarnation age check."""
         if header.node_id == self.node_id:
             self.counters.self_looped += 1
             return Verdict.SELF
         peer = self.peers.get(header.node_id)
-        if peer is None or header.incarnation > peer.incarnation:
+        if peer is None or header.incarnation != peer.incarnation:
+            if peer is not None and header.incarnation < peer.incarnation \
+                    and now - peer.last_heard < self.dead_after_s:
+                self.counters.stale += 1  # an old life of a peer that is alive: a replay
+                return Verdict.STALE
+            if wall_s is not None and header.incarnation < wall_s - self.max_incarnation_age_s:
+                self.counters.stale += 1
+                self.counters.too_old += 1
+                return Verdict.STALE
+            if peer is not None and header.incarnation < peer.incarnation:
+                self.counters.reincarnated += 1
             # First word from this peer (or it restarted): start tracking at this number.
             self.peers[header.node_id] = PeerState(header.node_id, header.incarnation, header.seq, now, now)
             self.peers[header.node_id].received = 1
             self.counters.accepted += 1
             return Verdict.ACCEPT
-        if header.incarnation < peer.incarnation:
-            self.counters.stale += 1
-            return Verdict.STALE
         seq = header.seq
         if seq > peer.highest:
             first_missing = max(peer.highest + 1, seq - self.window)
             self.counters.lost += first_missing - (peer.highest + 1)
-            for s in range(first_missing, seq):
-                peer.missing[s] = [now, 0.0, now]
-            self.counters.gaps += seq - first_missing
+            if seq - first_missing > self.max_gap:
+                # Too big to track number by number (a partition, or a peer that jumped): lost,
+                # and worth a bulk resync rather than a storm of RESENDs.
+                self.counters.lost += seq - first_missing
+                self.counters.overflows += 1
+                peer.overflowed += 1
+            else:
+                missing, due = peer.missing, self._due
+                for s in range(first_missing, seq):
+                    missing[s] = [now, 0.0, now]
+                    heapq.heappush(due, (now, peer.node_id, peer.incarnation, s))
+                self.counters.gaps += seq - first_missing
             peer.highest = seq
             self._trim(peer)
         elif peer.missing.pop(seq, None) is not None:
@@ -125,15 +170,15 @@ class ReceivePolicy:
         return Verdict.ACCEPT
 
     def _trim(self, peer: PeerState) -> None:
+        """Drop the oldest missing numbers: those below the window, and any above `max_missing`."""
         floor = peer.highest - self.window
-        excess = len(peer.missing) - self.max_missing
-        if excess > 0 or (peer.missing and min(peer.missing) < floor):
-            for s in sorted(peer.missing):
-                if s >= floor and excess <= 0:
-                    break
-                del peer.missing[s]
-                self.counters.lost += 1
-                excess -= 1
+        missing = peer.missing
+        while missing:
+            oldest = next(iter(missing))  # insertion order is ascending seq
+            if oldest >= floor and len(missing) <= self.max_missing:
+                break
+            del missing[oldest]
+            self.counters.lost += 1
 
     def heartbeat(self, node_id: int, hb: Heartbeat) -> None:
         """Record an accepted heartbeat's view of the peer."""
@@ -145,29 +190,50 @@ class ReceivePolicy:
 
     # ---- timers -----------------------------------------------------------------------------
 
+    def _live_state(self, entry: tuple[float, int, int, int]) -> list[float] | None:
+        at, node_id, incarnation, seq = entry
+        peer = self.peers.get(node_id)
+        if peer is None or peer.incarnation != incarnation:
+            return None
+        state = peer.missing.get(seq)
+        return state if state is not None and state[2] == at else None
+
     def resend_requests(self, now: float) -> list[ResendRange]:
         """Ranges of missing numbers due for a (re)request; gives up after `resend_tries`."""
+        due_by_peer: dict[int, list[int]] = {}
+        due = self._due
+        later: list[tuple[float, int, int, int]] = []
+        while due and due[0][0] <= now:
+            entry = heapq.heappop(due)
+            state = self._live_state(entry)
+            if state is None:
+                continue
+            _, node_id, incarnation, seq = entry
+            peer = self.peers[node_id]
+            if state[1] >= self.resend_tries:
+                del peer.missing[seq]
+                self.counters.lost += 1
+                continue
+            state[1] += 1
+            state[2] = now + self.resend_interval_s
+            later.append((state[2], node_id, incarnation, seq))
+            due_by_peer.setdefault(node_id, []).append(seq)
+        for entry in later:
+            heapq.heappush(due, entry)
         out: list[ResendRange] = []
-        for peer in self.peers.values():
-            due: list[int] = []
-            for seq, state in list(peer.missing.items()):
-                if state[2] > now:
-                    continue
-                if state[1] >= self.resend_tries:
-                    del peer.missing[seq]
-                    self.counters.lost += 1
-                    continue
-                state[1] += 1
-                state[2] = now + self.resend_interval_s
-                due.append(seq)
-            self.counters.resend_requested += len(due)
-            out.extend(ResendRange(peer.node_id, peer.incarnation, a, b) for a, b in _ranges(sorted(due)))
+        for peer in self.peers.values():  # peers in their usual order, numbers ascending
+            seqs = due_by_peer.get(peer.node_id)
+            if seqs:
+                self.counters.resend_requested += len(seqs)
+                out.extend(ResendRange(peer.node_id, peer.incarnation, a, b) for a, b in _ranges(sorted(seqs)))
         return out
 
     def next_deadline(self) -> float | None:
         """When `resend_requests` next has work (None: nothing missing)."""
-        times = [s[2] for p in self.peers.values() for s in p.missing.values()]
-        return min(times) if times else None
+        due = self._due
+        while due and self._live_state(due[0]) is None:
+            heapq.heappop(due)
+        return due[0][0] if due else None
 
     # ---- views ------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """Flow-sync policy: replay and gap logic, resend requests and liveness on a virtual clock."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cluster.gossip import Header, Heartbeat, MsgType, ResendRange
@@ -101,3 +103,51 @@ def test_a_zero_digest_is_no_view_yet() -> None:
     p.accept(h(1), 0.0)
     p.heartbeat(PEER, Heartbeat(bytes(16), 0, False))
     assert not p.digest_mismatch(0.5) and p.views(0.5)[0].digest_match is None
+
+
+def test_lower_incarnation_is_adopted_once_the_known_one_is_silent() -> None:
+    # A peer restarted with its clock behind its previous start (NTP step at boot).
+    p = policy()
+    p.accept(h(7, inc=1000), 0.0)
+    assert p.accept(h(1, inc=900), 1.0) is Verdict.STALE  # the known life is alive: a replay
+    assert p.accept(h(8, inc=1000), 2.0) is Verdict.ACCEPT
+    assert p.accept(h(2, inc=900), 4.9) is Verdict.STALE  # heard 2.9 s ago: still alive
+    assert p.accept(h(3, inc=900), 5.0) is Verdict.ACCEPT  # silent for dead_after_s: adopted
+    assert p.peers[PEER].incarnation == 900 and p.counters.reincarnated == 1
+    assert p.accept(h(4, inc=900), 5.1) is Verdict.ACCEPT
+    assert p.accept(h(9, inc=1000), 5.2) is Verdict.ACCEPT  # the higher one is a newer life again
+
+
+def test_incarnations_far_older_than_our_clock_are_not_adopted() -> None:
+    wall = 1_800_000_000.0
+    p = policy()
+    assert p.accept(h(5, inc=int(wall) - 7 * 3600), 0.0, wall_s=wall) is Verdict.STALE  # a captured old life
+    assert PEER not in p.peers and p.counters.too_old == 1
+    assert p.accept(h(6, inc=int(wall) - 3600), 0.0, wall_s=wall) is Verdict.ACCEPT
+    # ... nor after the known life went silent
+    assert p.accept(h(1, inc=int(wall) - 7 * 3600), 10.0, wall_s=wall + 10) is Verdict.STALE
+    assert p.peers[PEER].incarnation == int(wall) - 3600
+
+
+def test_a_gap_larger_than_max_gap_is_lost_and_resync_worthy_not_tracked() -> None:
+    p = ReceivePolicy(ME)  # the default cap
+    p.accept(h(1), 0.0)
+    assert p.accept(h(60_001), 0.0) is Verdict.ACCEPT
+    assert p.peers[PEER].missing == {} and p.next_deadline() is None
+    assert (p.counters.lost, p.counters.overflows, p.peers[PEER].overflowed) == (59_999, 1, 1)
+    p.accept(h(60_005), 0.0)  # small gaps are still tracked
+    assert p.resend_requests(0.0) == [ResendRange(PEER, 100, 60_002, 60_004)]
+
+
+def test_gap_tracking_is_cheap_per_datagram() -> None:
+    # 16,000 missing numbers, then 20,000 datagrams each followed by the loop's next_deadline():
+    # O(missing) per datagram would be ~10^9 steps.
+    p = ReceivePolicy(ME)
+    p.accept(h(1), 0.0)
+    p.accept(h(16_002), 0.0)
+    t0 = time.perf_counter()
+    for i in range(20_000):
+        p.accept(h(16_003 + i), 0.001 * i)
+        p.next_deadline()
+    assert time.perf_counter() - t0 < 2.0
+    assert p.counters.gaps == 16_000 and p.counters.lost + len(p.peers[PEER].missing) == 16_000
