@@ -343,7 +343,9 @@ int xdp_main(struct xdp_md *ctx)
 	if (bare_syn) {
 		count(STAT_SYN_UNPINNED);
 	} else if (!pkt.icmp_too_big && !(is_tcp && (pkt.tcp_flags & TCP_RST))) {
-		struct flow pinned = {.backend = backend_idx, .service = service_idx, .last_seen_ns = now};
+		/* A flow that arrives here at its FIN (moved from another node) is already closing. */
+		struct flow pinned = {.backend = backend_idx, .service = service_idx, .last_seen_ns = now,
+				      .flags = closing ? FLOW_F_CLOSING : 0};
 		flows.update(&pkt.key, &pinned);
 		count(STAT_NEW_FLOW);
 		struct service_stats *ss_new = service_stats.lookup(&service_idx);

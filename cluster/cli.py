@@ -10,9 +10,11 @@ config (with a one-line reason on stderr).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import ipaddress
 import json
 import logging
+import os
 import sys
 
 import trio
@@ -71,10 +73,29 @@ def run_node(argv: list[str]) -> int:
     if ip not in local_addresses():
         raise UsageError(f"--ip: {ip} is not an address of this host")
     config = load_config(args.config, ip)
+    lock_fd = interface_lock(args.interface)  # held (and released by the kernel) for the process's life
     node = Node(NodeArgs(ip=ip, ifname=args.interface, mac=mac, config_path=args.config,
                          status_socket=args.status_socket, xdp=XdpMode(args.xdp) if args.xdp else None), config)
-    trio.run(node.run)
+    try:
+        trio.run(node.run)
+    finally:
+        os.close(lock_fd)
     return 0
+
+
+def interface_lock(ifname: str) -> int:
+    """Hold /run/lbnode/<netns>-<ifname>.lock: a second node on the same interface would replace
+    the first one's XDP program (and unlink its status socket) while the first still advertises."""
+    netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
+    os.makedirs("/run/lbnode", exist_ok=True)
+    path = f"/run/lbnode/{netns}-{ifname}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace ({path})") from None
+    return fd
 
 
 def check_config(argv: list[str]) -> int:

@@ -72,6 +72,8 @@ class Node:
         self._ready = False
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
+        self._advertised = False  # has announced a route since start
+        self._flow_count: tuple[float, int] = (-1e9, 0)  # (when, entries): a full table walk, so cached
         self._dp: DataPlane | None = None
         self._checker: HealthChecker | None = None
         self._speaker: Speaker | None = None
@@ -237,6 +239,8 @@ class Node:
                     (keys.add if event.usable else keys.discard)(event.backend)
                     self._usable[event.service] = frozenset(keys)
                     self.reconcile()
+            # The checker never ends its events by itself; advertising without health checks is wrong.
+            raise RuntimeError("health checker stopped sending events")
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
@@ -282,10 +286,13 @@ class Node:
                 self.reconcile()
 
     def _blocked_by_digest(self) -> bool:
-        """With sync.digest_mismatch_blocks, a live peer that sees other services/backends/health
-        holds back our routes: two nodes hashing differently would break each other's flows."""
+        """With sync.digest_mismatch_blocks, a node whose view (services, backends, health) differs
+        from a live peer's does not *start* advertising: a misconfigured node would hash flows
+        differently. Once serving, a mismatch is only logged: health checks of two nodes disagree
+        for up to fall x interval, and both nodes withdrawing then would be a full outage."""
         sync, cfg = self._sync, self.config.sync
-        return bool(sync is not None and cfg is not None and cfg.digest_mismatch_blocks and sync.digest_mismatch)
+        return bool(sync is not None and cfg is not None and cfg.digest_mismatch_blocks and sync.digest_mismatch
+                    and not self._advertised)
 
     # ---- desired state --------------------------------------------------------------------------------
 
@@ -307,8 +314,18 @@ class Node:
                     log.info("announcing %s", prefix)
                     self._speaker.announce(prefix, attrs)
             self._announced = wanted
+            self._advertised = self._advertised or bool(wanted)
         if self._sync is not None:
             self._sync.set_digest(digest(view))
+
+    def _flow_entries(self, max_age_s: float = 1.0) -> int:
+        """Flow-table occupancy; counting walks the whole table, so do it at most once a second."""
+        when, count = self._flow_count
+        now = trio.current_time()
+        if self._dp is not None and now - when > max_age_s:
+            count = len(self._dp.flows())
+            self._flow_count = (now, count)
+        return count
 
     @staticmethod
     def _backend_addresses(config: NodeConfig) -> list[IPAddress]:
@@ -358,7 +375,7 @@ class Node:
                      "state": self.state, "config": self.args.config_path, "reloads": self.reloads,
                      "last_reload_error": self.last_reload_error},
             "services": services,
-            "flows": {"entries": len(dp.flows()) if dp else 0, "table_size": self.config.flows.table_size},
+            "flows": {"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
             "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
         }
         if self._speaker is not None:

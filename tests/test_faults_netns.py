@@ -22,8 +22,8 @@ def test_no_connection_that_should_survive_is_lost(key: str) -> None:
           f"max_stall_ms={result.max_stall_ms} converged_s={result.converged_s} short_failed={result.short_failed}")
     assert result.lost == 0, result.detail
     assert result.kept + result.expected_lost == 200
-    if key in ("1", "2a", "2b"):  # BFD (100 ms x 3) or a FIN: the router moves in well under a second
-        assert result.converged_s < 1.5, result
+    if key in ("1", "2a", "2b"):  # BFD (100 ms x 3) or a FIN: ~0.3 s measured; room for a loaded machine
+        assert result.converged_s < 3.0, result
     if key == "6":
         assert result.expected_lost > 0, "b2 had connections, and they died with it"
         assert result.detail["new_conns_avoid_b2_after_s"] <= HEALTH_FALL_S + 1.5, result.detail

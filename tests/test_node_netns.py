@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,14 @@ def test_node_balances_follows_health_reloads_and_drains(lab: SingleNodeLab, tmp
     node = lab.start_node(config, sock)
     everyone = {f"{a}:80" for a in addresses}
     wait_until(lambda: usable_backends(sock) == everyone, timeout_s=30, what="all backends healthy")
-    assert attached_program_id("eth0", netns=lab.node.ns) != 0
+    ours = attached_program_id("eth0", netns=lab.node.ns)
+    assert ours != 0
+
+    # A second node on the same interface is refused; the running one keeps its program.
+    second = lab.lab.ns_run(lab.node.ns, sys.executable, "-m", "cluster.cli", "--ip", lab.node.ip4, "--if", "eth0",
+                            "--config", str(config), "--status-socket", str(tmp_path / "second.sock"), check=False)
+    assert second.returncode == 2 and "another lbnode is running on eth0" in second.stderr, second
+    assert attached_program_id("eth0", netns=lab.node.ns) == ours
 
     result = lab.http_spread(VIP4, 30)
     assert result["ok"] == 30 and set(result["backends"]) == {"b1", "b2", "b3"}, result  # type: ignore[arg-type]
