@@ -15,9 +15,21 @@ again), and its flows are translated to local indexes ((VIP, port, proto, backen
 itself. A CLOSE is written with FLOW_F_CLOSING, not deleted: packets in flight still reach the
 backend, and a SYN that reuses the tuple starts afresh.
 
-Bulk resync: `resync()` asks peers for their whole table (RESYNC_REQUEST) and returns once the
-answering peers' RESYNC_CHUNKs are complete; a chunk is accepted only for our outstanding
-request id, so an old chunk replayed later is ignored. Heartbeats carry the view digest
+Bulk resync: `resync()` asks peers for their whole table (RESYNC_REQUEST, sent right after a
+heartbeat so peers know our address) and returns once the answering peers' RESYNC_CHUNKs are
+complete; a chunk is accepted only for our outstanding request id, so an old chunk replayed later
+is ignored. A request is unsequenced (it bypasses the replay check), so answering one is guarded
+against amplification: the table goes only to the address known for the requesting node id (the
+configured unicast peer, else the source of its last policy-accepted datagram), never to the
+request's source when that differs; a request from an incarnation older than the one we know for
+that node (or far older than our clock) is refused; at most one answer per peer is in flight and
+one per (node, incarnation, request id) per half retry interval. Residual: someone who captured a
+request and can spoof the genuine peer's own address can still make us send the table to that
+peer (which ignores chunks for a request id it no longer has outstanding), once at a time.
+
+Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (peers
+treat a higher incarnation as a restart and resume tracking at its first number), because
+receivers refuse to adopt an incarnation far older than their own clock (gossip_policy.py). Heartbeats carry the view digest
 (`set_digest`); a live peer with another digest raises `digest_mismatch`.
 
 Nothing a peer (or anyone) sends can stop this module: every bad datagram is dropped, counted
@@ -60,6 +72,8 @@ SOCKET_BUFFER_BYTES = 16 << 20
 RECV_BATCH = 512  # datagrams per wake-up before the flows are written
 RESEND_INTERVAL_S = 0.05
 RESYNC_RETRY_S = 1.0
+INCARNATION_RENEW_S = 3600.0  # well within MAX_INCARNATION_AGE_S, with room for clock skew
+MAX_INCARNATION_AGE_S = 6 * 3600.0
 EVENT_TIME_OFFSET = 56 + 16  # struct flow_event: key 40, backend_addr 16, backend 4, service 4, time_ns 8, kind
 EVENT_KIND_OFFSET = 72
 _OP_NEW = bytes((FlowOp.NEW, 0, 0))
@@ -140,13 +154,14 @@ class FlowSync:
         self.key = config.load_key() if key is None else key
         self.incarnation = _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF
         self.policy = ReceivePolicy(self.node_id, resend_interval_s=RESEND_INTERVAL_S,
-                                    dead_after_s=3 * config.heartbeat_s)
+                                    dead_after_s=3 * config.heartbeat_s, max_incarnation_age_s=MAX_INCARNATION_AGE_S)
         self.retransmit = RetransmitBuffer(retransmit_capacity)
         self.on_install = on_install  # test/bench hook: concatenated keys of each installed batch
         self.ready = False  # advertised in heartbeats; set once resync() has returned
         self.counters: dict[str, int] = dict.fromkeys((
             "sent", "sent_flows", "received", "received_flows", "installed", "forged", "malformed", "resends", "resend_requests", "unknown_service", "send_errors", "events",
-            "refreshed", "refresh_passes", "resync_served", "resync_chunks", "resync_ignored", "install_errors"), 0)
+            "refreshed", "refresh_passes", "resync_served", "resync_chunks", "resync_ignored", "install_errors",
+            "resync_misdirected", "resync_stale", "resync_busy", "incarnation_renewals"), 0)
         self._seq = 0
         self._sock: socket.socket | None = None
         self._dests: list[tuple[str, int]] = []
@@ -155,8 +170,11 @@ class FlowSync:
         self._digest = bytes(gossip.DIGEST_BYTES)
         self._digest_set = False
         self._resync: _Resync | None = None
-        self._answered: dict[tuple[int, int], float] = {}
+        self._answered: dict[tuple[int, int, int], float] = {}
+        self._answering: set[int] = set()  # peers with a resync answer in flight
         self._peer_addr: dict[int, str] = {}
+        # Unicast: the configured address of each peer, by the node id it has by default.
+        self._configured_addr = {node_id_of(p): str(p) for p in config.peers if p != self.node_ip}
         self._flow_count = 0
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
@@ -197,6 +215,7 @@ class FlowSync:
         try:
             with trio.move_on_after(timeout_s):
                 while not state.done.is_set():
+                    self._send_heartbeat()  # peers answer only to an address they know for us
                     self._send(gossip.encode_resync_request(self.key, self.node_id, self.incarnation, 0,
                                                             state.request_id))
                     with trio.move_on_after(RESYNC_RETRY_S):
@@ -247,7 +266,9 @@ class FlowSync:
             } for v in self.policy.views(now)],
             "counters": {**self.counters, "replayed": c.replayed, "stale": c.stale, "gaps": c.gaps,
                          "recovered": c.recovered, "lost": c.lost, "resend_requested": c.resend_requested,
-                         "self_looped": c.self_looped, "retransmit_missed": self.retransmit.missed},
+                         "self_looped": c.self_looped, "retransmit_missed": self.retransmit.missed,
+                         "gap_overflows": c.overflows, "reincarnated": c.reincarnated,
+                         "incarnation_too_old": c.too_old},
         }
 
     # ---- socket -------------------------------------------------------------------------------
@@ -305,6 +326,15 @@ class FlowSync:
         datagram = make(self._seq)
         self.retransmit.add(self._seq, datagram)
         self._send(datagram)
+
+    def _send_heartbeat(self) -> None:
+        hb = gossip.Heartbeat(self._digest, self._flow_count, self.ready)
+        key, node, inc = self.key, self.node_id, self.incarnation
+        self._send_sequenced(lambda seq: gossip.encode_heartbeat(key, node, inc, seq, hb))
+
+    def _known_addr(self, node_id: int) -> str | None:
+        """Where a peer is: its configured unicast address, else the source of its last accepted datagram."""
+        return self._configured_addr.get(node_id) or self._peer_addr.get(node_id)
 
     def _send_flows(self, records: list[bytes]) -> None:
         key, node, inc = self.key, self.node_id, self.incarnation
@@ -370,16 +400,19 @@ class FlowSync:
         return out
 
     async def _answer_resync(self, node_id: int, request_id: int, addr: str) -> None:
-        flows = await trio.to_thread.run_sync(self.dp.flows)
-        records = self._records(flows)
-        size = gossip.MAX_CHUNK_FLOWS
-        chunks = max(1, math.ceil(len(records) / size))
-        for index in range(chunks):
-            datagram = gossip.encode_resync_chunk(self.key, self.node_id, self.incarnation, 0, node_id, request_id,
-                                                  index, index == chunks - 1, records[index * size:(index + 1) * size])
-            self._send(datagram, [(addr, self.config.port)])
-            if index % 32 == 31:
-                await trio.sleep(0)
+        try:
+            flows = await trio.to_thread.run_sync(self.dp.flows)
+            records = self._records(flows)
+            size = gossip.MAX_CHUNK_FLOWS
+            chunks = max(1, math.ceil(len(records) / size))
+            for index in range(chunks):
+                datagram = gossip.encode_resync_chunk(self.key, self.node_id, self.incarnation, 0, node_id, request_id,
+                                                      index, index == chunks - 1, records[index * size:(index + 1) * size])
+                self._send(datagram, [(addr, self.config.port)])
+                if index % 32 == 31:
+                    await trio.sleep(0)
+        finally:
+            self._answering.discard(node_id)
         self.counters["resync_served"] += 1
         log.info("resync: sent %d flows in %d chunks to node %#x (%s)", len(records), chunks, node_id, addr)
 
@@ -390,7 +423,7 @@ class FlowSync:
         assert sock is not None
         while True:
             await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
+            now, wall_s = trio.current_time(), time.time()
             keys: list[bytes] = []
             values: list[bytes] = []
             stamp = _U64.pack(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
@@ -404,13 +437,14 @@ class FlowSync:
                     self._ratelog.warn("recv", "flow sync: receive failed: %s", exc)
                     break
                 self.counters["received"] += 1
-                self._handle(data, addr, now, keys, values, stamp)
+                self._handle(data, addr, now, keys, values, stamp, wall_s)
             if keys:
                 self._install(keys, values)
             if (self.policy.next_deadline() or math.inf) <= now:
                 self._request_resends(now)
 
-    def _handle(self, data: bytes, addr: str, now: float, keys: list[bytes], values: list[bytes], stamp: bytes) -> None:
+    def _handle(self, data: bytes, addr: str, now: float, keys: list[bytes], values: list[bytes], stamp: bytes,
+                wall_s: float | None = None) -> None:
         try:
             header, body = gossip.decode_header(self.key, data)
         except DecodeError as exc:
@@ -422,9 +456,9 @@ class FlowSync:
         try:
             if t is MsgType.RESYNC_REQUEST or t is MsgType.RESYNC_CHUNK:
                 if header.node_id != self.node_id:
-                    self._handle_resync(header, body, addr, now, keys, values, stamp)
+                    self._handle_resync(header, body, addr, now, keys, values, stamp, wall_s)
                 return
-            verdict = self.policy.accept(header, now)
+            verdict = self.policy.accept(header, now, wall_s)
             if verdict is not Verdict.ACCEPT:
                 if verdict is not Verdict.SELF:
                     log.debug("flow sync: %s datagram %d from %s", verdict.value, header.seq, addr)
@@ -443,8 +477,9 @@ class FlowSync:
                 msg = gossip.decode(self.key, data).body
                 assert isinstance(msg, gossip.Resend)
                 datagrams = self.retransmit.lookup(msg.ranges, self.node_id, self.incarnation)
+                dest = self._known_addr(header.node_id) or addr
                 for d in datagrams:
-                    self._send(d, [(addr, self.config.port)])
+                    self._send(d, [(dest, self.config.port)])
                 self.counters["resends"] += len(datagrams)
         except DecodeError as exc:
             self.counters["malformed"] += 1
@@ -495,15 +530,33 @@ class FlowSync:
             self.on_install(joined)
 
     def _handle_resync(self, header: gossip.Header, body: memoryview, addr: str, now: float,
-                       keys: list[bytes], values: list[bytes], stamp: bytes) -> None:
+                       keys: list[bytes], values: list[bytes], stamp: bytes, wall_s: float | None = None) -> None:
         if header.type is MsgType.RESYNC_REQUEST:
             (request_id, _) = gossip.RESYNC_REQUEST.unpack(body)
-            last = self._answered.get((header.node_id, request_id), -math.inf)
+            node, inc = header.node_id, header.incarnation
+            known = self.policy.peers.get(node)
+            if (known is not None and inc < known.incarnation) or \
+                    (wall_s is not None and inc < wall_s - MAX_INCARNATION_AGE_S):
+                self.counters["resync_stale"] += 1
+                self._ratelog.warn("resync_stale", "flow sync: resync request from an old incarnation %d of node %#x (%s)",
+                                   inc, node, addr)
+                return
+            dest = self._known_addr(node)
+            if dest != addr:  # never send a table to an address we do not know for that node
+                self.counters["resync_misdirected"] += 1
+                self._ratelog.warn("resync_addr", "flow sync: resync request for node %#x from %s, which we know at %s",
+                                   node, addr, dest)
+                return
+            if node in self._answering:
+                self.counters["resync_busy"] += 1
+                return
+            last = self._answered.get((node, inc, request_id), -math.inf)
             if now - last < RESYNC_RETRY_S / 2 or self._nursery is None:
                 self.counters["resync_ignored"] += 1
                 return
-            self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(header.node_id, request_id): now}
-            self._nursery.start_soon(self._answer_resync, header.node_id, request_id, addr)
+            self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(node, inc, request_id): now}
+            self._answering.add(node)
+            self._nursery.start_soon(self._answer_resync, node, request_id, dest)
             return
         target, request_id, index, last_chunk = gossip.chunk_preamble(body)
         state = self._resync
@@ -546,10 +599,15 @@ class FlowSync:
         next_heartbeat, next_refresh, next_clear = now, now + refresh_s, now + 1.0
         while True:
             now = trio.current_time()
+            if time.time() - self.incarnation >= INCARNATION_RENEW_S:
+                # Peers refuse to adopt incarnations far older than their clocks: stay young.
+                # The first datagram of the new incarnation is a heartbeat (peers reset on it).
+                old, self.incarnation = self.incarnation, _next_incarnation()
+                self.counters["incarnation_renewals"] += 1
+                log.info("flow sync %s: incarnation %d -> %d", self.node_ip, old, self.incarnation)
+                next_heartbeat = now
             if now >= next_heartbeat:
-                hb = gossip.Heartbeat(self._digest, self._flow_count, self.ready)
-                key, node, inc = self.key, self.node_id, self.incarnation
-                self._send_sequenced(lambda seq: gossip.encode_heartbeat(key, node, inc, seq, hb))
+                self._send_heartbeat()
                 next_heartbeat = now + heartbeat_s
             if (self.policy.next_deadline() or math.inf) <= now:
                 self._request_resends(now)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import trio
 from scapy.all import IP, TCP, Ether  # type: ignore[attr-defined]
 
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
-from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey
+from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey, addr16
 from bpf.testrun import run_xdp
 from cluster import gossip
 from cluster.flowsync import FlowSync
@@ -179,4 +180,66 @@ async def test_refresh_resends_flows_active_here_but_never_echoes_learned_ones(t
                     "a refresh pass on each node", timeout_s=15)
         assert sync_b.counters["refreshed"] == 0  # B carries no traffic for them: it must not echo them
         assert sync_b.counters["installed"] >= 20  # the refresh reached B (its LRU keeps the flows)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_resync_request_from_a_spoofed_source_is_not_answered(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    # A captured request replayed with a victim's source address must not send the table there.
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        run_xdp(dp_a.fd, ack(25000))
+        await until(lambda: sync_b.node_id in sync_a.policy.peers, "A heard B")
+        request = gossip.encode_resync_request(KEY, sync_b.node_id, sync_b.incarnation, 0, 77)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as victim, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            victim.bind(("127.0.0.3", config.port))
+            victim.setblocking(False)
+            attacker.bind(("127.0.0.3", 0))
+            attacker.sendto(request, (str(A_IP), config.port))
+            await until(lambda: sync_a.counters.get("resync_misdirected") == 1, "spoofed request refused")
+            await trio.sleep(0.2)  # an answer, if any had started, would be on its way by now
+            with pytest.raises(BlockingIOError):
+                victim.recvfrom(2048)
+        assert sync_a.counters["resync_served"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarnation(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        await until(lambda: sync_b.node_id in sync_a.policy.peers, "A heard B")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((str(B_IP), 0))  # B's own address (replayed by someone who can spoof it)
+            old = gossip.encode_resync_request(KEY, sync_b.node_id, sync_b.incarnation - 1, 0, 1)
+            s.sendto(old, (str(A_IP), config.port))
+            for request_id in range(10, 15):  # one burst: A reads them in one wake-up
+                s.sendto(gossip.encode_resync_request(KEY, sync_b.node_id, sync_b.incarnation, 0, request_id),
+                         (str(A_IP), config.port))
+        await until(lambda: sync_a.counters["resync_served"] >= 1, "one answer")
+        assert sync_a.counters.get("resync_stale") == 1  # an older incarnation than A knows for B
+        assert sync_a.counters.get("resync_busy") == 4 and sync_a.counters["resync_served"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_old_incarnations_are_renewed_and_refused_by_a_fresh_receiver(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    old = int(time.time()) - 7 * 3600
+    async with trio.open_nursery() as nursery:
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        # A datagram captured from a life of A seven hours ago, replayed to B (which never heard A).
+        record = gossip.flow_wire(bytes(key(26000)), addr16(B1.address), gossip.FlowOp.NEW)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((str(A_IP), 0))
+            s.sendto(gossip.encode_flows(KEY, int(A_IP), old, 5, [record]), (str(B_IP), config.port))
+        await until(lambda: sync_b.counters["received"] >= 1, "B read it")
+        assert dp_b.lookup_flow(key(26000)) is None and int(A_IP) not in sync_b.policy.peers
+        # A node whose incarnation has grown old renews it, so fresh receivers adopt it.
+        sync_a = await start(nursery, config, dp_a, A_IP, incarnation=old)
+        await until(lambda: int(A_IP) in sync_b.policy.peers, "B heard A")
+        assert sync_a.incarnation > time.time() - 60
+        assert sync_b.policy.peers[int(A_IP)].incarnation == sync_a.incarnation
         nursery.cancel_scope.cancel()
