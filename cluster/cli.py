@@ -73,17 +73,18 @@ def run_node(argv: list[str]) -> int:
     if ip not in local_addresses():
         raise UsageError(f"--ip: {ip} is not an address of this host")
     config = load_config(args.config, ip)
-    lock_fd = interface_lock(args.interface)  # held (and released by the kernel) for the process's life
+    lock_fd, lock_path = interface_lock(args.interface)  # held (and released by the kernel) for the process's life
     node = Node(NodeArgs(ip=ip, ifname=args.interface, mac=mac, config_path=args.config,
                          status_socket=args.status_socket, xdp=XdpMode(args.xdp) if args.xdp else None), config)
     try:
         trio.run(node.run)
     finally:
+        os.unlink(lock_path)  # while still held: a node starting now locks a new file
         os.close(lock_fd)
     return 0
 
 
-def interface_lock(ifname: str) -> int:
+def interface_lock(ifname: str) -> tuple[int, str]:
     """Hold /run/lbnode/<netns>-<ifname>.lock: a second node on the same interface would replace
     the first one's XDP program (and unlink its status socket) while the first still advertises."""
     netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
@@ -95,7 +96,7 @@ def interface_lock(ifname: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace ({path})") from None
-    return fd
+    return fd, path
 
 
 def check_config(argv: list[str]) -> int:

@@ -5,6 +5,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from ipaddress import IPv4Address, IPv4Network
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -230,17 +232,24 @@ def test_config_errors_name_the_key_path(cfg: dict, error: str) -> None:
     assert str(e.value).startswith(error)
 
 
-async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None:
-    """Real loopback sockets: both sides connect; the peer (10.0.0.254 > 10.0.0.1) keeps its own."""
+async def loopback_speaker(**peer: Any) -> tuple[trio.socket.SocketType, Speaker]:
+    """A listening speaker (127.0.0.1) whose one peer is a fake router listening on `listener`."""
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     cfg = bgp_config.load({
         "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
         "listen_address": "127.0.0.1", "listen_port": 0,
-        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
+        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30,
+                   **peer}],
     })
-    speaker = Speaker(cfg, rng=lambda: 0.0)
+    return listener, Speaker(cfg, rng=lambda: 0.0)
+
+
+
+async def test_collision_keeps_the_connection_of_the_higher_identifier() -> None:
+    """Real loopback sockets: both sides connect; the peer (10.0.0.254 > 10.0.0.1) keeps its own."""
+    listener, speaker = await loopback_speaker()
     speaker.announce(VIP)
     with trio.fail_after(10), listener:
         async with trio.open_nursery() as nursery:
@@ -267,16 +276,7 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
     """The router resolves the collision before we do: it closes our outgoing connection in
     OpenSent, then sends its OPEN on the incoming one. That one becomes the session (no crash),
     and later changes are sent on it."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    cfg = bgp_config.load({
-        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
-        "listen_address": "127.0.0.1", "listen_port": 0,
-        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30,
-                   "connect_retry_s": 0.5}],
-    })
-    speaker = Speaker(cfg, rng=lambda: 0.0)
+    listener, speaker = await loopback_speaker(connect_retry_s=0.5)
     speaker.announce(VIP)
     with trio.fail_after(10), listener:
         async with trio.open_nursery() as nursery:
@@ -311,15 +311,7 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
 async def test_collision_with_a_session_that_becomes_established_closes_the_new_connection() -> None:
     """RFC 4271 §6.8: our outgoing session reaches Established while the peer's incoming connection
     is still in OpenSent: the incoming one gets Cease 6/7 rather than becoming a second session."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    cfg = bgp_config.load({
-        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
-        "listen_address": "127.0.0.1", "listen_port": 0,
-        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
-    })
-    speaker = Speaker(cfg, rng=lambda: 0.0)
+    listener, speaker = await loopback_speaker()
     with trio.fail_after(10), listener:
         async with trio.open_nursery() as nursery:
             await nursery.start(speaker.run)
@@ -368,15 +360,7 @@ async def test_cancelled_speaker_sends_cease_and_closes(autojump_clock: object) 
 
 
 async def test_second_connection_while_established_gets_cease_collision() -> None:
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    cfg = bgp_config.load({
-        "local_as": 65001, "router_id": "10.0.0.1", "next_hop_v4": "10.0.0.1", "listen": True,
-        "listen_address": "127.0.0.1", "listen_port": 0,
-        "peers": [{"address": "127.0.0.1", "port": listener.getsockname()[1], "asn": 65000, "hold_time_s": 30}],
-    })
-    speaker = Speaker(cfg, rng=lambda: 0.0)
+    listener, speaker = await loopback_speaker()
     with trio.fail_after(10), listener:
         async with trio.open_nursery() as nursery:
             await nursery.start(speaker.run)
