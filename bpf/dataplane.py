@@ -14,7 +14,6 @@ look older; forwarding never depends on it.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import mmap
 import time
 from collections import deque
@@ -376,6 +375,3 @@ def _sum_structs(per_cpu: Any, cls: type[ctypes.Structure]) -> Any:
         setattr(total, field[0], sum(getattr(cpu, field[0]) for cpu in per_cpu))
     return total
 
-
-def ip(value: str) -> IPAddress:
-    return ipaddress.ip_address(value)

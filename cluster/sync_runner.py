@@ -26,7 +26,6 @@ import logging
 import os
 import resource
 import sys
-import threading
 import time
 from typing import Any
 

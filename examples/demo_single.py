@@ -11,7 +11,7 @@ import ipaddress
 import sys
 
 from bpf.dataplane import DataPlane
-from bpf.structs import IPPROTO_TCP, Stat
+from bpf.structs import IPPROTO_TCP
 from examples.lab.netns import Lab
 from examples.lab.single_node import ECHO_PORT, HTTP_PORT, VIP4, VIP6, SingleNodeLab
 

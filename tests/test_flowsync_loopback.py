@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest

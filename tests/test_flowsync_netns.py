@@ -6,7 +6,6 @@ late resyncs before it reports ready; 20% loss on B's input still converges thro
 """
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path

@@ -26,7 +26,7 @@ import yaml
 from cluster import status
 from examples.lab.hosts import (ECHO_PORT, HTTP_PORT, REPO, Host, PeerPass, add_host, make_backend, make_client,
                                 start_backend_server)
-from examples.lab.netns import Lab, wait_until
+from examples.lab.netns import Lab, read_line, wait_until
 
 VIP = ipaddress.ip_address("192.0.2.10")
 ROUTER_LAN, ROUTER_CLIENT = "10.0.0.254", "10.1.0.254"
@@ -167,9 +167,6 @@ class Load:
     """The load generator running in the client namespace (examples/lab/loadgen.py)."""
 
     def __init__(self, ecmp: EcmpLab, *, long: int = 200, short_rate: float = 20.0, interval_ms: int = 100) -> None:
-        from examples.lab.netns import read_line
-
-        self._read_line = read_line
         self.proc = ecmp.lab.spawn(ecmp.client, sys.executable, "-m", "examples.lab.loadgen", str(VIP),
                                    "--long", str(long), "--short-rate", str(short_rate),
                                    "--interval-ms", str(interval_ms), cwd=REPO,
@@ -182,7 +179,7 @@ class Load:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
-        return json.loads(self._read_line(self.proc, timeout_s=30))  # type: ignore[no-any-return]
+        return json.loads(read_line(self.proc, timeout_s=30))  # type: ignore[no-any-return]
 
     def stop(self) -> dict[str, Any]:
         final = self.report("stop")
