@@ -141,6 +141,9 @@ class HealthChecker:
                 assert self._steering is not None
                 await self._steering.apply(pairs)
             async with self._send, trio.open_nursery() as nursery:
+                if pairs:
+                    assert self._steering is not None
+                    await nursery.start(self._steering.maintain)  # routes flushed with a link come back
                 if self._tick_s:
                     self._wheel = TickWheel(self._tick_s)
                     await nursery.start(self._wheel.run)
@@ -176,6 +179,12 @@ class HealthChecker:
         return ProbeTarget(str(b.address), check.port or b.port, host, open_socket=self._open_socket,
                            ssl_context=self._ssl_context(check))
 
+    def _unrouted(self, s: ServiceHealthConfig, b: BackendConfig) -> str | None:
+        """Why a through-VIP check cannot reach its backend now (its link is down), or None."""
+        if not s.through_vip or self._steering is None:
+            return None
+        return self._steering.unrouted.get(b.address)
+
     def _ssl_context(self, check: CheckConfig) -> ssl.SSLContext | None:
         if check.kind is not CheckKind.HTTPS or check.http is None:
             return None
@@ -193,7 +202,11 @@ class HealthChecker:
                 await wheel.park(next_at)
             else:
                 await trio.sleep_until(next_at)
-            result = await check_once(check, target, self._probe, bug_log=bug_log)
+            unrouted = self._unrouted(health.config, backend)
+            if unrouted is not None:  # no probe: it could only fail, and less clearly
+                result = ProbeResult(False, 0.0, f"through-VIP: {unrouted}")
+            else:
+                result = await check_once(check, target, self._probe, bug_log=bug_log)
             now = trio.current_time()
             if result.error != last_error:
                 log.debug("%s %s #%d: %s", health.config.name, backend.key, index, result.error or "passed")

@@ -56,22 +56,26 @@ log = logging.getLogger(__name__)
 MARK_BASE = 0x4C420000  # "LB" in the high half; low half indexes backends
 TABLE_BASE = 0x4C420000
 RULE_PREF = 9000
+ROUTE_PROTO = 76  # rtnetlink protocol tag of our routes ("L"), so one `ip route show` lists them all
+CLEANUP_TIMEOUT_S = 5.0
+REFRESH_S = 1.0  # how often `maintain` puts back what the kernel flushed (a link that went down)
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
 class SteeringEntry:
+    """One backend's mark and routing table, and the VIPs it serves."""
+
     backend: IPAddress
     vips: tuple[IPAddress, ...]
-    dev: str
     mark: int
     table: int
 
 
-def plan(pairs: Iterable[tuple[IPAddress, IPAddress]], devs: Mapping[IPAddress, str], *,
-         mark_base: int = MARK_BASE, table_base: int = TABLE_BASE) -> tuple[SteeringEntry, ...]:
-    """Pure: (vip, backend) pairs and each backend's device -> one mark and table per backend."""
+def plan(pairs: Iterable[tuple[IPAddress, IPAddress]], *, mark_base: int = MARK_BASE,
+         table_base: int = TABLE_BASE) -> tuple[SteeringEntry, ...]:
+    """Pure: (vip, backend) pairs -> one mark and table per backend, in address order."""
     vips_by_backend: dict[IPAddress, list[IPAddress]] = {}
     for vip, backend in pairs:
         vips = vips_by_backend.setdefault(backend, [])
@@ -79,18 +83,40 @@ def plan(pairs: Iterable[tuple[IPAddress, IPAddress]], devs: Mapping[IPAddress, 
             vips.append(vip)
     if len(vips_by_backend) > 0xFFFF:
         raise SteeringError(f"too many through-VIP backends: {len(vips_by_backend)} > 65535")
-    return tuple(SteeringEntry(b, tuple(v), devs[b], mark_base + i, table_base + i)
+    return tuple(SteeringEntry(b, tuple(v), mark_base + i, table_base + i)
                  for i, (b, v) in enumerate(sorted(vips_by_backend.items(), key=lambda kv: (kv[0].version, kv[0]))))
 
 
-def add_commands(entries: Sequence[SteeringEntry], pref: int) -> list[str]:
-    """Pure: ``ip -batch`` lines installing `entries` (one address family per batch)."""
+def table_commands(entries: Sequence[SteeringEntry]) -> list[str]:
+    """Pure: ``ip -batch`` lines putting an `unreachable` default in each entry's table. While a
+    backend's route is missing (its link is down), its checks then fail with "network unreachable"
+    instead of falling through to the main table and reaching the VIP by some other path, which
+    could pass the check for the wrong backend."""
+    return [f"route replace unreachable default proto {ROUTE_PROTO} table {e.table}" for e in entries]
+
+
+def rule_commands(entries: Sequence[SteeringEntry], pref: int) -> list[str]:
+    """Pure: ``ip -batch`` lines adding each entry's ``fwmark -> table`` rule."""
+    return [f"rule add fwmark {e.mark:#x} lookup {e.table} pref {pref}" for e in entries]
+
+
+def missing_rules(entries: Sequence[SteeringEntry], installed: Iterable[Mapping[str, Any]]) -> list[SteeringEntry]:
+    """Pure: the entries whose rule is not in `installed` (``ip -j rule show pref <pref>``)."""
+    have = {(int(str(r.get("fwmark", "0")), 0), str(r.get("table"))) for r in installed}
+    return [e for e in entries if (e.mark, str(e.table)) not in have]
+
+
+def route_commands(entries: Sequence[SteeringEntry], devs: Mapping[IPAddress, str]) -> list[str]:
+    """Pure: ``ip -batch`` lines routing each VIP to its backend, for the backends in `devs`."""
     lines = []
     for e in entries:
+        dev = devs.get(e.backend)
+        if dev is None:
+            continue
         plen = 32 if e.backend.version == 4 else 128
         for vip in e.vips:
-            lines.append(f"route replace {vip}/{plen} via {e.backend} dev {e.dev} onlink table {e.table}")
-        lines.append(f"rule add fwmark {e.mark:#x} lookup {e.table} pref {pref}")
+            lines.append(f"route replace {vip}/{plen} via {e.backend} dev {dev} onlink proto {ROUTE_PROTO} "
+                         f"table {e.table}")
     return lines
 
 
@@ -106,6 +132,34 @@ def remove_commands(entries: Sequence[SteeringEntry], pref: int) -> list[str]:
         lines.append(f"rule del fwmark {e.mark:#x} lookup {e.table} pref {pref}")
         lines.append(f"route flush table {e.table}")
     return lines
+
+
+def backend_device(backend: IPAddress, route: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """Pure: (device, None) if `route` (from ``ip -j route get <backend>``) reaches the backend
+    directly, else (None, why not). L2 DSR needs every backend on a directly connected network."""
+    if route is None:
+        return None, f"no route to backend {backend}"
+    if route.get("gateway") or route.get("type") not in (None, "unicast") or "dev" not in route:
+        return None, (f"backend {backend} is not on a directly connected network (route: {json.dumps(route)}); "
+                      "L2 DSR needs it on the segment")
+    return str(route["dev"]), None
+
+
+def missing_routes(entries: Sequence[SteeringEntry], devs: Mapping[IPAddress, str],
+                   installed: Iterable[Mapping[str, Any]]) -> list[SteeringEntry]:
+    """Pure: the entries not all of whose routes are in `installed` (``ip -j route show table all
+    proto ROUTE_PROTO``) as `devs` wants them, `unreachable` defaults included."""
+    have = {(str(r.get("table")), str(r.get("dst")), r.get("gateway"), r.get("dev") if "gateway" in r else None)
+            for r in installed}
+    out = []
+    for e in entries:
+        wanted = [(str(e.table), "default", None, None)]
+        dev = devs.get(e.backend)
+        if dev is not None:
+            wanted += [(str(e.table), str(vip), str(e.backend), dev) for vip in e.vips]
+        if any(w not in have for w in wanted):
+            out.append(e)
+    return out
 
 
 class NetnsSockets:
@@ -154,18 +208,36 @@ def _return_home(fd: int) -> None:
 
 
 class VipSteering:
-    """Installs and removes the through-VIP policy routing in one namespace (None: our own)."""
+    """Installs, keeps and removes the through-VIP policy routing in one namespace (None: our own).
+
+    `apply` installs what does not depend on the network's state (a rule and a table per backend)
+    and raises only for what cannot work at all (a VIP that is local here, `ip` failing). The
+    routes to the backends do depend on it: the kernel flushes them when their link goes down, and
+    a backend may be unreachable when we start. So `refresh` (run by `maintain` every
+    `refresh_s`) resolves every backend again and puts back whatever is missing; meanwhile
+    `unrouted` says why a backend has no route, and its checks fail with that reason.
+    """
 
     def __init__(self, netns: str | None = None, *, mark_base: int = MARK_BASE, table_base: int = TABLE_BASE,
-                 pref: int = RULE_PREF, relax_rp_filter: bool = True) -> None:
+                 pref: int = RULE_PREF, relax_rp_filter: bool = True, refresh_s: float = REFRESH_S) -> None:
         self.netns = netns
         self.mark_base = mark_base
         self.table_base = table_base
         self.pref = pref
         self.relax_rp_filter = relax_rp_filter
+        self.refresh_s = refresh_s
         self.entries: tuple[SteeringEntry, ...] = ()
+        self.unrouted: dict[IPAddress, str] = {}  # backend -> why it has no route now
+        self.repairs = 0  # routes or rules put back after they went missing
         self._marks: dict[IPAddress, int] = {}
-        self._saved_sysctls: dict[str, str] = {}  # values `apply` changed, restored by `remove`
+        self._routed: set[IPAddress] = set()  # backends whose routes we installed
+        self._saved_sysctls: dict[str, str] = {}  # values we changed, restored by `remove`
+        self._relaxed: set[str] = set()  # rp_filter keys set to 0 so far
+        self._last_error: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.netns or "(own netns)"
 
     def mark_for(self, backend: IPAddress) -> int:
         try:
@@ -174,58 +246,108 @@ class VipSteering:
             raise SteeringError(f"no through-VIP route for backend {backend}; apply() first") from None
 
     async def apply(self, pairs: Sequence[tuple[IPAddress, IPAddress]]) -> None:
-        """Route each (vip, backend) pair; replaces what a crashed earlier run left at `pref`."""
+        """Steer each (vip, backend) pair; replaces what a crashed earlier run left at `pref`."""
         vips = sorted({v for v, _ in pairs}, key=lambda a: (a.version, a))
-        backends = sorted({b for _, b in pairs}, key=lambda a: (a.version, a))
-        routes = await self._routes_get([*vips, *backends])
+        routes = await self._routes_get(vips)
         for vip in vips:
             if routes.get(vip, {}).get("type") == "local":
                 raise SteeringError(f"VIP {vip} is a local address in netns {self.netns or '(own)'}: "
                                     "through-VIP checks need a namespace without it")
-        devs: dict[IPAddress, str] = {}
-        for backend in backends:
-            route = routes.get(backend)
-            if route is None:
-                raise SteeringError(f"no route to backend {backend} in netns {self.netns or '(own)'}")
-            if route.get("gateway") or route.get("type") not in (None, "unicast") or "dev" not in route:
-                raise SteeringError(f"backend {backend} is not on a directly connected network "
-                                    f"(route: {json.dumps(route)}); L2 DSR needs it on the segment")
-            devs[backend] = route["dev"]
-        entries = plan(pairs, devs, mark_base=self.mark_base, table_base=self.table_base)
+        entries = plan(pairs, mark_base=self.mark_base, table_base=self.table_base)
         await self._flush_pref()
         try:
             for version, fam in by_family(entries):
-                await self._batch(version, add_commands(fam, self.pref), force=False)
+                await self._batch(version, table_commands(fam) + rule_commands(fam, self.pref), force=False)
+            # Recorded before anything else can fail or be cancelled, so that `remove` undoes it all.
+            self.entries = entries
+            self._marks = {e.backend: e.mark for e in entries}
+            await self.refresh()
         except BaseException:
-            with trio.CancelScope(shield=True):
-                for version, fam in by_family(entries):
-                    await self._batch(version, remove_commands(fam, self.pref), force=True)
+            with trio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+                await self.remove()
             raise
-        # Recorded before anything else can fail or be cancelled, so that `remove` undoes it all.
-        self.entries = entries
-        self._marks = {e.backend: e.mark for e in entries}
-        v4_devs = [e.dev for e in entries if e.backend.version == 4]
-        if self.relax_rp_filter and v4_devs:
-            keys = [f"net.ipv4.conf.{dev}.rp_filter" for dev in dict.fromkeys(["all", *v4_devs])]
-            previous = await self._sysctl_read(keys)
-            # Keep what an earlier `apply` saved: the values before *any* of ours.
-            self._saved_sysctls = {**{k: v for k, v in previous.items() if v != "0"}, **self._saved_sysctls}
-            if self._saved_sysctls:
-                await self._sysctl({k: "0" for k in self._saved_sysctls})
-        log.info("%s: through-VIP steering for %d backends (marks %#x.., pref %d)", self.netns or "(own netns)",
-                 len(entries), self.mark_base, self.pref)
+        log.info("%s: through-VIP steering for %d backends (marks %#x.., pref %d), %d without a route yet",
+                 self.where, len(entries), self.mark_base, self.pref, len(self.unrouted))
+
+    async def refresh(self) -> None:
+        """Resolve every backend now; route the reachable ones and put back missing rules and
+        routes; relax rp_filter on devices seen for the first time."""
+        entries = self.entries
+        if not entries:
+            return
+        routes = await self._routes_get([e.backend for e in entries])
+        devs: dict[IPAddress, str] = {}
+        unrouted: dict[IPAddress, str] = {}
+        for e in entries:
+            dev, why = backend_device(e.backend, routes.get(e.backend))
+            if dev is not None:
+                devs[e.backend] = dev
+            else:
+                unrouted[e.backend] = why or "unknown"
+        lost = sorted(set(unrouted) - set(self.unrouted), key=lambda a: (a.version, a))
+        if lost:
+            log.warning("%s: through-VIP steering: %d backends without a route, e.g. %s", self.where, len(lost),
+                        unrouted[lost[0]])
+        for version, fam in by_family(entries):
+            installed = await self._ip_json(version, ["route", "show", "table", "all", "proto", str(ROUTE_PROTO)])
+            stale = missing_routes(fam, devs, installed)
+            rules = missing_rules(fam, await self._ip_json(version, ["rule", "show", "pref", str(self.pref)]))
+            if stale or rules:
+                await self._batch(version, table_commands(stale) + route_commands(stale, devs)
+                                  + rule_commands(rules, self.pref), force=True)
+            repaired = sum(e.backend in self._routed for e in stale) + len(rules)
+            if repaired:
+                self.repairs += repaired
+                log.info("%s: through-VIP steering: put back %d routing tables and rules that had gone missing",
+                         self.where, repaired)
+        self._routed = set(devs)
+        self.unrouted = unrouted
+        if self.relax_rp_filter:
+            await self._relax_rp_filter(sorted({d for b, d in devs.items() if b.version == 4}))
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """`refresh` every `refresh_s`, for ever. A failing `ip` is logged (once per distinct
+        error) and tried again: the network's state must never stop the checks."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+                self._last_error = None
+            except SteeringError as exc:
+                if str(exc) != self._last_error:
+                    log.error("%s: through-VIP steering refresh failed (retrying every %ss): %s", self.where,
+                              self.refresh_s, exc)
+                self._last_error = str(exc)
+
+    async def _relax_rp_filter(self, devs: Sequence[str]) -> None:
+        """Replies come from the VIP, which reverse-path filtering would drop: rp_filter=0 on
+        `all` and on each device we steer through, remembering the values before ours."""
+        keys = [k for k in (f"net.ipv4.conf.{dev}.rp_filter" for dev in ["all", *devs]) if k not in self._relaxed]
+        if not devs or not keys:
+            return
+        previous = await self._sysctl_read(keys)
+        changed = {k: v for k, v in previous.items() if v != "0"}
+        self._saved_sysctls = {**changed, **self._saved_sysctls}  # keep the values from before *any* of ours
+        if changed:
+            await self._sysctl({k: "0" for k in changed})
+        self._relaxed.update(keys)
 
     async def remove(self) -> None:
-        """Remove the rules and tables, then put back the rp_filter values `apply` changed.
+        """Remove the rules and tables, then put back the rp_filter values we changed.
 
         Raises `SteeringError` if the sysctls could not be restored (the routing is gone by then).
         """
-        entries, self.entries, self._marks = self.entries, (), {}
-        saved, self._saved_sysctls = self._saved_sysctls, {}
+        entries, self.entries, self._marks, self.unrouted, self._routed = self.entries, (), {}, {}, set()
+        saved, self._saved_sysctls, self._relaxed = self._saved_sysctls, {}, set()
         for version, fam in by_family(entries):
             await self._batch(version, remove_commands(fam, self.pref), force=True)
         if saved:
             await self._sysctl(saved)
+
+    async def _ip_json(self, version: int, args: list[str]) -> list[dict[str, Any]]:
+        out = await self._ip(version, ["-j", *args])
+        return await _parse_json_docs(out)
 
     async def _flush_pref(self) -> None:
         for version in (4, 6):
@@ -246,15 +368,8 @@ class VipSteering:
             if not lines:
                 continue
             out = await self._ip(version, ["-j", "-force", "-batch", "-"], stdin="\n".join(lines) + "\n", check=False)
-            decoder, pos = json.JSONDecoder(), 0
-            while True:
-                while pos < len(out) and out[pos].isspace():
-                    pos += 1
-                if pos >= len(out):
-                    break
-                docs, pos = decoder.raw_decode(out, pos)
-                for route in docs:
-                    routes[ip_address(route["dst"])] = route
+            for route in await _parse_json_docs(out):
+                routes[ip_address(route["dst"])] = route
         return routes
 
     async def _batch(self, version: int, lines: list[str], *, force: bool) -> None:
@@ -286,3 +401,22 @@ class VipSteering:
         if proc.returncode != 0:
             raise SteeringError(f"{' '.join(cmd)} -> exit {proc.returncode}: {proc.stderr.decode().strip()}")
         return proc.stdout.decode()
+
+
+async def _parse_json_docs(out: str) -> list[dict[str, Any]]:
+    """The JSON arrays `ip -j` printed (one per batch line), concatenated. Thousands of backends make
+    this tens of milliseconds of parsing, so it runs in a worker thread, off the event loop."""
+    if len(out) < 4096:
+        return _json_docs(out)
+    return await trio.to_thread.run_sync(_json_docs, out)
+
+
+def _json_docs(out: str) -> list[dict[str, Any]]:
+    decoder, pos, docs = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(out) and out[pos].isspace():
+            pos += 1
+        if pos >= len(out):
+            return docs
+        doc, pos = decoder.raw_decode(out, pos)
+        docs.extend(doc if isinstance(doc, list) else [doc])

@@ -130,24 +130,77 @@ async def test_vip_added_later_brings_the_backend_up(topo: Topology) -> None:
         topo.lab.ns_run(topo.b2, "ip", "addr", "del", f"{VIP}/32", "dev", "lo", check=False)
 
 
-@pytest.mark.parametrize(("backend", "message"), [
-    ("10.99.0.5", "backend 10.99.0.5 is not on a directly connected network"),
-    ("10.200.0.1", "no route to backend 10.200.0.1"),
-    (B1, f"VIP {VIP} is a local address"),
-])
-async def test_steering_refuses_what_cannot_work(topo: Topology, backend: str, message: str) -> None:
+async def test_a_local_vip_is_refused(topo: Topology) -> None:
     chk = topo.chk
-    topo.lab.ns_run(chk, "ip", "route", "replace", "10.99.0.0/24", "via", B1)
-    if backend == B1:
-        topo.lab.ns_run(chk, "ip", "addr", "add", f"{VIP}/32", "dev", "lo")
+    topo.lab.ns_run(chk, "ip", "addr", "add", f"{VIP}/32", "dev", "lo")
     try:
-        svc = ServiceHealthConfig.from_dict({**_service("bad", True, "tcp"), "backends": [{"address": backend, "port": 80}]},
-                                            "services[0]")
-        with trio.fail_after(10), pytest.raises(SteeringError, match=message):
+        svc = ServiceHealthConfig.from_dict(_service("local-vip", True, "tcp"), "services[0]")
+        with trio.fail_after(10), pytest.raises(SteeringError, match=f"VIP {VIP} is a local address"):
             await HealthChecker([svc], netns=chk).run()
     finally:
         topo.lab.ns_run(chk, "ip", "addr", "del", f"{VIP}/32", "dev", "lo", check=False)
+    assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+
+
+@pytest.mark.parametrize(("backend", "message"), [
+    ("10.99.0.5", "backend 10.99.0.5 is not on a directly connected network"),
+    ("10.200.0.1", "no route to backend 10.200.0.1"),
+])
+async def test_a_backend_that_cannot_be_steered_fails_its_checks_saying_why(topo: Topology, backend: str,
+                                                                            message: str) -> None:
+    """Not an error at start (the network may be down): the check fails, and says why."""
+    chk = topo.chk
+    topo.lab.ns_run(chk, "ip", "route", "replace", "10.99.0.0/24", "via", B1)
+    try:
+        svc = ServiceHealthConfig.from_dict({**_service("bad", True, "tcp"), "backends": [{"address": backend, "port": 80}]},
+                                            "services[0]")
+        checker = HealthChecker([svc], netns=chk)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(checker.run)
+                (status,) = await _settled(checker, 2)
+                nursery.cancel_scope.cancel()
+    finally:
         topo.lab.ns_run(chk, "ip", "route", "del", "10.99.0.0/24", check=False)
+    (check,) = status.backends[0].checks
+    assert not status.backends[0].usable and check.last_error is not None and message in check.last_error, check
+    assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
+
+
+async def _until_usable(checker: HealthChecker, backend: str, usable: bool) -> None:
+    async for ev in checker.events:
+        if isinstance(ev, BackendChanged) and ev.backend == backend and ev.usable is usable:
+            return
+
+
+@pytest.mark.parametrize("start_down", [False, True], ids=["flap", "start-with-link-down"])
+async def test_checks_come_back_with_the_link(topo: Topology, start_down: bool) -> None:
+    """`ip link set down` flushes the steering routes with the link's; they are put back when it
+    returns, and a checker started while the link is down starts anyway."""
+    chk = topo.chk
+    svc = ServiceHealthConfig.from_dict(_service(f"flap-{start_down}", True, "tcp"), "services[0]")
+    checker = HealthChecker([svc], netns=chk)
+    b1 = f"{B1}:80"
+    try:
+        if start_down:
+            topo.lab.ns_run(chk, "ip", "link", "set", "eth0", "down")
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(checker.run)
+                if not start_down:
+                    await _until_usable(checker, b1, True)
+                    topo.lab.ns_run(chk, "ip", "link", "set", "eth0", "down")
+                    await _until_usable(checker, b1, False)
+                    assert topo.lab.ns_run(chk, "ip", "route", "show", "table", "all", VIP).stdout.strip() == ""
+                else:
+                    (status,) = await _settled(checker, 2)
+                    error = status.backends[0].checks[0].last_error
+                    assert error is not None and "no route to backend" in error, error
+                topo.lab.ns_run(chk, "ip", "link", "set", "eth0", "up")
+                await _until_usable(checker, b1, True)
+                nursery.cancel_scope.cancel()
+    finally:
+        topo.lab.ns_run(chk, "ip", "link", "set", "eth0", "up")
     assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
 
 
