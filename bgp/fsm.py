@@ -22,6 +22,8 @@ unacceptable one becomes a MESSAGE_ERROR event carrying the right NOTIFICATION.
 BFD (RFC 5882 §3.2): BFD_DOWN, posted by the I/O layer when the peer's BFD session fails, tears
 an OpenSent/OpenConfirm/Established session down with Cease/BFD Down (6/10, RFC 9384) and starts
 the IdleHold restart, as a hold-timer expiry would; in Idle/Connect/Active it changes nothing.
+When the BFD session comes Up again, `retry_now` resets the backoff and makes a pending restart
+or connect retry due at once.
 
 Collisions (§6.8) when both sides connect: the I/O layer runs a second `Fsm` on the incoming
 connection; once both have an OPEN, `collision_loser` says which one gets OPEN_COLLISION_DUMP.
@@ -257,6 +259,17 @@ class Fsm:
 
     def next_deadline(self) -> float | None:
         return min(self._timers.values(), default=None)
+
+    def retry_now(self, now: float) -> None:
+        """The path to the peer works again (its BFD session came Up): reset the backoff and make a
+        pending automatic restart (IdleHold) or ConnectRetry due now. The backoff damps a peer that
+        keeps failing (§8.1.1 DampPeerOscillations); while the path was down it only grew, and it
+        would keep a node out of service for many seconds after its link came back. Not a state
+        transition: the timer fires through `poll` and the table as usual."""
+        self._retry_s = self.config.connect_retry_s
+        for timer in (Timer.IDLE_HOLD, Timer.CONNECT_RETRY):
+            if timer in self._timers:
+                self._timers[timer] = min(self._timers[timer], now)
 
     def timer(self, timer: Timer) -> float | None:
         return self._timers.get(timer)

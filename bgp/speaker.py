@@ -56,6 +56,7 @@ from typing import Any
 import trio
 
 from bgp.bfd_fsm import SessionConfig as BfdSessionConfig
+from bgp.bfd_fsm import State as BfdState
 from bgp.bfd_fsm import StateChange as BfdStateChange
 from bgp.bfd_session import BFD_PORT, BfdEndpoint, BfdStatus
 from bgp.bfd_session import Sender as BfdSender
@@ -290,8 +291,12 @@ class Speaker:
         return Fsm(cfg, self._rng)
 
     def _bfd_changed(self, address: str, change: BfdStateChange, failed: bool) -> None:
-        if failed and not self._stopping:
+        if self._stopping:
+            return
+        if failed:
             self._peers[address].inbox_send.send_nowait(("bfd_down", change.diag.name))
+        elif change.new is BfdState.UP:
+            self._peers[address].inbox_send.send_nowait(("bfd_up",))
 
     def _request_sync(self) -> None:
         for peer in self._peers.values():
@@ -434,6 +439,10 @@ class Speaker:
                 log.info("%s: BFD session down (%s) in BGP state %s", name, item[1], peer.fsm.state.value)
                 for fsm, conn in self._fsms(peer):
                     await self._apply(peer, fsm, conn, Event(EventKind.BFD_DOWN))
+            elif kind == "bfd_up":
+                now = trio.current_time()
+                for fsm, _ in self._fsms(peer):  # the path works again: no backoff left from its outage
+                    fsm.retry_now(now)
             elif kind == "connected":
                 conn, stream = item[1], item[2]
                 if peer.conn is not conn or conn.stream is not None:

@@ -101,6 +101,44 @@ def test_connect_retry_backoff_with_jitter_and_ceiling() -> None:
     assert gaps == pytest.approx([16 * 0.75, 30 * 0.75, 30 * 0.75, 30 * 0.75])
 
 
+@pytest.mark.parametrize("via", ["idle-hold", "connect-retry"])
+def test_retry_now_skips_the_backoff_that_grew_while_the_path_was_down(via: str) -> None:
+    """BFD Up again: the pending restart or retry fires at once, and the backoff starts over."""
+    f = established(fsm())
+    now = 1.0
+    assert kinds(f.handle(Event(E.BFD_DOWN), now)) == ["Send(Notification)", "Close", "SessionDown"]
+    for _ in range(3):  # the link is down: every attempt fails and the backoff doubles
+        now = f.next_deadline() or 0.0
+        f.poll(now)
+        if f.state is S.CONNECT:
+            f.handle(Event(E.TCP_FAILS), now)
+    if via == "idle-hold":
+        f.handle(Event(E.BFD_DOWN), now)  # still Active: nothing to tear down
+        f.handle(Event(E.MANUAL_STOP), now)
+        f.handle(Event(E.MANUAL_START), now)
+        f.handle(Event(E.TCP_CONNECTED), now)
+        f.handle(event_for(PEER_OPEN), now)
+        f.handle(Event(E.HOLD_EXPIRES), now)  # a session lost again: Idle with IdleHold pending
+        assert f.state is S.IDLE and f.timer(Timer.IDLE_HOLD) is not None
+    pending = (f.next_deadline() or 0.0) - now
+    assert pending > CFG.connect_retry_s  # grown past the first interval
+    f.retry_now(now + 0.5)
+    assert f.next_deadline() == pytest.approx(now + 0.5)
+    actions = f.poll(now + 0.5)
+    assert "Connect" in kinds(actions) and f.state is S.CONNECT
+    assert f.timer(Timer.CONNECT_RETRY) == pytest.approx(now + 0.5 + CFG.connect_retry_s * 0.75)
+
+
+def test_retry_now_leaves_a_stopped_or_working_session_alone() -> None:
+    f = fsm()
+    f.retry_now(5.0)
+    assert f.state is S.IDLE and f.next_deadline() is None
+    f = established(fsm())
+    deadline = f.next_deadline()
+    f.retry_now(0.5)
+    assert f.state is S.ESTABLISHED and f.next_deadline() == deadline
+
+
 def test_passive_waits_in_active_and_accepts() -> None:
     f = fsm(FsmConfig(local_as=65000, peer_as=65000, router_id=LOCAL, passive=True))
     assert f.handle(Event(E.MANUAL_START_PASSIVE), 0) == [] and f.state is S.ACTIVE
