@@ -50,7 +50,7 @@ class BackendSpec:
     """A backend of one service. In DSR the backend listens on the service's own port."""
 
     address: IPAddress
-    mac: str | None  # None until the neighbour table knows it: not usable
+    mac: str | None  # None until the neighbour table knows it: no new flows, pinned ones held
     weight: int = 1
     in_hash: bool = True  # False when unhealthy or drained: no new flows, pinned flows continue
 
@@ -198,11 +198,9 @@ class DataPlane:
         members = []
         for address, backend in wanted.items():
             slot = state.backends[address]
-            if backend.usable:
-                assert backend.mac is not None
-                self._map("backends")[ctypes.c_int(slot)] = structs.backend_value(address, backend.mac)
-            else:
-                self._retire_backend(slot, give_back=False)
+            # Without a MAC (not learned yet) the backend takes no new flows, and its pinned flows
+            # are held, not re-chosen: re-choosing would reset them (BACKEND_F_UNRESOLVED).
+            self._map("backends")[ctypes.c_int(slot)] = structs.backend_value(address, backend.mac)
             members.append(Member(identity=str(address), weight=backend.hash_weight, index=slot))
         idle_half = 1 - state.active_half
         base = (state.index * 2 + idle_half) * self.limits.ch_table_size

@@ -308,6 +308,8 @@ int xdp_main(struct xdp_md *ctx)
 		svc = service_slots.lookup(&service_idx);
 		be = backends.lookup(&backend_idx);
 		if (svc && (svc->flags & SERVICE_F_ACTIVE) && be && (be->flags & BACKEND_F_VALID)) {
+			if (be->flags & BACKEND_F_UNRESOLVED)
+				return verdict(STAT_DROP_UNRESOLVED, XDP_DROP); /* TCP retransmits; re-choosing would reset */
 			if ((__s64)(now - flow->last_seen_ns) > (__s64)cfg->refresh_ns)
 				flow->last_seen_ns = now;
 			if (closing && !(flow->flags & FLOW_F_CLOSING)) {
@@ -337,7 +339,7 @@ int xdp_main(struct xdp_md *ctx)
 		goto no_backend;
 	backend_idx = *chosen;
 	be = backends.lookup(&backend_idx);
-	if (!be || !(be->flags & BACKEND_F_VALID))
+	if (!be || !(be->flags & BACKEND_F_VALID) || (be->flags & BACKEND_F_UNRESOLVED))
 		goto no_backend;
 
 	if (bare_syn) {

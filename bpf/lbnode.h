@@ -80,6 +80,9 @@ struct service {
 
 /* backend.flags */
 #define BACKEND_F_VALID 0x1 /* configured; flows pinned to an invalid backend are re-chosen */
+#define BACKEND_F_UNRESOLVED 0x2 /* configured, MAC not known yet (a new backend, a node back from a
+                                  * partition): its pinned flows are held (dropped, counted), not
+                                  * re-chosen, so they survive until the MAC is learned */
 
 /* Backend value: where to send its frames, and its address for flow events. */
 struct backend {
@@ -140,6 +143,7 @@ enum lb_stat {
 	STAT_ICMP_TOO_BIG,      /* ICMP frag-needed / ICMPv6 too-big forwarded to a flow's backend */
 	STAT_FLOW_REPINNED,     /* pinned backend no longer valid: flow re-chosen */
 	STAT_EVENT_LOST,        /* ring buffer full: a peer misses this flow event */
+	STAT_DROP_UNRESOLVED,   /* pinned to a backend whose MAC is not known yet: held, not re-chosen */
 	STAT_MAX,
 };
 

@@ -18,6 +18,7 @@ FLOW_HASH_SEED = 0x6C626E64
 FLOW_F_CLOSING = 0x1
 FLOW_F_SYNCED = 0x2
 BACKEND_F_VALID = 0x1
+BACKEND_F_UNRESOLVED = 0x2
 SERVICE_F_ACTIVE = 0x1
 EVENT_FLOW_NEW = 1
 EVENT_FLOW_CLOSE = 2
@@ -41,6 +42,7 @@ class Stat(enum.IntEnum):
     ICMP_TOO_BIG = 8
     FLOW_REPINNED = 9
     EVENT_LOST = 10
+    DROP_UNRESOLVED = 11
 
 
 STAT_MAX = len(Stat)
@@ -196,8 +198,10 @@ class BackendStats(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("new_flows", ctypes.c_uint64)]
 
 
-def backend_value(address: str | IPAddress, mac: str, *, valid: bool = True) -> Backend:
-    return Backend(_be32x4(addr16(address)), (ctypes.c_uint8 * 6)(*mac_bytes(mac)), BACKEND_F_VALID if valid else 0)
+def backend_value(address: str | IPAddress, mac: str | None, *, valid: bool = True) -> Backend:
+    """A backend entry; `mac` None: configured but not resolved yet (its pinned flows are held)."""
+    flags = (BACKEND_F_VALID | (BACKEND_F_UNRESOLVED if mac is None else 0)) if valid else 0
+    return Backend(_be32x4(addr16(address)), (ctypes.c_uint8 * 6)(*mac_bytes(mac or "00:00:00:00:00:00")), flags)
 
 
 def vip_key(address: str | IPAddress) -> VipKey:

@@ -60,3 +60,13 @@ def test_stat_enum_matches_header() -> None:
     names = re.findall(r"^\s*STAT_(\w+)", body.group(1), re.M)
     assert names[-1] == "MAX"
     assert names[:-1] == [s.name for s in structs.Stat]
+
+
+def test_flag_and_kind_constants_match_header() -> None:
+    """Every `#define` that user space mirrors in bpf/structs.py has the header's value."""
+    header = (BPF_DIR / "lbnode.h").read_text()
+    defines = {name: int(value, 0) for name, value in re.findall(r"^#define (\w+) (0x[0-9a-fA-F]+|\d+)\b", header, re.M)}
+    mirrored = [n for n in ("FLOW_F_CLOSING", "FLOW_F_SYNCED", "BACKEND_F_VALID", "BACKEND_F_UNRESOLVED",
+                            "SERVICE_F_ACTIVE", "EVENT_FLOW_NEW", "EVENT_FLOW_CLOSE")]
+    for name in mirrored:
+        assert getattr(structs, name) == defines[name], name

@@ -220,6 +220,25 @@ def test_flows_of_a_removed_backend_are_re_chosen(dp: DataPlane) -> None:
     assert stat_delta(dp, before)[Stat.FLOW_REPINNED] == len(on_b1)
 
 
+def test_flows_pinned_to_a_backend_without_a_mac_are_held_not_re_chosen(dp: DataPlane) -> None:
+    """A node back from a partition learns flows pinned to a backend it has no MAC for yet: their
+    packets are dropped (TCP retransmits) until the MAC is known, never sent to another backend."""
+    b4 = BackendSpec(ip("10.0.0.14"), None)
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, b4))])
+    b4_index = dp.backend_index(VIP4, 80, IPPROTO_TCP, b4.address)
+    service = dp.service_index(VIP4, 80, IPPROTO_TCP)
+    assert b4_index is not None and service is not None
+    assert b4_index not in dp.table(VIP4, 80, IPPROTO_TCP), "no new flows without a MAC"
+    frame = tcp4("A", sport=7100)
+    dp.write_flows([(FlowKey.make(CLIENT4, 7100, VIP4, 80, IPPROTO_TCP), Flow(b4_index, service, 0, 0))])
+    before = dp.stats()
+    for _ in range(3):
+        assert run_xdp(dp.fd, frame).action == XdpAction.DROP
+    assert stat_delta(dp, before) == {Stat.DROP_UNRESOLVED: 3}
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, BackendSpec(b4.address, "02:00:00:00:0b:04")))])
+    assert Ether(run_xdp(dp.fd, frame).packet).dst == "02:00:00:00:0b:04"
+
+
 def test_removed_service_passes_and_forgets_its_flows(dp: DataPlane) -> None:
     run_xdp(dp.fd, tcp4("A", sport=7000))
     assert dp.flows()
