@@ -169,8 +169,11 @@ class Speaker:
 
     def __init__(self, config: SpeakerConfig, *, connector: Connector = tcp_connect,
                  rng: Callable[[], float] = random.random, bfd_port: int = BFD_PORT,
-                 bfd_sender: BfdSender | None = None) -> None:
+                 bfd_sender: BfdSender | None = None, on_sessions_changed: Callable[[], None] | None = None) -> None:
+        """`on_sessions_changed` is called whenever a session comes up or goes down (read
+        `established_peers()` then)."""
         self.config = config
+        self._on_sessions_changed = on_sessions_changed
         self.rib = DesiredRib()
         self.draining = False
         self._connector = connector
@@ -199,6 +202,10 @@ class Speaker:
 
     def peer_state(self, address: str) -> State:
         return self._peers[str(ipaddress.ip_address(address))].fsm.state
+
+    def established_peers(self) -> int:
+        """How many peers have an Established session (on either of two colliding connections)."""
+        return sum(any(fsm.state is State.ESTABLISHED for fsm, _ in self._fsms(p)) for p in self._peers.values())
 
     async def wait_established(self, address: str) -> None:
         await self._peers[str(ipaddress.ip_address(address))].up.wait()
@@ -630,10 +637,14 @@ class Speaker:
                     log.info("%s: connection collision with the Established session, closing the incoming one",
                              name)
                     await self._dump_other(peer)  # RFC 4271 §6.8
+                if self._on_sessions_changed is not None:
+                    self._on_sessions_changed()
             elif isinstance(action, SessionDown):
                 peer.last_error = action.reason
                 peer.up = trio.Event()
                 log.info("%s: session down: %s", name, action.reason)
+                if self._on_sessions_changed is not None:
+                    self._on_sessions_changed()
             elif isinstance(action, ResendRoutes):
                 for update in peer.adj_out.resend((action.afi, action.safi), self._policy(peer, fsm)):
                     await self._send(peer, fsm, conn, update)

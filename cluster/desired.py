@@ -55,19 +55,26 @@ def dataplane_services(view: View) -> list[ServiceSpec]:
 
 
 def announcements(view: View) -> dict[Prefix, RouteAttrs]:
-    if not view.ready:
-        return {}
+    return plan_announcements(view)[0]
+
+
+def plan_announcements(view: View) -> tuple[dict[Prefix, RouteAttrs], dict[Prefix, str]]:
+    """The routes to announce, and why each VIP that is not announced is withheld."""
     routes: dict[Prefix, RouteAttrs] = {}
-    blocked: set[IPAddress] = set()
+    withheld: dict[Prefix, str] = {}
     specs = {(spec.vip, spec.port, spec.proto): spec for spec in dataplane_services(view)}
     for service in view.config.services:
         for vip in service.vips:
+            prefix = ipaddress.ip_network(vip)
             for port in service.ports:
                 serving = sum(1 for b in specs[(vip, port, service.proto)].backends if b.hash_weight > 0)
-                if serving < service.need:
-                    blocked.add(vip)
-            routes.setdefault(ipaddress.ip_network(vip), service.route)
-    return {prefix: attrs for prefix, attrs in routes.items() if prefix.network_address not in blocked}
+                if serving < service.need and prefix not in withheld:
+                    withheld[prefix] = (f"{service.health_name(vip, port)}: {serving} of need {service.need} "
+                                        "backends usable (healthy, weight > 0, MAC known)")
+            routes.setdefault(prefix, service.route)
+    if not view.ready:
+        return {}, {prefix: "node not ready" for prefix in routes}
+    return {p: a for p, a in routes.items() if p not in withheld}, withheld
 
 
 def digest(view: View) -> bytes:

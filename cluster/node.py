@@ -5,6 +5,12 @@ learn backend MACs, start health checks, start flow sync and resync the peers' f
 (bounded by `sync.resync_timeout_s`), start BGP, serve status. Only then is the node *ready*,
 and VIPs whose services have `need` usable backends are announced.
 
+Out of the route: when every BGP session is lost (the node's link went down, a partition, the
+router restarted), the node may miss flows its peers pin meanwhile, and the router will send it
+their packets once it is back. So it withdraws from its RIB at once (nothing reaches a router
+then), and when a session is Established again it resyncs its peers' tables, as at start-up,
+before announcing. `lbnode status` says why a VIP is not announced (`node.withheld`).
+
 Changes: every health event, MAC change or reload recomputes the desired state
 (cluster.desired) and applies it: the data plane's services, the announced routes and the
 digest peers compare.
@@ -38,7 +44,7 @@ from bgp.speaker import Speaker
 from bpf.dataplane import DataPlane
 from bpf.loader import Limits, XdpMode
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
-from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest
+from cluster.desired import Prefix, View, backend_key, dataplane_services, digest, plan_announcements
 from cluster.neighbours import Neighbours
 from cluster.status import serve as serve_status
 from healthcheck.runner import HealthChecker
@@ -72,6 +78,7 @@ class Node:
         self._ready = False
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
+        self._withheld: dict[Prefix, str] = {}
         self._advertised = False  # has announced a route since start
         self._flow_count: tuple[float, int] = (-1e9, 0)  # (when, entries): a full table walk, so cached
         self._dp: DataPlane | None = None
@@ -244,7 +251,7 @@ class Node:
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
-        speaker = Speaker(self.config.bgp)
+        speaker = Speaker(self.config.bgp, on_sessions_changed=self._sessions_changed)
         self._speaker = speaker
         self._announced = {}
         try:
@@ -264,6 +271,36 @@ class Node:
         finally:
             if self._sync is sync:
                 self._sync = None
+
+    def _sessions_changed(self) -> None:
+        """Leave the route with the last BGP session; rejoin (resync first) with the first one back."""
+        speaker = self._speaker
+        if speaker is None or self._nursery is None:
+            return
+        up = speaker.established_peers()
+        if up == 0 and self.state == "serving":
+            log.warning("no BGP session is Established: out of the route; flows will be resynced before "
+                        "announcing again")
+            self.state = "out of route"
+            self._ready = False
+            self.reconcile()
+        elif up > 0 and self.state == "out of route":
+            self.state = "resyncing"  # now, so that a second session up does not start a second rejoin
+            self._nursery.start_soon(self._rejoin)
+
+    async def _rejoin(self) -> None:
+        """A router is back: learn what the peers pinned while we were out, then announce."""
+        if self._sync is not None and self.config.sync is not None:
+            await self._resync()
+        if self.state != "resyncing":  # draining meanwhile
+            return
+        if self._speaker is not None and self._speaker.established_peers() == 0:
+            self.state = "out of route"  # lost again while resyncing: wait for the next session
+            return
+        self._ready = True
+        self.state = "serving"
+        log.info("back in touch with a router: announcing again")
+        self.reconcile()
 
     async def _resync(self) -> None:
         assert self.config.sync is not None
@@ -304,7 +341,7 @@ class Node:
         view = self.view()
         if self._dp is not None:
             self._dp.apply(dataplane_services(view))
-        wanted = announcements(view)
+        wanted, self._withheld = plan_announcements(view)
         if self._speaker is not None:
             for prefix in [p for p in self._announced if p not in wanted]:
                 log.info("withdrawing %s", prefix)
@@ -317,6 +354,15 @@ class Node:
             self._advertised = self._advertised or bool(wanted)
         if self._sync is not None:
             self._sync.set_digest(digest(view))
+
+    def _why_withheld(self, reason: str) -> str:
+        if reason != "node not ready":
+            return reason
+        if self._blocked_by_digest():
+            return "flow-sync digest differs from a peer's (sync.digest_mismatch_blocks)"
+        return {"starting": "starting", "resyncing": "resyncing flows from the peers before announcing",
+                "out of route": "no BGP session Established; flows are resynced before announcing again",
+                "draining": "draining"}.get(self.state, self.state)
 
     def _flow_entries(self, max_age_s: float = 1.0) -> int:
         """Flow-table occupancy; counting walks the whole table, so do it at most once a second."""
@@ -373,7 +419,9 @@ class Node:
         out: dict[str, Any] = {
             "node": {"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
                      "state": self.state, "config": self.args.config_path, "reloads": self.reloads,
-                     "last_reload_error": self.last_reload_error},
+                     "last_reload_error": self.last_reload_error,
+                     "announced": sorted(str(p) for p in self._announced),
+                     "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
             "services": services,
             "flows": {"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
             "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
