@@ -4,8 +4,11 @@ steady stream of new short HTTP connections. Runs inside the client namespace.
     python -m examples.lab.loadgen HOST --long 200 --interval-ms 100 --short-rate 20
 
 Prints "ready" once every long connection is up (each knows its backend from the greeting),
-then keeps going. Commands on stdin: "report" prints one JSON line with the figures so far;
-"stop" prints the final report and exits. The run also ends after --max-s seconds.
+then keeps going. Commands on stdin, each answered with one JSON line of the figures so far:
+"report"; "open N" opens N more long connections and answers once they are up (or failed);
+"mark" remembers every connection's echo count, so that the report's `min_echoed_since_mark`
+says whether *each* surviving connection has echoed since; "stop" answers and exits. The run
+also ends after --max-s seconds.
 
 A long connection sends "<id>:<seq>:<payload>" every interval and expects the same line back
 within --stuck-s seconds. It is *lost* on a reset, an EOF, a wrong echo (corruption) or no
@@ -38,6 +41,7 @@ class Long:
     max_stall_s: float = 0.0
     lost: str | None = None
     lost_at: float | None = None
+    echoed_at_mark: int = 0
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Figures:
     def report(self) -> dict[str, object]:
         now = time.monotonic()
         alive = [c for c in self.longs if c.lost is None]
+        since_mark = [c.echoed - c.echoed_at_mark for c in alive]
         stalls = sorted(max(c.max_stall_s, now - c.last_ok if c.lost is None else 0.0) for c in self.longs)
         return {
             "elapsed_s": round(now - self.started, 3),
@@ -61,6 +66,7 @@ class Figures:
                 "lost_by_backend": dict(Counter(c.backend for c in self.longs if c.lost)),
                 "by_backend": dict(Counter(c.backend for c in self.longs)),
                 "echoed": sum(c.echoed for c in self.longs),
+                "min_echoed_since_mark": min(since_mark, default=0),
                 "max_stall_ms": round(1000 * stalls[-1]) if stalls else 0,
                 "current_stall_ms": round(1000 * max((now - c.last_ok for c in alive), default=0.0)),
                 "p99_stall_ms": round(1000 * stalls[min(len(stalls) - 1, math.ceil(0.99 * len(stalls)) - 1)]) if stalls else 0,
@@ -151,18 +157,23 @@ async def short_conns(figures: Figures, host: str, port: int, rate: float, timeo
             await trio.sleep_until(next_at)
 
 
+async def open_longs(nursery: trio.Nursery, figures: Figures, args: argparse.Namespace, count: int) -> None:
+    """Open `count` more long connections; return once each is echoing or has failed."""
+    connected = trio.Semaphore(0, max_value=max(count, 1))
+    for _ in range(count):
+        conn = Long(len(figures.longs))
+        figures.longs.append(conn)
+        nursery.start_soon(long_conn, conn, args.host, args.echo_port, args.interval_ms / 1000, args.stuck_s, connected)
+    with trio.fail_after(30):
+        for _ in range(count):
+            await connected.acquire()
+
+
 async def main_async(args: argparse.Namespace) -> None:
     figures = Figures()
     stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
     async with trio.open_nursery() as nursery:
-        connected = trio.Semaphore(0, max_value=args.long)
-        for i in range(args.long):
-            conn = Long(i)
-            figures.longs.append(conn)
-            nursery.start_soon(long_conn, conn, args.host, args.echo_port, args.interval_ms / 1000, args.stuck_s, connected)
-        with trio.fail_after(30):
-            for _ in range(args.long):
-                await connected.acquire()
+        await open_longs(nursery, figures, args, args.long)
         if args.short_rate > 0:
             nursery.start_soon(short_conns, figures, args.host, args.http_port, args.short_rate, args.short_timeout_s)
         print("ready", flush=True)
@@ -174,12 +185,19 @@ async def main_async(args: argparse.Namespace) -> None:
                     break
                 buf += data
                 while b"\n" in buf:
-                    command, _, buf = buf.partition(b"\n")
-                    if command.strip() == b"stop":
-                        print(json.dumps(figures.report()), flush=True)
+                    line, _, buf = buf.partition(b"\n")
+                    if not line.strip():
+                        continue
+                    command, *params = line.decode().split()
+                    if command == "open":
+                        await open_longs(nursery, figures, args, int(params[0]))
+                    elif command == "mark":
+                        for conn in figures.longs:
+                            conn.echoed_at_mark = conn.echoed
+                    print(json.dumps(figures.report()), flush=True)
+                    if command == "stop":
                         nursery.cancel_scope.cancel()
                         return
-                    print(json.dumps(figures.report()), flush=True)
         print(json.dumps(figures.report()), flush=True)
         nursery.cancel_scope.cancel()
 
