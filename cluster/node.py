@@ -73,7 +73,6 @@ class Node:
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._advertised = False  # has announced a route since start
-        self._flow_count: tuple[float, int] = (-1e9, 0)  # (when, entries): a full table walk, so cached
         self._dp: DataPlane | None = None
         self._checker: HealthChecker | None = None
         self._speaker: Speaker | None = None
@@ -318,14 +317,9 @@ class Node:
         if self._sync is not None:
             self._sync.set_digest(digest(view))
 
-    def _flow_entries(self, max_age_s: float = 1.0) -> int:
-        """Flow-table occupancy; counting walks the whole table, so do it at most once a second."""
-        when, count = self._flow_count
-        now = trio.current_time()
-        if self._dp is not None and now - when > max_age_s:
-            count = len(self._dp.flows())
-            self._flow_count = (now, count)
-        return count
+    def _flow_entries(self) -> int:
+        """Flow-table occupancy from counters and the last maintenance pass: never a walk."""
+        return self._dp.flow_count().entries if self._dp is not None else 0
 
     @staticmethod
     def _backend_addresses(config: NodeConfig) -> list[IPAddress]:
