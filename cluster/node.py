@@ -47,6 +47,7 @@ from healthcheck.state import BackendChanged
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 10.0
+MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._tick)
+                    nursery.start_soon(self._maintain_flows)
                     await nursery.start(self._neighbours.run)
                     await self._start("health", self._run_health)
                     await nursery.start(serve_status, self.args.status_socket, self.snapshot)
@@ -283,6 +285,14 @@ class Node:
                 log.warning("flow-sync digest %s a peer's: %s", "differs from" if blocked else "matches again",
                             "not advertising" if blocked else "advertising allowed")
                 self.reconcile()
+
+    async def _maintain_flows(self) -> None:
+        """Delete stale flows of removed services and backends, and recount the table: chunk by
+        chunk on a worker thread, never on the loop; a pass every MAINTAIN_IDLE_S while idle."""
+        while (dp := self._dp) is not None:
+            done = await trio.to_thread.run_sync(dp.maintain)
+            if done and not dp.sweep_pending:
+                await trio.sleep(MAINTAIN_IDLE_S)
 
     def _blocked_by_digest(self) -> bool:
         """With sync.digest_mismatch_blocks, a node whose view (services, backends, health) differs
