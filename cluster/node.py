@@ -7,7 +7,10 @@ and VIPs whose services have `need` usable backends are announced.
 
 Changes: every health event, MAC change or reload recomputes the desired state
 (cluster.desired) and applies it: the data plane's services, the announced routes and the
-digest peers compare.
+digest peers compare. `reconcile()` is synchronous and cheap: it withdraws what is no longer
+wanted at once and wakes the apply task, which runs `DataPlane.apply` on a worker thread (it
+builds hash tables: ms per service) and only then announces what the applied view allows, so
+a route is never announced before the data plane has its services.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
 `drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
@@ -80,6 +83,15 @@ class Node:
         self._sync: Any = None
         self._neighbours = Neighbours(args.ifname, self._backend_addresses(config), self.reconcile)
         self._nursery: trio.Nursery | None = None
+        # The apply task: reconcile() bumps _apply_wanted and sets _apply_kick; the task applies
+        # on a worker thread and records the generation it applied and the routes it allows.
+        self._apply_wanted = 0
+        self._apply_done = 0
+        self._apply_kick = trio.Event()
+        self._apply_finished = trio.Event()
+        self._apply_error: BaseException | None = None
+        self._apply_waiters = 0
+        self._applied_routes: dict[Prefix, RouteAttrs] = {}
         self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
     @property
@@ -96,14 +108,15 @@ class Node:
         try:
             dp.set_config(self.args.mac, self.config.flows.refresh_s)
             dp.attach(self.args.ifname, self.xdp_mode)
-            dp.apply(dataplane_services(self.view()))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self._run_apply, dp)
                     nursery.start_soon(self._tick)
                     nursery.start_soon(self._maintain_flows)
                     await nursery.start(self._neighbours.run)
                     await self._start("health", self._run_health)
+                    await self.applied()  # flows resynced from peers need our services' indexes
                     await nursery.start(serve_status, self.args.status_socket, self.snapshot)
                     if self.config.sync is not None and self.config.sync.enabled:
                         await self._start("sync", self._run_sync)
@@ -167,6 +180,7 @@ class Node:
             new = replace(new, xdp=old.xdp, flows=old.flows)
         try:
             await self._switch_config(old, new)
+            await self.applied()  # a data-plane error (say, too many backends) refuses the reload too
         except Exception as exc:  # e.g. a socket the new sync or BGP config cannot open
             self.reloads["refused"] += 1
             self.last_reload_error = f"applying {path} failed, previous config restored: {exc}"
@@ -309,23 +323,67 @@ class Node:
         return View(self.config, self._usable, self._neighbours.macs, self._ready and not self._blocked_by_digest())
 
     def reconcile(self) -> None:
-        """Make the data plane, BGP and the sync digest match the current view."""
+        """Make the data plane, BGP and the sync digest match the current view. Synchronous:
+        routes no longer wanted are withdrawn now; the data plane is applied by the apply task,
+        and new routes are announced after it (see `_run_apply`)."""
         view = self.view()
-        if self._dp is not None:
-            self._dp.apply(dataplane_services(view))
-        wanted = announcements(view)
-        if self._speaker is not None:
-            for prefix in [p for p in self._announced if p not in wanted]:
-                log.info("withdrawing %s", prefix)
-                self._speaker.withdraw(prefix)
-            for prefix, attrs in wanted.items():
-                if self._announced.get(prefix) != attrs:
-                    log.info("announcing %s", prefix)
-                    self._speaker.announce(prefix, attrs)
-            self._announced = wanted
-            self._advertised = self._advertised or bool(wanted)
+        self._apply_wanted += 1
+        self._apply_kick.set()
+        self._route(announcements(view))
         if self._sync is not None:
             self._sync.set_digest(digest(view))
+
+    def _route(self, wanted: dict[Prefix, RouteAttrs]) -> None:
+        """Withdraw what is not wanted; announce what is wanted *and* allowed by the view the
+        data plane last applied (its services are in the kernel)."""
+        if self._speaker is None:
+            return
+        for prefix in [p for p in self._announced if p not in wanted]:
+            log.info("withdrawing %s", prefix)
+            self._speaker.withdraw(prefix)
+            del self._announced[prefix]
+        for prefix, attrs in wanted.items():
+            if prefix in self._applied_routes and self._announced.get(prefix) != attrs:
+                log.info("announcing %s", prefix)
+                self._speaker.announce(prefix, attrs)
+                self._announced[prefix] = attrs
+        self._advertised = self._advertised or bool(self._announced)
+
+    async def _run_apply(self, dp: DataPlane, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply the latest view to the data plane on a worker thread, whenever reconcile() asks.
+        An apply error goes to whoever waits in `applied()` (a reload then rolls back); with no
+        one waiting it stops the node, as a component crash does."""
+        self._apply_kick.set()  # the first pass applies the view at start-up
+        task_status.started()
+        while True:
+            await self._apply_kick.wait()
+            self._apply_kick = trio.Event()
+            generation, view = self._apply_wanted, self.view()
+            try:
+                await trio.to_thread.run_sync(dp.apply, dataplane_services(view))
+            except Exception as exc:
+                if not self._apply_waiters:
+                    raise
+                self._apply_error = exc
+            else:
+                self._apply_error = None
+                self._applied_routes = announcements(view)
+                self._route(announcements(self.view()))
+            self._apply_done = generation
+            self._apply_finished.set()
+            self._apply_finished = trio.Event()
+
+    async def applied(self) -> None:
+        """Wait until the data plane has the view of the latest reconcile(); raise its error."""
+        generation = self._apply_wanted
+        self._apply_waiters += 1
+        try:
+            while self._apply_done < generation:
+                await self._apply_finished.wait()
+        finally:
+            self._apply_waiters -= 1
+        if self._apply_error is not None:
+            raise self._apply_error
 
     def _flow_entries(self) -> int:
         """Flow-table occupancy from counters and the last maintenance pass: never a walk."""
