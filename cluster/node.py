@@ -353,7 +353,8 @@ class Node:
         """Apply the latest view to the data plane on a worker thread, whenever reconcile() asks.
         An apply error goes to whoever waits in `applied()` (a reload then rolls back); with no
         one waiting it stops the node, as a component crash does."""
-        self._apply_kick.set()  # the first pass applies the view at start-up
+        self._apply_wanted += 1  # the first pass applies the view at start-up
+        self._apply_kick.set()
         task_status.started()
         while True:
             await self._apply_kick.wait()
