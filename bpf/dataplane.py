@@ -45,7 +45,7 @@ import numpy as np
 
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
-from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys
+from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
 from bpf.loader import PROGRAM_SOURCE, Attachment, BpfError, Limits, XdpMode, attach, compile_program, detach
 from bpf.structs import (
     BackendStats,
@@ -160,6 +160,19 @@ class _Pass:
     new_flows_at_start: int
     written_at_start: int
     deleted: int = 0
+
+
+class Counters:
+    """Every service's and backend's counters, read in one batch per map (`DataPlane.counters`)."""
+
+    def __init__(self, services: Any, backends: Any) -> None:
+        self._services, self._backends = services, backends
+
+    def service(self, index: int) -> ServiceStats:
+        return ServiceStats(*(int(x) for x in self._services[index]))
+
+    def backend(self, index: int) -> BackendStats:
+        return BackendStats(*(int(x) for x in self._backends[index]))
 
 
 def monotonic_ns() -> int:
@@ -517,6 +530,18 @@ class DataPlane:
 
     def stats(self) -> dict[Stat, int]:
         return {stat: self._stat(stat) for stat in Stat}
+
+    def counters(self) -> Counters:
+        """All per-service and per-backend counters, summed over CPUs: two batch syscalls, where
+        `service_stats`/`backend_stats` cost one lookup each (4096 backends: ~40 ms)."""
+        out = []
+        for name, cls, entries in (("service_stats", ServiceStats, self.limits.max_services),
+                                   ("backend_stats", BackendStats, self.limits.max_backends)):
+            fields = len(cls._fields_)
+            ncpus = self._map(name).total_cpu
+            raw = read_array_u64(int(self._map(name).map_fd), entries, ncpus * fields)
+            out.append(raw.reshape(entries, ncpus, fields).sum(axis=1, dtype=np.uint64))
+        return Counters(*out)
 
     def service_stats(self, index: int) -> ServiceStats:
         return _sum_structs(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)

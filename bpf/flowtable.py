@@ -166,6 +166,28 @@ def delete_keys(map_fd: int, keys: bytes) -> int:
     return deleted
 
 
+def read_array_u64(map_fd: int, entries: int, slots_per_entry: int) -> npt.NDArray[np.uint64]:
+    """Every entry of an array map whose values are u64 fields, in BPF_MAP_LOOKUP_BATCH calls:
+    an (entries, slots_per_entry) array. For a per-CPU array, slots_per_entry is
+    possible CPUs x fields (the kernel pads each CPU's value to 8 bytes: u64 fields need none)."""
+    keys = np.zeros(entries, dtype=np.uint32)
+    values = np.zeros((entries, slots_per_entry), dtype=np.uint64)
+    token_in, token_out = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    done = 0
+    while done < entries:
+        attr = _BatchAttr(in_batch=ctypes.addressof(token_in) if done else 0, out_batch=ctypes.addressof(token_out),
+                          keys=keys.ctypes.data + 4 * done, values=values.ctypes.data + values.itemsize * slots_per_entry * done,
+                          count=entries - done, map_fd=map_fd)
+        err = _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
+        if err not in (0, errno.ENOENT):
+            raise FlowTableError(f"array: BPF_MAP_LOOKUP_BATCH of {entries - done}: {os.strerror(err)}")
+        done += attr.count
+        token_in.value = token_out.value
+        if err == errno.ENOENT or attr.count == 0:
+            break
+    return values
+
+
 def synthetic_flows(first: int, n: int, dst16: bytes, dport: int, proto: int, backend: int, service: int,
                     *, flags: int = 0, last_seen_ns: int = 0) -> FlowChunk:
     """`n` distinct flows from clients 10.0.0.0/8 (client `first` .. `first + n - 1`, port

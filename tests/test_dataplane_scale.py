@@ -259,3 +259,19 @@ def test_a_full_million_entry_table(table_size: int) -> None:
         print(f"1M table: count walk {walk_s:.2f}s, remove {apply_s * 1e3:.1f} ms, sweep {sweep_s:.2f}s, rss +{growth:.0f} MB")
     finally:
         dp.close()
+
+
+def test_counters_in_one_batch_match_the_per_index_lookups(dp: DataPlane) -> None:
+    spec = service(VIP_A, range(0, 3))
+    dp.apply([spec])
+    for sport in range(2000, 2050):
+        run_xdp(dp.fd, ack(VIP_A, "192.0.2.9", sport))
+    counters = dp.counters()
+    s = dp.service_index(*spec.key)
+    assert s is not None
+    assert bytes(counters.service(s)) == bytes(dp.service_stats(s)) and counters.service(s).packets >= 50
+    for b in spec.backends:
+        i = dp.backend_index(*spec.key, b.address)
+        assert i is not None
+        assert bytes(counters.backend(i)) == bytes(dp.backend_stats(i))
+    assert sum(counters.backend(i).new_flows for i in range(16)) >= 50
