@@ -92,6 +92,7 @@ class Node:
         self._apply_error: BaseException | None = None
         self._apply_waiters = 0
         self._applied_routes: dict[Prefix, RouteAttrs] = {}
+        self._wanted: dict[Prefix, RouteAttrs] = {}  # announcements of the latest reconcile()
         self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
     @property
@@ -329,7 +330,8 @@ class Node:
         view = self.view()
         self._apply_wanted += 1
         self._apply_kick.set()
-        self._route(announcements(view))
+        self._wanted = announcements(view)
+        self._route(self._wanted)
         if self._sync is not None:
             self._sync.set_digest(digest(view))
 
@@ -359,20 +361,27 @@ class Node:
         while True:
             await self._apply_kick.wait()
             self._apply_kick = trio.Event()
-            generation, view = self._apply_wanted, self.view()
+            view = self.view()
+            generation, view = self._apply_wanted, replace(view, usable=dict(view.usable), macs=dict(view.macs))
             try:
-                await trio.to_thread.run_sync(dp.apply, dataplane_services(view))
+                routes = await trio.to_thread.run_sync(self._apply_view, dp, view)
             except Exception as exc:
                 if not self._apply_waiters:
                     raise
                 self._apply_error = exc
             else:
                 self._apply_error = None
-                self._applied_routes = announcements(view)
-                self._route(announcements(self.view()))
+                self._applied_routes = routes
+                self._route(self._wanted)
             self._apply_done = generation
             self._apply_finished.set()
             self._apply_finished = trio.Event()
+
+    @staticmethod
+    def _apply_view(dp: DataPlane, view: View) -> dict[Prefix, RouteAttrs]:
+        """On a worker thread: the view (a private copy) into the data plane; the routes it allows."""
+        dp.apply(dataplane_services(view))
+        return announcements(view)
 
     async def applied(self) -> None:
         """Wait until the data plane has the view of the latest reconcile(); raise its error."""
