@@ -38,3 +38,7 @@ bench-sync: setup
 .PHONY: faults
 faults: setup
 	$(PY) -m examples.lab.faults
+
+.PHONY: bench-scale
+bench-scale: setup
+	$(PY) bench/scale.py

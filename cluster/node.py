@@ -13,7 +13,10 @@ before announcing. `lbnode status` says why a VIP is not announced (`node.withhe
 
 Changes: every health event, MAC change or reload recomputes the desired state
 (cluster.desired) and applies it: the data plane's services, the announced routes and the
-digest peers compare.
+digest peers compare. `reconcile()` is synchronous and cheap: it withdraws what is no longer
+wanted at once and wakes the apply task, which runs `DataPlane.apply` on a worker thread (it
+builds hash tables: ms per service) and only then announces what the applied view allows, so
+a route is never announced before the data plane has its services.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
 `drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
@@ -44,7 +47,7 @@ from bgp.speaker import Speaker
 from bpf.dataplane import DataPlane
 from bpf.loader import Limits, XdpMode
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
-from cluster.desired import Prefix, View, backend_key, dataplane_services, digest, plan_announcements
+from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest, plan_announcements
 from cluster.neighbours import Neighbours
 from cluster.status import serve as serve_status
 from healthcheck.runner import HealthChecker
@@ -53,6 +56,7 @@ from healthcheck.state import BackendChanged
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 10.0
+MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +84,22 @@ class Node:
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._withheld: dict[Prefix, str] = {}
         self._advertised = False  # has announced a route since start
-        self._flow_count: tuple[float, int] = (-1e9, 0)  # (when, entries): a full table walk, so cached
         self._dp: DataPlane | None = None
         self._checker: HealthChecker | None = None
         self._speaker: Speaker | None = None
         self._sync: Any = None
         self._neighbours = Neighbours(args.ifname, self._backend_addresses(config), self.reconcile)
         self._nursery: trio.Nursery | None = None
+        # The apply task: reconcile() bumps _apply_wanted and sets _apply_kick; the task applies
+        # on a worker thread and records the generation it applied and the routes it allows.
+        self._apply_wanted = 0
+        self._apply_done = 0
+        self._apply_kick = trio.Event()
+        self._apply_finished = trio.Event()
+        self._apply_error: BaseException | None = None
+        self._apply_waiters = 0
+        self._applied_routes: dict[Prefix, RouteAttrs] = {}
+        self._wanted: dict[Prefix, RouteAttrs] = {}  # announcements of the latest reconcile()
         self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
     @property
@@ -103,13 +116,15 @@ class Node:
         try:
             dp.set_config(self.args.mac, self.config.flows.refresh_s)
             dp.attach(self.args.ifname, self.xdp_mode)
-            dp.apply(dataplane_services(self.view()))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    await nursery.start(self._run_apply, dp)
                     nursery.start_soon(self._tick)
+                    nursery.start_soon(self._maintain_flows)
                     await nursery.start(self._neighbours.run)
                     await self._start("health", self._run_health)
+                    await self.applied()  # flows resynced from peers need our services' indexes
                     await nursery.start(serve_status, self.args.status_socket, self.snapshot)
                     if self.config.sync is not None and self.config.sync.enabled:
                         await self._start("sync", self._run_sync)
@@ -173,6 +188,7 @@ class Node:
             new = replace(new, xdp=old.xdp, flows=old.flows)
         try:
             await self._switch_config(old, new)
+            await self.applied()  # a data-plane error (say, too many backends) refuses the reload too
         except Exception as exc:  # e.g. a socket the new sync or BGP config cannot open
             self.reloads["refused"] += 1
             self.last_reload_error = f"applying {path} failed, previous config restored: {exc}"
@@ -322,6 +338,14 @@ class Node:
                             "not advertising" if blocked else "advertising allowed")
                 self.reconcile()
 
+    async def _maintain_flows(self) -> None:
+        """Delete stale flows of removed services and backends, and recount the table: chunk by
+        chunk on a worker thread, never on the loop; a pass every MAINTAIN_IDLE_S while idle."""
+        while (dp := self._dp) is not None:
+            done = await trio.to_thread.run_sync(dp.maintain)
+            if done and not dp.sweep_pending:
+                await trio.sleep(MAINTAIN_IDLE_S)
+
     def _blocked_by_digest(self) -> bool:
         """With sync.digest_mismatch_blocks, a node whose view (services, backends, health) differs
         from a live peer's does not *start* advertising: a misconfigured node would hash flows
@@ -337,21 +361,14 @@ class Node:
         return View(self.config, self._usable, self._neighbours.macs, self._ready and not self._blocked_by_digest())
 
     def reconcile(self) -> None:
-        """Make the data plane, BGP and the sync digest match the current view."""
+        """Make the data plane, BGP and the sync digest match the current view. Synchronous:
+        routes no longer wanted are withdrawn now; the data plane is applied by the apply task,
+        and new routes are announced after it (see `_run_apply`)."""
         view = self.view()
-        if self._dp is not None:
-            self._dp.apply(dataplane_services(view))
-        wanted, self._withheld = plan_announcements(view)
-        if self._speaker is not None:
-            for prefix in [p for p in self._announced if p not in wanted]:
-                log.info("withdrawing %s", prefix)
-                self._speaker.withdraw(prefix)
-            for prefix, attrs in wanted.items():
-                if self._announced.get(prefix) != attrs:
-                    log.info("announcing %s", prefix)
-                    self._speaker.announce(prefix, attrs)
-            self._announced = wanted
-            self._advertised = self._advertised or bool(wanted)
+        self._apply_wanted += 1
+        self._apply_kick.set()
+        self._wanted, self._withheld = plan_announcements(view)
+        self._route(self._wanted)
         if self._sync is not None:
             self._sync.set_digest(digest(view))
 
@@ -364,14 +381,69 @@ class Node:
                 "out of route": "no BGP session Established; flows are resynced before announcing again",
                 "draining": "draining"}.get(self.state, self.state)
 
-    def _flow_entries(self, max_age_s: float = 1.0) -> int:
-        """Flow-table occupancy; counting walks the whole table, so do it at most once a second."""
-        when, count = self._flow_count
-        now = trio.current_time()
-        if self._dp is not None and now - when > max_age_s:
-            count = len(self._dp.flows())
-            self._flow_count = (now, count)
-        return count
+    def _route(self, wanted: dict[Prefix, RouteAttrs]) -> None:
+        """Withdraw what is not wanted; announce what is wanted *and* allowed by the view the
+        data plane last applied (its services are in the kernel)."""
+        if self._speaker is None:
+            return
+        for prefix in [p for p in self._announced if p not in wanted]:
+            log.info("withdrawing %s", prefix)
+            self._speaker.withdraw(prefix)
+            del self._announced[prefix]
+        for prefix, attrs in wanted.items():
+            if prefix in self._applied_routes and self._announced.get(prefix) != attrs:
+                log.info("announcing %s", prefix)
+                self._speaker.announce(prefix, attrs)
+                self._announced[prefix] = attrs
+        self._advertised = self._advertised or bool(self._announced)
+
+    async def _run_apply(self, dp: DataPlane, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply the latest view to the data plane on a worker thread, whenever reconcile() asks.
+        An apply error goes to whoever waits in `applied()` (a reload then rolls back); with no
+        one waiting it stops the node, as a component crash does."""
+        self._apply_wanted += 1  # the first pass applies the view at start-up
+        self._apply_kick.set()
+        task_status.started()
+        while True:
+            await self._apply_kick.wait()
+            self._apply_kick = trio.Event()
+            view = self.view()
+            generation, view = self._apply_wanted, replace(view, usable=dict(view.usable), macs=dict(view.macs))
+            try:
+                routes = await trio.to_thread.run_sync(self._apply_view, dp, view)
+            except Exception as exc:
+                if not self._apply_waiters:
+                    raise
+                self._apply_error = exc
+            else:
+                self._apply_error = None
+                self._applied_routes = routes
+                self._route(self._wanted)
+            self._apply_done = generation
+            self._apply_finished.set()
+            self._apply_finished = trio.Event()
+
+    @staticmethod
+    def _apply_view(dp: DataPlane, view: View) -> dict[Prefix, RouteAttrs]:
+        """On a worker thread: the view (a private copy) into the data plane; the routes it allows."""
+        dp.apply(dataplane_services(view))
+        return announcements(view)
+
+    async def applied(self) -> None:
+        """Wait until the data plane has the view of the latest reconcile(); raise its error."""
+        generation = self._apply_wanted
+        self._apply_waiters += 1
+        try:
+            while self._apply_done < generation:
+                await self._apply_finished.wait()
+        finally:
+            self._apply_waiters -= 1
+        if self._apply_error is not None:
+            raise self._apply_error
+
+    def _flow_entries(self) -> int:
+        """Flow-table occupancy from counters and the last maintenance pass: never a walk."""
+        return self._dp.flow_count().entries if self._dp is not None else 0
 
     @staticmethod
     def _backend_addresses(config: NodeConfig) -> list[IPAddress]:

@@ -1,0 +1,267 @@
+"""make bench-scale: one node with 1,048,576 flows and 64 services x 64 backends; how long its
+trio loop stalls while it answers status, flaps 10% of its backends, reloads every weight,
+removes a service holding 100k pinned flows and walks the table for a refresh cycle.
+
+In-process, no interfaces: a real DataPlane (compiled with flows.table_size 1048576) driven by
+the real `cluster.node.Node` code paths — its apply task (`DataPlane.apply` on a worker thread),
+its maintenance task (sweep and recount), `reconcile()`, `reload()` from a YAML file and
+`snapshot()` (what `lbnode status` returns) — on a trio loop watched by
+`cluster.loopwatch.LoopWatch` (longest task step and heartbeat lateness). Health checks,
+neighbour discovery and BGP are not run: the bench sets what they would report (every backend
+usable, every MAC known) and flips health by hand as the checker's events would.
+
+Last line: stall_ms=<longest stall over the phases> resync_s=<...> apply_s=<full reload, every
+weight changed> rss_growth_mb=<peak RSS minus RSS before the flows> flows=<entries>.
+resync_s is nan: serving a resync is cluster/flowsync.py's `_answer_resync`, which still lists
+the whole table with `DataPlane.flows()`; it moves to `cluster.flowwalk.flow_chunks` with the
+flow-sync rework (cluster/sync/), and then a second node resyncing from this one can be timed.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bpf.dataplane import DataPlane, monotonic_ns  # noqa: E402
+from bpf.flowtable import synthetic_flows  # noqa: E402
+from bpf.loader import Limits  # noqa: E402
+from bpf.structs import FLOW_F_CLOSING, IPPROTO_TCP, addr16  # noqa: E402
+from cluster.config import load_file  # noqa: E402
+from cluster.desired import backend_key  # noqa: E402
+from cluster.flowwalk import flow_chunks  # noqa: E402
+from cluster.loopwatch import LoopWatch, heartbeat  # noqa: E402
+from cluster.node import Node, NodeArgs  # noqa: E402
+
+NODE_IP = ipaddress.ip_address("10.250.0.5")
+NODE_MAC = "02:00:00:00:00:05"
+SERVICES, BACKENDS = 64, 64
+REMOVED_PINNED = 100_000  # flows pinned to the service the bench removes
+
+
+def vip(s: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"10.200.{s}.1")
+
+
+def backend_ip(s: int, b: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(f"10.{201 + s // 64}.{s % 64}.{b + 1}")
+
+
+def config_yaml(services: range, weight: Callable[[int, int], int], table_size: int) -> str:
+    lines = [f"flows: {{table_size: {table_size}, refresh_s: 1}}", "services:"]
+    for s in services:
+        lines += [f"  - name: svc{s}", f"    vips: [{vip(s)}]", "    ports: [80]", "    need: 1", "    backends:"]
+        lines += [f"      - {{address: {backend_ip(s, b)}, weight: {weight(s, b)}}}" for b in range(BACKENDS)]
+    return "\n".join(lines) + "\n"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+class RssPeak:
+    """Samples this process's RSS every few ms on a thread (the loop is not involved)."""
+
+    def __init__(self) -> None:
+        self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, rss_mb())
+
+
+class Phases:
+    def __init__(self, watch: LoopWatch) -> None:
+        self.watch = watch
+        self.rows: list[tuple[str, float, float]] = []
+
+    async def run(self, name: str, phase: Callable[[], Awaitable[Any]]) -> Any:
+        self.watch.reset()
+        await trio.sleep(0.05)  # let the heartbeat start a fresh measurement
+        self.watch.reset()
+        start = time.perf_counter()
+        result = await phase()
+        seconds = time.perf_counter() - start
+        await trio.sleep(0.05)
+        stall = self.watch.max_stall_ms
+        self.rows.append((name, seconds, stall))
+        print(f"  {name:<44} {seconds:8.3f} s   max loop stall {stall:7.1f} ms   "
+              f"(worst step: {self.watch.snapshot()['max_step_task'] or '-'})", flush=True)
+        return result
+
+    @property
+    def stall_ms(self) -> float:
+        return max(stall for _, _, stall in self.rows)
+
+
+async def fill(node: Node, dp: DataPlane, table_size: int) -> int:
+    """1M flows written in batches on a worker thread, as flow sync installs them: 100k on
+    service 0 (the one removed later), the rest spread over the others."""
+    now = monotonic_ns()
+    plan = [(0, REMOVED_PINNED)]
+    rest = table_size - REMOVED_PINNED
+    plan += [(s, rest // (SERVICES - 1) + (1 if s - 1 < rest % (SERVICES - 1) else 0)) for s in range(1, SERVICES)]
+    first = 0
+    for s, n in plan:
+        service = dp.service_index(vip(s), 80, IPPROTO_TCP)
+        assert service is not None
+        for start in range(0, n, 65536):
+            count = min(65536, n - start)
+            b = dp.backend_index(vip(s), 80, IPPROTO_TCP, backend_ip(s, (start // 65536) % BACKENDS))
+            assert b is not None
+            chunk = synthetic_flows(first, count, addr16(vip(s)), 80, IPPROTO_TCP, b, service, last_seen_ns=now)
+            await trio.to_thread.run_sync(dp.write_flows_packed, chunk.keys, chunk.values)
+            first += count
+    return first
+
+
+async def refresh_cycle(dp: DataPlane, window_s: float = 30.0) -> int:
+    """What flow sync's refresh does per chunk: recent flows -> 54-byte records
+    (key[:37], op, backend address), built with numpy on the loop, one chunk at a time."""
+    addresses = {i: addr16(a) for i, a in dp.backend_addresses().items()}
+    table = np.zeros((max(addresses, default=0) + 1, 16), dtype=np.uint8)
+    known = np.zeros(len(table), dtype=bool)
+    for i, a in addresses.items():
+        table[i], known[i] = np.frombuffer(a, dtype=np.uint8), True
+    floor = monotonic_ns() - int(window_s * 1e9)
+    records = 0
+    async for chunk in flow_chunks(dp):
+        flows = chunk.flows()
+        backend = flows["backend"].astype(np.int64)
+        ok = (flows["last_seen_ns"] >= floor) & (backend < len(table))
+        ok[ok] &= known[backend[ok]]
+        keys = chunk.key_rows()[ok]
+        out = np.empty((len(keys), 54), dtype=np.uint8)
+        out[:, :37] = keys[:, :37]
+        out[:, 37] = np.where(flows["flags"][ok] & FLOW_F_CLOSING, 2, 3)
+        out[:, 38:54] = table[backend[ok]]
+        records += len(out)  # flow sync would send out.tobytes() in datagrams here
+    return records
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> str:
+    watch = LoopWatch(window_s=60)
+    trio.lowlevel.add_instrument(watch)
+    config_path = workdir / "node.yaml"
+    config_path.write_text(config_yaml(range(SERVICES), lambda s, b: 1 + b % 4, args.flows))
+    config = load_file(config_path, NODE_IP, check_files=False)
+    node = Node(NodeArgs(NODE_IP, "lo", NODE_MAC, str(config_path), str(workdir / "status.sock")), config)
+    print(f"compiling (flow table {args.flows} entries, {SERVICES} x {BACKENDS} backends)...", flush=True)
+    dp = await trio.to_thread.run_sync(DataPlane, Limits(flow_table_size=args.flows))
+    dp.set_config(NODE_MAC)
+    # What neighbour discovery and health checks would report: every MAC known, every backend usable.
+    node._neighbours.macs.update({backend_ip(s, b): f"02:00:00:{s:02x}:00:{b:02x}"
+                                  for s in range(SERVICES) for b in range(BACKENDS)})
+    node._usable = {svc.health_name(v, 80): frozenset(backend_key(b.address, 80) for b in svc.backends)
+                    for svc in config.services for v in svc.vips}
+    node._ready, node.state = True, "serving"
+
+    async def no_health_checks(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # a reload restarts health checking; here the bench plays the checker
+        await trio.sleep_forever()
+    node._run_health = no_health_checks  # type: ignore[method-assign]
+    node._dp = dp
+    phases = Phases(watch)
+    try:
+        async with trio.open_nursery() as nursery:
+            node._nursery = nursery
+            nursery.start_soon(heartbeat, watch, 0.005)
+            async def first_apply() -> None:
+                await nursery.start(node._run_apply, dp)
+                await node.applied()
+            await phases.run("first apply, 64 x 64 tables", first_apply)
+            nursery.start_soon(node._maintain_flows)
+            rss_before = rss_mb()
+            peak = RssPeak()
+            await phases.run(f"load {args.flows} flows (batches on a thread)", lambda: fill(node, dp, args.flows))
+
+            async def count_pass() -> None:  # what the maintenance task does every 5 s
+                for _ in range(2):  # finish the pass that began during the load, then one whole pass
+                    while not await trio.to_thread.run_sync(dp.maintain):
+                        pass
+            await phases.run("maintenance pass (count, in chunks)", count_pass)
+            flows = dp.flow_count().walked  # the LRU may have evicted a few while it filled up
+
+            async def statuses() -> None:
+                for _ in range(5):
+                    node.snapshot()
+                    await trio.sleep(0.01)
+            await phases.run("status x5 (Node.snapshot)", statuses)
+
+            all_usable = dict(node._usable)
+
+            async def flap() -> None:
+                down = {f"{backend_ip(s, b)}:80" for s in range(SERVICES) for b in range(BACKENDS) if (s * BACKENDS + b) % 10 == 0}
+                node._usable = {name: keys - down for name, keys in all_usable.items()}
+                node.reconcile()
+                await node.applied()
+                node._usable = all_usable
+                node.reconcile()
+                await node.applied()
+            await phases.run("health flap: 10% of backends down and up", flap)
+
+            config_path.write_text(config_yaml(range(SERVICES), lambda s, b: 1 + (b + 1) % 7, args.flows))
+
+            async def reload() -> None:
+                await node.reload()
+                assert node.reloads["ok"] == 1, node.last_reload_error
+            await phases.run("reload: every weight changed", reload)
+            apply_s = phases.rows[-1][1]
+
+            config_path.write_text(config_yaml(range(1, SERVICES), lambda s, b: 1 + (b + 1) % 7, args.flows))
+
+            async def remove() -> None:
+                await node.reload()
+                assert node.reloads["ok"] == 2, node.last_reload_error
+            await phases.run(f"reload: remove a service holding {REMOVED_PINNED // 1000}k pins", remove)
+
+            async def swept() -> None:
+                while dp.sweep_pending:
+                    await trio.sleep(0.02)
+            await phases.run("background sweep of its flows", swept)
+            count = dp.flow_count()
+            assert flows - REMOVED_PINNED <= count.entries < flows, (flows, count)
+            refreshed = await phases.run("refresh cycle (chunked walk, records)", lambda: refresh_cycle(dp))
+            assert refreshed == count.walked, (refreshed, count)
+            nursery.cancel_scope.cancel()
+    finally:
+        node._dp = None
+        dp.close()
+    rss_growth = peak.stop() - rss_before
+    return (f"stall_ms={phases.stall_ms:.1f} resync_s={math.nan} apply_s={apply_s:.2f} "
+            f"rss_growth_mb={rss_growth:.0f} flows={flows}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flows", type=int, default=1 << 20, help="flow table size, filled completely")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench-scale needs root (bcc)")
+    with tempfile.TemporaryDirectory(prefix="lbnode-scale-") as tmp:
+        print(trio.run(bench, args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
