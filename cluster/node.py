@@ -48,6 +48,7 @@ from bpf.dataplane import DataPlane
 from bpf.loader import Limits, XdpMode
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
 from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest, plan_announcements
+from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.neighbours import Neighbours
 from cluster.status import serve as serve_status
 from healthcheck.runner import HealthChecker
@@ -83,6 +84,7 @@ class Node:
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._withheld: dict[Prefix, str] = {}
+        self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
         self._dp: DataPlane | None = None
         self._checker: HealthChecker | None = None
@@ -113,12 +115,14 @@ class Node:
         log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
         dp = await trio.to_thread.run_sync(DataPlane, limits)
         self._dp = dp
+        trio.lowlevel.add_instrument(self._loop_watch)
         try:
             dp.set_config(self.args.mac, self.config.flows.refresh_s)
             dp.attach(self.args.ifname, self.xdp_mode)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(heartbeat, self._loop_watch)
                     await nursery.start(self._run_apply, dp)
                     nursery.start_soon(self._tick)
                     nursery.start_soon(self._maintain_flows)
@@ -135,10 +139,12 @@ class Node:
                     self.state = "serving"
                     self.reconcile()
                     log.info("ready: serving %d services", len(self.config.services))
+                    self._loop_watch.reset()  # start-up (attach, first tables) is not a stall of the serving loop
                     task_status.started()
                     await self._handle_signals(signals)
                     nursery.cancel_scope.cancel()
         finally:
+            trio.lowlevel.remove_instrument(self._loop_watch)
             self._dp = None
             dp.close()  # detach: synchronous, survives cancellation
 
@@ -496,6 +502,7 @@ class Node:
                      "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
             "services": services,
             "flows": {"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
+            "loop": self._loop_watch.snapshot(),
             "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
         }
         if self._speaker is not None:

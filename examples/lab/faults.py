@@ -45,6 +45,8 @@ from examples.lab.netns import Lab, wait_until
 SYNC_PORT = 7946
 FAULT_S = 6.0  # how long a fault that ends lasts: well past BFD's 0.3 s and BGP's 3 s hold time
 LOG_TAIL_LINES = 40
+LOOP_STALL_MS = 100  # a third of BFD's 300 ms detection time
+SHORT_RECOVER_S = 4.0  # after a total outage: the loadgen's 3 s timeout, plus room
 ECHOES_AFTER = 5  # each surviving connection echoes this many times after the fault
 
 
@@ -69,6 +71,7 @@ class Run:
         self.ecmp, self.sync, self.long = ecmp, sync, long
         self.recovered_s: float | None = None
         self.after_bfd_s: float | None = None
+        self.recovered_at_load_s: float | None = None  # in the load generator's clock
         ecmp.start_backends()
         ecmp.start_router()
         for node in ecmp.nodes:
@@ -138,6 +141,7 @@ class Run:
                    what=f"every node back in the route (now {sorted(self.ecmp.next_hops())})")
         now = time.monotonic()
         self.recovered_s = round(now - ended_at, 2)
+        self.recovered_at_load_s = self.load.report()["elapsed_s"]
         if len(bfd_up_at) == len(nodes):
             self.after_bfd_s = round(now - max(bfd_up_at.values()), 2)
 
@@ -146,7 +150,8 @@ class Run:
         self.load.report("mark")
         wait_until(lambda: self.load.report()["long"]["min_echoed_since_mark"] >= ECHOES_AFTER, timeout_s=40,
                    interval_s=0.1, what=f"{ECHOES_AFTER} more echoes on every surviving connection")
-        report = self.load.stop()
+        loops = {n: s["loop"]["max_stall_ms"] for n in self.ecmp.nodes if (s := self.ecmp.node_status(n))}
+        report = {**self.load.stop(), "node_loop_max_stall_ms": loops, "recovered_at_s": self.recovered_at_load_s}
         lost_by_backend: dict[str, int] = report["long"]["lost_by_backend"]
         expected = sum(n for b, n in lost_by_backend.items() if b in dead_backends)
         return Result(name, kept=report["long"]["alive"], lost=sum(lost_by_backend.values()) - expected,
@@ -448,11 +453,22 @@ def violations(key: str, result: Result, *, long: int = 200) -> list[str]:
             out.append("b2 had no connections to lose")
     elif not s.outage and result.short_failed:
         out.append(f"{result.short_failed} new connections failed")
+    elif s.outage:
+        last_fail, recovered = result.detail["short"]["last_fail_s"], result.detail["recovered_at_s"]
+        if last_fail is not None and recovered is not None and last_fail > recovered + SHORT_RECOVER_S:
+            out.append(f"new connections still failed {last_fail - recovered:.1f} s after every node was back")
+    if loop_stall_ms(result) > LOOP_STALL_MS:
+        out.append(f"a node's event loop stalled for {loop_stall_ms(result):.0f} ms > {LOOP_STALL_MS} ms")
     if key == "5" and not all(result.detail["sync_datagrams_dropped"].values()):
         out.append(f"no sync datagram was dropped: {result.detail['sync_datagrams_dropped']}")
     if key == "9" and result.detail["reload_error"]:
         out.append(f"the reload during the outage was refused: {result.detail['reload_error']}")
     return out
+
+
+def loop_stall_ms(result: Result) -> float:
+    """The longest any live node's event loop was blocked during the scenario (after start-up)."""
+    return max(result.detail["node_loop_max_stall_ms"].values(), default=0.0)
 
 
 def _fmt(value: float | None) -> str:
@@ -461,9 +477,10 @@ def _fmt(value: float | None) -> str:
 
 def table(results: list[Result]) -> str:
     rows = [f"{'scenario':34} {'kept':>5} {'lost':>5} {'expected':>8} {'max stall ms':>12} {'converged s':>11} "
-            f"{'recovered s':>11} {'after BFD s':>11} {'short failed':>12}"]
+            f"{'recovered s':>11} {'after BFD s':>11} {'short failed':>12} {'loop ms':>7}"]
     rows += [f"{r.scenario:34} {r.kept:5d} {r.lost:5d} {r.expected_lost:8d} {r.max_stall_ms:12d} {r.converged_s:11.2f} "
-             f"{_fmt(r.recovered_s):>11} {_fmt(r.after_bfd_s):>11} {r.short_failed:12d}" for r in results]
+             f"{_fmt(r.recovered_s):>11} {_fmt(r.after_bfd_s):>11} {r.short_failed:12d} {loop_stall_ms(r):7.0f}"
+             for r in results]
     return "\n".join(rows)
 
 
