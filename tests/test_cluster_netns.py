@@ -12,7 +12,8 @@ import pytest
 
 from cluster.gossip import encode_flows
 from examples.lab.ecmp import EcmpLab, Load
-from examples.lab.netns import Lab, wait_until
+from examples.lab.netns import wait_until
+from tests.ecmp_lab import running_ecmp_lab
 
 pytestmark = pytest.mark.netns
 
@@ -22,14 +23,8 @@ LONG = 100
 
 @pytest.fixture
 def ecmp(tmp_path: Path) -> Iterator[EcmpLab]:
-    with Lab(prefix="lbc") as lab:
-        e = EcmpLab(lab, tmp_path)
-        try:
-            e.start_backends()
-            e.start_router()
-            yield e
-        finally:
-            e.close()
+    with running_ecmp_lab(tmp_path, "lbc", EcmpLab) as e:
+        yield e
 
 
 def entries(e: EcmpLab, node: str) -> int:

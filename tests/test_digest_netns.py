@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from examples.lab.ecmp import ECHO_PORT, HTTP_PORT, EcmpLab
-from examples.lab.netns import Lab, wait_until
+from examples.lab.netns import wait_until
+from tests.ecmp_lab import running_ecmp_lab
 
 pytestmark = pytest.mark.netns
 
@@ -43,14 +44,8 @@ class DigestLab(EcmpLab):
 
 @pytest.fixture
 def digest_lab(tmp_path: Path) -> Iterator[DigestLab]:
-    with Lab(prefix="lbd") as lab:
-        e = DigestLab(lab, tmp_path)
-        try:
-            e.start_backends()
-            e.start_router()
-            yield e
-        finally:
-            e.close()
+    with running_ecmp_lab(tmp_path, "lbd", DigestLab) as e:
+        yield e
 
 
 def established_with_mismatch(e: DigestLab, *, healthy: bool) -> dict[str, Any] | None:
