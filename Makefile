@@ -35,6 +35,11 @@ bench-health: setup
 bench-sync: setup
 	$(PY) bench/sync.py
 
+# Rewrite the golden normalised configs (tests/data/config/good/*.json); review the diff, then commit.
+.PHONY: golden
+golden: setup
+	$(PY) -m tests.golden_config
+
 .PHONY: faults
 faults: setup
 	$(PY) -m examples.lab.faults

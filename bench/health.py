@@ -9,8 +9,9 @@ the cost of N trio tasks ticking at the same interval, so the ratio shows what t
     make bench-health                     # 1,000 backends, TCP and HTTP, 10 s windows
     .venv/bin/python bench/health.py --backends 200 --kinds https --seconds 5
 
-The last line is `checks_per_s=<n> cpu=<percent of one core>%` for the last kind measured
-(HTTP by default, the dearer of the two required). A failed check costs less than a passing one
+The last line is `checks_per_s=<n> cpu=<percent of one core>% baseline_cpu=<percent>%
+ratio=<cpu / baseline_cpu>x passed=<passing checks>/<checks>` for the last kind measured (HTTP by
+default, the dearer of the two required), against the no-op-probe baseline of the same run. A failed check costs less than a passing one
 (a refusal or a timeout does less work than a full exchange), so if any check fails the figures
 do not measure what they claim: the run then prints a warning instead of that line and exits 1.
 """
@@ -240,7 +241,9 @@ def main() -> int:
         print(f"bench-health: {warning}", file=sys.stderr)
         return 1
     last = results[-1]
-    print(f"checks_per_s={last.checks_per_s:.0f} cpu={last.cpu_percent:.1f}%")
+    ratio = last.cpu_percent / base.cpu_percent if base.cpu_percent > 0 else float("inf")
+    print(f"checks_per_s={last.checks_per_s:.0f} cpu={last.cpu_percent:.1f}% baseline_cpu={base.cpu_percent:.1f}% "
+          f"ratio={ratio:.2f}x passed={last.checks - last.failures}/{last.checks}")
     return 0
 
 

@@ -276,12 +276,18 @@ int xdp_main(struct xdp_md *ctx)
 		return verdict(STAT_PASS, XDP_PASS);
 	}
 
-#ifdef LB_BENCH_NEW_FLOW
-	/* Benchmark build only (bench/xdp.py): each run of the same frame is a new client. */
+#if defined(LB_BENCH_NEW_FLOW) || defined(LB_BENCH_SPREAD_BITS)
+	/* Benchmark builds only (bench/xdp.py). NEW_FLOW: each run of the same frame is a new
+	 * client. SPREAD_BITS: the n-th run is one of 2^bits clients pinned beforehand, visited in
+	 * an order spread over the flow table (an odd multiplier permutes the indexes). */
 	__u64 *bench_n = bench_counter.lookup(&zero);
 	if (bench_n) {
 		*bench_n += 1;
+#ifdef LB_BENCH_SPREAD_BITS
+		pkt.key.src[3] ^= ((__u32)*bench_n * 2654435761u) & ((1u << LB_BENCH_SPREAD_BITS) - 1);
+#else
 		pkt.key.src[3] ^= (__u32)*bench_n;
+#endif
 	}
 #endif
 	/* The control plane's clock, written every refresh interval: reading the kernel's clock

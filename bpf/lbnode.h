@@ -178,7 +178,8 @@ BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
 /* New and closing flows, for flow sync. */
 BPF_RINGBUF_OUTPUT(flow_events, EVENT_RING_PAGES);
 
-#ifdef LB_BENCH_NEW_FLOW
+#if defined(LB_BENCH_NEW_FLOW) || defined(LB_BENCH_SPREAD_BITS)
+/* Benchmark builds only (bench/xdp.py): repetitions of one test-run frame so far, per CPU. */
 BPF_PERCPU_ARRAY(bench_counter, __u64, 1);
 #endif
 

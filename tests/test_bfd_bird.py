@@ -7,7 +7,6 @@ well under that is BFD's doing; the bound asserted is 1 s, typically it is about
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from examples.lab.netns import Lab, wait_until
+from tests.speaker_control import speaker_status
 
 pytestmark = pytest.mark.netns
 
@@ -66,18 +66,7 @@ class BfdLab:
 
     def status(self, name: str) -> dict[str, Any]:
         """The speaker's `status` answer (one JSON line in its log)."""
-        proc = self.speakers[name]
-        assert proc.stdin is not None
-        log = self.tmp / f"{name}.log"
-        seen = log.read_text(errors="replace").count("\nstatus ")
-        proc.stdin.write(b"status\n")
-        proc.stdin.flush()
-
-        def answer() -> str:
-            lines = [ln for ln in ("\n" + log.read_text(errors="replace")).split("\nstatus ")[1:]]
-            return lines[seen].split("\n", 1)[0] if len(lines) > seen else ""
-        status: dict[str, Any] = json.loads(wait_until(answer, timeout_s=5, what=f"{name} status"))
-        return status
+        return speaker_status(self.speakers[name], self.tmp / f"{name}.log", name)
 
     def birdc(self, cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["birdc", "-s", self.sock, *cmd.split()], capture_output=True, text=True, timeout=10)

@@ -16,11 +16,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from examples.lab.netns import Lab, wait_until
+from tests.speaker_control import speaker_status
 
 pytestmark = pytest.mark.netns
 
@@ -77,8 +79,8 @@ class Net:
         proc.stdin.write(line.encode() + b"\n")
         proc.stdin.flush()
 
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
+    def status(self, name: str) -> dict[str, Any]:
+        return speaker_status(self.speakers[name], self.tmp / f"{name}.log", name)
 
     def kill(self, name: str, sig: signal.Signals) -> None:
         os.killpg(self.speakers[name].pid, sig)
@@ -220,7 +222,8 @@ def test_bird_ibgp_md5_ecmp_and_wrong_password(net: Net) -> None:
         # towards n2, which carry no or another key) as MD5 failures, repeatedly.
         wait_until(lambda: tcp_ext(net, net.router)["TCPMD5Failure"] >= 2, timeout_s=10, what="MD5 failures")
         assert bird.state("node2") != "Established"
-        assert "Established" not in net.log("n2")
+        (n2_peer,) = net.status("n2")["peers"]
+        assert n2_peer["established_count"] == 0 and n2_peer["state"] != "Established", n2_peer
 
         net.kill("n2", signal.SIGTERM)
         net.speakers["n2"].wait(timeout=10)

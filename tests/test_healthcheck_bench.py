@@ -36,7 +36,11 @@ def _bench(kill_servers: bool) -> tuple[int, str, str]:
 def test_passing_checks_give_the_figure() -> None:
     code, out, err = _bench(kill_servers=False)
     assert code == 0, (out, err)
-    assert re.fullmatch(r"checks_per_s=\d+ cpu=[0-9.]+%", out.splitlines()[-1]), out
+    last = re.fullmatch(r"checks_per_s=\d+ cpu=[0-9.]+% baseline_cpu=([0-9.]+)% ratio=([0-9.]+)x passed=(\d+)/(\d+)",
+                        out.splitlines()[-1])
+    assert last, out
+    assert float(last[1]) > 0 and float(last[2]) > 0, out  # a ratio to a baseline measured in this run
+    assert int(last[4]) > 0 and last[3] == last[4], out  # every check in the window passed
     assert "WARNING" not in err
 
 
