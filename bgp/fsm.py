@@ -22,8 +22,8 @@ unacceptable one becomes a MESSAGE_ERROR event carrying the right NOTIFICATION.
 BFD (RFC 5882 §3.2): BFD_DOWN, posted by the I/O layer when the peer's BFD session fails, tears
 an OpenSent/OpenConfirm/Established session down with Cease/BFD Down (6/10, RFC 9384) and starts
 the IdleHold restart, as a hold-timer expiry would; in Idle/Connect/Active it changes nothing.
-When the BFD session comes Up again, `retry_now` resets the backoff and makes a pending restart
-or connect retry due at once.
+When the BFD session comes Up again, `set_path_up` resets the backoff and makes a pending restart
+or connect retry due at once; retries do not back off while it stays Up.
 
 Collisions (§6.8) when both sides connect: the I/O layer runs a second `Fsm` on the incoming
 connection; once both have an OPEN, `collision_loser` says which one gets OPEN_COLLISION_DUMP.
@@ -209,6 +209,7 @@ class Fsm:
     peer_open: Open | None = None
     last_error: str = ""
     stopped: bool = True
+    path_up: bool = False  # BFD says the path to the peer works (see `set_path_up`)
     _timers: dict[Timer, float] = field(default_factory=dict)
     _retry_s: float = 0.0
 
@@ -260,16 +261,27 @@ class Fsm:
     def next_deadline(self) -> float | None:
         return min(self._timers.values(), default=None)
 
-    def retry_now(self, now: float) -> None:
-        """The path to the peer works again (its BFD session came Up): reset the backoff and make a
-        pending automatic restart (IdleHold) or ConnectRetry due now. The backoff damps a peer that
-        keeps failing (§8.1.1 DampPeerOscillations); while the path was down it only grew, and it
-        would keep a node out of service for many seconds after its link came back. Not a state
-        transition: the timer fires through `poll` and the table as usual."""
+    def set_path_up(self, up: bool, now: float) -> None:
+        """BFD's word on the path to the peer. The backoff damps a peer that keeps failing (§8.1.1
+        DampPeerOscillations); while the path was down it only grew, and would keep a node out of
+        service long after its link came back. So Up resets it and makes a pending automatic
+        restart (IdleHold) or ConnectRetry due now; and while the path stays up, retries keep the
+        first interval: the peer is only refusing for a while (its own damping, such as BIRD's
+        `error wait time`). An attempt under way (Connect) gets one first interval. Not a state
+        transition: the timer fires through `poll` and the table."""
+        self.path_up = up
+        if not up:
+            return
         self._retry_s = self.config.connect_retry_s
-        for timer in (Timer.IDLE_HOLD, Timer.CONNECT_RETRY):
-            if timer in self._timers:
-                self._timers[timer] = min(self._timers[timer], now)
+        if self.state is S.IDLE and Timer.IDLE_HOLD in self._timers:
+            self._timers[Timer.IDLE_HOLD] = now
+        elif self.state is S.ACTIVE and Timer.CONNECT_RETRY in self._timers:
+            self._timers[Timer.CONNECT_RETRY] = now
+        elif self.state is S.CONNECT and Timer.CONNECT_RETRY in self._timers:
+            # An attempt is under way (its SYN may be in the kernel's retransmission backoff):
+            # give it one first interval, not what the backoff had grown to.
+            self._timers[Timer.CONNECT_RETRY] = min(self._timers[Timer.CONNECT_RETRY],
+                                                    now + self._jittered(self._retry_s))
 
     def timer(self, timer: Timer) -> float | None:
         return self._timers.get(timer)
@@ -281,7 +293,8 @@ class Fsm:
 
     def _backoff(self, now: float, timer: Timer) -> None:
         self._timers[timer] = now + self._jittered(self._retry_s)
-        self._retry_s = min(self._retry_s * 2, self.config.connect_retry_max_s)
+        if not self.path_up:
+            self._retry_s = min(self._retry_s * 2, self.config.connect_retry_max_s)
 
     def _start_hold(self, now: float) -> None:
         assert self.negotiated is not None

@@ -31,9 +31,10 @@ a minute per peer), NOTIFICATIONs sent and received at WARNING with code/subcode
 shows the latest failure reason as `last_error`.
 
 BFD (RFC 5880/5881): peers with a `bfd` config get one session each in a `BfdEndpoint` that the
-speaker's nursery runs. When one fails (Up -> Down, not the peer's AdminDown) the endpoint's
-callback posts "bfd_down" to the peer's inbox, and the loop feeds BFD_DOWN into the FSM: Cease
-6/10, close, restart after IdleHold. On shutdown the sessions go AdminDown after the BGP Cease.
+speaker's nursery runs. The endpoint's callback posts every change into or out of Up to the
+peer's inbox. A failure (Up -> Down, not the peer's AdminDown) feeds BFD_DOWN into the FSM: Cease
+6/10, close, restart after IdleHold. Up again resets the connect backoff and retries at once
+(`Fsm.set_path_up`), so a node whose link comes back is not kept out by a backoff that grew. On shutdown the sessions go AdminDown after the BGP Cease.
 `snapshot()` reports BGP and BFD state and counters per peer.
 
 TCP MD5 (RFC 2385) uses Linux's TCP_MD5SIG socket option, set before connect() and per peer on
@@ -300,10 +301,8 @@ class Speaker:
     def _bfd_changed(self, address: str, change: BfdStateChange, failed: bool) -> None:
         if self._stopping:
             return
-        if failed:
-            self._peers[address].inbox_send.send_nowait(("bfd_down", change.diag.name))
-        elif change.new is BfdState.UP:
-            self._peers[address].inbox_send.send_nowait(("bfd_up",))
+        if failed or BfdState.UP in (change.old, change.new):
+            self._peers[address].inbox_send.send_nowait(("bfd", change.new is BfdState.UP, failed, change.diag.name))
 
     def _request_sync(self) -> None:
         for peer in self._peers.values():
@@ -440,16 +439,17 @@ class Speaker:
                 return
             elif kind == "accepted":
                 await self._accepted(peer, item[1])
-            elif kind == "bfd_down":
-                if peer.fsm.state in (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED):
-                    peer.bfd_downs += 1
-                log.info("%s: BFD session down (%s) in BGP state %s", name, item[1], peer.fsm.state.value)
-                for fsm, conn in self._fsms(peer):
-                    await self._apply(peer, fsm, conn, Event(EventKind.BFD_DOWN))
-            elif kind == "bfd_up":
+            elif kind == "bfd":
+                up, failed, diag = item[1], item[2], item[3]
                 now = trio.current_time()
-                for fsm, _ in self._fsms(peer):  # the path works again: no backoff left from its outage
-                    fsm.retry_now(now)
+                for fsm, _ in self._fsms(peer):  # Up: the path works again, no backoff left from its outage
+                    fsm.set_path_up(up, now)
+                if failed:
+                    if peer.fsm.state in (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED):
+                        peer.bfd_downs += 1
+                    log.info("%s: BFD session down (%s) in BGP state %s", name, diag, peer.fsm.state.value)
+                    for fsm, conn in self._fsms(peer):
+                        await self._apply(peer, fsm, conn, Event(EventKind.BFD_DOWN))
             elif kind == "connected":
                 conn, stream = item[1], item[2]
                 if peer.conn is not conn or conn.stream is not None:
@@ -559,6 +559,7 @@ class Speaker:
             await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_ACCEPTED))
         elif state in (State.OPEN_SENT, State.OPEN_CONFIRM) and peer.other is None and peer.conn is not None:
             fsm = self._new_fsm(peer.config)
+            fsm.path_up = peer.fsm.path_up
             peer.other = (fsm, conn)
             self._start_reader(peer, conn)
             await self._apply(peer, fsm, conn, Event(EventKind.MANUAL_START_PASSIVE))

@@ -102,7 +102,7 @@ def test_connect_retry_backoff_with_jitter_and_ceiling() -> None:
 
 
 @pytest.mark.parametrize("via", ["idle-hold", "connect-retry"])
-def test_retry_now_skips_the_backoff_that_grew_while_the_path_was_down(via: str) -> None:
+def test_path_up_skips_the_backoff_that_grew_while_the_path_was_down(via: str) -> None:
     """BFD Up again: the pending restart or retry fires at once, and the backoff starts over."""
     f = established(fsm())
     now = 1.0
@@ -122,20 +122,34 @@ def test_retry_now_skips_the_backoff_that_grew_while_the_path_was_down(via: str)
         assert f.state is S.IDLE and f.timer(Timer.IDLE_HOLD) is not None
     pending = (f.next_deadline() or 0.0) - now
     assert pending > CFG.connect_retry_s  # grown past the first interval
-    f.retry_now(now + 0.5)
-    assert f.next_deadline() == pytest.approx(now + 0.5)
-    actions = f.poll(now + 0.5)
+    now += 0.5
+    f.set_path_up(True, now)
+    assert f.next_deadline() == pytest.approx(now)
+    actions = f.poll(now)
     assert "Connect" in kinds(actions) and f.state is S.CONNECT
-    assert f.timer(Timer.CONNECT_RETRY) == pytest.approx(now + 0.5 + CFG.connect_retry_s * 0.75)
+    first = CFG.connect_retry_s * 0.75
+    assert f.timer(Timer.CONNECT_RETRY) == pytest.approx(now + first)
+    # The peer keeps refusing for a while (its own damping): while the path is up, no backoff.
+    for _ in range(3):
+        now = f.next_deadline() or 0.0
+        assert kinds(f.poll(now)) == ["Close", "Connect"]
+        assert f.timer(Timer.CONNECT_RETRY) == pytest.approx(now + first)
+    f.set_path_up(False, now)  # down again: back to backing off
+    now = f.next_deadline() or 0.0
+    f.poll(now)
+    assert (f.next_deadline() or 0.0) - now == pytest.approx(first)
+    now = f.next_deadline() or 0.0
+    f.poll(now)
+    assert (f.next_deadline() or 0.0) - now == pytest.approx(2 * first)
 
 
-def test_retry_now_leaves_a_stopped_or_working_session_alone() -> None:
+def test_path_up_leaves_a_stopped_or_working_session_alone() -> None:
     f = fsm()
-    f.retry_now(5.0)
+    f.set_path_up(True, 5.0)
     assert f.state is S.IDLE and f.next_deadline() is None
     f = established(fsm())
     deadline = f.next_deadline()
-    f.retry_now(0.5)
+    f.set_path_up(True, 0.5)
     assert f.state is S.ESTABLISHED and f.next_deadline() == deadline
 
 

@@ -1,11 +1,13 @@
-"""The ECMP lab: a BIRD router in front of two lbnode nodes, three backends and a client.
+"""The ECMP lab: a BIRD router in front of 2-4 lbnode nodes (two by default), backends and a client.
 
     client 10.1.0.2 --- router 10.1.0.254 | 10.0.0.254 (br0, BIRD, ECMP) ---+--- node1 10.0.0.1  (lbnode)
                                                                             +--- node2 10.0.0.2  (lbnode)
-                                                                            +--- b1..b3 10.0.0.11-13
+                                                                            +--- ... nodeN 10.0.0.N
+                                                                            +--- b1..bM 10.0.0.11-
 
-The router runs examples/bird-bfd.conf unchanged (eBGP, one AS per node, `merge paths on`, BFD
-100 ms x 3) and hashes ECMP on ports (fib_multipath_hash_policy=1). Each node announces the VIP while its
+The router runs examples/bird-bfd.conf (eBGP, one AS per node, `merge paths on`, BFD 100 ms x 3)
+unchanged for two nodes; for more, the same file plus one `protocol bgp` per extra node. It
+hashes ECMP on ports (fib_multipath_hash_policy=1). Each node announces the VIP while its
 service is healthy; the router spreads client flows over the nodes; a node forwards by MAC
 rewrite (XDP_TX) to a backend, which answers the client directly through the router. The two
 nodes share new flows over multicast on br0 (flow sync), so a flow that the router moves to
@@ -30,7 +32,12 @@ from examples.lab.netns import Lab, read_line, wait_until
 
 VIP = ipaddress.ip_address("192.0.2.10")
 ROUTER_LAN, ROUTER_CLIENT = "10.0.0.254", "10.1.0.254"
-NODE_AS = {"node1": 4200000001, "node2": 4200000002}
+MAX_NODES = 4
+
+
+def node_as(index: int) -> int:
+    """node<index>'s AS, as in bird-bfd.conf (4200000001 for node1, ...)."""
+    return 4200000000 + index
 BIRD_CONF = REPO / "examples" / "bird-bfd.conf"  # bird.conf plus BFD (100 ms x 3) towards the nodes
 SYNC_KEY = b"lab-flow-sync-key-0123456789abcdef\n"
 
@@ -38,13 +45,16 @@ SYNC_KEY = b"lab-flow-sync-key-0123456789abcdef\n"
 class EcmpLab:
     """Builds the topology inside a `Lab` (which owns teardown); starts and stops its processes."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, backends: int = 3, initial_backends: int | None = None) -> None:
+    def __init__(self, lab: Lab, workdir: Path, *, nodes: int = 2, backends: int = 3,
+                 initial_backends: int | None = None) -> None:
         """`initial_backends`: how many of the backends the nodes' config lists at first (default all)."""
+        if not 2 <= nodes <= MAX_NODES:
+            raise ValueError(f"the lab has 2 to {MAX_NODES} nodes, not {nodes}")
         self.lab, self.workdir = lab, workdir
         self.initial_backends = backends if initial_backends is None else initial_backends
         self.router = lab.netns("router")
-        self.nodes = {name: add_host(lab, self.router, name, f"10.0.0.{i}", f"2001:db8::{i}")
-                      for i, name in enumerate(NODE_AS, 1)}
+        self.nodes = {f"node{i}": add_host(lab, self.router, f"node{i}", f"10.0.0.{i}", f"2001:db8::{i}")
+                      for i in range(1, nodes + 1)}
         self.backends = [add_host(lab, self.router, f"b{i}", f"10.0.0.{10 + i}", f"2001:db8::{10 + i:x}")
                          for i in range(1, backends + 1)]
         hosts = [*self.nodes.values(), *self.backends]
@@ -81,17 +91,27 @@ class EcmpLab:
         for b in self.backends:
             self.backend_procs[b.name] = start_backend_server(self.lab, b)
 
+    def bird_conf(self) -> Path:
+        """bird-bfd.conf as it is for two nodes; with one more BGP protocol per extra node."""
+        if len(self.nodes) == 2:
+            return BIRD_CONF
+        extra = "".join(f"protocol bgp {name} from lbnode {{ neighbor {host.ip4} as {node_as(i)}; }}\n"
+                        for i, (name, host) in enumerate(self.nodes.items(), 1) if i > 2)
+        path = self.workdir / "bird.conf"
+        path.write_text(BIRD_CONF.read_text() + extra)
+        return path
+
     def start_router(self) -> None:
         log = open(self.workdir / "bird.log", "ab")
-        self.bird = self.lab.spawn(self.router, "bird", "-f", "-c", str(BIRD_CONF), "-s", str(self.workdir / "bird.ctl"),
-                                   stdout=log, stderr=log)
+        self.bird = self.lab.spawn(self.router, "bird", "-f", "-c", str(self.bird_conf()), "-s",
+                                   str(self.workdir / "bird.ctl"), stdout=log, stderr=log)
         log.close()
 
     def node_config(self, name: str, *, sync: bool = True) -> dict[str, Any]:
         return {
             "xdp": "native",
             "drain_s": 1,
-            "bgp": {"local_as": NODE_AS[name],
+            "bgp": {"local_as": node_as(int(name.removeprefix("node"))),
                     "peers": [{"address": ROUTER_LAN, "asn": 65000, "hold_time_s": 3, "connect_retry_s": 1,
                                "bfd": {"interval_ms": 100, "multiplier": 3}}]},
             "sync": {"enabled": sync, "key_file": str(self.workdir / "sync.key"), "resync_timeout_s": 3},
