@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.gossip import encode_flows
+from cluster.sync.codec import encode_flows
 from examples.lab.ecmp import EcmpLab, Load
 from examples.lab.netns import Lab, wait_until
 

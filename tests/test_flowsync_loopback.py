@@ -18,9 +18,9 @@ from scapy.all import IP, TCP, Ether  # type: ignore[attr-defined]
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey, addr16
 from bpf.testrun import run_xdp
-from cluster import gossip
-from cluster.flowsync import FlowSync
-from cluster.sync_config import SyncConfig
+from cluster.sync import codec as gossip
+from cluster.sync.flowsync import FlowSync
+from cluster.sync.config import SyncConfig
 
 pytestmark = pytest.mark.bpf
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import gossip
-from cluster.sync_runner import HostProcess, SyncLab
+from cluster.sync import codec as gossip
+from examples.lab.sync_runner import HostProcess, SyncLab
 from examples.lab.netns import Lab, wait_until
 
 pytestmark = pytest.mark.netns

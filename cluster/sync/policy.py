@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cluster.gossip import Header, Heartbeat, ResendRange
+from cluster.sync.codec import Header, Heartbeat, ResendRange
 
 
 class Verdict(enum.Enum):

@@ -60,10 +60,10 @@ import trio
 
 from bpf.dataplane import DataPlane
 from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, addr16, from_addr16
-from cluster import gossip
-from cluster.gossip import DecodeError, FlowOp, MsgType
-from cluster.gossip_policy import ReceivePolicy, RetransmitBuffer, Verdict
-from cluster.sync_config import SyncConfig
+from cluster.sync import codec as gossip
+from cluster.sync.codec import DecodeError, FlowOp, MsgType
+from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.config import SyncConfig
 
 log = logging.getLogger(__name__)
 

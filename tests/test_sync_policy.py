@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from cluster.gossip import Header, Heartbeat, MsgType, ResendRange
-from cluster.gossip_policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.codec import Header, Heartbeat, MsgType, ResendRange
+from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
 
 pytestmark = pytest.mark.unit
 

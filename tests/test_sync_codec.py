@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpf.structs import FlowKey, addr16
-from cluster import gossip as g
+from cluster.sync import codec as g
 
 pytestmark = pytest.mark.unit
 
