@@ -299,3 +299,16 @@ def test_a_late_joiner_gets_every_table_by_startup_resync() -> None:
     bus.loss = 0.0
     bus.run_until(bus.now + 8.0)
     assert bus.converged()
+
+
+def test_a_captured_resync_request_replayed_is_refused_and_a_targeted_one_answered_only_by_its_target() -> None:
+    bus = Bus(3, 0.0)
+    bus.generating.clear()
+    bus.run_until(1.5)
+    a, b, c = bus.nodes
+    request = codec.encode_resync_request(KEY, a.engine.node_id, a.engine.incarnation, 77, 5, b.engine.node_id)
+    assert [type(x).__name__ for x in b.engine.receive(request, a.addr, 2.0)] == ["Serve"]
+    b.engine.serve_done(a.engine.node_id, True)
+    assert b.engine.receive(request, a.addr, 3.0) == []  # the same control number again: a replay
+    assert b.engine.policy.counters.control_replayed == 1
+    assert c.engine.receive(request, a.addr, 2.0) == [] and c.engine.counters["resync_ignored"] == 1

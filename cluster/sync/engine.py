@@ -37,7 +37,8 @@ numbers (the answer covers them) and installs the chunks it gets back. The answe
 the flows that peer announces itself (pinned or carried there within the refresh window): its
 stream never held anything else, and flows it learned from a third node are that node's to
 repair. So a partition of one node costs about the flows pinned meanwhile, not N tables. It is bounded: at most one
-per peer in flight, re-asked every `resync_retry_s` up to `peer_resync_tries` times, abandoned
+per peer in flight, re-asked (under a new request id: only one whole answer counts, as the table
+changes between answers) every `resync_retry_s` up to `peer_resync_tries` times, abandoned
 if the peer dies or restarts, and at most one per peer per `peer_resync_holdoff_s`.
 
 Answering resyncs is guarded against amplification: the table goes only to the address known
@@ -147,6 +148,7 @@ class PeerResync:
     chunks: set[int] = field(default_factory=set)
     last: int | None = None
     flows: int = 0
+    earlier: set[int] = field(default_factory=set)  # request ids of earlier tries: installed, not counted
 
     def complete(self) -> bool:
         return self.last is not None and len(self.chunks) >= self.last + 1
@@ -309,7 +311,8 @@ class SyncEngine:
         state, peer = self.resync_state, self.peer_resyncs.get(node)
         ours = state is not None and request_id == state.request_id
         theirs = peer is not None and request_id == peer.request_id
-        if target != self.node_id or not (ours or theirs):
+        earlier = peer is not None and request_id in peer.earlier
+        if target != self.node_id or not (ours or theirs or earlier):
             self.counters["resync_ignored"] += 1
             return []
         records = codec.check_flow_records(body[codec.CHUNK_PREAMBLE.size:])
@@ -410,6 +413,10 @@ class SyncEngine:
                 self.counters["resend_requests"] += 1
         return out
 
+    def _new_request_id(self) -> int:
+        request_id, self._next_request_id = self._next_request_id, (self._next_request_id + 1) & 0xFFFFFFFF or 1
+        return request_id
+
     def _request(self, p: PeerResync) -> Send:
         return Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
                                                 p.request_id, p.node_id), self.known_addr(p.node_id))
@@ -431,6 +438,12 @@ class SyncEngine:
                     out.append(Warn("peer_resync", f"resync of node {node:#x}: incomplete after {p.tries} tries "
                                                    f"({len(p.chunks)} chunks); again in {timing.peer_resync_holdoff_s:g}s"))
                 else:
+                    # A new id per try: an answer is complete only with all of its own chunks (the
+                    # table changes between answers, so chunk indexes of two answers do not add up).
+                    p.earlier.add(p.request_id)
+                    p.request_id = self._new_request_id()
+                    p.chunks.clear()
+                    p.last = None
                     p.tries += 1
                     p.next_try_s = now + timing.resync_retry_s
                     out.append(self._request(p))
@@ -438,9 +451,8 @@ class SyncEngine:
             node = peer.node_id
             if peer.resync_wanted and node not in self.peer_resyncs and policy.alive(node, now) \
                     and now >= self._holdoff.get(node, -math.inf):
-                request_id, self._next_request_id = self._next_request_id, (self._next_request_id + 1) & 0xFFFFFFFF or 1
                 policy.resync_started(node)
-                p = self.peer_resyncs[node] = PeerResync(node, peer.incarnation, request_id, now,
+                p = self.peer_resyncs[node] = PeerResync(node, peer.incarnation, self._new_request_id(), now,
                                                          now + timing.resync_retry_s)
                 self.counters["peer_resyncs"] += 1
                 out.append(self._request(p))
