@@ -116,7 +116,8 @@ async def test_flows_pinned_on_a_appear_on_b_with_b_indexes_and_close(config: Sy
         await until(lambda: sync_b.digest_mismatch, "digest mismatch")
         snap = sync_b.snapshot()
         assert snap["peers"][0]["node_id"] == int(A_IP) and snap["peers"][0]["alive"]
-        assert snap["counters"]["forged"] == snap["counters"]["replayed"] == snap["counters"]["gaps"] == 0
+        # (A datagram A sent before B had bound its socket is a gap, repaired: nothing is lost.)
+        assert snap["counters"]["forged"] == snap["counters"]["replayed"] == snap["counters"]["lost"] == 0
         nursery.cancel_scope.cancel()
 
 
