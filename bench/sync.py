@@ -1,4 +1,4 @@
-"""Flow-sync benchmark: two real sync hosts (cluster/sync_runner.py) in namespaces on one bridge.
+"""Flow-sync benchmark: two real sync hosts (examples/lab/sync_runner.py) in namespaces on one bridge.
 
 Node A runs the bench build of the XDP program (-DLB_BENCH_NEW_FLOW: every BPF_PROG_TEST_RUN
 repetition is a new client), so flows take the real kernel path into A's ring buffer; A's
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import gossip  # noqa: E402
-from cluster.sync_runner import HostProcess, SyncLab  # noqa: E402
+from cluster.sync import codec as gossip  # noqa: E402
+from examples.lab.sync_runner import HostProcess, SyncLab  # noqa: E402
 from examples.lab.netns import Lab, read_line  # noqa: E402
 
 MAX_FLOWS = 300_000

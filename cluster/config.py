@@ -5,7 +5,7 @@ The vocabulary follows vc5 where it can (services with VIPs, ports, backends, `n
 a BGP section, a multicast flow-sync section), so vc5 users feel at home. The sections of other
 packages are validated by their own `from_dict`/`load`: health checks (healthcheck.config),
 BGP (bgp.config: `router_id` and `next_hop_v4`/`next_hop_v6` default to the node's --ip) and
-flow sync (cluster.sync_config). See examples/lbnode.yaml for an annotated example.
+flow sync (cluster.sync.config). See examples/lbnode.yaml for an annotated example.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from bgp.rib import RouteAttrs
 from bpf.loader import XdpMode
 from bpf.structs import PROTOCOLS
 from bpf.loader import Limits
-from cluster.sync_config import SyncConfig, SyncConfigError
+from cluster.sync.config import SyncConfig, SyncConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")

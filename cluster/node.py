@@ -283,7 +283,7 @@ class Node:
                 self._speaker = None
 
     async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from cluster.flowsync import FlowSync
+        from cluster.sync.flowsync import FlowSync
 
         assert self.config.sync is not None and self._dp is not None
         sync = FlowSync(self.config.sync, self._dp, self.args.ip, ifname=self.args.ifname)

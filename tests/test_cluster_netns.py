@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.gossip import encode_flows
+from cluster.sync.codec import encode_flows
 from examples.lab.ecmp import EcmpLab, Load
 from examples.lab.netns import wait_until
 from tests.ecmp_lab import running_ecmp_lab

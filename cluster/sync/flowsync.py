@@ -1,36 +1,37 @@
-"""Flow sync: the one trio module that moves flows between nodes (codec: gossip.py, policy:
-gossip_policy.py).
+"""Flow sync: the one trio module that moves flows between nodes. It does I/O only: the socket,
+the data plane's ring buffer and flow table, the clock. Everything the protocol decides is in
+the sans-IO engine (engine.py: numbering, repair, peer resync, resync guards), over the codec
+(codec.py) and the receive policy (policy.py).
 
 Send side: new and closing flows come off the data plane's ring buffer (bpf/ringbuf.py, read in
 batches), wait at most `batch_ms` for companions, and go out as FLOWS datagrams to the multicast
 group (or to each unicast peer). Every `refresh_s` the flows seen recently here are sent again
-(REFRESH) so peers' LRU tables keep them. Every datagram is numbered and kept in a bounded
-retransmit buffer to answer RESEND requests.
+(REFRESH) so peers' LRU tables keep them.
 
-Receive side: a datagram is authenticated and decoded (gossip.decode_header), judged by the
-policy (replays, old incarnations and our own looped datagrams are dropped; gaps are asked for
-again), and its flows are translated to local indexes ((VIP, port, proto, backend address) ->
-(service, backend)) and written in one batch per wake-up. Peers' flows are stamped as idle
-(`last_seen` older than the refresh window) so this node re-announces only flows it carries
-itself. A CLOSE is written with FLOW_F_CLOSING, not deleted: packets in flight still reach the
-backend, and a SYN that reuses the tuple starts afresh.
+Receive side: every datagram goes to `SyncEngine.receive`; the flows it hands back (`Install`)
+are translated to local indexes ((VIP, port, proto, backend address) -> (service, backend)) and
+written in one batch per wake-up. Peers' flows are stamped as idle (`last_seen` older than the
+refresh window) so this node re-announces only flows it carries itself. A CLOSE is written with
+FLOW_F_CLOSING, not deleted: packets in flight still reach the backend, and a SYN that reuses the
+tuple starts afresh.
 
-Bulk resync: `resync()` asks peers for their whole table (RESYNC_REQUEST, sent right after a
-heartbeat so peers know our address) and returns once the answering peers' RESYNC_CHUNKs are
-complete; a chunk is accepted only for our outstanding request id, so an old chunk replayed later
-is ignored. A request is unsequenced (it bypasses the replay check), so answering one is guarded
-against amplification: the table goes only to the address known for the requesting node id (the
-configured unicast peer, else the source of its last policy-accepted datagram), never to the
-request's source when that differs; a request from an incarnation older than the one we know for
-that node (or far older than our clock) is refused; at most one answer per peer is in flight and
-one per (node, incarnation, request id) per half retry interval. Residual: someone who captured a
-request and can spoof the genuine peer's own address can still make us send the table to that
-peer (which ignores chunks for a request id it no longer has outstanding), once at a time.
+Resync: `resync()` asks peers for their whole table and returns once the answering peers' chunks
+are complete (engine.py). A peer resync (a gap no RESEND can fill) is the engine's own decision;
+answering one walks the table in a worker thread and sends only the flows carried here.
 
 Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (peers
 treat a higher incarnation as a restart and resume tracking at its first number), because
-receivers refuse to adopt an incarnation far older than their own clock (gossip_policy.py). Heartbeats carry the view digest
-(`set_digest`); a live peer with another digest raises `digest_mismatch`.
+receivers refuse to adopt an incarnation far older than their own clock (policy.py).
+
+Link down. A send that fails (ENETUNREACH, ENODEV, EADDRNOTAVAIL, ... while the node's link is
+down or its address is gone) is counted and logged at a limited rate; the stream number it took
+is repaired by RESEND once the link is back, like any loss. The socket is never closed for it.
+Measured on this kernel: `ip link set eth0 down; up` keeps an IP_ADD_MEMBERSHIP membership (a
+second add says EADDRINUSE) and sends work again as soon as the link is up; an interface that is
+deleted and created again (a new ifindex) loses it, and sends fail with ENODEV. So once a second
+(and after every link-type send error) the membership is asserted again: the interface's
+current index is looked up, IP_MULTICAST_IF and IP_ADD_MEMBERSHIP are set for it, and EADDRINUSE
+means nothing was lost.
 
 Nothing a peer (or anyone) sends can stop this module: every bad datagram is dropped, counted
 and logged at a limited rate.
@@ -52,18 +53,19 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
 from bpf.dataplane import DataPlane
 from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, addr16, from_addr16
-from cluster import gossip
-from cluster.gossip import DecodeError, FlowOp, MsgType
-from cluster.gossip_policy import ReceivePolicy, RetransmitBuffer, Verdict
-from cluster.sync_config import SyncConfig
+from cluster.sync import codec
+from cluster.sync.codec import FlowOp
+from cluster.sync.config import SyncConfig
+from cluster.sync.engine import (Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine,
+                                 Warn)
+from cluster.sync.policy import ReceivePolicy, RetransmitBuffer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,10 @@ RESEND_INTERVAL_S = 0.05
 RESYNC_RETRY_S = 1.0
 INCARNATION_RENEW_S = 3600.0  # well within MAX_INCARNATION_AGE_S, with room for clock skew
 MAX_INCARNATION_AGE_S = 6 * 3600.0
+MEMBERSHIP_CHECK_S = 1.0
+# errnos of a link that is down or an address that is gone: sends fail until it is back
+LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
+                         errno.ENXIO})
 EVENT_TIME_OFFSET = 56 + 16  # struct flow_event: key 40, backend_addr 16, backend 4, service 4, time_ns 8, kind
 EVENT_KIND_OFFSET = 72
 _OP_NEW = bytes((FlowOp.NEW, 0, 0))
@@ -126,16 +132,9 @@ class _RateLimitedLog:
             log.debug(msg, *args)
 
 
-@dataclass
-class _Resync:
-    request_id: int
-    done: trio.Event = field(default_factory=trio.Event)
-    chunks: dict[int, set[int]] = field(default_factory=dict)  # peer -> chunk indexes seen
-    last: dict[int, int] = field(default_factory=dict)  # peer -> index of its LAST chunk
-    flows: int = 0
-
-    def complete_peers(self) -> set[int]:
-        return {p for p, last in self.last.items() if len(self.chunks.get(p, ())) >= last + 1}
+IO_COUNTERS = ("sent", "sent_flows", "received", "received_flows", "installed", "unknown_service", "send_errors",
+               "send_errors_link", "events", "refreshed", "refresh_passes", "install_errors", "incarnation_renewals",
+               "membership_rejoins", "membership_errors", "recv_errors")
 
 
 class FlowSync:
@@ -152,42 +151,67 @@ class FlowSync:
         self.node_id = node_id_of(self.node_ip) if node_id is None else node_id
         self.ifname = config.interface or ifname
         self.key = config.load_key() if key is None else key
-        self.incarnation = _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF
-        self.policy = ReceivePolicy(self.node_id, resend_interval_s=RESEND_INTERVAL_S,
-                                    dead_after_s=3 * config.heartbeat_s, max_incarnation_age_s=MAX_INCARNATION_AGE_S)
-        self.retransmit = RetransmitBuffer(retransmit_capacity)
+        # Unicast: the configured address of each peer, by the node id it has by default.
+        configured = {node_id_of(p): str(p) for p in config.peers if p != self.node_ip}
+        timing = EngineTiming(heartbeat_s=config.heartbeat_s, resend_interval_s=RESEND_INTERVAL_S,
+                              dead_after_s=3 * config.heartbeat_s, resync_retry_s=RESYNC_RETRY_S,
+                              max_incarnation_age_s=MAX_INCARNATION_AGE_S, retransmit_capacity=retransmit_capacity)
+        self.engine = SyncEngine(self.key, self.node_id,
+                                 _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF,
+                                 timing=timing, configured_addrs=configured,
+                                 first_request_id=int.from_bytes(os.urandom(4), "big"))
         self.on_install = on_install  # test/bench hook: concatenated keys of each installed batch
-        self.ready = False  # advertised in heartbeats; set once resync() has returned
-        self.counters: dict[str, int] = dict.fromkeys((
-            "sent", "sent_flows", "received", "received_flows", "installed", "forged", "malformed", "resends", "resend_requests", "unknown_service", "send_errors", "events",
-            "refreshed", "refresh_passes", "resync_served", "resync_chunks", "resync_ignored", "install_errors",
-            "resync_misdirected", "resync_stale", "resync_busy", "incarnation_renewals"), 0)
-        self._seq = 0
+        self.counters = self.engine.counters  # one dict: the engine's protocol counters and ours
+        self.counters.update(dict.fromkeys(IO_COUNTERS, 0))
         self._sock: socket.socket | None = None
+        self._ifindex = 0
         self._dests: list[tuple[str, int]] = []
         self._pending: list[bytes] = []
         self._xlate: dict[bytes, tuple[bytes, bytes] | None] = {}
-        self._digest = bytes(gossip.DIGEST_BYTES)
         self._digest_set = False
-        self._resync: _Resync | None = None
-        self._answered: dict[tuple[int, int, int], float] = {}
-        self._answering: set[int] = set()  # peers with a resync answer in flight
-        self._peer_addr: dict[int, str] = {}
-        # Unicast: the configured address of each peer, by the node id it has by default.
-        self._configured_addr = {node_id_of(p): str(p) for p in config.peers if p != self.node_ip}
-        self._flow_count = 0
+        self._resync_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
         self._ratelog = _RateLimitedLog()
+        self._keys: list[bytes] = []  # flows of the current receive batch
+        self._values: list[bytes] = []
+        self._stamp = b""
+        self._next_membership_check = -math.inf
         # "Seen recently" = within two refresh periods: the data plane rewrites last_seen at most
         # once per its own refresh interval (assumed <= ours), so an active flow always qualifies.
         self._refresh_window_ns = int(2 * config.refresh_s * 1e9)
+
+    # ---- the engine's state, as the node and tests see it ---------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        return self.engine.incarnation
+
+    @property
+    def policy(self) -> ReceivePolicy:
+        return self.engine.policy
+
+    @property
+    def retransmit(self) -> RetransmitBuffer:
+        return self.engine.retransmit
+
+    @property
+    def ready(self) -> bool:
+        """Advertised in heartbeats; set once resync() has returned."""
+        return self.engine.ready
+
+    @property
+    def repairing(self) -> bool:
+        """True while what we hold of some peer's flows is known to be incomplete (missing
+        numbers, a peer resync wanted or running): a node may hold back advertising on it."""
+        return self.engine.repairing()
 
     # ---- public API ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, open the ring reader, report ready, and sync until cancelled."""
         sock = self._sock = self._open_socket()
+        self.engine.start(trio.current_time(), time.time())
         try:
             reader = self._reader = self.dp.flow_event_reader()
             try:
@@ -209,35 +233,33 @@ class FlowSync:
 
     async def resync(self, timeout_s: float) -> bool:
         """Install the peers' whole flow tables; False (with a warning) if not done within `timeout_s`."""
-        state = _Resync(request_id=int.from_bytes(os.urandom(4), "big") or 1)
-        self._resync = state
+        done = self._resync_done = trio.Event()
         t0 = trio.current_time()
         try:
+            self._act(self.engine.begin_resync(int.from_bytes(os.urandom(4), "big"), t0))
             with trio.move_on_after(timeout_s):
-                while not state.done.is_set():
-                    self._send_heartbeat()  # peers answer only to an address they know for us
-                    self._send(gossip.encode_resync_request(self.key, self.node_id, self.incarnation, 0,
-                                                            state.request_id))
+                while not done.is_set():
                     with trio.move_on_after(RESYNC_RETRY_S):
-                        await state.done.wait()
+                        await done.wait()
+                    if not done.is_set():
+                        self._act(self.engine.resync_request(trio.current_time()))
         finally:
-            self._resync = None
-            self.ready = True
-        if state.done.is_set():
-            log.info("resync: %d flows from %d peer(s) in %.2fs", state.flows, len(state.last),
-                     trio.current_time() - t0)
+            state = self.engine.end_resync()
+            self._resync_done = None
+        flows, peers = (state.flows, len(state.chunks)) if state is not None else (0, 0)
+        if done.is_set():
+            log.info("resync: %d flows from %d peer(s) in %.2fs", flows, peers, trio.current_time() - t0)
             return True
-        log.warning("resync: incomplete after %.1fs (%d flows from %d answering peer(s))", timeout_s, state.flows,
-                    len(state.chunks))
+        log.warning("resync: incomplete after %.1fs (%d flows from %d answering peer(s))", timeout_s, flows, peers)
         return False
 
     def set_digest(self, digest: bytes) -> None:
         """Our service/backend/health view, compared with peers' in heartbeats. Call after every
         `dataplane.apply()`: it also drops cached index translations."""
-        if len(digest) != gossip.DIGEST_BYTES:
-            digest = hashlib.blake2b(digest, digest_size=gossip.DIGEST_BYTES).digest()
-        self._digest, self._digest_set = digest, True
-        self.policy.our_digest = digest
+        if len(digest) != codec.DIGEST_BYTES:
+            digest = hashlib.blake2b(digest, digest_size=codec.DIGEST_BYTES).digest()
+        self.engine.set_digest(digest)
+        self._digest_set = True
         self._xlate.clear()
 
     def ring_pending_bytes(self) -> int:
@@ -252,26 +274,54 @@ class FlowSync:
     def snapshot(self) -> dict[str, Any]:
         now = trio.current_time()
         c = self.policy.counters
+        engine = self.engine
         return {
             "node_id": self.node_id,
             "incarnation": self.incarnation,
-            "sequence": self._seq,
+            "sequence": engine.seq,
             "ready": self.ready,
             "digest_mismatch": self.policy.digest_mismatch(now),
+            "repairing": engine.repairing(),
+            "gaps_open": engine.gaps_open(),
             "ring_pending_bytes": self.ring_pending_bytes(),
             "peers": [{
-                "node_id": v.node_id, "address": self._peer_addr.get(v.node_id), "alive": v.alive,
+                "node_id": v.node_id, "address": engine.peer_addr.get(v.node_id), "alive": v.alive,
                 "last_seen_s": round(v.last_heard_s_ago, 3), "highest_seq": v.highest_seq, "lag": v.missing,
                 "digest_match": v.digest_match, "ready": v.ready, "flows": v.flow_count,
+                "resync_wanted": v.resync_wanted, "resyncing": v.node_id in engine.peer_resyncs,
             } for v in self.policy.views(now)],
             "counters": {**self.counters, "replayed": c.replayed, "stale": c.stale, "gaps": c.gaps,
                          "recovered": c.recovered, "lost": c.lost, "resend_requested": c.resend_requested,
                          "self_looped": c.self_looped, "retransmit_missed": self.retransmit.missed,
                          "gap_overflows": c.overflows, "reincarnated": c.reincarnated,
-                         "incarnation_too_old": c.too_old},
+                         "incarnation_too_old": c.too_old, "unrepairable": c.unrepairable,
+                         "control_replayed": c.control_replayed, "resends_received": c.recovered,
+                         "gaps_open": engine.gaps_open()},
         }
 
+    # ---- actions ------------------------------------------------------------------------------
+
+    def _act(self, actions: Iterable[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self._send(a.datagram, None if a.addr is None else [(a.addr, self.config.port)])
+            elif isinstance(a, Install):
+                self._flows(a.records)
+            elif isinstance(a, Serve):
+                if self._nursery is None:
+                    self.engine.serve_done(a.node_id, False)
+                else:
+                    self._nursery.start_soon(self._answer_resync, a)
+            elif isinstance(a, ResyncComplete):
+                if self._resync_done is not None:
+                    self._resync_done.set()
+            elif isinstance(a, Warn):
+                self._ratelog.warn(a.reason, "flow sync: %s", a.message)
+
     # ---- socket -------------------------------------------------------------------------------
+
+    def _mreqn(self, ifindex: int) -> bytes:
+        return struct.pack("=4s4si", self.config.group.packed, self.node_ip.packed, ifindex)
 
     def _open_socket(self) -> socket.socket:
         cfg = self.config
@@ -294,12 +344,13 @@ class FlowSync:
                         ifindex = socket.if_nametoindex(self.ifname)
                     except OSError:
                         raise SyncError(f"sync interface {self.ifname!r} does not exist") from None
-                mreqn = struct.pack("=4s4si", cfg.group.packed, self.node_ip.packed, ifindex)
+                mreqn = self._mreqn(ifindex)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
                 sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+                self._ifindex = ifindex
                 self._dests = [(str(cfg.group), cfg.port)]
                 sock.bind(("0.0.0.0", cfg.port))  # group traffic and unicast answers (resends, resync)
             sock.setblocking(False)
@@ -311,34 +362,54 @@ class FlowSync:
             raise SyncError(f"flow sync socket on {self.node_ip} port {cfg.port} ({self.ifname}): {exc}") from exc
         return sock
 
+    def _check_membership(self) -> None:
+        """Assert the group membership on the interface's current index (see the module
+        docstring): EADDRINUSE means it is intact; anything else is retried on the next check."""
+        sock = self._sock
+        if sock is None or self.config.unicast:
+            return
+        try:
+            ifindex = socket.if_nametoindex(self.ifname) if self.ifname else 0
+        except OSError:
+            self.counters["membership_errors"] += 1
+            self._ratelog.warn("membership", "flow sync: interface %s is gone; sending fails until it is back",
+                               self.ifname)
+            return
+        mreqn = self._mreqn(ifindex)
+        try:
+            if ifindex != self._ifindex:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # still a member there
+                self._ifindex = ifindex
+                return
+            self.counters["membership_errors"] += 1
+            self._ratelog.warn("membership", "flow sync: cannot join %s on %s: %s", self.config.group, self.ifname,
+                               errno.errorcode.get(exc.errno or 0, exc))
+            return
+        old, self._ifindex = self._ifindex, ifindex
+        self.counters["membership_rejoins"] += 1
+        log.info("flow sync %s: joined %s again on %s (ifindex %d -> %d)", self.node_ip, self.config.group,
+                 self.ifname or "-", old, ifindex)
+
     def _send(self, datagram: bytes, dests: list[tuple[str, int]] | None = None) -> None:
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
         for dest in self._dests if dests is None else dests:
             try:
-                self._sock.sendto(datagram, dest)
+                sock.sendto(datagram, dest)
                 self.counters["sent"] += 1
             except OSError as exc:  # EAGAIN (buffer full), ENETUNREACH, ...: peers recover by RESEND
                 self.counters["send_errors"] += 1
-                self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0], errno.errorcode.get(exc.errno or 0, exc))
-
-    def _send_sequenced(self, make: Callable[[int], bytes]) -> None:
-        self._seq += 1
-        datagram = make(self._seq)
-        self.retransmit.add(self._seq, datagram)
-        self._send(datagram)
-
-    def _send_heartbeat(self) -> None:
-        hb = gossip.Heartbeat(self._digest, self._flow_count, self.ready)
-        key, node, inc = self.key, self.node_id, self.incarnation
-        self._send_sequenced(lambda seq: gossip.encode_heartbeat(key, node, inc, seq, hb))
-
-    def _known_addr(self, node_id: int) -> str | None:
-        """Where a peer is: its configured unicast address, else the source of its last accepted datagram."""
-        return self._configured_addr.get(node_id) or self._peer_addr.get(node_id)
+                if exc.errno in LINK_ERRNOS:
+                    self.counters["send_errors_link"] += 1
+                    self._next_membership_check = min(self._next_membership_check, trio.current_time() + 0.1)
+                self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0],
+                                   errno.errorcode.get(exc.errno or 0, exc))
 
     def _send_flows(self, records: list[bytes]) -> None:
-        key, node, inc = self.key, self.node_id, self.incarnation
-        self._send_sequenced(lambda seq: gossip.encode_flows(key, node, inc, seq, records))
+        self._act((self.engine.flows(records),))
         self.counters["sent_flows"] += len(records)
 
     # ---- send side ----------------------------------------------------------------------------
@@ -367,7 +438,7 @@ class FlowSync:
                 deadline = math.inf
 
     def _flush(self, *, full_only: bool) -> None:
-        pending, size = self._pending, gossip.MAX_FLOWS
+        pending, size = self._pending, codec.MAX_FLOWS
         i, n = 0, len(pending)
         while n - i >= size:
             self._send_flows(pending[i:i + size])
@@ -377,18 +448,24 @@ class FlowSync:
             i = n
         del pending[:i]
 
+    def _recent_floor_ns(self) -> int:
+        return time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
+
     async def _refresh(self) -> None:
         """Re-announce flows seen here within the refresh window, so peers' LRU keeps them."""
         flows = await trio.to_thread.run_sync(self.dp.flows)
-        self._flow_count = len(flows)
-        floor = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
+        self._flow_count(len(flows))
+        floor = self._recent_floor_ns()
         records = self._records([(k, f) for k, f in flows if f.last_seen_ns >= floor])
-        for i in range(0, len(records), gossip.MAX_FLOWS):
-            self._send_flows(records[i:i + gossip.MAX_FLOWS])
-            if i % (64 * gossip.MAX_FLOWS) == 0:
+        for i in range(0, len(records), codec.MAX_FLOWS):
+            self._send_flows(records[i:i + codec.MAX_FLOWS])
+            if i % (64 * codec.MAX_FLOWS) == 0:
                 await trio.sleep(0)
         self.counters["refreshed"] += len(records)
         self.counters["refresh_passes"] += 1
+
+    def _flow_count(self, n: int) -> None:
+        self.engine.flow_count = n
 
     def _records(self, flows: list[Any]) -> list[bytes]:
         addresses = {i: addr16(a) for i, a in self.dp.backend_addresses().items()}
@@ -399,98 +476,58 @@ class FlowSync:
                 out.append(bytes(k)[:37] + (_OP_CLOSE if f.flags & FLOW_F_CLOSING else _OP_REFRESH) + address)
         return out
 
-    async def _answer_resync(self, node_id: int, request_id: int, addr: str) -> None:
+    async def _answer_resync(self, serve: Serve) -> None:
+        ok = False
         try:
             flows = await trio.to_thread.run_sync(self.dp.flows)
+            if serve.own:  # a peer resync: the flows our stream carries (as a refresh pass selects them)
+                floor = self._recent_floor_ns()
+                flows = [(k, f) for k, f in flows if f.last_seen_ns >= floor]
             records = self._records(flows)
-            size = gossip.MAX_CHUNK_FLOWS
-            chunks = max(1, math.ceil(len(records) / size))
-            for index in range(chunks):
-                datagram = gossip.encode_resync_chunk(self.key, self.node_id, self.incarnation, 0, node_id, request_id,
-                                                      index, index == chunks - 1, records[index * size:(index + 1) * size])
-                self._send(datagram, [(addr, self.config.port)])
-                if index % 32 == 31:
+            chunks = 0
+            for chunks, datagram in enumerate(self.engine.resync_chunks(serve.node_id, serve.request_id, records), 1):
+                self._send(datagram, [(serve.addr, self.config.port)])
+                if chunks % 32 == 0:
                     await trio.sleep(0)
+            ok = True
         finally:
-            self._answering.discard(node_id)
-        self.counters["resync_served"] += 1
-        log.info("resync: sent %d flows in %d chunks to node %#x (%s)", len(records), chunks, node_id, addr)
+            self.engine.serve_done(serve.node_id, ok)
+        log.info("resync: sent %d %sflows in %d chunks to node %#x (%s)", len(records), "own " if serve.own else "",
+                 chunks, serve.node_id, serve.addr)
 
     # ---- receive side -------------------------------------------------------------------------
 
     async def _recv_loop(self) -> None:
         sock = self._sock
         assert sock is not None
+        engine = self.engine
         while True:
             await trio.lowlevel.wait_readable(sock)
             now, wall_s = trio.current_time(), time.time()
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            stamp = _U64.pack(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
-                                  - 2_000_000_000))
+            self._keys, self._values = [], []
+            self._stamp = _U64.pack(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
+                                        - 2_000_000_000))
             for _ in range(RECV_BATCH):
                 try:
                     data, (addr, _port) = sock.recvfrom(2048)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
+                    self.counters["recv_errors"] += 1
                     self._ratelog.warn("recv", "flow sync: receive failed: %s", exc)
                     break
                 self.counters["received"] += 1
-                self._handle(data, addr, now, keys, values, stamp, wall_s)
-            if keys:
-                self._install(keys, values)
-            if (self.policy.next_deadline() or math.inf) <= now:
-                self._request_resends(now)
+                self._act(engine.receive(data, addr, now, wall_s))
+            if self._keys:
+                self._install(self._keys, self._values)
+                self._keys, self._values = [], []
+            if engine.next_deadline(now) <= now:
+                self._act(engine.poll(now))
 
-    def _handle(self, data: bytes, addr: str, now: float, keys: list[bytes], values: list[bytes], stamp: bytes,
-                wall_s: float | None = None) -> None:
-        try:
-            header, body = gossip.decode_header(self.key, data)
-        except DecodeError as exc:
-            kind = "forged" if exc.reason == "forged" else "malformed"
-            self.counters[kind] += 1
-            self._ratelog.warn(kind, "flow sync: dropped %s datagram from %s: %s", kind, addr, exc)
-            return
-        t = header.type
-        try:
-            if t is MsgType.RESYNC_REQUEST or t is MsgType.RESYNC_CHUNK:
-                if header.node_id != self.node_id:
-                    self._handle_resync(header, body, addr, now, keys, values, stamp, wall_s)
-                return
-            verdict = self.policy.accept(header, now, wall_s)
-            if verdict is not Verdict.ACCEPT:
-                if verdict is not Verdict.SELF:
-                    log.debug("flow sync: %s datagram %d from %s", verdict.value, header.seq, addr)
-                return
-            self._peer_addr[header.node_id] = addr
-            if t is MsgType.FLOWS:
-                self._flows(body, keys, values, stamp)
-            elif t is MsgType.HEARTBEAT:
-                hb = gossip.decode(self.key, data).body
-                assert isinstance(hb, gossip.Heartbeat)
-                was = self.policy.peers[header.node_id].digest
-                self.policy.heartbeat(header.node_id, hb)
-                if self._digest_set and any(hb.digest) and hb.digest != self._digest and was != hb.digest:
-                    self._ratelog.warn("digest", "flow sync: node %#x (%s) has another service/backend view", header.node_id, addr)
-            elif t is MsgType.RESEND:
-                msg = gossip.decode(self.key, data).body
-                assert isinstance(msg, gossip.Resend)
-                datagrams = self.retransmit.lookup(msg.ranges, self.node_id, self.incarnation)
-                dest = self._known_addr(header.node_id) or addr
-                for d in datagrams:
-                    self._send(d, [(dest, self.config.port)])
-                self.counters["resends"] += len(datagrams)
-        except DecodeError as exc:
-            self.counters["malformed"] += 1
-            self._ratelog.warn("malformed", "flow sync: dropped malformed datagram from %s: %s", addr, exc)
-
-    def _flows(self, body: memoryview, keys: list[bytes], values: list[bytes], stamp: bytes) -> None:
-        raw = bytes(body)
-        xlate, size = self._xlate, gossip.FLOW_RECORD_BYTES
-        for off in range(37, len(raw), size):  # validate before installing any record of the datagram
-            if not 1 <= raw[off] <= 3 or raw[off + 1] or raw[off + 2]:
-                raise DecodeError("record", f"flow record {off // size}: op {raw[off]}")
+    def _flows(self, raw: bytes) -> None:
+        """Translate checked records (engine.Install) into this node's indexes, for the batch."""
+        keys, values, stamp = self._keys, self._values, self._stamp
+        xlate, size = self._xlate, codec.FLOW_RECORD_BYTES
         n = unknown = 0
         for off in range(0, len(raw), size):
             t = raw[off + 16:off + 32] + raw[off + 34:off + 37] + raw[off + 40:off + 56]
@@ -529,93 +566,33 @@ class FlowSync:
         if self.on_install is not None:
             self.on_install(joined)
 
-    def _handle_resync(self, header: gossip.Header, body: memoryview, addr: str, now: float,
-                       keys: list[bytes], values: list[bytes], stamp: bytes, wall_s: float | None = None) -> None:
-        if header.type is MsgType.RESYNC_REQUEST:
-            (request_id, _) = gossip.RESYNC_REQUEST.unpack(body)
-            node, inc = header.node_id, header.incarnation
-            known = self.policy.peers.get(node)
-            if (known is not None and inc < known.incarnation) or \
-                    (wall_s is not None and inc < wall_s - MAX_INCARNATION_AGE_S):
-                self.counters["resync_stale"] += 1
-                self._ratelog.warn("resync_stale", "flow sync: resync request from an old incarnation %d of node %#x (%s)",
-                                   inc, node, addr)
-                return
-            dest = self._known_addr(node)
-            if dest != addr:  # never send a table to an address we do not know for that node
-                self.counters["resync_misdirected"] += 1
-                self._ratelog.warn("resync_addr", "flow sync: resync request for node %#x from %s, which we know at %s",
-                                   node, addr, dest)
-                return
-            if node in self._answering:
-                self.counters["resync_busy"] += 1
-                return
-            last = self._answered.get((node, inc, request_id), -math.inf)
-            if now - last < RESYNC_RETRY_S / 2 or self._nursery is None:
-                self.counters["resync_ignored"] += 1
-                return
-            self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(node, inc, request_id): now}
-            self._answering.add(node)
-            self._nursery.start_soon(self._answer_resync, node, request_id, dest)
-            return
-        target, request_id, index, last_chunk = gossip.chunk_preamble(body)
-        state = self._resync
-        if target != self.node_id or state is None or request_id != state.request_id:
-            self.counters["resync_ignored"] += 1
-            return
-        before = len(keys)
-        self._flows(body[gossip.CHUNK_PREAMBLE.size:], keys, values, stamp)
-        self.counters["resync_chunks"] += 1
-        state.flows += len(keys) - before
-        state.chunks.setdefault(header.node_id, set()).add(index)
-        if last_chunk:
-            state.last[header.node_id] = index
-        complete = state.complete_peers()
-        waiting = set(state.chunks) | {p for p in self.policy.peers if self.policy.alive(p, now)}
-        if complete and waiting <= complete:
-            state.done.set()
-
     # ---- timers -------------------------------------------------------------------------------
 
-    def _request_resends(self, now: float) -> None:
-        ranges = self.policy.resend_requests(now)
-        by_peer: dict[int, list[gossip.ResendRange]] = {}
-        for r in ranges:
-            by_peer.setdefault(r.node_id, []).append(r)
-        key, node, inc = self.key, self.node_id, self.incarnation
-        for peer, peer_ranges in by_peer.items():
-            addr = self._peer_addr.get(peer)
-            for i in range(0, len(peer_ranges), gossip.MAX_RESENDS):
-                part = peer_ranges[i:i + gossip.MAX_RESENDS]
-                self._seq += 1
-                datagram = gossip.encode_resend(key, node, inc, self._seq, part)
-                self.retransmit.add(self._seq, datagram)
-                self._send(datagram, [(addr, self.config.port)] if addr else None)
-                self.counters["resend_requests"] += 1
-
     async def _timer_loop(self) -> None:
-        heartbeat_s, refresh_s = self.config.heartbeat_s, self.config.refresh_s
+        refresh_s = self.config.refresh_s
+        engine = self.engine
         now = trio.current_time()
-        next_heartbeat, next_refresh, next_clear = now, now + refresh_s, now + 1.0
+        next_refresh, next_clear = now + refresh_s, now + 1.0
+        self._next_membership_check = now + MEMBERSHIP_CHECK_S
         while True:
             now = trio.current_time()
-            if time.time() - self.incarnation >= INCARNATION_RENEW_S:
+            if time.time() - engine.incarnation >= INCARNATION_RENEW_S:
                 # Peers refuse to adopt incarnations far older than their clocks: stay young.
                 # The first datagram of the new incarnation is a heartbeat (peers reset on it).
-                old, self.incarnation = self.incarnation, _next_incarnation()
+                old = engine.incarnation
+                engine.renew(_next_incarnation(), now)
                 self.counters["incarnation_renewals"] += 1
-                log.info("flow sync %s: incarnation %d -> %d", self.node_ip, old, self.incarnation)
-                next_heartbeat = now
-            if now >= next_heartbeat:
-                self._send_heartbeat()
-                next_heartbeat = now + heartbeat_s
-            if (self.policy.next_deadline() or math.inf) <= now:
-                self._request_resends(now)
+                log.info("flow sync %s: incarnation %d -> %d", self.node_ip, old, engine.incarnation)
+            if engine.next_deadline(now) <= now:
+                self._act(engine.poll(now))
+            if now >= self._next_membership_check:
+                self._check_membership()
+                self._next_membership_check = now + MEMBERSHIP_CHECK_S
             if now >= next_clear:  # forget negative translations: a service may have appeared
                 self._xlate = {k: v for k, v in self._xlate.items() if v is not None}
                 next_clear = now + 1.0
             if now >= next_refresh:
                 await self._refresh()
                 next_refresh = trio.current_time() + refresh_s
-            await trio.sleep_until(min(next_heartbeat, next_refresh, next_clear,
-                                       self.policy.next_deadline() or math.inf))
+            await trio.sleep_until(min(next_refresh, next_clear, self._next_membership_check,
+                                       engine.next_deadline(trio.current_time())))

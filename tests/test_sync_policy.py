@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from cluster.gossip import Header, Heartbeat, MsgType, ResendRange
-from cluster.gossip_policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.codec import Header, Heartbeat, MsgType, ResendRange
+from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
 
 pytestmark = pytest.mark.unit
 
@@ -151,3 +151,55 @@ def test_gap_tracking_is_cheap_per_datagram() -> None:
         p.next_deadline()
     assert time.perf_counter() - t0 < 2.0
     assert p.counters.gaps == 16_000 and p.counters.lost + len(p.peers[PEER].missing) == 16_000
+
+
+def test_replay_window_accepts_each_control_number_once_and_tolerates_reordering() -> None:
+    from cluster.sync.policy import ReplayWindow
+
+    w = ReplayWindow(size=8)
+    assert [w.check(s) for s in (5, 5, 3, 3, 7, 6, 6)] == [True, False, True, False, True, True, False]
+    assert w.check(100) and not w.check(92) and w.check(93)  # 8 below the highest is out of the window
+
+
+def test_control_datagrams_open_no_gaps_and_are_replay_protected() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    ctl = [Header(MsgType.RESEND, PEER, 100, s, 1) for s in (1, 2, 9)]
+    assert [p.accept_control(c, 0.1) for c in ctl] == [Verdict.ACCEPT] * 3
+    assert p.accept_control(ctl[1], 0.2) is Verdict.REPLAY
+    assert p.accept_control(Header(MsgType.RESEND, PEER, 99, 50, 1), 0.2) is Verdict.STALE  # older life
+    assert p.counters.gaps == 0 and p.peers[PEER].highest == 1 and p.next_deadline() is None
+
+
+def test_a_heartbeat_turns_numbers_older_than_the_senders_buffer_into_a_resync() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    p.accept(h(50), 0.0)  # 2..49 missing
+    p.heartbeat(PEER, Heartbeat(b"a" * 16, 0, True, oldest_seq=40))
+    peer = p.peers[PEER]
+    assert list(peer.missing) == list(range(40, 50)) and peer.resync_wanted
+    assert p.counters.unrepairable == 38
+    p.resync_started(PEER)
+    assert not peer.missing and not peer.resync_wanted and p.counters.covered == 10
+
+
+def test_numbers_given_up_mark_the_peer_for_a_resync() -> None:
+    p = policy()
+    p.accept(h(1), 0.0)
+    p.accept(h(3), 0.0)
+    for t in range(5):
+        p.resend_requests(t / 10)
+    assert p.peers[PEER].resync_wanted and p.counters.resyncs_wanted == 1
+
+
+def test_a_peer_that_started_after_us_is_tracked_from_its_first_number() -> None:
+    p = policy()
+    p.start(0.0, wall_s=1_000.0)
+    p.accept(h(4, inc=1_000), 0.1)  # started with us: 1..3 lost on the way
+    assert p.counters.gaps == 3
+    q = policy()
+    q.start(0.0, wall_s=1_000.0)
+    q.accept(h(400, inc=500), 0.1)  # running long before we started: the start-up resync covers it
+    assert q.counters.gaps == 0
+    q.accept(h(7, inc=501), 0.2)  # its next life: from 1
+    assert q.counters.gaps == 6

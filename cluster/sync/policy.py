@@ -1,20 +1,38 @@
 """Flow-sync accept/reject policy, gap tracking and peer liveness (pure: takes `now`, no I/O).
 
-Theory of operation (after conntrackd's FTFW mode). Each sender numbers every datagram in one
-sequence space per incarnation (its start time); resent datagrams are the original bytes. Per
-peer the receiver keeps the highest sequence number seen and the set of numbers it skipped:
+Theory of operation (after conntrackd's FTFW mode, made correct for N nodes). Each sender has two
+number spaces per incarnation (its start time), see codec.py:
 
-- seq > highest: accepted; every number in between becomes *missing* (a gap).
-- seq in missing: accepted (a resend or a reordered datagram fills its hole).
-- anything else at or below highest: a *replay*, dropped and counted; so is anything older than
-  the tracking window, and a datagram from an older incarnation than the one we know.
-- a newer incarnation resets the peer (it restarted; its numbering starts again).
+- the *stream*: FLOWS and HEARTBEAT, every datagram sent to every peer. Per peer the receiver
+  keeps the highest number seen and the set of numbers it skipped (`accept`):
+  - seq > highest: accepted; every number in between becomes *missing* (a gap).
+  - seq in missing: accepted (a repair, or a reordered datagram, fills its hole).
+  - anything else at or below highest: a *replay*, dropped and counted; so is anything older than
+    the tracking window, and a datagram from an older incarnation than the one we know.
+  - a newer incarnation resets the peer (it restarted; its numbering starts again).
+- the *control* space: RESEND and RESYNC_*, each sent to one peer. No gaps are tracked (a third
+  node never sees them, and that is fine); `accept_control` only refuses replays with a sliding
+  window (`ReplayWindow`, RFC 4303 §3.4.3) and old incarnations.
 
-Missing numbers are asked for with RESEND ranges every `resend_interval_s`, at most
-`resend_tries` times each, then given up and counted as lost (bulk resync repairs that). The
-sender keeps its last `capacity` datagrams in a `RetransmitBuffer` to answer. Heartbeats carry
-the sender's view digest: a live peer whose digest differs from ours is a *mismatch*. A peer
-unheard for `dead_after_s` is dead.
+Repair. Missing numbers are asked for with RESEND ranges every `resend_interval_s`, at most
+`resend_tries` times each; the sender answers with the original datagrams from its bounded
+`RetransmitBuffer`, by unicast to the asker. A repair keeps its original number, so no other
+node sees anything new. A number that cannot be repaired this way marks the peer
+`resync_wanted` (the engine then asks that one peer for its table, bounded and rate-limited):
+
+- given up after `resend_tries` (counted lost);
+- older than the sender's retransmit buffer: its heartbeats carry the oldest number it can
+  still resend (`Heartbeat.oldest_seq`), so after a partition longer than the buffer covers, the
+  first heartbeat turns those numbers into *unrepairable* at once instead of `resend_tries`
+  useless rounds;
+- a jump of more than `max_gap` numbers (not tracked number by number: an *overflow*), or numbers
+  pushed out of the tracking window or past `max_missing`.
+
+When the engine starts a peer resync, `resync_started` forgets that peer's missing numbers (the
+table it is about to receive covers them); gaps opening later are tracked as usual.
+
+Heartbeats carry the sender's view digest: a live peer whose digest differs from ours is a
+*mismatch*. A peer unheard (in its stream) for `dead_after_s` is dead.
 
 Incarnations are wall-clock seconds, so they are only as good as the clocks:
 
@@ -29,8 +47,7 @@ Incarnations are wall-clock seconds, so they are only as good as the clocks:
 Cost. Missing numbers are kept in a dict whose insertion order is ascending sequence order (gaps
 only ever open above `highest`), so trimming the oldest is O(1) each; request deadlines sit in a
 heap (lazy deletion), so `next_deadline` and `resend_requests` cost O(log n) per due number, not
-O(n) per wake-up. A jump of more than `max_gap` numbers is not tracked number by number: the
-whole gap is counted as lost and as an *overflow* (resync-worthy; `PeerState.overflowed`).
+O(n) per wake-up.
 """
 from __future__ import annotations
 
@@ -40,7 +57,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cluster.gossip import Header, Heartbeat, ResendRange
+from cluster.sync.codec import Header, Heartbeat, ResendRange
 
 
 class Verdict(enum.Enum):
@@ -60,7 +77,9 @@ class PeerState:
     # missing seq -> [first missed at, requests sent, next request at]; iteration order is
     # ascending seq (numbers are only ever added above `highest`)
     missing: dict[int, list[float]] = field(default_factory=dict)
-    overflowed: int = 0  # gaps too large to track (counted lost): this peer's table wants a resync
+    overflowed: int = 0  # gaps too large to track (counted lost)
+    resync_wanted: bool = False  # a number that no RESEND can repair: ask this peer for its table
+    oldest_seq: int = 0  # the oldest number the peer said it can resend (its last heartbeat)
     digest: bytes | None = None
     ready: bool = False
     flow_count: int = 0
@@ -75,6 +94,7 @@ class PeerView:
     last_heard_s_ago: float
     highest_seq: int
     missing: int
+    resync_wanted: bool
     digest_match: bool | None  # None: no digest to compare yet
     ready: bool
     flow_count: int
@@ -93,6 +113,37 @@ class Counters:
     overflows: int = 0  # gaps larger than max_gap (all their numbers counted lost, resync-worthy)
     reincarnated: int = 0  # lower incarnations adopted after the known one went silent
     too_old: int = 0  # incarnations refused for being far older than our clock (also counted stale)
+    unrepairable: int = 0  # missing numbers older than the sender's retransmit buffer (also lost)
+    covered: int = 0  # missing numbers forgotten because a resync of their peer started
+    resyncs_wanted: int = 0  # times a peer was marked resync_wanted
+    control_accepted: int = 0
+    control_replayed: int = 0  # control datagrams refused by the replay window
+    control_stale: int = 0  # control datagrams from an old incarnation (also counted stale)
+
+
+class ReplayWindow:
+    """Anti-replay for one sender's control numbers (RFC 4303 §3.4.3): accepts each number once,
+    a number above the highest seen or within `size` below it; older ones are refused."""
+
+    __slots__ = ("size", "highest", "_bits")
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self.highest = -1
+        self._bits = 0  # bit i: highest - i was seen
+
+    def check(self, seq: int) -> bool:
+        """True (and remembered) if `seq` is new."""
+        if seq > self.highest:
+            shift = seq - self.highest
+            self._bits = ((self._bits << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.highest = seq
+            return True
+        offset = self.highest - seq
+        if offset >= self.size or self._bits >> offset & 1:
+            return False
+        self._bits |= 1 << offset
+        return True
 
 
 class ReceivePolicy:
@@ -110,17 +161,28 @@ class ReceivePolicy:
         self.max_gap = max_gap
         self.max_incarnation_age_s = max_incarnation_age_s
         self.peers: dict[int, PeerState] = {}
+        self.control: dict[int, tuple[int, ReplayWindow]] = {}  # node id -> (incarnation, window)
+        self.listening_since: float | None = None  # see `start`
+        self.started_wall_s: float | None = None
         self.counters = Counters()
         self.our_digest: bytes | None = None
         # (next request at, node id, incarnation, seq); an entry is live only while it matches
         # the peer's current incarnation and missing[seq][2] (lazy deletion)
         self._due: list[tuple[float, int, int, int]] = []
 
+    def start(self, now: float, wall_s: float | None = None) -> None:
+        """We listen from `now` on (wall clock `wall_s`): a peer first heard later than
+        `dead_after_s` after this, or whose incarnation is not older than our start, started
+        after us, so its numbers are tracked from 1. Without a start, a first datagram is taken
+        as the peer's first word."""
+        self.listening_since, self.started_wall_s = now, wall_s
+
     # ---- datagrams --------------------------------------------------------------------------
 
     def accept(self, header: Header, now: float, wall_s: float | None = None) -> Verdict:
-        """Decide on an authenticated datagram's header; updates sequence state on ACCEPT.
-        `wall_s` (the receiver's wall clock, seconds) enables the incarnation age check."""
+        """Decide on an authenticated stream datagram's header (FLOWS, HEARTBEAT); updates sequence
+        state on ACCEPT. `wall_s` (the receiver's wall clock, seconds) enables the incarnation age
+        check. Control datagrams go to `accept_control`."""
         if header.node_id == self.node_id:
             self.counters.self_looped += 1
             return Verdict.SELF
@@ -136,21 +198,28 @@ class ReceivePolicy:
                 return Verdict.STALE
             if peer is not None and header.incarnation < peer.incarnation:
                 self.counters.reincarnated += 1
-            # First word from this peer (or it restarted): start tracking at this number.
-            self.peers[header.node_id] = PeerState(header.node_id, header.incarnation, header.seq, now, now)
-            self.peers[header.node_id].received = 1
-            self.counters.accepted += 1
-            return Verdict.ACCEPT
+            # A new life of a known peer, or a peer that started after us: we should have heard
+            # its every number (numbers start at 1 per incarnation), so earlier ones are gaps.
+            # Else (we are the newcomer) start at this number: the start-up resync covers the rest.
+            from_start = peer is not None \
+                or (self.listening_since is not None and now - self.listening_since >= self.dead_after_s) \
+                or (self.started_wall_s is not None and header.incarnation >= self.started_wall_s - self.dead_after_s)
+            first = 1 if from_start else header.seq
+            peer = self.peers[header.node_id] = PeerState(header.node_id, header.incarnation,
+                                                          min(first, header.seq) - 1, now, now)
         seq = header.seq
         if seq > peer.highest:
             first_missing = max(peer.highest + 1, seq - self.window)
-            self.counters.lost += first_missing - (peer.highest + 1)
+            if first_missing > peer.highest + 1:
+                self.counters.lost += first_missing - (peer.highest + 1)
+                self._want_resync(peer)
             if seq - first_missing > self.max_gap:
                 # Too big to track number by number (a partition, or a peer that jumped): lost,
-                # and worth a bulk resync rather than a storm of RESENDs.
+                # and worth a resync of this peer rather than a storm of RESENDs.
                 self.counters.lost += seq - first_missing
                 self.counters.overflows += 1
                 peer.overflowed += 1
+                self._want_resync(peer)
             else:
                 missing, due = peer.missing, self._due
                 for s in range(first_missing, seq):
@@ -179,14 +248,72 @@ class ReceivePolicy:
                 break
             del missing[oldest]
             self.counters.lost += 1
+            self._want_resync(peer)
+
+    def _want_resync(self, peer: PeerState) -> None:
+        if not peer.resync_wanted:
+            peer.resync_wanted = True
+            self.counters.resyncs_wanted += 1
+
+    def accept_control(self, header: Header, now: float, wall_s: float | None = None) -> Verdict:
+        """Decide on an authenticated control datagram (RESEND, RESYNC_*): once per number per
+        incarnation, never from an older incarnation than the peer's known one while it lives."""
+        node = header.node_id
+        if node == self.node_id:
+            self.counters.self_looped += 1
+            return Verdict.SELF
+        inc = header.incarnation
+        peer = self.peers.get(node)
+        known = self.control.get(node)
+        if (peer is not None and inc < peer.incarnation and now - peer.last_heard < self.dead_after_s) or \
+                (wall_s is not None and inc < wall_s - self.max_incarnation_age_s) or \
+                (known is not None and inc < known[0] and (peer is None or peer.incarnation != inc)):
+            self.counters.stale += 1
+            self.counters.control_stale += 1
+            return Verdict.STALE
+        if known is None or known[0] != inc:
+            known = self.control[node] = (inc, ReplayWindow())
+        if not known[1].check(header.seq):
+            self.counters.control_replayed += 1
+            return Verdict.REPLAY
+        self.counters.control_accepted += 1
+        return Verdict.ACCEPT
 
     def heartbeat(self, node_id: int, hb: Heartbeat) -> None:
-        """Record an accepted heartbeat's view of the peer."""
+        """Record an accepted heartbeat's view of the peer; numbers older than the oldest it can
+        resend are unrepairable by RESEND (the peer wants a resync)."""
         peer = self.peers.get(node_id)
         if peer is not None:
             # An all-zero digest means "no view yet" (a node that is still starting).
             peer.digest = hb.digest if any(hb.digest) else None
             peer.ready, peer.flow_count = hb.ready, hb.flow_count
+            peer.oldest_seq = max(peer.oldest_seq, hb.oldest_seq)
+            missing = peer.missing
+            while missing:
+                oldest = next(iter(missing))
+                if oldest >= peer.oldest_seq:
+                    break
+                del missing[oldest]
+                self.counters.lost += 1
+                self.counters.unrepairable += 1
+                self._want_resync(peer)
+
+    def resync_started(self, node_id: int) -> None:
+        """A resync of this peer's table is under way: its missing numbers are covered by it."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self.counters.covered += len(peer.missing)
+            peer.missing.clear()
+            peer.resync_wanted = False
+
+    def want_resync(self, node_id: int) -> None:
+        """Mark a peer for a resync again (its last one failed)."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self._want_resync(peer)
+
+    def gaps_open(self) -> int:
+        return sum(len(p.missing) for p in self.peers.values())
 
     # ---- timers -----------------------------------------------------------------------------
 
@@ -213,6 +340,7 @@ class ReceivePolicy:
             if state[1] >= self.resend_tries:
                 del peer.missing[seq]
                 self.counters.lost += 1
+                self._want_resync(peer)
                 continue
             state[1] += 1
             state[2] = now + self.resend_interval_s
@@ -250,7 +378,7 @@ class ReceivePolicy:
 
     def views(self, now: float) -> list[PeerView]:
         return [PeerView(p.node_id, p.incarnation, self.alive(p.node_id, now), now - p.last_heard, p.highest,
-                         len(p.missing),
+                         len(p.missing), p.resync_wanted,
                          None if p.digest is None or self.our_digest is None else p.digest == self.our_digest,
                          p.ready, p.flow_count)
                 for p in sorted(self.peers.values(), key=lambda p: p.node_id)]
@@ -279,6 +407,13 @@ class RetransmitBuffer:
         self._sent[seq] = datagram
         if len(self._sent) > self.capacity:
             self._sent.popitem(last=False)
+
+    def oldest(self) -> int:
+        """The oldest sequence number held (0: none)."""
+        return next(iter(self._sent), 0)
+
+    def clear(self) -> None:
+        self._sent.clear()
 
     def lookup(self, ranges: Iterable[ResendRange], node_id: int, incarnation: int, *, limit: int = 4096) -> list[bytes]:
         """The datagrams of the ranges addressed to us (at most `limit`, oldest first)."""

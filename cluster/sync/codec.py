@@ -10,29 +10,53 @@ everything before it, keyed with the cluster's shared key. A datagram never exce
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |                        magic "LBFS"                           |
     +---------------+---------------+-------------------------------+
-    |   version=1   |     type      |        record count           |
+    |   version=2   |     type      |        record count           |
     +---------------+---------------+-------------------------------+
     |                        sender node id                         |
     +---------------------------------------------------------------+
     |                 sender incarnation (start time, s)            |
     +---------------------------------------------------------------+
-    |                  sequence number (64 bits)                    |
+    |      number (64 bits): stream sequence number (FLOWS,         |
+    |      HEARTBEAT) or control number (RESEND, RESYNC_*)          |
     +---------------------------------------------------------------+
     |     body: [type preamble] count x fixed-size record           |
     +---------------------------------------------------------------+
     |                 HMAC-SHA256(key, all above)[:16]              |
     +---------------------------------------------------------------+
 
-Every datagram a node sends takes the next number of one sequence space per (node id,
-incarnation), so a receiver can drop replays and see gaps in any kind of message; a resent
-datagram is the original bytes (same sequence number, same tag). Types:
+Two number spaces per (node id, incarnation), both counting up from 1:
+
+- The *stream* (`SEQUENCED` types: FLOWS, HEARTBEAT) holds exactly the datagrams that go to
+  every peer (the multicast group, or each unicast peer). Every peer receives every number, so
+  a missing number at any peer is a real loss. A repair is the original datagram resent
+  byte for byte (same number, same tag) by unicast to the peer that asked: it never takes a
+  new number, so it can never open a gap anywhere else.
+- The *control* space (RESEND, RESYNC_REQUEST, RESYNC_CHUNK) numbers datagrams that go to one
+  peer. Nobody tracks gaps in it: its only use is replay protection (a sliding window,
+  RFC 4303 §3.4.3 style, in policy.ReplayWindow). Version 1 put RESEND requests in the stream
+  and sent them to one peer, so every third node saw a gap and asked for it: a storm at N >= 3.
+
+Types:
 
 - FLOWS: records of 56 bytes, `struct flow_key` as the kernel has it with the op (NEW, REFRESH,
   CLOSE) in the first pad byte, then the backend's 16-byte address (indexes are per node, so
   peers translate (VIP, port, proto, backend address) into their own).
-- HEARTBEAT: one record: the sender's 16-byte view digest, its flow count and flags (READY).
-- RESEND: records (node id, incarnation, first, last): "resend me these sequence numbers".
-- RESYNC_REQUEST: no records: "send me your whole flow table" (request id in the preamble).
+- HEARTBEAT: one record: the sender's 16-byte view digest, its flow count, flags (READY) and
+  the oldest stream number it can still resend (its retransmit buffer's tail): a receiver
+  missing an older number knows at once that only a resync of that peer can repair it.
+
+        +-------------------------------------------------------+
+        |               view digest (16 bytes)                  |
+        +-------------------------------+-----------+-----------+
+        |          flow count           |   flags   | reserved  |
+        +-------------------------------+-----------+-----------+
+        |          oldest resendable stream number (64)         |
+        +-------------------------------------------------------+
+
+- RESEND: records (node id, incarnation, first, last): "resend me these stream numbers".
+- RESYNC_REQUEST: preamble (request id, target node): "send me your whole flow table". Target 0
+  asks every peer that hears it (start-up); a node id asks that one peer (a peer resync, after
+  a gap its retransmit buffer cannot repair).
 - RESYNC_CHUNK: preamble (target node, request id, chunk index, flags LAST), then flow records.
 
 Decoding raises `DecodeError` with a reason; it never raises anything else on any input.
@@ -47,7 +71,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAGIC = b"LBFS"
-VERSION = 1
+VERSION = 2
 MAX_DATAGRAM = 1400
 TAG_BYTES = 16
 DIGEST_BYTES = 16
@@ -55,9 +79,9 @@ DIGEST_BYTES = 16
 HEADER = struct.Struct("!4sBBHIIQ")  # magic, version, type, count, node id, incarnation, seq
 FLOW_RECORD_BYTES = 56
 FLOW_KEY_BYTES = 40  # struct flow_key: src[16] dst[16] sport dport proto pad[3]
-HEARTBEAT = struct.Struct("!16sIHH")  # digest, flow count, flags, reserved
+HEARTBEAT = struct.Struct("!16sIHHQ")  # digest, flow count, flags, reserved, oldest resendable seq
 RESEND = struct.Struct("!IIQQ")  # node id, incarnation, first seq, last seq (inclusive)
-RESYNC_REQUEST = struct.Struct("!II")  # request id, reserved
+RESYNC_REQUEST = struct.Struct("!II")  # request id, target node (0: every peer)
 CHUNK_PREAMBLE = struct.Struct("!IIIHH")  # target node, request id, chunk index, flags, reserved
 
 BODY_BYTES = MAX_DATAGRAM - HEADER.size - TAG_BYTES
@@ -75,6 +99,9 @@ class MsgType(enum.IntEnum):
     RESEND = 3
     RESYNC_REQUEST = 4
     RESYNC_CHUNK = 5
+
+
+SEQUENCED = frozenset({MsgType.FLOWS, MsgType.HEARTBEAT})  # numbered in the stream, sent to every peer
 
 
 class FlowOp(enum.IntEnum):
@@ -135,6 +162,7 @@ class Heartbeat:
     digest: bytes
     flow_count: int
     ready: bool
+    oldest_seq: int = 0  # the oldest stream number the sender can resend (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +181,7 @@ class Resend:
 @dataclass(frozen=True, slots=True)
 class ResyncRequest:
     request_id: int
+    target: int = 0  # 0: every peer that hears it; else only that node answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +240,10 @@ def encode_flows(key: bytes, node_id: int, incarnation: int, seq: int, records: 
 def encode_heartbeat(key: bytes, node_id: int, incarnation: int, seq: int, hb: Heartbeat) -> bytes:
     if len(hb.digest) != DIGEST_BYTES:
         raise EncodeError(f"digest must be {DIGEST_BYTES} bytes, got {len(hb.digest)}")
-    body = HEARTBEAT.pack(hb.digest, min(hb.flow_count, 2**32 - 1), HEARTBEAT_F_READY if hb.ready else 0, 0)
+    if not 0 <= hb.oldest_seq < 2**64:
+        raise EncodeError(f"oldest_seq out of range: {hb.oldest_seq}")
+    body = HEARTBEAT.pack(hb.digest, min(hb.flow_count, 2**32 - 1), HEARTBEAT_F_READY if hb.ready else 0, 0,
+                          hb.oldest_seq)
     return encode(key, _header(MsgType.HEARTBEAT, node_id, incarnation, seq, 1), body)
 
 
@@ -222,8 +254,12 @@ def encode_resend(key: bytes, node_id: int, incarnation: int, seq: int, ranges: 
     return encode(key, _header(MsgType.RESEND, node_id, incarnation, seq, len(ranges)), body)
 
 
-def encode_resync_request(key: bytes, node_id: int, incarnation: int, seq: int, request_id: int) -> bytes:
-    return encode(key, _header(MsgType.RESYNC_REQUEST, node_id, incarnation, seq, 0), RESYNC_REQUEST.pack(request_id, 0))
+def encode_resync_request(key: bytes, node_id: int, incarnation: int, seq: int, request_id: int,
+                          target: int = 0) -> bytes:
+    if not (0 <= request_id < 2**32 and 0 <= target < 2**32):
+        raise EncodeError(f"resync request field out of range: id {request_id} target {target}")
+    return encode(key, _header(MsgType.RESYNC_REQUEST, node_id, incarnation, seq, 0),
+                  RESYNC_REQUEST.pack(request_id, target))
 
 
 def encode_resync_chunk(key: bytes, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
@@ -277,21 +313,41 @@ def decode(key: bytes, data: bytes) -> Message:
     if t is MsgType.FLOWS:
         return Message(header, Flows(tuple(_flow_record(r) for r in flow_records(body))))
     if t is MsgType.HEARTBEAT:
-        digest, flow_count, flags, _ = HEARTBEAT.unpack(body)
-        return Message(header, Heartbeat(bytes(digest), flow_count, bool(flags & HEARTBEAT_F_READY)))
+        return Message(header, heartbeat(body))
     if t is MsgType.RESEND:
-        ranges = []
-        for node_id, incarnation, first, last in RESEND.iter_unpack(body):
-            if first > last:
-                raise DecodeError("record", f"resend range {first}..{last}")
-            ranges.append(ResendRange(node_id, incarnation, first, last))
-        return Message(header, Resend(tuple(ranges)))
+        return Message(header, Resend(resend_ranges(body)))
     if t is MsgType.RESYNC_REQUEST:
-        request_id, _ = RESYNC_REQUEST.unpack(body)
-        return Message(header, ResyncRequest(request_id))
+        request_id, target = RESYNC_REQUEST.unpack(body)
+        return Message(header, ResyncRequest(request_id, target))
     target, request_id, index, flags, _ = CHUNK_PREAMBLE.unpack_from(body)
     records = tuple(_flow_record(r) for r in flow_records(body[CHUNK_PREAMBLE.size:]))
     return Message(header, ResyncChunk(target, request_id, index, bool(flags & CHUNK_F_LAST), records))
+
+
+def heartbeat(body: memoryview | bytes) -> Heartbeat:
+    """A HEARTBEAT's body (as `decode_header` returned it)."""
+    digest, flow_count, flags, _, oldest_seq = HEARTBEAT.unpack(body)
+    return Heartbeat(bytes(digest), flow_count, bool(flags & HEARTBEAT_F_READY), oldest_seq)
+
+
+def resend_ranges(body: memoryview | bytes) -> tuple[ResendRange, ...]:
+    """A RESEND's ranges; an inverted range raises."""
+    ranges = []
+    for node_id, incarnation, first, last in RESEND.iter_unpack(body):
+        if first > last:
+            raise DecodeError("record", f"resend range {first}..{last}")
+        ranges.append(ResendRange(node_id, incarnation, first, last))
+    return tuple(ranges)
+
+
+def check_flow_records(body: memoryview | bytes) -> bytes:
+    """The records' bytes after checking every op byte (1..3, then two zero bytes); raises on the
+    first bad record, so a datagram is installed whole or not at all."""
+    raw = bytes(body)
+    for off in range(37, len(raw), FLOW_RECORD_BYTES):
+        if not 1 <= raw[off] <= 3 or raw[off + 1] or raw[off + 2]:
+            raise DecodeError("record", f"flow record {off // FLOW_RECORD_BYTES}: op {raw[off]}")
+    return raw
 
 
 def chunk_preamble(body: memoryview) -> tuple[int, int, int, bool]:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpf.structs import FlowKey, addr16
-from cluster import gossip as g
+from cluster.sync import codec as g
 
 pytestmark = pytest.mark.unit
 
@@ -19,7 +19,7 @@ BACKEND = addr16("10.0.0.11")
 
 # FLOWS from node 10.0.0.5 (0x0a000005), incarnation 1700000000, seq 7, one NEW record.
 GOLDEN_FLOWS = bytes.fromhex(
-    "4c424653" "01" "01" "0001" "0a000005" "6553f100" "0000000000000007"  # header
+    "4c424653" "02" "01" "0001" "0a000005" "6553f100" "0000000000000007"  # header (version 2)
     "00000000000000000000ffffc0000207"  # src 192.0.2.7 (v4-mapped)
     "00000000000000000000ffff0a000064"  # dst 10.0.0.100
     "9c40" "0050" "06"  # sport 40000, dport 80 (network order), proto TCP
@@ -27,8 +27,13 @@ GOLDEN_FLOWS = bytes.fromhex(
     "00000000000000000000ffff0a00000b"  # backend 10.0.0.11
 )
 GOLDEN_HEARTBEAT = bytes.fromhex(
-    "4c424653" "01" "02" "0001" "00000001" "00000002" "0000000000000003"
+    "4c424653" "02" "02" "0001" "00000001" "00000002" "0000000000000003"
     "000102030405060708090a0b0c0d0e0f" "00000005" "0001" "0000"
+    "0000000000000002"  # oldest resendable stream number
+)
+# RESYNC_REQUEST for one peer (10.0.0.6): request id 42, target 0x0a000006, control number 9.
+GOLDEN_RESYNC_REQUEST = bytes.fromhex(
+    "4c424653" "02" "04" "0000" "0a000005" "6553f100" "0000000000000009" "0000002a" "0a000006"
 )
 
 
@@ -45,9 +50,18 @@ def test_flows_golden_bytes() -> None:
 
 
 def test_heartbeat_golden_bytes() -> None:
-    hb = g.Heartbeat(bytes(range(16)), 5, True)
+    hb = g.Heartbeat(bytes(range(16)), 5, True, 2)
     assert g.encode_heartbeat(KEY, 1, 2, 3, hb) == sealed(GOLDEN_HEARTBEAT)
     assert g.decode(KEY, sealed(GOLDEN_HEARTBEAT)).body == hb
+
+
+def test_targeted_resync_request_golden_bytes() -> None:
+    assert g.encode_resync_request(KEY, 0x0A000005, 1700000000, 9, 42, 0x0A000006) == sealed(GOLDEN_RESYNC_REQUEST)
+    assert g.decode(KEY, sealed(GOLDEN_RESYNC_REQUEST)).body == g.ResyncRequest(42, 0x0A000006)
+
+
+def test_only_data_stream_types_are_sequenced() -> None:
+    assert g.SEQUENCED == {g.MsgType.FLOWS, g.MsgType.HEARTBEAT}
 
 
 def test_flow_record_from_raw_event_matches() -> None:
@@ -68,15 +82,17 @@ def test_full_datagrams_fit_the_mtu() -> None:
 @pytest.mark.parametrize("body", [
     g.Resend((g.ResendRange(7, 8, 100, 120), g.ResendRange(9, 1, 5, 5))),
     g.ResyncRequest(42),
+    g.ResyncRequest(42, 0x0A000006),
     g.ResyncChunk(7, 42, 3, True, (g.FlowRecord(FLOW_KEY, BACKEND, g.FlowOp.REFRESH),)),
     g.ResyncChunk(7, 42, 0, False, ()),
     g.Heartbeat(b"\xff" * 16, 0, False),
+    g.Heartbeat(b"\x01" * 16, 7, True, 2**63),
 ])
 def test_round_trip(body: g.Body) -> None:
     if isinstance(body, g.Resend):
         data = g.encode_resend(KEY, 5, 6, 99, body.ranges)
     elif isinstance(body, g.ResyncRequest):
-        data = g.encode_resync_request(KEY, 5, 6, 99, body.request_id)
+        data = g.encode_resync_request(KEY, 5, 6, 99, body.request_id, body.target)
     elif isinstance(body, g.ResyncChunk):
         data = g.encode_resync_chunk(KEY, 5, 6, 99, body.target, body.request_id, body.index, body.last,
                                      [r.wire() for r in body.records])
@@ -96,7 +112,8 @@ def _flows_datagram() -> bytes:
     (lambda d: d[:20], "short"),
     (lambda d: d + bytes(2000), "length"),
     (lambda d: b"XBFS" + d[4:], "magic"),
-    (lambda d: d[:4] + b"\x02" + d[5:], "version"),
+    (lambda d: d[:4] + b"\x01" + d[5:], "version"),  # version 1 (one number space) is not spoken
+    (lambda d: d[:4] + b"\x03" + d[5:], "version"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "forged"),  # tag bit flip
     (lambda d: d[:30] + bytes([d[30] ^ 1]) + d[31:], "forged"),  # body bit flip
     (lambda d: g.encode(b"x" * 32, g.decode_header(KEY, d)[0], bytes(d[24:-16])), "forged"),  # wrong key

@@ -5,7 +5,7 @@ the real XDP program on frames (BPF_PROG_TEST_RUN), so they take the real kernel
 buffer. The host serves one service, 10.0.0.100:80/tcp -> 10.0.0.11, 10.0.0.12 (with --skew, a
 dummy service takes the first indexes so peers' indexes differ).
 
-    ip netns exec A python -m cluster.sync_runner --ip 10.9.0.1 --if eth0 --key-file k [--resync]
+    ip netns exec A python -m examples.lab.sync_runner --ip 10.9.0.1 --if eth0 --key-file k [--resync]
 
 It prints one JSON line {"event": "ready", ...} once the socket is bound (and, with --resync,
 after the resync), then answers one JSON command per stdin line with one JSON line:
@@ -35,8 +35,8 @@ from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.loader import Limits
 from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP
 from bpf.testrun import run_xdp
-from cluster.flowsync import FlowSync
-from cluster.sync_config import SyncConfig
+from cluster.sync.flowsync import FlowSync
+from cluster.sync.config import SyncConfig
 
 ip = ipaddress.ip_address
 MAC = "02:00:00:00:00:01"
@@ -195,7 +195,7 @@ def _emit(obj: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cluster.sync_runner", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m examples.lab.sync_runner", description=__doc__.splitlines()[0])
     p.add_argument("--ip", required=True)
     p.add_argument("--if", dest="ifname", default=None)
     p.add_argument("--key-file", required=True)
@@ -225,7 +225,7 @@ if __name__ == "__main__":
 # ---- driving hosts from a test or the bench -------------------------------------------------------
 
 class HostProcess:
-    """A `python -m cluster.sync_runner` child: one JSON command in, one JSON line out."""
+    """A `python -m examples.lab.sync_runner` child: one JSON command in, one JSON line out."""
 
     def __init__(self, proc: Any, name: str) -> None:
         self.proc = proc
@@ -280,7 +280,7 @@ class SyncLab:
 
     def start(self, role: str, *extra: str) -> HostProcess:
         ns = self.hosts[role]
-        proc = self.lab.spawn(ns, sys.executable, "-m", "cluster.sync_runner", "--ip", self.ips[role], "--if", "eth0",
+        proc = self.lab.spawn(ns, sys.executable, "-m", "examples.lab.sync_runner", "--ip", self.ips[role], "--if", "eth0",
                               "--key-file", self.key_file, "--port", str(self.port), *extra,
                               stdin=self._subprocess.PIPE, stdout=self._subprocess.PIPE)
         return HostProcess(proc, role)

@@ -1,0 +1,11 @@
+"""Flow sync between the nodes of a cluster.
+
+- `codec`: the datagram wire format (pure).
+- `policy`: accept/reject, gap tracking, retransmit buffer (pure, takes `now`).
+- `engine`: the protocol core (pure: datagrams and `now` in, actions out).
+- `config`: the ``sync:`` configuration.
+- `flowsync`: the one trio module with the socket, the ring reader and the data plane.
+
+`flowsync` imports trio and the data plane; import it explicitly
+(``from cluster.sync.flowsync import FlowSync``).
+"""
