@@ -50,13 +50,16 @@ from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
 from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest, plan_announcements
 from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.neighbours import Neighbours
+from cluster import status_doc
 from cluster.status import serve as serve_status
+from cluster.status_doc import StatusInputs
 from healthcheck.runner import HealthChecker
 from healthcheck.state import BackendChanged
 
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 10.0
+STATUS_REUSE_S = 0.2  # a status document this young is sent again rather than rebuilt
 MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
 
 
@@ -84,6 +87,8 @@ class Node:
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._withheld: dict[Prefix, str] = {}
+        self._status_cache: tuple[float, bytes] | None = None
+        self._status_building: trio.Event | None = None
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
         self._dp: DataPlane | None = None
@@ -129,7 +134,7 @@ class Node:
                     await nursery.start(self._neighbours.run)
                     await self._start("health", self._run_health)
                     await self.applied()  # flows resynced from peers need our services' indexes
-                    await nursery.start(serve_status, self.args.status_socket, self.snapshot)
+                    await nursery.start(serve_status, self.args.status_socket, self.status)
                     if self.config.sync is not None and self.config.sync.enabled:
                         await self._start("sync", self._run_sync)
                         await self._resync()
@@ -457,62 +462,54 @@ class Node:
 
     # ---- status ------------------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        dp = self._dp
-        health = {s.service: s for s in self._checker.snapshot()} if self._checker else {}
-        in_hash = {(spec.vip, spec.port, b.address) for spec in dataplane_services(self.view())
-                   for b in spec.backends if b.hash_weight > 0}
-        services = []
-        for svc in self.config.services:
-            for vip in svc.vips:
-                for port in svc.ports:
-                    name = svc.health_name(vip, port)
-                    status = health.get(name)
-                    index = dp.service_index(vip, port, svc.proto) if dp else None
-                    stats = dp.service_stats(index) if dp is not None and index is not None else None
-                    backends = []
-                    for b in svc.backends:
-                        key = backend_key(b.address, port)
-                        bstatus = next((x for x in status.backends if x.backend == key), None) if status else None
-                        bindex = dp.backend_index(vip, port, svc.proto, b.address) if dp else None
-                        bstats = dp.backend_stats(bindex) if dp is not None and bindex is not None else None
-                        last_error = None
-                        if bstatus is not None:
-                            errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok]
-                            last_error = errors[0] if errors else None
-                        backends.append({
-                            "backend": key, "usable": key in self._usable.get(name, frozenset()),
-                            "in_hash": (vip, port, b.address) in in_hash,
-                            "disabled": b.disabled, "weight": b.weight, "mac": self._neighbours.macs.get(b.address),
-                            "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
-                            "last_error": last_error,
-                        })
-                    services.append({
-                        "name": name, "up": status.up if status else False,
-                        "usable": len(self._usable.get(name, frozenset())), "need": svc.need,
-                        "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
-                        "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
-                        "backends": backends,
-                    })
-        out: dict[str, Any] = {
-            "node": {"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
-                     "state": self.state, "config": self.args.config_path, "reloads": self.reloads,
-                     "last_reload_error": self.last_reload_error,
-                     "announced": sorted(str(p) for p in self._announced),
-                     "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
-            "services": services,
-            "flows": {"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
-            "loop": self._loop_watch.snapshot(),
-            "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
-        }
+    def status_inputs(self) -> StatusInputs:
+        """On the loop: shallow copies of what the status document needs (see cluster.status_doc)."""
+        view = self.view()
+        view = replace(view, usable=dict(view.usable), macs=dict(view.macs))
+        bgp = None
         if self._speaker is not None:
-            out["bgp"] = {
-                "peers": [dataclasses.asdict(p) for p in self._speaker.snapshot()],  # with BFD state and counters
-                "announced": sorted(str(p) for p in self._announced),
-            }
-        if self._sync is not None:
-            out["sync"] = self._sync.snapshot()
-        return out
+            bgp = {"peers": [dataclasses.asdict(p) for p in self._speaker.snapshot()],  # with BFD state and counters
+                   "announced": sorted(str(p) for p in self._announced)}
+        return StatusInputs(
+            view=view,
+            health=self._checker.snapshot() if self._checker else (),
+            node={"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
+                  "state": self.state, "config": self.args.config_path, "reloads": dict(self.reloads),
+                  "last_reload_error": self.last_reload_error,
+                  "announced": sorted(str(p) for p in self._announced),
+                  "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
+            flows={"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
+            loop=self._loop_watch.snapshot(),
+            bgp=bgp,
+            sync=self._sync.snapshot() if self._sync is not None else None,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status document, built here and now (tests, benchmarks; the socket uses `status`)."""
+        return status_doc.document(self.status_inputs(), self._dp)
+
+    async def status(self) -> bytes:
+        """The status document as one JSON line: copied on the loop, built on a worker thread.
+        Requests that arrive while one is built share it, and a result is reused for
+        STATUS_REUSE_S: a monitor polling a node with thousands of backends costs one build."""
+        cached = self._status_cache
+        if cached is not None and trio.current_time() - cached[0] < STATUS_REUSE_S:
+            return cached[1]
+        building = self._status_building
+        if building is not None:
+            await building.wait()
+            if self._status_cache is None:
+                raise RuntimeError("the status document could not be built")
+            return self._status_cache[1]
+        building = self._status_building = trio.Event()
+        try:
+            inputs, dp = self.status_inputs(), self._dp
+            body = await trio.to_thread.run_sync(lambda: status_doc.encode(status_doc.document(inputs, dp)))
+            self._status_cache = (trio.current_time(), body)
+            return body
+        finally:
+            self._status_building = None
+            building.set()
 
 
 def interface_mac(ifname: str) -> str | None:

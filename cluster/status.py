@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "/run/lbnode.sock"
 
 
-async def serve(path: str, snapshot: Callable[[], dict[str, Any]], *,
+async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `snapshot()` to every connection on the unix socket `path` (replacing a stale one)."""
+    """Send `await document()` (one JSON line) to every connection on the unix socket `path`
+    (replacing a stale one)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.unlink(path)
@@ -37,7 +38,7 @@ async def serve(path: str, snapshot: Callable[[], dict[str, Any]], *,
         try:
             async with stream:
                 with trio.move_on_after(5):
-                    await stream.send_all(json.dumps(snapshot(), default=str).encode() + b"\n")
+                    await stream.send_all(await document())
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("status client went away: %s", exc)
         except Exception:

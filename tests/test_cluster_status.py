@@ -1,9 +1,9 @@
 """The status server survives clients that hang up and snapshots that fail."""
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -17,12 +17,12 @@ async def test_status_server_survives_early_hangups_and_failing_snapshots(tmp_pa
     path = str(tmp_path / "status.sock")
     calls = 0
 
-    def snapshot() -> dict[str, Any]:
+    async def snapshot() -> bytes:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise RuntimeError("a bug while building the snapshot")
-        return {"node": {"state": "serving"}, "blob": "x" * 1_000_000}  # large: the send blocks
+        return json.dumps({"node": {"state": "serving"}, "blob": "x" * 1_000_000}).encode() + b"\n"  # large: the send blocks
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,90 @@
+"""The `lbnode status` document, built from copies on a worker thread. No trio, no sockets.
+
+A node with thousands of backends makes this tens of milliseconds of work (per-backend rows,
+counters, JSON), and a monitoring script may ask twice a second, while BFD allows the event
+loop 300 ms in all. So the node copies what it owns on the loop (`StatusInputs`, shallow and
+cheap) and `document()` does the rest on a worker thread: it reads the data plane only through
+calls that are safe from other threads (`counters`, `stats`, `service_index`, `backend_index`).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bpf.dataplane import DataPlane
+from cluster.desired import View, backend_key, dataplane_services
+from healthcheck.state import ServiceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StatusInputs:
+    """What the document needs from the node, copied on the event loop."""
+
+    view: View  # with private copies of the usable sets and MACs
+    health: tuple[ServiceStatus, ...]
+    node: Mapping[str, Any]
+    flows: Mapping[str, Any]
+    loop: Mapping[str, Any]
+    bgp: Mapping[str, Any] | None
+    sync: Mapping[str, Any] | None
+
+
+def services(inputs: StatusInputs, dp: DataPlane | None) -> list[dict[str, Any]]:
+    """One row per (VIP, port) with its backends: health, hash membership, weight, MAC, counters."""
+    view = inputs.view
+    health = {s.service: s for s in inputs.health}
+    in_hash = {(spec.vip, spec.port, b.address) for spec in dataplane_services(view) for b in spec.backends
+               if b.hash_weight > 0}
+    counters = dp.counters() if dp is not None else None
+    rows = []
+    for svc in view.config.services:
+        for vip in svc.vips:
+            for port in svc.ports:
+                name = svc.health_name(vip, port)
+                status = health.get(name)
+                by_key = {b.backend: b for b in status.backends} if status else {}
+                usable = view.usable.get(name, frozenset())
+                index = dp.service_index(vip, port, svc.proto) if dp else None
+                stats = counters.service(index) if counters is not None and index is not None else None
+                backends = []
+                for b in svc.backends:
+                    key = backend_key(b.address, port)
+                    bstatus = by_key.get(key)
+                    bindex = dp.backend_index(vip, port, svc.proto, b.address) if dp else None
+                    bstats = counters.backend(bindex) if counters is not None and bindex is not None else None
+                    errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
+                    backends.append({
+                        "backend": key, "usable": key in usable, "in_hash": (vip, port, b.address) in in_hash,
+                        "disabled": b.disabled, "weight": b.weight, "mac": view.macs.get(b.address),
+                        "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
+                        "last_error": errors[0] if errors else None,
+                    })
+                rows.append({
+                    "name": name, "up": status.up if status else False, "usable": len(usable), "need": svc.need,
+                    "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
+                    "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
+                    "backends": backends,
+                })
+    return rows
+
+
+def document(inputs: StatusInputs, dp: DataPlane | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "node": dict(inputs.node),
+        "services": services(inputs, dp),
+        "flows": dict(inputs.flows),
+        "loop": dict(inputs.loop),
+        "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
+    }
+    if inputs.bgp is not None:
+        out["bgp"] = dict(inputs.bgp)
+    if inputs.sync is not None:
+        out["sync"] = dict(inputs.sync)
+    return out
+
+
+def encode(doc: Mapping[str, Any]) -> bytes:
+    """One JSON line, as the status socket sends it."""
+    return json.dumps(doc, default=str).encode() + b"\n"
