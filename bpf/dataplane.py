@@ -30,6 +30,7 @@ look older; forwarding never depends on it.
 """
 from __future__ import annotations
 
+import logging
 import ctypes
 import math
 import mmap
@@ -46,7 +47,8 @@ import numpy as np
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
-from bpf.loader import PROGRAM_SOURCE, Attachment, BpfError, Limits, XdpMode, attach, compile_program, detach
+from bpf.loader import (PROGRAM_SOURCE, Attachment, AttachError, BpfError, Limits, XdpMode, attach,
+                        attached_program_id, compile_program, detach)
 from bpf.structs import (
     BackendStats,
     Flow,
@@ -62,6 +64,9 @@ from bpf.structs import (
 
 if TYPE_CHECKING:
     from bpf.ringbuf import RingReader
+
+
+log = logging.getLogger(__name__)
 
 
 class MapError(BpfError):
@@ -212,10 +217,32 @@ class DataPlane:
     def fd(self) -> int:
         return int(self._fn.fd)
 
+    reattached = 0  # times `keep_attached` found the program gone and attached it again
+
     def attach(self, ifname: str, mode: XdpMode = XdpMode.NATIVE, netns: str | None = None) -> Attachment:
         attachment = attach(self.fd, ifname, mode, netns)
         self._attachments.append(attachment)
         return attachment
+
+    def keep_attached(self) -> str | None:
+        """Check that every attachment is still in place, and attach again where the interface has
+        no XDP program (someone detached it, or the interface was deleted and created again).
+        Returns why forwarding is impossible now (no such interface; another program attached,
+        which we do not fight), or None. Netlink round trips: call it from a worker thread."""
+        problems = []
+        for i, a in enumerate(self._attachments):
+            try:
+                current = attached_program_id(a.ifname, a.netns)
+                if current == 0:
+                    log.warning("%s: our XDP program (id %d) is no longer attached: attaching it again", a.ifname,
+                                a.prog_id)
+                    self._attachments[i] = attach(self.fd, a.ifname, a.mode, a.netns)
+                    self.reattached += 1
+                elif current != a.prog_id:
+                    problems.append(f"{a.ifname}: XDP program id {current} is attached there, not ours ({a.prog_id})")
+            except (AttachError, OSError) as exc:
+                problems.append(f"{a.ifname}: {exc}")
+        return "; ".join(problems) or None
 
     def detach_all(self) -> None:
         while self._attachments:

@@ -49,11 +49,9 @@ class Neighbours:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            indexes = ipr.link_lookup(ifname=self.ifname)
-            if not indexes:
+            if not ipr.link_lookup(ifname=self.ifname):
                 raise OSError(f"neighbours: no interface {self.ifname!r}")
-            index = int(indexes[0])
-            await self._refresh(ipr, index)
+            await self._refresh(ipr)
             task_status.started()
             while True:
                 # Poll fast while a backend's MAC is still unknown: it cannot take traffic until then.
@@ -61,10 +59,14 @@ class Neighbours:
                 with trio.move_on_after(FAST_INTERVAL_S if missing else self._interval_s):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                await self._refresh(ipr, index)
+                await self._refresh(ipr)
 
-    async def _refresh(self, ipr: Any, index: int) -> None:
-        entries = await trio.to_thread.run_sync(lambda: ipr.get_neighbours(ifindex=index))
+    async def _refresh(self, ipr: Any) -> None:
+        def read() -> list[Any]:
+            # By name every time: an interface deleted and created again has a new index.
+            indexes = ipr.link_lookup(ifname=self.ifname)
+            return list(ipr.get_neighbours(ifindex=indexes[0])) if indexes else []
+        entries = await trio.to_thread.run_sync(read)
         seen = {}
         for entry in entries:
             lladdr, dst = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")

@@ -59,6 +59,7 @@ from healthcheck.state import BackendChanged
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 10.0
+ATTACH_CHECK_S = 1.0  # how often the program's attachment and the interface's MAC are checked
 STATUS_REUSE_S = 0.2  # a status document this young is sent again rather than rebuilt
 MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
 
@@ -87,6 +88,8 @@ class Node:
         self._usable: dict[str, frozenset[str]] = {}
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._withheld: dict[Prefix, str] = {}
+        self._mac = args.mac
+        self._forwarding_problem: str | None = None  # why the data plane cannot forward now
         self._status_cache: tuple[float, bytes] | None = None
         self._status_building: trio.Event | None = None
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
@@ -130,6 +133,7 @@ class Node:
                     nursery.start_soon(heartbeat, self._loop_watch)
                     await nursery.start(self._run_apply, dp)
                     nursery.start_soon(self._tick)
+                    nursery.start_soon(self._keep_forwarding, dp)
                     nursery.start_soon(self._maintain_flows)
                     await nursery.start(self._neighbours.run)
                     await self._start("health", self._run_health)
@@ -357,6 +361,26 @@ class Node:
             if done and not dp.sweep_pending:
                 await trio.sleep(MAINTAIN_IDLE_S)
 
+    async def _keep_forwarding(self, dp: DataPlane) -> None:
+        """Every second: our program is still attached (attached again if someone removed it or
+        the interface was created anew) and the interface's MAC is the one frames are matched
+        against. A node that cannot forward withdraws its routes and says why, until it can."""
+        while True:
+            await trio.sleep(ATTACH_CHECK_S)
+            problem = await trio.to_thread.run_sync(dp.keep_attached)
+            mac = await trio.to_thread.run_sync(interface_mac, self.args.ifname) if problem is None else None
+            if mac is not None and mac != self._mac:
+                log.warning("%s: MAC changed %s -> %s (interface created anew?)", self.args.ifname, self._mac, mac)
+                self._mac = mac
+                dp.set_config(mac, self.config.flows.refresh_s)
+            if problem != self._forwarding_problem:
+                if problem:
+                    log.error("cannot forward, withdrawing: %s", problem)
+                else:
+                    log.warning("forwarding again: %s", self._forwarding_problem)
+                self._forwarding_problem = problem
+                self.reconcile()
+
     def _blocked_by_digest(self) -> bool:
         """With sync.digest_mismatch_blocks, a node whose view (services, backends, health) differs
         from a live peer's does not *start* advertising: a misconfigured node would hash flows
@@ -369,7 +393,8 @@ class Node:
     # ---- desired state --------------------------------------------------------------------------------
 
     def view(self) -> View:
-        return View(self.config, self._usable, self._neighbours.macs, self._ready and not self._blocked_by_digest())
+        return View(self.config, self._usable, self._neighbours.macs,
+                    self._ready and not self._blocked_by_digest() and self._forwarding_problem is None)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
@@ -386,6 +411,8 @@ class Node:
     def _why_withheld(self, reason: str) -> str:
         if reason != "node not ready":
             return reason
+        if self._forwarding_problem is not None:
+            return f"cannot forward: {self._forwarding_problem}"
         if self._blocked_by_digest():
             return "flow-sync digest differs from a peer's (sync.digest_mismatch_blocks)"
         return {"starting": "starting", "resyncing": "resyncing flows from the peers before announcing",
@@ -476,6 +503,8 @@ class Node:
             node={"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
                   "state": self.state, "config": self.args.config_path, "reloads": dict(self.reloads),
                   "last_reload_error": self.last_reload_error,
+                  "forwarding_problem": self._forwarding_problem,
+                  "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
                   "announced": sorted(str(p) for p in self._announced),
                   "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
             flows={"entries": self._flow_entries(), "table_size": self.config.flows.table_size},

@@ -106,6 +106,13 @@ def test_node_balances_follows_health_reloads_and_drains(lab: SingleNodeLab, tmp
     result = lab.http_spread(VIP4, 20)
     assert result["ok"] == 20 and set(result["backends"]) == {"b3"}, result  # type: ignore[arg-type]
 
+    # Someone detaches the program (another tool, a mistake): the node attaches it again.
+    lab.lab.ns_run(lab.node.ns, "ip", "link", "set", "eth0", "xdp", "off")
+    wait_until(lambda: (s := node_status(sock)) and s["node"]["xdp_reattached"] == 1, timeout_s=10,
+               what="the program attached again")
+    assert attached_program_id("eth0", netns=lab.node.ns) == ours
+    assert lab.http_spread(VIP4, 10)["ok"] == 10
+
     text = subprocess.run([str(Path(__file__).parents[1] / ".venv/bin/lbnode"), "status", "--socket", str(sock)],
                           capture_output=True, text=True, timeout=10).stdout
     assert "web/10.99.1.100:80" in text and "counters:" in text
