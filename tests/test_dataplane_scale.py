@@ -222,6 +222,9 @@ def test_apply_from_a_worker_thread_while_lookups_and_maintenance_run(dp: DataPl
     assert len(dp.flows()) == 0, "the removed services' flows were all swept"
 
 
+EVICTION_SLACK = 4096  # entries a full LRU map may evict early (seen: 128 of 1M)
+
+
 @pytest.mark.parametrize("table_size", [1 << 20])
 def test_a_full_million_entry_table(table_size: int) -> None:
     """flows.table_size 1048576: fill, count, walk, remove a service holding 100k pins, with
@@ -238,9 +241,15 @@ def test_a_full_million_entry_table(table_size: int) -> None:
         started = time.monotonic()
         until_pass(dp)
         walk_s = time.monotonic() - started
-        assert dp.flow_count().walked == table_size
+        # A full LRU map may evict a few entries as it fills (a CPU's free list runs dry before
+        # the map does); those are the oldest: the small service's first flows.
+        filled = dp.flow_count().walked
+        assert table_size - EVICTION_SLACK <= filled <= table_size
+        small_index = dp.service_index(*small.key)
+        small_count = sum(int((chunk.flows()["service"] == small_index).sum()) for chunk in dp.flow_chunks())
+        assert 100_000 - (table_size - filled) <= small_count <= 100_000
         started = time.monotonic()
-        dp.apply([big])  # the service holding 100k pins goes
+        dp.apply([big])  # the service holding ~100k pins goes
         apply_s = time.monotonic() - started
         assert apply_s < 0.5, f"removing a service took {apply_s:.2f}s"
         assert run_xdp(dp.fd, ack(VIP_B, "10.0.0.5")).action == XdpAction.PASS
@@ -248,12 +257,12 @@ def test_a_full_million_entry_table(table_size: int) -> None:
         dp.sweep()
         sweep_s = time.monotonic() - started
         count = dp.flow_count()
-        assert count.walked == table_size - 100_000 and count.entries == table_size - 100_000
+        assert count.walked == filled - small_count and count.entries == filled - small_count
         seen = 0
         for chunk in dp.flow_chunks():
             assert isinstance(chunk, FlowChunk)
             seen += len(chunk)
-        assert seen == table_size - 100_000
+        assert seen == filled - small_count
         growth = rss_mb() - rss_before
         assert growth < 60, f"RSS grew {growth:.0f} MB"
         print(f"1M table: count walk {walk_s:.2f}s, remove {apply_s * 1e3:.1f} ms, sweep {sweep_s:.2f}s, rss +{growth:.0f} MB")
