@@ -2,7 +2,7 @@
 
     lbnode --ip 10.0.0.5 --if ens192 [--config PATH] [--xdp native|generic] [--status-socket PATH]
     lbnode check-config PATH [--ip IP]     validate, print the normalised config
-    lbnode status [--socket PATH] [--json] ask a running node
+    lbnode status [--if IF | --socket PATH] [--json]   ask a running node
 
 Exit codes: 0 ok, 1 the node failed while running, 2 bad command line, interface, address or
 config (with a one-line reason on stderr).
@@ -25,6 +25,8 @@ from cluster.config import ConfigError, IPAddress, NodeConfig, load_file, normal
 
 log = logging.getLogger("lbnode")
 
+LOCK_ATTEMPTS = 10
+
 
 class UsageError(Exception):
     """Bad input from the operator: exit code 2 with this one-line message."""
@@ -39,7 +41,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--if", dest="interface", required=True, help="interface to attach the XDP program to")
     parser.add_argument("--config", help="YAML config file (see examples/lbnode.yaml)")
     parser.add_argument("--xdp", choices=[m.value for m in XdpMode], help="XDP attach mode (overrides the config)")
-    parser.add_argument("--status-socket", default=status.DEFAULT_SOCKET, help="unix socket for `lbnode status`")
+    parser.add_argument("--status-socket", help="unix socket for `lbnode status` (default /run/lbnode/<if>.sock)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -75,7 +77,8 @@ def run_node(argv: list[str]) -> int:
     config = load_config(args.config, ip)
     lock_fd, lock_path = interface_lock(args.interface)  # held (and released by the kernel) for the process's life
     node = Node(NodeArgs(ip=ip, ifname=args.interface, mac=mac, config_path=args.config,
-                         status_socket=args.status_socket, xdp=XdpMode(args.xdp) if args.xdp else None), config)
+                         status_socket=args.status_socket or status.default_socket(args.interface),
+                         xdp=XdpMode(args.xdp) if args.xdp else None), config)
     try:
         trio.run(node.run)
     finally:
@@ -86,17 +89,28 @@ def run_node(argv: list[str]) -> int:
 
 def interface_lock(ifname: str) -> tuple[int, str]:
     """Hold /run/lbnode/<netns>-<ifname>.lock: a second node on the same interface would replace
-    the first one's XDP program (and unlink its status socket) while the first still advertises."""
+    the first one's XDP program (and unlink its status socket) while the first still advertises.
+
+    A node that exits unlinks the file while it still holds the lock. So a lock won on a file
+    that is no longer at `path` (opened just before that unlink) is worth nothing: another node
+    may lock the new file. Only a lock on the file that `path` names now counts."""
     netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
-    os.makedirs("/run/lbnode", exist_ok=True)
-    path = f"/run/lbnode/{netns}-{ifname}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace ({path})") from None
-    return fd, path
+    os.makedirs(status.RUN_DIR, mode=0o750, exist_ok=True)
+    path = f"{status.RUN_DIR}/{netns}-{ifname}.lock"
+    for _ in range(LOCK_ATTEMPTS):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace ({path})") from None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd, path
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file the previous owner had just unlinked: try the new one
+    raise UsageError(f"--if: could not lock {path}: it keeps being replaced")
 
 
 def check_config(argv: list[str]) -> int:
@@ -112,13 +126,19 @@ def check_config(argv: list[str]) -> int:
 
 def show_status(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lbnode status", description="Show a running node's state.")
-    parser.add_argument("--socket", default=status.DEFAULT_SOCKET)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--if", dest="interface", help="the node's interface (its socket is /run/lbnode/<if>.sock)")
+    where.add_argument("--socket", help="the node's --status-socket")
     parser.add_argument("--json", action="store_true", help="the raw JSON document")
     args = parser.parse_args(argv)
     try:
-        snapshot = status.query(args.socket)
+        path = args.socket or (status.default_socket(args.interface) if args.interface else status.find_socket())
     except OSError as exc:
-        raise UsageError(f"status: cannot reach a node at {args.socket}: {exc.strerror or exc}") from None
+        raise UsageError(f"status: {exc}") from None
+    try:
+        snapshot = status.query(path)
+    except OSError as exc:
+        raise UsageError(f"status: cannot reach a node at {path}: {exc.strerror or exc}") from None
     print(json.dumps(snapshot, indent=2) if args.json else status.render(snapshot))
     return 0
 

@@ -89,6 +89,9 @@ class Node:
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._withheld: dict[Prefix, str] = {}
         self._mac = args.mac
+        self._started = trio.Event()  # start-up finished: serving
+        self._reload_pending = False  # a SIGHUP came during start-up
+        self._reload_lock = trio.Lock()
         self._forwarding_problem: str | None = None  # why the data plane cannot forward now
         self._status_cache: tuple[float, bytes] | None = None
         self._status_building: trio.Event | None = None
@@ -119,6 +122,17 @@ class Node:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start, serve until SIGTERM/SIGINT (then drain), reload on SIGHUP. Signals are taken
+        from the first moment: one during the seconds-long compile or right after the attach
+        must neither kill the process by default action (leaving the program attached) nor wait
+        for start-up to finish. SIGTERM during start-up stops at once (nothing is announced
+        yet); SIGHUP then is applied once the node is up."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._handle_signals, signals, outer.cancel_scope)
+                await self._serve(task_status=task_status)
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = Limits(flow_table_size=self.config.flows.table_size)
         log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
         dp = await trio.to_thread.run_sync(DataPlane, limits)
@@ -127,44 +141,53 @@ class Node:
         try:
             dp.set_config(self.args.mac, self.config.flows.refresh_s)
             dp.attach(self.args.ifname, self.xdp_mode)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(heartbeat, self._loop_watch)
-                    await nursery.start(self._run_apply, dp)
-                    nursery.start_soon(self._tick)
-                    nursery.start_soon(self._keep_forwarding, dp)
-                    nursery.start_soon(self._maintain_flows)
-                    await nursery.start(self._neighbours.run)
-                    await self._start("health", self._run_health)
-                    await self.applied()  # flows resynced from peers need our services' indexes
-                    await nursery.start(serve_status, self.args.status_socket, self.status)
-                    if self.config.sync is not None and self.config.sync.enabled:
-                        await self._start("sync", self._run_sync)
-                        await self._resync()
-                    if self.config.bgp is not None:
-                        await self._start("bgp", self._run_speaker)
-                    self._ready = True
-                    self.state = "serving"
-                    self.reconcile()
-                    log.info("ready: serving %d services", len(self.config.services))
-                    self._loop_watch.reset()  # start-up (attach, first tables) is not a stall of the serving loop
-                    task_status.started()
-                    await self._handle_signals(signals)
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(heartbeat, self._loop_watch)
+                await nursery.start(self._run_apply, dp)
+                nursery.start_soon(self._tick)
+                nursery.start_soon(self._keep_forwarding, dp)
+                nursery.start_soon(self._maintain_flows)
+                await nursery.start(self._neighbours.run)
+                await self._start("health", self._run_health)
+                await self.applied()  # flows resynced from peers need our services' indexes
+                await nursery.start(serve_status, self.args.status_socket, self.status)
+                if self.config.sync is not None and self.config.sync.enabled:
+                    await self._start("sync", self._run_sync)
+                    await self._resync()
+                if self.config.bgp is not None:
+                    await self._start("bgp", self._run_speaker)
+                self._ready = True
+                self.state = "serving"
+                self.reconcile()
+                log.info("ready: serving %d services", len(self.config.services))
+                self._loop_watch.reset()  # start-up (attach, first tables) is not a stall of the serving loop
+                self._started.set()
+                task_status.started()
+                if self._reload_pending:
+                    nursery.start_soon(self.reload)
         finally:
             trio.lowlevel.remove_instrument(self._loop_watch)
             self._dp = None
             dp.close()  # detach: synchronous, survives cancellation
 
-    async def _handle_signals(self, signals: Any) -> None:
+    async def _handle_signals(self, signals: Any, stop: trio.CancelScope) -> None:
         async for signum in signals:
+            name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                await self.reload()
+                if self._started.is_set():
+                    await self.reload()
+                else:
+                    log.info("SIGHUP during start-up: reloading once the node is up")
+                    self._reload_pending = True
+            elif not self._started.is_set():
+                log.info("%s during start-up: stopping", name)
+                break
             else:
-                log.info("%s: draining", signal.Signals(signum).name)
+                log.info("%s: draining", name)
                 await self.drain()
-                return
+                break
+        stop.cancel()
 
     async def drain(self) -> None:
         """Withdraw routes (gracefully if configured), keep forwarding for drain_s."""
@@ -186,6 +209,10 @@ class Node:
             log.warning("BGP shutdown did not finish within %ss", CLEANUP_TIMEOUT_S)
 
     async def reload(self) -> None:
+        async with self._reload_lock:  # a SIGHUP from start-up and a new one never overlap
+            await self._reload()
+
+    async def _reload(self) -> None:
         path = self.args.config_path
         if path is None:
             log.warning("SIGHUP: no --config to reload")

@@ -16,7 +16,21 @@ import trio
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "/run/lbnode.sock"
+RUN_DIR = "/run/lbnode"
+
+
+def default_socket(ifname: str) -> str:
+    """One status socket per interface, like the interface lock: a node on another interface
+    never replaces this one's."""
+    return f"{RUN_DIR}/{ifname}.sock"
+
+
+def find_socket() -> str:
+    """`lbnode status` without --if or --socket: the one node running on this host."""
+    sockets = sorted(p for p in os.listdir(RUN_DIR) if p.endswith(".sock")) if os.path.isdir(RUN_DIR) else []
+    if len(sockets) != 1:
+        raise OSError(f"{len(sockets)} status sockets in {RUN_DIR}: name one with --if or --socket")
+    return f"{RUN_DIR}/{sockets[0]}"
 
 
 async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
@@ -28,8 +42,13 @@ async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
         os.unlink(path)
     except FileNotFoundError:
         pass
-    await sock.bind(path)
-    os.chmod(path, 0o660)
+    # The mode comes from the umask at bind time: a chmod afterwards would follow a symlink put
+    # at `path` in between. (The umask is process-wide; nothing else creates files meanwhile.)
+    old_umask = os.umask(0o117)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
     sock.listen(16)
     listener = trio.SocketListener(sock)
 

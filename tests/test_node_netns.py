@@ -120,3 +120,34 @@ def test_node_balances_follows_health_reloads_and_drains(lab: SingleNodeLab, tmp
     node.send_signal(signal.SIGTERM)
     assert node.wait(timeout=15) == 0
     assert attached_program_id("eth0", netns=lab.node.ns) == 0
+
+
+def _start_logged(lab: SingleNodeLab, config: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return lab.lab.spawn(lab.node.ns, sys.executable, "-m", "cluster.cli", "--ip", lab.node.ip4, "--if", "eth0",
+                             "--config", str(config), "--status-socket", str(sock), cwd=Path(__file__).parents[1],
+                             stderr=out, stdout=out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_start_up_is_handled(lab: SingleNodeLab, tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM while compiling stops cleanly, with nothing left attached; SIGHUP is applied once up."""
+    addresses = [b.ip4 for b in lab.backends]
+    config = tmp_path / "node.yaml"
+    config.write_text(config_text(addresses))
+    sock = tmp_path / "status.sock"
+    log = tmp_path / "node.log"
+    node = _start_logged(lab, config, sock, log)
+    # The node is in its seconds-long compile (its log says so first): the moment to signal.
+    wait_until(lambda: "compiling the XDP program" in log.read_text(), timeout_s=30, interval_s=0.01,
+               what="the node compiling")
+    node.send_signal(sig)
+    if sig == signal.SIGTERM:
+        assert node.wait(timeout=30) == 0
+        assert attached_program_id("eth0", netns=lab.node.ns) == 0
+        return
+    wait_until(lambda: (s := node_status(sock)) and s["node"]["state"] == "serving"
+               and s["node"]["reloads"]["ok"] == 1, timeout_s=30, what="serving, with the reload applied")
+    assert node.poll() is None
+    node.send_signal(signal.SIGTERM)
+    assert node.wait(timeout=15) == 0
