@@ -120,8 +120,20 @@ def check_config(argv: list[str]) -> int:
     parser.add_argument("--ip", default="192.0.2.1", help="the node's --ip (BGP defaults); default %(default)s")
     args = parser.parse_args(argv)
     config = load_config(args.path, parse_ip(args.ip))
-    print(json.dumps(normalised(config), indent=2, sort_keys=True))
+    print(json.dumps(masked(normalised(config)), indent=2, sort_keys=True))
     return 0
+
+
+SECRET_KEYS = frozenset({"md5_password"})
+
+
+def masked(data: object) -> object:
+    """The normalised config with secrets replaced (it is printed, and pasted into tickets)."""
+    if isinstance(data, dict):
+        return {k: ("********" if k in SECRET_KEYS and v is not None else masked(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    return data
 
 
 def show_status(argv: list[str]) -> int:

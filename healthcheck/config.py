@@ -244,6 +244,8 @@ def _http_options(d: Mapping[str, Any], path: str) -> HttpOptions:
     body = d.get("body_contains")
     if body is not None and (not isinstance(body, str) or not body):
         raise ConfigError(f"{path}.body_contains", f"must be a non-empty string, got {body!r}")
+    if body is not None and method == "HEAD":
+        raise ConfigError(f"{path}.body_contains", "cannot pass with method HEAD: a HEAD response has no body")
     verify = _bool(d, "verify", path, True)
     sni = d.get("sni")
     if sni is not None and (not isinstance(sni, str) or not _HOST.fullmatch(sni)):
