@@ -44,6 +44,7 @@ import socket as stdsocket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -58,6 +59,7 @@ TABLE_BASE = 0x4C420000
 RULE_PREF = 9000
 ROUTE_PROTO = 76  # rtnetlink protocol tag of our routes ("L"), so one `ip route show` lists them all
 CLEANUP_TIMEOUT_S = 5.0
+STATE_DIR = "/run/lbnode"
 REFRESH_S = 1.0  # how often `maintain` puts back what the kernel flushed (a link that went down)
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -219,7 +221,10 @@ class VipSteering:
     """
 
     def __init__(self, netns: str | None = None, *, mark_base: int = MARK_BASE, table_base: int = TABLE_BASE,
-                 pref: int = RULE_PREF, relax_rp_filter: bool = True, refresh_s: float = REFRESH_S) -> None:
+                 pref: int = RULE_PREF, relax_rp_filter: bool = True, refresh_s: float = REFRESH_S,
+                 state_dir: str | None = STATE_DIR) -> None:
+        """`state_dir`: where the rp_filter values from before ours are kept while they are
+        changed, so that the run after a SIGKILLed one can still put them back (None: memory only)."""
         self.netns = netns
         self.mark_base = mark_base
         self.table_base = table_base
@@ -232,6 +237,8 @@ class VipSteering:
         self._marks: dict[IPAddress, int] = {}
         self._routed: set[IPAddress] = set()  # backends whose routes we installed
         self._saved_sysctls: dict[str, str] = {}  # values we changed, restored by `remove`
+        self._state_path = (Path(state_dir) / f"rp_filter-{netns or os.stat('/proc/self/ns/net').st_ino}.json"
+                            if state_dir else None)
         self._relaxed: set[str] = set()  # rp_filter keys set to 0 so far
         self._last_error: str | None = None
 
@@ -328,8 +335,10 @@ class VipSteering:
             return
         previous = await self._sysctl_read(keys)
         changed = {k: v for k, v in previous.items() if v != "0"}
-        self._saved_sysctls = {**changed, **self._saved_sysctls}  # keep the values from before *any* of ours
+        # Keep the values from before *any* of ours: also those a killed earlier run recorded.
+        self._saved_sysctls = {**changed, **self._saved_sysctls, **self._recorded()}
         if changed:
+            self._record(self._saved_sysctls)  # before the change: a SIGKILL right after loses nothing
             await self._sysctl({k: "0" for k in changed})
         self._relaxed.update(keys)
 
@@ -339,11 +348,34 @@ class VipSteering:
         Raises `SteeringError` if the sysctls could not be restored (the routing is gone by then).
         """
         entries, self.entries, self._marks, self.unrouted, self._routed = self.entries, (), {}, {}, set()
-        saved, self._saved_sysctls, self._relaxed = self._saved_sysctls, {}, set()
+        saved, self._saved_sysctls, self._relaxed = {**self._saved_sysctls, **self._recorded()}, {}, set()
         for version, fam in by_family(entries):
             await self._batch(version, remove_commands(fam, self.pref), force=True)
         if saved:
             await self._sysctl(saved)
+        if self._state_path is not None:
+            self._state_path.unlink(missing_ok=True)
+
+    def _recorded(self) -> dict[str, str]:
+        """The values a run (this one, or a killed earlier one) recorded before changing them."""
+        if self._state_path is None:
+            return {}
+        try:
+            data = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s: ignoring unreadable %s: %s", self.where, self._state_path, exc)
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _record(self, values: Mapping[str, str]) -> None:
+        if self._state_path is None:
+            return
+        self._state_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(values)))
+        tmp.replace(self._state_path)  # atomic: a reader sees the old file or the new one
 
     async def _ip_json(self, version: int, args: list[str]) -> list[dict[str, Any]]:
         out = await self._ip(version, ["-j", *args])

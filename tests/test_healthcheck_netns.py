@@ -239,6 +239,26 @@ async def test_remove_restores_the_rp_filter_values_apply_changed(topo: Topology
     assert "fwmark" not in topo.lab.ns_run(chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
 
 
+async def test_rp_filter_values_survive_a_killed_run(topo: Topology, tmp_path: Path) -> None:
+    """The values from before ours are recorded before they change, so the run after a SIGKILL
+    (which never restores) still puts back the operator's values, not our zeros."""
+    chk = topo.chk
+    before = _rp_filter(topo.lab, chk)
+    topo.lab.ns_run(chk, "sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=2", "net.ipv4.conf.eth0.rp_filter=1")
+    killed = VipSteering(chk, state_dir=str(tmp_path))
+    with trio.fail_after(10):
+        await killed.apply([(ip_address(VIP), ip_address(B1))])  # and never removed
+        assert _rp_filter(topo.lab, chk) == ("0", "0")
+        assert list(tmp_path.glob("rp_filter-*.json"))
+        after = VipSteering(chk, state_dir=str(tmp_path))
+        await after.apply([(ip_address(VIP), ip_address(B1))])
+        await after.remove()
+    assert _rp_filter(topo.lab, chk) == ("2", "1")
+    assert not list(tmp_path.glob("rp_filter-*.json"))
+    topo.lab.ns_run(chk, "sysctl", "-q", "-w", f"net.ipv4.conf.all.rp_filter={before[0]}",
+                    f"net.ipv4.conf.eth0.rp_filter={before[1]}")
+
+
 class _SysctlFails(VipSteering):
     """Fault injection: the rp_filter write fails (`raise`) or never finishes (`hang`)."""
 
