@@ -123,6 +123,9 @@ class _IndexPool:
     def give_back(self, index: int) -> None:
         self.freed.append(index)
 
+    def available(self) -> int:
+        return self.size - self.next_unused + len(self.freed)
+
 
 @dataclass
 class _ServiceState:
@@ -275,14 +278,40 @@ class DataPlane:
         purge quarantined indexes when every index is taken."""
         wanted = {spec.key: spec for spec in services}
         with self._lock:
+            order = self._plan(wanted)  # raises, before any map is touched, if the change cannot fit
             try:
                 for key in [k for k in self._services if k not in wanted]:
                     self._remove_service(key)
-                for spec in wanted.values():
+                for spec in order:
                     self._apply_service(spec)
                 self._sync_vips()
             finally:
                 self._publish()
+
+    def _plan(self, wanted: Mapping[tuple[IPAddress, int, int], ServiceSpec]) -> list[ServiceSpec]:
+        """Check that the change fits the index pools, and order it so that it does: services
+        that give backend indexes back go before those that need new ones (a reload may move
+        backends from one service to another at the limit). A change that cannot fit is refused
+        here, so that a refused reload leaves the kernel's state exactly as it was."""
+        def delta(spec: ServiceSpec) -> int:  # backend indexes this service needs (< 0: gives back)
+            state = self._services.get(spec.key)
+            addresses = {b.address for b in spec.backends}
+            if state is None:
+                return len(addresses)
+            return len(addresses - set(state.backends)) - len(set(state.backends) - addresses)
+        removed = [state for key, state in self._services.items() if key not in wanted]
+        new_services = sum(1 for key in wanted if key not in self._services)
+        services_free = self._service_pool.available() + len(self._quarantined_services) + len(removed)
+        if new_services > services_free:
+            raise MapError(f"the change needs {new_services} new service indexes, {services_free} are free "
+                           f"(limit {self.limits.max_services})")
+        deltas = {key: delta(spec) for key, spec in wanted.items()}
+        needed = sum(deltas.values()) - sum(len(state.backends) for state in removed)
+        backends_free = self._backend_pool.available() + len(self._quarantined_backends)
+        if needed > backends_free:
+            raise MapError(f"the change needs {needed} more backend indexes than it frees, {backends_free} are "
+                           f"free (limit {self.limits.max_backends})")
+        return sorted(wanted.values(), key=lambda spec: deltas[spec.key])
 
     def _apply_service(self, spec: ServiceSpec) -> None:
         state = self._services.get(spec.key)

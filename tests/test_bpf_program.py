@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, Raw  # type: ignore[attr-defined]
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig
 
-from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
+from bpf.dataplane import BackendSpec, DataPlane, MapError, ServiceSpec
+from bpf.loader import Limits
 from bpf.flowhash import flow_hash
 from bpf.structs import EVENT_FLOW_CLOSE, EVENT_FLOW_NEW, FLOW_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP, Flow, FlowEvent, FlowKey, Stat
 from bpf.testrun import XdpAction, run_xdp
@@ -413,5 +414,30 @@ def test_a_reused_backend_index_does_not_inherit_old_pins() -> None:
         dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(b for b in (B1, B2, B3) if b.address != pinned) + (newcomer,))])
         assert dp.backend_index(VIP4, 80, IPPROTO_TCP, newcomer.address) == flow.backend  # the freed index
         assert dp.lookup_flow(key) is None, "the old pin was purged before the index got a new owner"
+    finally:
+        dp.close()
+
+
+def test_a_change_that_cannot_fit_is_refused_before_any_map_is_touched() -> None:
+    """At the backend limit a reload may move backends between services (the one that gives an
+    index back goes first), and one that needs more than there are changes nothing at all."""
+    dp = DataPlane(Limits(max_backends=4))
+    dp.set_config(OUR_MAC, refresh_s=1.0)
+    try:
+        four = [BackendSpec(ip(f"10.0.0.{20 + i}"), f"02:00:00:00:0c:0{i}") for i in range(4)]
+        extra = [BackendSpec(ip(f"10.0.1.{20 + i}"), f"02:00:00:00:0d:0{i}") for i in range(2)]
+        a = ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(four))
+        dp.apply([a])
+        a3 = ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(four[:3]))
+        dp.apply([ServiceSpec(VIP4, 53, IPPROTO_UDP, tuple(extra[:1])), a3])  # B listed first, needs A's index
+        assert dp.service_index(VIP4, 53, IPPROTO_UDP) is not None
+        table = dp.table(VIP4, 80, IPPROTO_TCP)
+        indexes = {b.address: dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address) for b in four[:3]}
+        with pytest.raises(MapError, match="needs 1 more backend indexes than it frees, 0 are free"):
+            dp.apply([ServiceSpec(VIP4, 53, IPPROTO_UDP, tuple(extra)), a3])
+        assert dp.table(VIP4, 80, IPPROTO_TCP) == table
+        assert {b.address: dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address) for b in four[:3]} == indexes
+        assert dp.backend_index(VIP4, 53, IPPROTO_UDP, extra[1].address) is None
+        assert Ether(run_xdp(dp.fd, tcp4("A", sport=7300)).packet).dst in {b.mac for b in four[:3]}
     finally:
         dp.close()
