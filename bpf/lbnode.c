@@ -12,6 +12,9 @@
  * at the handshake's ACK, or at any mid-flow packet of a flow that moved here from another
  * node. Bare SYNs are forwarded by the table alone. UDP flows are pinned at their first packet.
  * Each pin is reported on the flow_events ring buffer; so is the first FIN/RST of a pinned flow.
+ *
+ * Malformed frames: the IP length fields are checked against the frame and every header inside
+ * against them (see "Length checks"); a frame that fails is passed to the kernel, never forwarded.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -93,12 +96,21 @@ static __always_inline void ipv4_to_16(__be32 *out, __be32 addr)
 	out[3] = addr;
 }
 
-/* TCP or UDP ports (and TCP flags) at l4. */
-static __always_inline int parse_ports(void *l4, void *data_end, struct packet *pkt)
+/* Length checks. The IP layer's length field is checked against the frame first (the datagram
+ * must fit; bytes after it are an Ethernet trailer and are forwarded unchanged), then every
+ * header inside is checked against the datagram: l4_len is the number of bytes the IP length
+ * field leaves after the IP (and IPv6 extension) headers. Pointer checks against data_end stay
+ * for the verifier. Anything that fails is PARSE_UNPARSED: passed to the kernel, never forwarded. */
+
+/* TCP or UDP ports (and TCP flags) at l4, whose datagram leaves l4_len bytes for them. */
+static __always_inline int parse_ports(void *l4, __u32 l4_len, void *data_end, struct packet *pkt)
 {
 	if (pkt->key.proto == IPPROTO_TCP) {
 		struct tcphdr *tcp = l4;
 		if ((void *)(tcp + 1) > data_end)
+			return PARSE_UNPARSED;
+		__u32 doff = tcp->doff * 4; /* header with options */
+		if (doff < sizeof(*tcp) || doff > l4_len || l4 + doff > data_end)
 			return PARSE_UNPARSED;
 		pkt->key.sport = tcp->source;
 		pkt->key.dport = tcp->dest;
@@ -109,6 +121,9 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct packet *
 		struct udphdr *udp = l4;
 		if ((void *)(udp + 1) > data_end)
 			return PARSE_UNPARSED;
+		__u32 ulen = bpf_ntohs(udp->len); /* shorter than l4_len: the rest is IP padding */
+		if (ulen < sizeof(*udp) || ulen > l4_len)
+			return PARSE_UNPARSED;
 		pkt->key.sport = udp->source;
 		pkt->key.dport = udp->dest;
 		return PARSE_OK;
@@ -116,11 +131,13 @@ static __always_inline int parse_ports(void *l4, void *data_end, struct packet *
 	return PARSE_NOT_OURS;
 }
 
-/* The quoted header's first 4 L4 bytes are its ports: the flow is the reverse of the quote. */
-static __always_inline int key_from_quote(void *ports, void *data_end, __u8 proto, struct packet *pkt)
+/* The quoted header's first 4 L4 bytes are its ports: the flow is the reverse of the quote.
+ * quoted is how many bytes of the ICMP message precede them. */
+static __always_inline int key_from_quote(void *ports, __u32 quoted, __u32 l4_len, void *data_end,
+					  __u8 proto, struct packet *pkt)
 {
 	__be16 *p = ports;
-	if ((void *)(p + 2) > data_end)
+	if ((void *)(p + 2) > data_end || quoted + 4 > l4_len)
 		return PARSE_UNPARSED;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return PARSE_NOT_OURS;
@@ -132,7 +149,7 @@ static __always_inline int key_from_quote(void *ports, void *data_end, __u8 prot
 }
 
 /* ICMP "fragmentation needed" about a packet a backend sent from a VIP. */
-static __always_inline int parse_icmp4(void *l4, void *data_end, struct packet *pkt)
+static __always_inline int parse_icmp4(void *l4, __u32 l4_len, void *data_end, struct packet *pkt)
 {
 	struct icmphdr *icmp = l4;
 	if ((void *)(icmp + 1) > data_end)
@@ -148,8 +165,12 @@ static __always_inline int parse_icmp4(void *l4, void *data_end, struct packet *
 	/* The ICMP went to the VIP that sent the quoted packet. */
 	if (inner->saddr != pkt->key.dst[3])
 		return PARSE_NOT_OURS;
+	/* A later fragment's payload is data, not an L4 header: there are no ports to read. */
+	if (inner->frag_off & bpf_htons(0x1fff))
+		return PARSE_NOT_OURS;
 	ipv4_to_16(pkt->key.src, inner->daddr);
-	return key_from_quote((void *)inner + ihl * 4, data_end, inner->protocol, pkt);
+	return key_from_quote((void *)inner + ihl * 4, sizeof(*icmp) + ihl * 4, l4_len, data_end,
+			      inner->protocol, pkt);
 }
 
 static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *pkt)
@@ -160,21 +181,25 @@ static __always_inline int parse_ipv4(void *l3, void *data_end, struct packet *p
 	__u32 ihl = ip->ihl;
 	if (ip->version != 4 || ihl < 5)
 		return PARSE_UNPARSED;
-	void *l4 = l3 + ihl * 4;
-	if (l4 > data_end)
+	__u32 hlen = ihl * 4;
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < hlen || l3 + tot_len > data_end)
 		return PARSE_UNPARSED;
+	void *l4 = l3 + hlen;
+	__u32 l4_len = tot_len - hlen;
 	ipv4_to_16(pkt->key.src, ip->saddr);
 	ipv4_to_16(pkt->key.dst, ip->daddr);
 	pkt->key.proto = ip->protocol;
 	if (ip->frag_off & bpf_htons(0x3fff)) /* MF or a fragment offset */
 		return PARSE_FRAGMENT;
 	if (ip->protocol == IPPROTO_ICMP)
-		return parse_icmp4(l4, data_end, pkt);
-	return parse_ports(l4, data_end, pkt);
+		return parse_icmp4(l4, l4_len, data_end, pkt);
+	return parse_ports(l4, l4_len, data_end, pkt);
 }
 
-/* ICMPv6 "packet too big" about a packet a backend sent from a VIP. */
-static __always_inline int parse_icmp6(void *l4, void *data_end, struct packet *pkt)
+/* ICMPv6 "packet too big" about a packet a backend sent from a VIP. A quoted fragment (or any
+ * extension header) is never read as ports: only a quote whose next header is TCP/UDP is. */
+static __always_inline int parse_icmp6(void *l4, __u32 l4_len, void *data_end, struct packet *pkt)
 {
 	struct icmp6hdr *icmp = l4;
 	if ((void *)(icmp + 1) > data_end)
@@ -189,7 +214,7 @@ static __always_inline int parse_icmp6(void *l4, void *data_end, struct packet *
 	    quoted_src[2] != pkt->key.dst[2] || quoted_src[3] != pkt->key.dst[3])
 		return PARSE_NOT_OURS;
 	__builtin_memcpy(pkt->key.src, &inner->daddr, 16);
-	return key_from_quote(inner + 1, data_end, inner->nexthdr, pkt);
+	return key_from_quote(inner + 1, sizeof(*icmp) + sizeof(*inner), l4_len, data_end, inner->nexthdr, pkt);
 }
 
 static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *pkt)
@@ -199,10 +224,14 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
 		return PARSE_UNPARSED;
 	if (ip6->version != 6)
 		return PARSE_UNPARSED;
+	__u32 payload_len = bpf_ntohs(ip6->payload_len);
+	if ((void *)(ip6 + 1) + payload_len > data_end)
+		return PARSE_UNPARSED;
 	__builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
 	__builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
 	__u8 nexthdr = ip6->nexthdr;
 	void *l4 = ip6 + 1;
+	__u32 ext_len = 0; /* extension headers walked, in bytes */
 #pragma unroll
 	for (int i = 0; i < IPV6_EXT_HEADERS_MAX; i++) {
 		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING && nexthdr != IPPROTO_DSTOPTS)
@@ -211,16 +240,21 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
 		if ((void *)(opt + 1) > data_end)
 			return PARSE_UNPARSED;
 		nexthdr = opt->nexthdr;
-		l4 += (opt->hdrlen + 1) * 8;
+		__u32 len = (opt->hdrlen + 1) * 8;
+		l4 += len;
+		ext_len += len;
 	}
+	if (ext_len > payload_len)
+		return PARSE_UNPARSED; /* an extension header runs past the payload */
+	__u32 l4_len = payload_len - ext_len;
 	pkt->key.proto = nexthdr;
 	if (nexthdr == IPPROTO_FRAGMENT)
 		return PARSE_FRAGMENT;
 	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS)
 		return PARSE_UNPARSED; /* more extension headers than we walk */
 	if (nexthdr == IPPROTO_ICMPV6)
-		return parse_icmp6(l4, data_end, pkt);
-	return parse_ports(l4, data_end, pkt);
+		return parse_icmp6(l4, l4_len, data_end, pkt);
+	return parse_ports(l4, l4_len, data_end, pkt);
 }
 
 static __always_inline void emit(struct packet *pkt, struct backend *be, __u32 backend_idx,

@@ -132,7 +132,8 @@ struct backend_stats {
 /* Global verdict counters; every verdict lands in exactly one of the first six. */
 enum lb_stat {
 	STAT_PASS = 0,          /* not for a service */
-	STAT_PASS_UNPARSED,     /* too short or malformed to classify: left to the kernel */
+	STAT_PASS_UNPARSED,     /* too short, malformed, or lengths that disagree with the frame or each
+	                         * other: left to the kernel, never forwarded */
 	STAT_PASS_NOT_OURS,     /* destination MAC not ours (flooded or promiscuous): left to the kernel */
 	STAT_TX,                /* forwarded to a backend */
 	STAT_DROP_NO_BACKEND,   /* service without a usable backend */

@@ -19,7 +19,17 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig
 from bpf.dataplane import BackendSpec, DataPlane, MapError, ServiceSpec
 from bpf.loader import Limits
 from bpf.flowhash import flow_hash
-from bpf.structs import EVENT_FLOW_CLOSE, EVENT_FLOW_NEW, FLOW_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP, Flow, FlowEvent, FlowKey, Stat
+from bpf.structs import (
+    EVENT_FLOW_CLOSE,
+    EVENT_FLOW_NEW,
+    FLOW_F_CLOSING,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Flow,
+    FlowEvent,
+    FlowKey,
+    Stat,
+)
 from bpf.testrun import XdpAction, run_xdp
 
 pytestmark = pytest.mark.bpf
@@ -86,14 +96,43 @@ def stat_delta(dp: DataPlane, before: dict[Stat, int]) -> dict[Stat, int]:
     return {k: v - before[k] for k, v in dp.stats().items() if v != before[k]}
 
 
-def too_big4(quoted_sport: int = 80, quoted_dst: str = CLIENT4) -> bytes:
-    quote = IP(src=str(VIP4), dst=quoted_dst) / TCP(sport=quoted_sport, dport=40000, flags="PA")
-    return bytes(eth() / IP(src="198.51.100.1", dst=str(VIP4)) / ICMP(type=3, code=4, nexthopmtu=1400) / bytes(quote)[:28])
+def too_big4(quoted_sport: int = 80, quoted_dst: str = CLIENT4, quote: bytes | None = None) -> bytes:
+    if quote is None:
+        quote = bytes(IP(src=str(VIP4), dst=quoted_dst) / TCP(sport=quoted_sport, dport=40000, flags="PA"))[:28]
+    return bytes(eth() / IP(src="198.51.100.1", dst=str(VIP4)) / ICMP(type=3, code=4, nexthopmtu=1400) / quote)
 
 
-def too_big6() -> bytes:
-    quote = IPv6(src=str(VIP6), dst=CLIENT6) / TCP(sport=443, dport=40000, flags="PA") / Raw(b"y" * 40)
-    return bytes(eth() / IPv6(src="2001:db8:ff::1", dst=str(VIP6)) / ICMPv6PacketTooBig(mtu=1280) / bytes(quote))
+def too_big6(quote: bytes | None = None) -> bytes:
+    if quote is None:
+        quote = bytes(IPv6(src=str(VIP6), dst=CLIENT6) / TCP(sport=443, dport=40000, flags="PA") / Raw(b"y" * 40))
+    return bytes(eth() / IPv6(src="2001:db8:ff::1", dst=str(VIP6)) / ICMPv6PacketTooBig(mtu=1280) / quote)
+
+
+def with_ip_len(frame: bytes, length: int) -> bytes:
+    """`frame` with its IPv4 total length, or IPv6 payload length, set to `length` (nothing else changes)."""
+    offset = 16 if frame[12:14] == b"\x08\x00" else 18
+    return frame[:offset] + length.to_bytes(2, "big") + frame[offset + 2:]
+
+
+def with_byte(frame: bytes, offset: int, value: int) -> bytes:
+    return frame[:offset] + bytes([value]) + frame[offset + 1:]
+
+
+TRAILER = b"\x00" * 6  # what a NIC pads a 54-byte bare ACK with to the 60-byte minimum
+TCP4 = tcp4("A")  # 14 + 20 + 20 + 20 bytes of payload: IPv4 total length 60
+UDP4 = bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=5353, dport=53) / Raw(b"q" * 8))  # total 36
+TCP6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=1234, dport=443, flags="A") / Raw(b"x" * 10))  # payload 30
+HBH6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / IPv6ExtHdrHopByHop() / TCP(sport=1234, dport=443, flags="A"))
+TCP_OPTIONS = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 2))]  # 20 bytes: data offset 10
+OPT4 = bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / TCP(sport=2, dport=80, flags="A", options=TCP_OPTIONS))
+OPT6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=2, dport=443, flags="A", options=TCP_OPTIONS))
+OPT4_CUT, OPT6_CUT = OPT4[:-4], OPT6[:-4]  # the last 4 option bytes are missing
+# A quote of a later fragment (offset 1480) of a backend's reply: its first payload bytes happen
+# to read like ports 80 -> 40000, but they are the middle of the flow's data, not a header.
+QUOTED_LATER_FRAGMENT4 = bytes(IP(src=str(VIP4), dst=CLIENT4, proto=6, frag=185)) + b"\x00\x50\x9c\x40" + b"d" * 4
+QUOTED_FIRST_FRAGMENT4 = bytes(IP(src=str(VIP4), dst=CLIENT4, flags="MF") / TCP(sport=80, dport=40000, flags="PA"))[:28]
+QUOTED_LATER_FRAGMENT6 = bytes(IPv6(src=str(VIP6), dst=CLIENT6) / IPv6ExtHdrFragment(nh=6, offset=185)
+                               / Raw(b"\x01\xbb\x9c\x40" + b"d" * 40))
 
 
 # {description, frame, expected verdict, expected output (None: unchanged), expected counter}
@@ -143,6 +182,52 @@ CASES = [
     ("IPv4 IHL below 5", tcp4()[:14] + bytes([0x44]) + tcp4()[15:], XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IHL pointing past the frame", tcp4()[:14] + bytes([0x4F]) + tcp4()[15:14 + 40], XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv6 header cut short", bytes(eth() / IPv6(dst=str(VIP6)))[:14 + 30], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    # Length fields against the frame and each other: a datagram that does not fit its own
+    # lengths is never forwarded; bytes after a consistent datagram are an Ethernet trailer.
+    ("IPv4 total length larger than the frame", with_ip_len(TCP4, 1500), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length one byte too large", with_ip_len(TCP4, 61), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length smaller than the IP header", with_ip_len(TCP4, 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length zero", with_ip_len(TCP4, 0), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the IP options (IHL 6)",
+     with_ip_len(bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=80, flags="PA")), 22),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the TCP header", with_ip_len(TCP4, 20 + 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the UDP header", with_ip_len(UDP4, 20 + 7), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the TCP options", with_ip_len(OPT4, 20 + 36), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside an ICMP error's quote", with_ip_len(too_big4(), 20 + 8 + 20 + 3),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length larger than the frame", with_ip_len(TCP6, 1400), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length one byte too large", with_ip_len(TCP6, 31), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length ending inside the TCP header", with_ip_len(TCP6, 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length ending inside a hop-by-hop header", with_ip_len(HBH6, 4), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length ending inside an ICMPv6 error's quote", with_ip_len(too_big6(), 8 + 40 + 3),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("TCP options cut off by the end of the frame (IPv4 length says so too)", with_ip_len(OPT4_CUT, len(OPT4_CUT) - 14),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("TCP options cut off by the end of the frame (IPv4 length says they are there)", OPT4_CUT,
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("TCP options cut off by the end of the frame (IPv6 length says so too)", with_ip_len(OPT6_CUT, len(OPT6_CUT) - 54),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("TCP data offset below 5", with_byte(TCP4, 14 + 20 + 12, 0x40), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("UDP length larger than the IP payload", with_byte(UDP4, 14 + 20 + 5, 17), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("UDP length below the UDP header", with_byte(UDP4, 14 + 20 + 5, 7), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 TCP with an Ethernet trailer", TCP4 + TRAILER, XdpAction.TX, B1, Stat.TX),
+    ("IPv4 total length ending right after the TCP header (the payload becomes trailer)", with_ip_len(TCP4, 40),
+     XdpAction.TX, B1, Stat.TX),
+    ("IPv4 UDP with an Ethernet trailer", UDP4 + TRAILER, XdpAction.TX, B2, Stat.TX),
+    ("UDP length shorter than the IP payload (the rest is IP padding)", with_byte(UDP4, 14 + 20 + 5, 8),
+     XdpAction.TX, B2, Stat.TX),
+    ("IPv6 TCP with an Ethernet trailer", TCP6 + TRAILER, XdpAction.TX, B6, Stat.TX),
+    ("IPv4 TCP with complete options", OPT4, XdpAction.TX, B1, Stat.TX),
+    ("IPv6 TCP with complete options", OPT6, XdpAction.TX, B6, Stat.TX),
+    ("ICMP frag-needed with an Ethernet trailer", too_big4() + TRAILER, XdpAction.TX, B1, Stat.TX),
+    # An ICMP error quoting a fragment: only the first one holds the L4 header.
+    ("ICMP frag-needed quoting a first fragment (MF, offset 0)", too_big4(quote=QUOTED_FIRST_FRAGMENT4),
+     XdpAction.TX, B1, Stat.TX),
+    ("ICMP frag-needed quoting a later fragment: its payload is not ports", too_big4(quote=QUOTED_LATER_FRAGMENT4),
+     XdpAction.PASS, None, Stat.PASS),
+    ("ICMPv6 packet-too-big quoting a later fragment: its payload is not ports", too_big6(quote=QUOTED_LATER_FRAGMENT6),
+     XdpAction.PASS, None, Stat.PASS),
 ]
 
 
