@@ -262,9 +262,14 @@ class DataPlane:
 
     # ---- configuration -----------------------------------------------------------------------
 
-    def set_config(self, mac: str, refresh_s: float = 1.0) -> None:
-        """Our MAC (source of forwarded frames) and how stale a flow's timestamp may get."""
-        self._config = LbConfig((ctypes.c_uint8 * 6)(*structs.mac_bytes(mac)), 0, int(refresh_s * 1e9))
+    def set_config(self, mac: str, refresh_s: float = 1.0, max_new_per_s_per_cpu: int = 0) -> None:
+        """Our MAC (source of forwarded frames), how stale a flow's timestamp may get, and the cap
+        on new pins per CPU per second of the published clock (0: none; see bpf/lbnode.c). The
+        window's boundary is seen at the next tick(), so it lasts max(1 s, refresh_s / 2)."""
+        if not 0 <= max_new_per_s_per_cpu <= 0xFFFFFFFF:
+            raise ValueError(f"max_new_per_s_per_cpu must be 0..2^32-1, got {max_new_per_s_per_cpu}")
+        self._config = LbConfig((ctypes.c_uint8 * 6)(*structs.mac_bytes(mac)), 0, int(refresh_s * 1e9), 0,
+                                max_new_per_s_per_cpu)
         self.tick()
 
     def tick(self, now_ns: int | None = None) -> None:

@@ -12,6 +12,10 @@
  * at the handshake's ACK, or at any mid-flow packet of a flow that moved here from another
  * node. Bare SYNs are forwarded by the table alone. UDP flows are pinned at their first packet.
  * Each pin is reported on the flow_events ring buffer; so is the first FIN/RST of a pinned flow.
+ * A flood of new flows that are pinned (spoofed UDP, mid-flow ACKs) is capped per CPU
+ * (lb_config.max_new_per_s_per_cpu pins per NEW_PIN_WINDOW_NS, like Katran's LRU bypass above
+ * MAX_CONN_RATE per core): above the cap a new flow is forwarded by the table alone, like a
+ * SYN, neither pinned nor reported, and counted (STAT_FLOOD_UNPINNED).
  *
  * Malformed frames: the IP length fields are checked against the frame and every header inside
  * against them (see "Length checks"); a frame that fails is passed to the kernel, never forwarded.
@@ -257,6 +261,30 @@ static __always_inline int parse_ipv6(void *l3, void *data_end, struct packet *p
 	return parse_ports(l4, l4_len, data_end, pkt);
 }
 
+/* Flood guard: may this CPU pin one more new flow in the current window? The window is
+ * NEW_PIN_WINDOW_NS of the control plane's published clock (lb_config.epoch_ns), so it starts
+ * at the first pin after the previous one ended, and its boundary is seen when the next tick
+ * is published (every refresh_ns / 2). Per CPU, so no two CPUs share the counter. */
+static __always_inline int pin_allowed(const struct lb_config *cfg, __u64 now)
+{
+	__u32 cap = cfg->max_new_per_s_per_cpu;
+	if (cap == 0)
+		return 1;
+	__u32 zero = 0;
+	struct pin_window *w = pin_windows.lookup(&zero);
+	if (!w)
+		return 1;
+	__s64 age = (__s64)(now - w->start_ns);
+	if (age >= NEW_PIN_WINDOW_NS || age < 0) { /* a new window (or a clock set back) */
+		w->start_ns = now;
+		w->pins = 0;
+	}
+	if (w->pins >= cap)
+		return 0;
+	w->pins += 1;
+	return 1;
+}
+
 static __always_inline void emit(struct packet *pkt, struct backend *be, __u32 backend_idx,
 				 __u32 service_idx, __u64 now, __u8 kind)
 {
@@ -384,7 +412,11 @@ int xdp_main(struct xdp_md *ctx)
 
 	if (bare_syn) {
 		count(STAT_SYN_UNPINNED);
-	} else if (!pkt.icmp_too_big && !(is_tcp && (pkt.tcp_flags & TCP_RST))) {
+	} else if (pkt.icmp_too_big || (is_tcp && (pkt.tcp_flags & TCP_RST))) {
+		/* never pinned */
+	} else if (!pin_allowed(cfg, now)) {
+		count(STAT_FLOOD_UNPINNED); /* the table alone decides, as for a SYN; no ring event */
+	} else {
 		/* A flow that arrives here at its FIN (moved from another node) is already closing. */
 		struct flow pinned = {.backend = backend_idx, .service = service_idx, .last_seen_ns = now,
 				      .flags = closing ? FLOW_F_CLOSING : 0};

@@ -36,6 +36,8 @@
 #define CH_TABLES_TOTAL (MAX_SERVICES * 2 * CH_TABLE_SIZE)
 #define NO_BACKEND 0xffffffffu
 #define FLOW_HASH_SEED 0x6c626e64u /* "lbnd"; bpf/flowhash.py uses the same */
+/* Length of a new-pin window (lb_config.max_new_per_s_per_cpu), on the published clock. */
+#define NEW_PIN_WINDOW_NS 1000000000
 
 /* Flow table key: the 5-tuple as the client sent it. pad must be zero (it is hashed). */
 struct flow_key {
@@ -97,6 +99,16 @@ struct lb_config {
 	__u16 flags;
 	__u64 refresh_ns; /* rewrite flow.last_seen_ns only when older than this */
 	__u64 epoch_ns;   /* CLOCK_MONOTONIC ns, rewritten by user space every refresh_ns / 2 */
+	__u32 max_new_per_s_per_cpu; /* new pins per CPU per NEW_PIN_WINDOW_NS; more are forwarded
+	                              * by the table, unpinned and unreported. 0 = no cap */
+	__u32 pad;
+};
+
+/* One CPU's new-pin window: when it started (lb_config.epoch_ns) and the pins made in it. */
+struct pin_window {
+	__u64 start_ns;
+	__u32 pins;
+	__u32 pad;
 };
 
 /* flow_event.kind */
@@ -145,6 +157,7 @@ enum lb_stat {
 	STAT_FLOW_REPINNED,     /* pinned backend no longer valid: flow re-chosen */
 	STAT_EVENT_LOST,        /* ring buffer full: a peer misses this flow event */
 	STAT_DROP_UNRESOLVED,   /* pinned to a backend whose MAC is not known yet: held, not re-chosen */
+	STAT_FLOOD_UNPINNED,    /* a new flow over this CPU's new-pin cap: forwarded by the table, not pinned */
 	STAT_MAX,
 };
 
@@ -176,6 +189,8 @@ BPF_ARRAY(config, struct lb_config, 1);
 BPF_PERCPU_ARRAY(service_stats, struct service_stats, MAX_SERVICES);
 BPF_PERCPU_ARRAY(backend_stats, struct backend_stats, MAX_BACKENDS);
 BPF_PERCPU_ARRAY(stats, __u64, STAT_MAX);
+/* Each CPU's new-pin window, for lb_config.max_new_per_s_per_cpu. */
+BPF_PERCPU_ARRAY(pin_windows, struct pin_window, 1);
 /* New and closing flows, for flow sync. */
 BPF_RINGBUF_OUTPUT(flow_events, EVENT_RING_PAGES);
 

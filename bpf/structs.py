@@ -14,6 +14,7 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 NO_BACKEND = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C626E64
+NEW_PIN_WINDOW_NS = 1_000_000_000  # the window of LbConfig.max_new_per_s_per_cpu
 
 FLOW_F_CLOSING = 0x1
 FLOW_F_SYNCED = 0x2
@@ -43,6 +44,7 @@ class Stat(enum.IntEnum):
     FLOW_REPINNED = 9
     EVENT_LOST = 10
     DROP_UNRESOLVED = 11
+    FLOOD_UNPINNED = 12
 
 
 STAT_MAX = len(Stat)
@@ -152,14 +154,23 @@ class Backend(ctypes.Structure):
 
 
 class LbConfig(ctypes.Structure):
-    """struct lb_config: our MAC, when to refresh a flow's last-seen time, and the control plane's clock."""
+    """struct lb_config: our MAC, when to refresh a flow's last-seen time, the control plane's
+    clock, and the cap on new pins per CPU per NEW_PIN_WINDOW_NS (0: none)."""
 
     _fields_ = [
         ("mac", ctypes.c_uint8 * 6),
         ("flags", ctypes.c_uint16),
         ("refresh_ns", ctypes.c_uint64),
         ("epoch_ns", ctypes.c_uint64),
+        ("max_new_per_s_per_cpu", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
+
+
+class PinWindow(ctypes.Structure):
+    """struct pin_window (one CPU's): start of the current new-pin window and the pins made in it."""
+
+    _fields_ = [("start_ns", ctypes.c_uint64), ("pins", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class VipKey(ctypes.Structure):
@@ -224,4 +235,5 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "flow_event": FlowEvent,
     "service_stats": ServiceStats,
     "backend_stats": BackendStats,
+    "pin_window": PinWindow,
 }

@@ -29,6 +29,7 @@ def bcc_types() -> Iterator[dict[str, Any]]:
             "flow_event": bpf[b"layout_flow_event"].Leaf,
             "service_stats": bpf[b"service_stats"].sLeaf,
             "backend_stats": bpf[b"backend_stats"].sLeaf,
+            "pin_window": bpf[b"pin_windows"].sLeaf,
         }
     finally:
         bpf.cleanup()
@@ -67,6 +68,6 @@ def test_flag_and_kind_constants_match_header() -> None:
     header = (BPF_DIR / "lbnode.h").read_text()
     defines = {name: int(value, 0) for name, value in re.findall(r"^#define (\w+) (0x[0-9a-fA-F]+|\d+)\b", header, re.M)}
     mirrored = [n for n in ("FLOW_F_CLOSING", "FLOW_F_SYNCED", "BACKEND_F_VALID", "BACKEND_F_UNRESOLVED",
-                            "SERVICE_F_ACTIVE", "EVENT_FLOW_NEW", "EVENT_FLOW_CLOSE")]
+                            "SERVICE_F_ACTIVE", "EVENT_FLOW_NEW", "EVENT_FLOW_CLOSE", "NEW_PIN_WINDOW_NS")]
     for name in mirrored:
         assert getattr(structs, name) == defines[name], name

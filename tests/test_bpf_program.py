@@ -6,6 +6,7 @@ the module and each test starts from an empty flow table.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from bpf.structs import (
     FLOW_F_CLOSING,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    NEW_PIN_WINDOW_NS,
     Flow,
     FlowEvent,
     FlowKey,
@@ -526,3 +528,97 @@ def test_a_change_that_cannot_fit_is_refused_before_any_map_is_touched() -> None
         assert Ether(run_xdp(dp.fd, tcp4("A", sport=7300)).packet).dst in {b.mac for b in four[:3]}
     finally:
         dp.close()
+
+
+@pytest.fixture
+def one_cpu() -> Iterator[None]:
+    """The new-pin budget is per CPU: keep every test run of a test on one."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+@pytest.fixture
+def capped(dp: DataPlane, one_cpu: None) -> Iterator[DataPlane]:
+    """`dp` with three backends; the test sets the cap. Restores the module's settings after."""
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3)), *BASE_SERVICES[1:]])
+    try:
+        yield dp
+    finally:
+        dp.set_config(OUR_MAC, refresh_s=1.0)
+
+
+def udp4(sport: int, src: str = "198.18.0.1") -> bytes:
+    return bytes(eth() / IP(src=src, dst=str(VIP4)) / UDP(sport=sport, dport=53) / Raw(b"q"))
+
+
+def test_new_pins_above_the_per_cpu_cap_follow_the_table_unpinned(capped: DataPlane, events: list[FlowEvent]) -> None:
+    """A flood of new flows (spoofed UDP, mid-flow ACKs): with a cap of N pins per window, a burst of
+    M > N pins exactly N, reports exactly N, and forwards the rest by the table, counted."""
+    dp, cap, burst, t0 = capped, 50, 180, 500 * NEW_PIN_WINDOW_NS
+    dp.set_config(OUR_MAC, refresh_s=1.0, max_new_per_s_per_cpu=cap)
+    dp.tick(now_ns=t0)
+    table = dp.table(VIP4, 80, IPPROTO_TCP)
+    mac_of = {dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address): b.mac for b in (B1, B2, B3)}
+
+    def flood(first_port: int) -> dict[Stat, int]:
+        before = dp.stats()
+        for sport in range(first_port, first_port + burst):
+            frame = tcp4("A", sport=sport, src="198.18.0.1") if sport % 2 else udp4(sport)
+            result = run_xdp(dp.fd, frame)
+            assert result.action == XdpAction.TX
+            if sport % 2:  # every flow, pinned or not, goes where the table says
+                key = FlowKey.make("198.18.0.1", sport, VIP4, 80, IPPROTO_TCP)
+                assert Ether(result.packet).dst == mac_of[table[flow_hash(key) & 4095]]
+        return stat_delta(dp, before)
+
+    delta = flood(20000)
+    assert (delta[Stat.NEW_FLOW], delta[Stat.FLOOD_UNPINNED], delta[Stat.TX]) == (cap, burst - cap, burst)
+    dp.poll_flow_events()
+    pinned = {bytes(k) for k, _ in dp.flows()}
+    assert len(pinned) == cap and len(events) == cap and {bytes(e.key) for e in events} == pinned
+
+    # Pinned flows keep their pins during the flood, and do not spend the budget.
+    before = dp.stats()
+    pinned_tcp = next(k for k, _ in dp.flows() if k.proto == IPPROTO_TCP)
+    for _ in range(10):
+        assert run_xdp(dp.fd, tcp4("A", sport=pinned_tcp.src_port, src="198.18.0.1")).action == XdpAction.TX
+    assert stat_delta(dp, before) == {Stat.TX: 10}
+
+    dp.tick(now_ns=t0 + NEW_PIN_WINDOW_NS // 2)  # the same window: nothing left to pin
+    delta = flood(30000)
+    assert (delta.get(Stat.NEW_FLOW, 0), delta[Stat.FLOOD_UNPINNED]) == (0, burst)
+    dp.tick(now_ns=t0 + NEW_PIN_WINDOW_NS)  # the next window: N more
+    delta = flood(40000)
+    assert (delta[Stat.NEW_FLOW], delta[Stat.FLOOD_UNPINNED]) == (cap, burst - cap)
+    dp.poll_flow_events()
+    assert len(dp.flows()) == len(events) == 2 * cap
+
+
+def test_a_cap_of_zero_pins_every_new_flow(capped: DataPlane) -> None:
+    with pytest.raises(ValueError, match="max_new_per_s_per_cpu"):
+        capped.set_config(OUR_MAC, max_new_per_s_per_cpu=-1)
+    capped.set_config(OUR_MAC, refresh_s=1.0, max_new_per_s_per_cpu=0)
+    capped.tick(now_ns=700 * NEW_PIN_WINDOW_NS)
+    before = capped.stats()
+    for sport in range(20000, 22000):
+        run_xdp(capped.fd, udp4(sport))
+    assert stat_delta(capped, before) == {Stat.TX: 2000, Stat.NEW_FLOW: 2000}
+
+
+def test_a_clock_that_goes_back_starts_a_new_window(capped: DataPlane) -> None:
+    """The published clock is only ever set forward in production; tests and a restarted control
+    plane may set it anywhere. A window never gets stuck."""
+    capped.set_config(OUR_MAC, refresh_s=1.0, max_new_per_s_per_cpu=5)
+    capped.tick(now_ns=900 * NEW_PIN_WINDOW_NS)
+    before = capped.stats()
+    for sport in range(20000, 20010):
+        run_xdp(capped.fd, udp4(sport))
+    capped.tick(now_ns=800 * NEW_PIN_WINDOW_NS)
+    for sport in range(21000, 21010):
+        run_xdp(capped.fd, udp4(sport))
+    delta = stat_delta(capped, before)
+    assert (delta[Stat.NEW_FLOW], delta[Stat.FLOOD_UNPINNED]) == (10, 10)
