@@ -86,10 +86,20 @@ class ServiceConfig:
         return out
 
 
+# New pins per CPU per second before a flood of new flows is forwarded unpinned (0: no cap).
+# 100k: Katran bypasses its LRU above 125k new connections per core per second. A pin costs
+# ~0.7 us here (bench-xdp, full table), so a core could pin ~1.4M/s; 100k/s on each of two
+# cores is 200k events/s, under half of what flow sync replicated here (446k/s, bench-sync),
+# and leaves the ring (~13k events) ~65 ms between reads. Lower it on many-core nodes so that
+# cores x cap stays below what flow sync carries.
+MAX_NEW_PER_S_PER_CPU = 100_000
+
+
 @dataclass(frozen=True, slots=True)
 class FlowConfig:
     table_size: int = 262144
     refresh_s: float = 1.0
+    max_new_per_s_per_cpu: int = MAX_NEW_PER_S_PER_CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +313,11 @@ def _sync(data: Any, check_files: bool) -> SyncConfig:
 
 def _flows(data: Any) -> FlowConfig:
     d = _mapping(data, "flows")
-    _no_unknown(d, frozenset({"table_size", "refresh_s"}), "flows")
+    _no_unknown(d, frozenset({"table_size", "refresh_s", "max_new_per_s_per_cpu"}), "flows")
     size = _int(d, "table_size", "flows", 262144, 1024, 1 << 26)
-    return FlowConfig(table_size=size, refresh_s=_number(d, "refresh_s", "flows", 1.0, 0.1, 60))
+    return FlowConfig(table_size=size, refresh_s=_number(d, "refresh_s", "flows", 1.0, 0.1, 60),
+                      max_new_per_s_per_cpu=_int(d, "max_new_per_s_per_cpu", "flows", MAX_NEW_PER_S_PER_CPU,
+                                                 0, 100_000_000))
 
 
 def _check_limits(services: Sequence[ServiceConfig], flows: FlowConfig) -> None:

@@ -139,7 +139,7 @@ class Node:
         self._dp = dp
         trio.lowlevel.add_instrument(self._loop_watch)
         try:
-            dp.set_config(self.args.mac, self.config.flows.refresh_s)
+            dp.set_config(self.args.mac, self.config.flows.refresh_s, self.config.flows.max_new_per_s_per_cpu)
             dp.attach(self.args.ifname, self.xdp_mode)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
