@@ -399,7 +399,7 @@ class Node:
             if mac is not None and mac != self._mac:
                 log.warning("%s: MAC changed %s -> %s (interface created anew?)", self.args.ifname, self._mac, mac)
                 self._mac = mac
-                dp.set_config(mac, self.config.flows.refresh_s)
+                dp.set_config(mac, self.config.flows.refresh_s, self.config.flows.max_new_per_s_per_cpu)
             if problem != self._forwarding_problem:
                 if problem:
                     log.error("cannot forward, withdrawing: %s", problem)
