@@ -1,6 +1,7 @@
 """make bench-scale: one node with 1,048,576 flows and 64 services x 64 backends; how long its
-trio loop stalls while it answers status, flaps 10% of its backends, reloads every weight,
-removes a service holding 100k pinned flows and walks the table for a refresh cycle.
+trio loop stalls while it answers status, serves a second node's resync of the whole table,
+flaps 10% of its backends, reloads every weight, removes a service holding 100k pinned flows and
+runs a flow-sync refresh cycle.
 
 In-process, no interfaces: a real DataPlane (compiled with flows.table_size 1048576) driven by
 the real `cluster.node.Node` code paths — its apply task (`DataPlane.apply` on a worker thread),
@@ -10,18 +11,25 @@ its maintenance task (sweep and recount), `reconcile()`, `reload()` from a YAML 
 neighbour discovery and BGP are not run: the bench sets what they would report (every backend
 usable, every MAC known) and flips health by hand as the checker's events would.
 
-Last line: stall_ms=<longest stall over the phases> resync_s=<...> apply_s=<full reload, every
-weight changed> rss_growth_mb=<peak RSS minus RSS before the flows> flows=<entries>.
-resync_s is nan: serving a resync is cluster/flowsync.py's `_answer_resync`, which still lists
-the whole table with `DataPlane.flows()`; it moves to `cluster.flowwalk.flow_chunks` with the
-flow-sync rework (cluster/sync/), and then a second node resyncing from this one can be timed.
+Flow sync is the real `cluster.sync.flowsync.FlowSync` over real UDP sockets on loopback
+(unicast mode, 127.0.0.1 <-> 127.0.0.2): this process's FlowSync serves the table; the second
+node is a second process (`--resync-peer`: its own DataPlane with the same services, its own
+FlowSync) that calls `resync()` and reports how long it took and how many flows it installed, so
+its receive work is not on this loop. The refresh phase is FlowSync's own refresh pass (every
+flow is "seen recently": the bench's refresh window is long), sent to that peer's address.
+
+Last line: stall_ms=<longest stall over the phases> resync_s=<the second node's resync() of the
+whole table> apply_s=<full reload, every weight changed> rss_growth_mb=<peak RSS minus RSS
+before the flows> flows=<entries>.
 """
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import math
+import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,25 +38,27 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bpf.dataplane import DataPlane, monotonic_ns  # noqa: E402
+from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec, monotonic_ns  # noqa: E402
 from bpf.flowtable import synthetic_flows  # noqa: E402
 from bpf.loader import Limits  # noqa: E402
-from bpf.structs import FLOW_F_CLOSING, IPPROTO_TCP, addr16  # noqa: E402
+from bpf.structs import IPPROTO_TCP, addr16  # noqa: E402
 from cluster.config import load_file  # noqa: E402
 from cluster.desired import backend_key  # noqa: E402
-from cluster.flowwalk import flow_chunks  # noqa: E402
 from cluster.loopwatch import LoopWatch, heartbeat  # noqa: E402
 from cluster.node import STATUS_REUSE_S, Node, NodeArgs  # noqa: E402
+from cluster.sync.config import SyncConfig  # noqa: E402
+from cluster.sync.flowsync import FlowSync  # noqa: E402
 
 NODE_IP = ipaddress.ip_address("10.250.0.5")
 NODE_MAC = "02:00:00:00:00:05"
 SERVICES, BACKENDS = 64, 64
 REMOVED_PINNED = 100_000  # flows pinned to the service the bench removes
+SYNC_A, SYNC_B = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")
+RESYNC_TIMEOUT_S = 60.0
 
 
 def vip(s: int) -> ipaddress.IPv4Address:
@@ -136,28 +146,82 @@ async def fill(node: Node, dp: DataPlane, table_size: int) -> int:
     return first
 
 
-async def refresh_cycle(dp: DataPlane, window_s: float = 30.0) -> int:
-    """What flow sync's refresh does per chunk: recent flows -> 54-byte records
-    (key[:37], op, backend address), built with numpy on the loop, one chunk at a time."""
-    addresses = {i: addr16(a) for i, a in dp.backend_addresses().items()}
-    table = np.zeros((max(addresses, default=0) + 1, 16), dtype=np.uint8)
-    known = np.zeros(len(table), dtype=bool)
-    for i, a in addresses.items():
-        table[i], known[i] = np.frombuffer(a, dtype=np.uint8), True
-    floor = monotonic_ns() - int(window_s * 1e9)
-    records = 0
-    async for chunk in flow_chunks(dp):
-        flows = chunk.flows()
-        backend = flows["backend"].astype(np.int64)
-        ok = (flows["last_seen_ns"] >= floor) & (backend < len(table))
-        ok[ok] &= known[backend[ok]]
-        keys = chunk.key_rows()[ok]
-        out = np.empty((len(keys), 54), dtype=np.uint8)
-        out[:, :37] = keys[:, :37]
-        out[:, 37] = np.where(flows["flags"][ok] & FLOW_F_CLOSING, 2, 3)
-        out[:, 38:54] = table[backend[ok]]
-        records += len(out)  # flow sync would send out.tobytes() in datagrams here
-    return records
+def sync_config(workdir: Path, port: int) -> SyncConfig:
+    key_file = workdir / "sync.key"
+    if not key_file.exists():
+        key_file.write_bytes(os.urandom(32).hex().encode())
+        key_file.chmod(0o600)
+    # refresh_s long: the refresh phase runs one pass by hand, and every loaded flow is "recent"
+    return SyncConfig.from_dict({"key_file": str(key_file), "peers": [str(SYNC_A), str(SYNC_B)], "port": port,
+                                 "refresh_s": 3600, "heartbeat_s": 1, "resync_timeout_s": RESYNC_TIMEOUT_S})
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((str(SYNC_A), 0))
+        return int(s.getsockname()[1])
+
+
+async def resync_peer(args: argparse.Namespace) -> None:
+    """The second node (a child process): the same services, an empty table of the same size;
+    `FlowSync.resync()` from the first node; one JSON line with the result."""
+    dp = await trio.to_thread.run_sync(DataPlane, Limits(flow_table_size=args.flows))
+    try:
+        dp.set_config(NODE_MAC)
+        specs = [ServiceSpec(vip(s), 80, IPPROTO_TCP, tuple(BackendSpec(backend_ip(s, b), f"02:00:00:{s:02x}:00:{b:02x}")
+                                                         for b in range(BACKENDS))) for s in range(SERVICES)]
+        await trio.to_thread.run_sync(dp.apply, specs)
+        sync = FlowSync(sync_config(Path(args.workdir), args.port), dp, SYNC_B)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sync.run)
+            print("ready", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.readline)  # "go"
+            t0 = time.perf_counter()
+            ok = await sync.resync(RESYNC_TIMEOUT_S)
+            seconds = time.perf_counter() - t0
+            print(json.dumps({"ok": ok, "resync_s": seconds, "installed": sync.counters["installed"],
+                              "chunks": sync.counters["resync_chunks"], "rss_mb": rss_mb()}), flush=True)
+            nursery.cancel_scope.cancel()
+    finally:
+        dp.close()
+
+
+class ResyncPeer:
+    """The child process running `resync_peer`, driven over its stdin/stdout."""
+
+    def __init__(self, workdir: Path, port: int, flows: int) -> None:
+        self.argv = [sys.executable, str(Path(__file__).resolve()), "--resync-peer", "--workdir", str(workdir),
+                     "--port", str(port), "--flows", str(flows)]
+        self.proc: trio.Process | None = None
+        self._buf = b""
+
+    async def start(self) -> None:
+        self.proc = await trio.lowlevel.open_process(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = await self.line()
+        assert line == "ready", line
+
+    async def line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        while b"\n" not in self._buf:
+            data = await self.proc.stdout.receive_some(4096)
+            if not data:
+                raise RuntimeError(f"resync peer exited ({self.proc.returncode}) before a line: {self._buf!r}")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode().strip()
+
+    async def resync(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        await self.proc.stdin.send_all(b"go\n")
+        return dict(json.loads(await self.line()))
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            with trio.move_on_after(10):
+                await self.proc.wait()
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> str:
@@ -209,6 +273,22 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
                     await trio.sleep(STATUS_REUSE_S)  # past the reuse time: each one is a full build
             await phases.run("status x5 (Node.status, as the socket serves it)", statuses)
 
+            # Flow sync: this node's real FlowSync answers a second node's resync of the whole table.
+            port = free_port()
+            sync = FlowSync(sync_config(workdir, port), dp, SYNC_A)
+            await nursery.start(sync.run)
+            peer = ResyncPeer(workdir, port, args.flows)
+            print("  (second node: compiling its data plane in another process...)", flush=True)
+            await peer.start()
+            try:
+                result = await phases.run(f"serve a resync of {flows} flows (2nd process)", peer.resync)
+            finally:
+                await peer.stop()
+            print(f"    second node: {result}; first node sent {sync.counters['resync_chunks_sent']} chunks, "
+                  f"{sync.counters['send_waits']} full-buffer waits", flush=True)
+            assert result["ok"] and result["installed"] >= flows, (result, flows)
+            resync_s = float(result["resync_s"])
+
             all_usable = dict(node._usable)
 
             async def flap() -> None:
@@ -242,23 +322,30 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             await phases.run("background sweep of its flows", swept)
             count = dp.flow_count()
             assert flows - REMOVED_PINNED <= count.entries < flows, (flows, count)
-            refreshed = await phases.run("refresh cycle (chunked walk, records)", lambda: refresh_cycle(dp))
+            await phases.run("flow-sync refresh pass (chunked walk, paced sends)", sync._refresh)
+            refreshed = sync.counters["refreshed"]
             assert refreshed == count.walked, (refreshed, count)
             nursery.cancel_scope.cancel()
     finally:
         node._dp = None
         dp.close()
     rss_growth = peak.stop() - rss_before
-    return (f"stall_ms={phases.stall_ms:.1f} resync_s={math.nan} apply_s={apply_s:.2f} "
+    return (f"stall_ms={phases.stall_ms:.1f} resync_s={resync_s:.2f} apply_s={apply_s:.2f} "
             f"rss_growth_mb={rss_growth:.0f} flows={flows}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flows", type=int, default=1 << 20, help="flow table size, filled completely")
+    parser.add_argument("--resync-peer", action="store_true", help=argparse.SUPPRESS)  # the second node
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench-scale needs root (bcc)")
+    if args.resync_peer:
+        trio.run(resync_peer, args)
+        return
     with tempfile.TemporaryDirectory(prefix="lbnode-scale-") as tmp:
         print(trio.run(bench, args, Path(tmp)))
 

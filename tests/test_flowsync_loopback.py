@@ -19,7 +19,8 @@ from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey, addr16
 from bpf.testrun import run_xdp
 from cluster.sync import codec as gossip
-from cluster.sync.flowsync import FlowSync
+from bpf.flowtable import synthetic_flows
+from cluster.sync.flowsync import FlowSync, RecordBuilder
 from cluster.sync.config import SyncConfig
 
 pytestmark = pytest.mark.bpf
@@ -245,3 +246,24 @@ async def test_old_incarnations_are_renewed_and_refused_by_a_fresh_receiver(conf
         assert sync_a.incarnation > time.time() - 60
         assert sync_b.policy.peers[int(A_IP)].incarnation == sync_a.incarnation
         nursery.cancel_scope.cancel()
+
+
+def test_record_builder_makes_the_wire_records_of_a_chunk() -> None:
+    # numpy per chunk; the same bytes as codec.flow_wire per flow. Unknown backends are skipped,
+    # a closing flow is a CLOSE, and with a floor only flows seen since then are kept.
+    addresses = {1: B1.address, 3: B2.address}
+    chunk = synthetic_flows(0, 4, addr16(VIP), 80, IPPROTO_TCP, 1, 0, last_seen_ns=100)
+    values = bytearray(chunk.values)
+    values[16 + 0:16 + 4] = (3).to_bytes(4, "little")  # flow 1 on backend 3, closing
+    values[16 + 6:16 + 8] = FLOW_F_CLOSING.to_bytes(2, "little")
+    values[32:36] = (2).to_bytes(4, "little")  # flow 2 on a backend with no address here
+    values[48 + 8:48 + 16] = (50).to_bytes(8, "little")  # flow 3 seen long ago
+    chunk = type(chunk)(chunk.keys, bytes(values))
+    keys = [chunk.keys[i * 40:(i + 1) * 40] for i in range(4)]
+    want = [gossip.flow_wire(keys[0], addr16(B1.address), gossip.FlowOp.REFRESH),
+            gossip.flow_wire(keys[1], addr16(B2.address), gossip.FlowOp.CLOSE),
+            gossip.flow_wire(keys[3], addr16(B1.address), gossip.FlowOp.REFRESH)]
+    builder = RecordBuilder(addresses)
+    assert builder.records(chunk) == b"".join(want)
+    assert builder.records(chunk, floor_ns=60) == b"".join(want[:2])
+    assert RecordBuilder({}).records(chunk) == b""

@@ -40,6 +40,8 @@ class Node:
     own: set[bytes] = field(default_factory=set)  # flows pinned here (what a refresh pass would send)
     created: int = 0
     resynced: bool = False
+    table_at_complete: set[bytes] = field(default_factory=set)  # what it held when its resync completed
+    answered_at_complete: set[int] = field(default_factory=set)  # whose whole answers it had then
 
 
 def record(node: int, n: int) -> bytes:
@@ -78,6 +80,8 @@ class Bus:
         self.sent: Counter[str] = Counter()  # deliveries attempted, by kind
         self.lost: Counter[str] = Counter()  # deliveries dropped, by kind
         self.generating: set[int] = set(range(n))
+        self.shuffle_answers = False  # a table walk is not a snapshot: each answer in another order
+        self.serves = 0
         self._next_flow = [self.rng.expovariate(rate_per_s) for _ in range(n)]
 
     # ---- the wire -------------------------------------------------------------------------
@@ -102,13 +106,22 @@ class Bus:
                 for off in range(0, len(raw), codec.FLOW_RECORD_BYTES):
                     node.table[raw[off:off + 37]] = raw[off + 37]
             elif isinstance(a, Serve):
-                keys = node.own if a.own else node.table.keys()
-                records = [k + bytes((codec.FlowOp.REFRESH, 0, 0)) + bytes(16) for k in keys]
-                for datagram in node.engine.resync_chunks(a.node_id, a.request_id, records):
-                    self.send(node, Send(datagram, a.addr))
+                keys = list(node.own if a.own else node.table.keys())
+                if self.shuffle_answers:
+                    self.rng.shuffle(keys)
+                records = b"".join(k + bytes((codec.FlowOp.REFRESH, 0, 0)) + bytes(16) for k in keys)
+                writer = node.engine.answer(a.node_id, a.request_id)  # streamed, as flowsync.py does
+                for off in range(0, len(records), 100 * codec.FLOW_RECORD_BYTES):
+                    for datagram in writer.add(records[off:off + 100 * codec.FLOW_RECORD_BYTES]):
+                        self.send(node, Send(datagram, a.addr))
+                self.send(node, Send(writer.finish(), a.addr))
                 node.engine.serve_done(a.node_id, True)
+                self.serves += 1
             elif isinstance(a, ResyncComplete):
                 node.resynced = True
+                node.table_at_complete = set(node.table)
+                state = node.engine.resync_state
+                node.answered_at_complete = set(state.answers.complete) if state is not None else set()
 
     def pin(self, node: Node, count: int) -> None:
         records = []
@@ -281,24 +294,123 @@ def test_a_resync_under_loss_completes_and_is_bounded() -> None:
 
 
 def test_a_late_joiner_gets_every_table_by_startup_resync() -> None:
-    bus = Bus(4, 0.05, seed=11)
+    bus = Bus(4, 0.05, seed=11, rate_per_s=1.0)  # answers of ~10 chunks: a whole one gets through 5% loss
     late = bus.nodes[3]
     bus.generating.discard(3)
     bus.partitioned = {3}  # not there yet
     bus.run_until(5.0)
     bus.partitioned = set()
     bus.generating.clear()
+    before = bus.all_keys()
     bus.act(late, late.engine.begin_resync(99, bus.now))
     deadline = bus.now + 5.0
-    while not late.resynced and bus.now < deadline:
-        bus.run_until(bus.now + 1.0)
-        if not late.resynced:
-            bus.act(late, late.engine.resync_request(bus.now))
+    while not late.resynced and bus.now < deadline:  # stalled answers are asked again by poll()
+        bus.run_until(bus.now + 0.1)
     assert late.resynced
+    assert before <= late.table_at_complete
     late.engine.end_resync()
     bus.loss = 0.0
     bus.run_until(bus.now + 8.0)
     assert bus.converged()
+
+
+@pytest.mark.parametrize("seed", range(40))  # with one request id over all tries, seed 37 completed 24 flows short
+def test_startup_resync_under_loss_with_a_changing_table_completes_only_with_every_flow(seed: int) -> None:
+    # Every answer walks the table in another order (a walk is not a snapshot) and the peers keep
+    # pinning flows meanwhile, at 10% loss. Chunk indexes of two answers then hold different
+    # flows: combining them (as one request id over all tries did) could count a resync complete
+    # with flows missing. Each try is a new request id and only one whole answer counts.
+    bus = Bus(3, 0.1, seed=100 + seed, rate_per_s=1.0)  # answers of ~5 chunks
+    late = bus.nodes[2]
+    bus.generating.discard(2)
+    bus.partitioned = {2}
+    bus.run_until(4.0)
+    late.engine.start(bus.now, 1_010.0 + bus.now)  # a fresh process: it tracks peers from what it hears next
+    bus.partitioned = set()
+    bus.generating = {0}  # one peer keeps pinning flows: its table changes between answers
+    bus.rate_per_s = 0.2
+    bus.shuffle_answers = True
+    present = {n.engine.node_id: set(n.table) for n in bus.nodes[:2]}  # pinned or learned: present throughout
+    rounds: dict[int, float] = {}  # request id -> when the late node sent it
+    original = bus.send
+
+    def watch(src: Node, send: Send) -> None:
+        if src is late and kind_of(send) == "startup_request":
+            request_id = int.from_bytes(send.datagram[codec.HEADER.size:codec.HEADER.size + 4], "big")
+            assert rounds.setdefault(request_id, bus.now) == bus.now, "a request id used in two tries"
+        original(src, send)
+
+    bus.send = watch  # type: ignore[method-assign]
+    bus.act(late, late.engine.begin_resync(7, bus.now))
+    deadline = bus.now + 20.0
+    while not late.resynced and bus.now < deadline:
+        bus.run_until(bus.now + 0.05)
+    assert late.resynced, f"no whole answer in 20 s ({bus.serves} answers served)"
+    state = late.engine.end_resync()
+    # (a peer none of whose heartbeats or chunks got through yet is not known to exist: not waited for)
+    assert late.answered_at_complete and late.answered_at_complete <= set(present)
+    for peer in late.answered_at_complete:
+        missing = present[peer] - late.table_at_complete
+        assert not missing, f"{len(missing)} flows of node {peer}'s table missing at completion"
+    assert set(rounds) == state.answers.ids
+
+
+def test_startup_resync_waits_for_the_answering_peers_heartbeat() -> None:
+    # The digest guard needs each answering peer's view digest before the node may advertise: a
+    # complete answer counts only with a heartbeat of that peer's life (answerers send one first).
+    bus = Bus(2, 0.0, rate_per_s=5.0)
+    a, late = bus.nodes
+    bus.generating.discard(1)
+    bus.partitioned = {1}
+    bus.run_until(3.0)
+    bus.partitioned = set()
+    bus.generating.clear()
+    original = bus.send
+
+    def no_heartbeats_from_a(src: Node, send: Send) -> None:
+        if src is a and codec.MsgType(send.datagram[5]) is codec.MsgType.HEARTBEAT:
+            bus.sent["dropped_heartbeat"] += 1
+            return
+        original(src, send)
+
+    bus.send = no_heartbeats_from_a  # type: ignore[method-assign]
+    bus.act(late, late.engine.begin_resync(5, bus.now))
+    bus.run_until(bus.now + 0.2)
+    assert bus.sent["dropped_heartbeat"] >= 1 and bus.serves == 1
+    state = late.engine.resync_state
+    assert state is not None and state.answers.complete == {a.engine.node_id}
+    assert not late.resynced  # the whole table is here, but not A's digest
+    bus.send = original  # type: ignore[method-assign]
+    bus.run_until(bus.now + 1.5)  # A's next periodic heartbeat
+    assert late.resynced and late.engine.heard[a.engine.node_id] == a.engine.incarnation
+
+
+def test_an_answering_peer_heartbeats_before_its_first_chunk() -> None:
+    bus = Bus(2, 0.0)
+    bus.generating.clear()
+    a, b = bus.nodes
+    sent: list[Send] = []
+    request = codec.encode_resync_request(KEY, b.engine.node_id, b.engine.incarnation, 1, 3)
+    a.engine.receive(codec.encode_heartbeat(KEY, b.engine.node_id, b.engine.incarnation, 1,
+                                            codec.Heartbeat(bytes(16), 0, False)), b.addr, 0.1)
+    actions = a.engine.receive(request, b.addr, 0.2)
+    assert [type(x).__name__ for x in actions] == ["Send", "Serve"]
+    sent.append(actions[0])  # type: ignore[arg-type]
+    assert sent[0].addr is None and codec.MsgType(sent[0].datagram[5]) is codec.MsgType.HEARTBEAT
+
+
+def test_a_streamed_answer_holds_back_its_tail_for_the_last_chunk() -> None:
+    engine = SyncEngine(KEY, 1, 1)
+    rec = record(1, 1)
+    for n, pieces in [(0, [0]), (1, [1]), (23, [23]), (24, [10, 14]), (46, [23, 23]), (47, [5, 5, 37])]:
+        writer = engine.answer(2, 9)
+        datagrams = [d for k in pieces for d in writer.add(rec * k)] + [writer.finish()]
+        chunks = [codec.decode(KEY, d).body for d in datagrams]
+        assert [c.index for c in chunks] == list(range(len(chunks)))  # type: ignore[union-attr]
+        assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]  # type: ignore[union-attr]
+        assert sum(len(c.records) for c in chunks) == n == writer.flows  # type: ignore[union-attr]
+        assert len(chunks) == max(1, -(-n // codec.MAX_CHUNK_FLOWS))
+        assert all(c.records for c in chunks) or n == 0  # type: ignore[union-attr]
 
 
 def test_a_captured_resync_request_replayed_is_refused_and_a_targeted_one_answered_only_by_its_target() -> None:
@@ -307,7 +419,7 @@ def test_a_captured_resync_request_replayed_is_refused_and_a_targeted_one_answer
     bus.run_until(1.5)
     a, b, c = bus.nodes
     request = codec.encode_resync_request(KEY, a.engine.node_id, a.engine.incarnation, 77, 5, b.engine.node_id)
-    assert [type(x).__name__ for x in b.engine.receive(request, a.addr, 2.0)] == ["Serve"]
+    assert [type(x).__name__ for x in b.engine.receive(request, a.addr, 2.0)] == ["Send", "Serve"]
     b.engine.serve_done(a.engine.node_id, True)
     assert b.engine.receive(request, a.addr, 3.0) == []  # the same control number again: a replay
     assert b.engine.policy.counters.control_replayed == 1

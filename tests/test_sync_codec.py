@@ -36,6 +36,15 @@ GOLDEN_RESYNC_REQUEST = bytes.fromhex(
     "4c424653" "02" "04" "0000" "0a000005" "6553f100" "0000000000000009" "0000002a" "0a000006"
 )
 
+# RESYNC_CHUNK to 10.0.0.6, request 42, chunk index 3 flagged LAST (the end of a streamed
+# answer), control number 12, one REFRESH record.
+GOLDEN_RESYNC_CHUNK = bytes.fromhex(
+    "4c424653" "02" "05" "0001" "0a000005" "6553f100" "000000000000000c"
+    "0a000006" "0000002a" "00000003" "0001" "0000"  # target, request id, index, flags LAST, reserved
+    "00000000000000000000ffffc0000207" "00000000000000000000ffff0a000064" "9c40" "0050" "06"
+    "02" "0000" "00000000000000000000ffff0a00000b"
+)
+
 
 def sealed(body: bytes, key: bytes = KEY) -> bytes:
     return body + hmac.new(key, body, hashlib.sha256).digest()[:16]
@@ -143,3 +152,16 @@ def test_fuzz_authentic_garbage_bodies_never_crash(msg_type: int, count: int, bo
         g.decode(KEY, data)
     except g.DecodeError:
         pass
+
+
+def test_resync_chunk_golden_bytes_and_the_packed_encoders_agree() -> None:
+    rec = g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.REFRESH)
+    args = (KEY, 0x0A000005, 1700000000, 12, 0x0A000006, 42, 3, True)
+    assert g.encode_resync_chunk(*args, [rec]) == g.encode_resync_chunk_packed(*args, rec) == sealed(GOLDEN_RESYNC_CHUNK)
+    body = g.decode(KEY, sealed(GOLDEN_RESYNC_CHUNK)).body
+    assert body == g.ResyncChunk(0x0A000006, 42, 3, True, (g.FlowRecord(FLOW_KEY, BACKEND, g.FlowOp.REFRESH),))
+    assert g.encode_flows_packed(KEY, 0x0A000005, 1700000000, 7, g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)) \
+        == sealed(GOLDEN_FLOWS)
+    for bad in (rec[:-1], rec * (g.MAX_CHUNK_FLOWS + 1)):
+        with pytest.raises(g.EncodeError):
+            g.encode_resync_chunk_packed(*args, bad)

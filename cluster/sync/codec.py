@@ -58,6 +58,10 @@ Types:
   asks every peer that hears it (start-up); a node id asks that one peer (a peer resync, after
   a gap its retransmit buffer cannot repair).
 - RESYNC_CHUNK: preamble (target node, request id, chunk index, flags LAST), then flow records.
+  An answer's chunks are numbered 0, 1, ... in the order they are sent; the one with LAST (it
+  may carry no records) ends it, so an answer is complete once chunks 0..LAST's index have all
+  arrived. The answerer streams its table (it never knows the count in advance): it holds back
+  the last few records of each walk chunk until it knows whether more follow.
 
 Decoding raises `DecodeError` with a reason; it never raises anything else on any input.
 """
@@ -237,6 +241,18 @@ def encode_flows(key: bytes, node_id: int, incarnation: int, seq: int, records: 
     return encode(key, _header(MsgType.FLOWS, node_id, incarnation, seq, len(records)), b"".join(records))
 
 
+def _count(packed: bytes, limit: int) -> int:
+    n, rest = divmod(len(packed), FLOW_RECORD_BYTES)
+    if rest or n > limit:
+        raise EncodeError(f"{len(packed)} bytes of packed flow records: not whole records, or more than {limit}")
+    return n
+
+
+def encode_flows_packed(key: bytes, node_id: int, incarnation: int, seq: int, packed: bytes) -> bytes:
+    """`encode_flows` for records already concatenated (n x 56 bytes, n <= MAX_FLOWS)."""
+    return encode(key, _header(MsgType.FLOWS, node_id, incarnation, seq, _count(packed, MAX_FLOWS)), packed)
+
+
 def encode_heartbeat(key: bytes, node_id: int, incarnation: int, seq: int, hb: Heartbeat) -> bytes:
     if len(hb.digest) != DIGEST_BYTES:
         raise EncodeError(f"digest must be {DIGEST_BYTES} bytes, got {len(hb.digest)}")
@@ -266,8 +282,18 @@ def encode_resync_chunk(key: bytes, node_id: int, incarnation: int, seq: int, ta
                         index: int, last: bool, records: Sequence[bytes]) -> bytes:
     if len(records) > MAX_CHUNK_FLOWS:
         raise EncodeError(f"{len(records)} flow records exceed {MAX_CHUNK_FLOWS}")
+    return encode_resync_chunk_packed(key, node_id, incarnation, seq, target, request_id, index, last,
+                                      b"".join(records))
+
+
+def encode_resync_chunk_packed(key: bytes, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
+                               index: int, last: bool, packed: bytes) -> bytes:
+    """`encode_resync_chunk` for records already concatenated (n x 56 bytes, n <= MAX_CHUNK_FLOWS)."""
+    n = _count(packed, MAX_CHUNK_FLOWS)
+    if not (0 <= target < 2**32 and 0 <= request_id < 2**32 and 0 <= index < 2**32):
+        raise EncodeError(f"resync chunk field out of range: target {target} id {request_id} index {index}")
     pre = CHUNK_PREAMBLE.pack(target, request_id, index, CHUNK_F_LAST if last else 0, 0)
-    return encode(key, _header(MsgType.RESYNC_CHUNK, node_id, incarnation, seq, len(records)), pre + b"".join(records))
+    return encode(key, _header(MsgType.RESYNC_CHUNK, node_id, incarnation, seq, n), pre + packed)
 
 
 # ---- decoding ---------------------------------------------------------------------------------

@@ -37,9 +37,26 @@ numbers (the answer covers them) and installs the chunks it gets back. The answe
 the flows that peer announces itself (pinned or carried there within the refresh window): its
 stream never held anything else, and flows it learned from a third node are that node's to
 repair. So a partition of one node costs about the flows pinned meanwhile, not N tables. It is bounded: at most one
-per peer in flight, re-asked (under a new request id: only one whole answer counts, as the table
-changes between answers) every `resync_retry_s` up to `peer_resync_tries` times, abandoned
-if the peer dies or restarts, and at most one per peer per `peer_resync_holdoff_s`.
+per peer in flight, re-asked (under a new request id) once its answer has stalled for
+`resync_retry_s` (an answer that keeps streaming chunks is not interrupted), up to
+`peer_resync_tries` times, abandoned if the peer dies or restarts, and at most one per peer per
+`peer_resync_holdoff_s`.
+
+Answers are streamed (`ChunkWriter`): chunks numbered 0, 1, ... as the table walk goes, the last
+flagged LAST. An answer is complete when chunks 0..LAST of *that* answer have all arrived
+(`Answers`): a walk is not a snapshot, so chunk i of two answers holds different flows, and
+indexes of two answers never add up. Every try is a fresh request id; chunks of every try are
+installed, and any one complete answer completes that peer.
+
+Start-up resync. `begin_resync` asks every peer (multicast, target 0) after a heartbeat. It is
+complete once every live peer (and every peer still sending chunks) has sent one complete
+answer *and* a heartbeat of its current life, and `resync_settle_s` has passed: so by the time
+the node may advertise it knows each answering peer's view digest (an answering peer sends a
+heartbeat to every peer before its first chunk). `poll` asks again, by unicast and under a new
+request id, each live peer whose answer is incomplete and has stalled for `resync_retry_s`
+(everyone, by multicast, while nobody has been heard). A whole answer must get through: under
+sustained loss the chance of that falls with the table's size, and the resync then ends
+incomplete at the caller's timeout, with what every try brought installed.
 
 Answering resyncs is guarded against amplification: the table goes only to the address known
 for the requesting node id (its configured unicast address, else the source of its last
@@ -109,6 +126,7 @@ class EngineTiming:
     resend_tries: int = 8
     dead_after_s: float = 3.0
     resync_retry_s: float = 1.0
+    resync_settle_s: float = 0.2  # a start-up resync completes no sooner: every answering peer is heard
     peer_resync_tries: int = 5
     peer_resync_holdoff_s: float = 5.0
     max_incarnation_age_s: float = 6 * 3600.0
@@ -124,17 +142,67 @@ COUNTERS = (
 
 
 @dataclass
-class ResyncState:
-    """The start-up resync: chunks per answering peer."""
+class Answer:
+    """The chunks one peer sent in answer to one request id."""
 
-    request_id: int
-    chunks: dict[int, set[int]] = field(default_factory=dict)  # peer -> chunk indexes seen
-    last: dict[int, int] = field(default_factory=dict)  # peer -> index of its LAST chunk
+    chunks: set[int] = field(default_factory=set)
+    last: int | None = None  # index of the chunk flagged LAST
+
+    def complete(self) -> bool:
+        return self.last is not None and len(self.chunks) >= self.last + 1
+
+
+@dataclass
+class Answers:
+    """The answers to one resync over all of its tries. Every try is a fresh request id; a peer
+    counts as answered once one answer is complete on its own chunks. Chunk indexes of two
+    answers never add up: the table changes between two walks, so chunk 5 of the first and
+    chunk 5 of the second hold different flows. Chunks of every try are installed."""
+
+    ids: set[int] = field(default_factory=set)
+    by: dict[tuple[int, int], Answer] = field(default_factory=dict)  # (peer, request id) -> its chunks
+    complete: set[int] = field(default_factory=set)  # peers with one complete answer
+    last_chunk_s: dict[int, float] = field(default_factory=dict)  # peer -> when its last chunk came
     flows: int = 0
+
+    def add(self, peer: int, request_id: int, index: int, last: bool, flows: int, now: float) -> bool:
+        """Count one chunk; True if it made `peer`'s answer complete (for the first time)."""
+        self.flows += flows
+        self.last_chunk_s[peer] = now
+        if peer in self.complete:
+            return False
+        answer = self.by.setdefault((peer, request_id), Answer())
+        answer.chunks.add(index)
+        if last:
+            answer.last = index
+        if not answer.complete():
+            return False
+        self.complete.add(peer)
+        for k in [k for k in self.by if k[0] == peer]:  # its other answers no longer matter
+            del self.by[k]
+        return True
+
+
+@dataclass
+class ResyncState:
+    """The start-up resync: every peer that is alive (or answered) must send one complete answer
+    and a heartbeat (so its view digest is known before this node may advertise)."""
+
+    request_id: int  # of the latest try
+    asked_s: float  # when every peer was last asked (multicast / each unicast peer)
+    started_s: float = -math.inf
+    answers: Answers = field(default_factory=Answers)
+    asked_peer_s: dict[int, float] = field(default_factory=dict)  # peer -> when it was last asked alone
     done: bool = False
 
-    def complete_peers(self) -> set[int]:
-        return {p for p, last in self.last.items() if len(self.chunks.get(p, ())) >= last + 1}
+    @property
+    def flows(self) -> int:
+        return self.answers.flows
+
+    @property
+    def chunks(self) -> set[int]:
+        """The peers that answered (completely or not)."""
+        return {p for p, _ in self.answers.by} | self.answers.complete
 
 
 @dataclass
@@ -145,13 +213,52 @@ class PeerResync:
     started_s: float
     next_try_s: float
     tries: int = 1
-    chunks: set[int] = field(default_factory=set)
-    last: int | None = None
-    flows: int = 0
-    earlier: set[int] = field(default_factory=set)  # request ids of earlier tries: installed, not counted
+    answers: Answers = field(default_factory=Answers)
 
-    def complete(self) -> bool:
-        return self.last is not None and len(self.chunks) >= self.last + 1
+    def __post_init__(self) -> None:
+        self.answers.ids.add(self.request_id)
+
+    @property
+    def flows(self) -> int:
+        return self.answers.flows
+
+
+class ChunkWriter:
+    """The RESYNC_CHUNK datagrams of one streamed answer: `add(records)` as the table walk goes,
+    then `finish()`. The count is never known in advance, so the last up to MAX_CHUNK_FLOWS
+    records are held back until more come (then they are a full chunk) or the walk ends (then
+    they go with LAST; an empty table is one empty LAST chunk)."""
+
+    def __init__(self, engine: SyncEngine, node_id: int, request_id: int) -> None:
+        self._engine = engine
+        self.node_id = node_id
+        self.request_id = request_id
+        self.index = 0  # of the next chunk
+        self.flows = 0
+        self._held = b""
+
+    def _chunk(self, packed: bytes, last: bool) -> bytes:
+        e = self._engine
+        e.counters["resync_chunks_sent"] += 1
+        self.index += 1
+        self.flows += len(packed) // codec.FLOW_RECORD_BYTES
+        return codec.encode_resync_chunk_packed(e.key, e.node_id, e.incarnation, e._control(), self.node_id,
+                                                self.request_id, self.index - 1, last, packed)
+
+    def add(self, records: bytes) -> Iterator[bytes]:
+        """Datagrams for these packed 56-byte records, lazily encoded (control numbers are taken
+        as they are sent): all but the held-back tail."""
+        size = codec.MAX_CHUNK_FLOWS * codec.FLOW_RECORD_BYTES
+        data = self._held + records
+        end = max(0, (len(data) - 1) // size) * size  # keep 1..size bytes' worth back (or nothing)
+        self._held = data[end:]
+        for off in range(0, end, size):
+            yield self._chunk(data[off:off + size], False)
+
+    def finish(self) -> bytes:
+        """The LAST chunk, with what was held back."""
+        held, self._held = self._held, b""
+        return self._chunk(held, True)
 
 
 class SyncEngine:
@@ -177,6 +284,7 @@ class SyncEngine:
         self.configured_addrs = dict(configured_addrs or {})
         self.resync_state: ResyncState | None = None
         self.peer_resyncs: dict[int, PeerResync] = {}
+        self.heard: dict[int, int] = {}  # peer -> incarnation of its last accepted heartbeat
         self._holdoff: dict[int, float] = {}  # peer -> no new peer resync before
         self._answering: set[int] = set()
         self._answered: dict[tuple[int, int, int], float] = {}
@@ -201,6 +309,11 @@ class SyncEngine:
         """One FLOWS datagram (up to codec.MAX_FLOWS 56-byte records) to every peer."""
         self.seq += 1
         return self._stream(codec.encode_flows(self.key, self.node_id, self.incarnation, self.seq, records))
+
+    def flows_packed(self, packed: bytes) -> Send:
+        """`flows` for records already concatenated (n x 56 bytes, n <= codec.MAX_FLOWS)."""
+        self.seq += 1
+        return self._stream(codec.encode_flows_packed(self.key, self.node_id, self.incarnation, self.seq, packed))
 
     def heartbeat(self, now: float) -> Send:
         """A heartbeat now (the next is due `heartbeat_s` later)."""
@@ -257,9 +370,11 @@ class SyncEngine:
         hb = codec.heartbeat(body)
         was = self.policy.peers[node].digest
         self.policy.heartbeat(node, hb)
+        self.heard[node] = header.incarnation
+        out: list[Action] = self._check_resync(now)
         if self.policy.our_digest is not None and any(hb.digest) and hb.digest != self.digest and was != hb.digest:
-            return [Warn("digest", f"node {node:#x} ({addr}) has another service/backend view")]
-        return []
+            out.append(Warn("digest", f"node {node:#x} ({addr}) has another service/backend view"))
+        return out
 
     def _control_in(self, header: codec.Header, body: memoryview, addr: str, now: float,
                     wall_s: float | None) -> list[Action]:
@@ -303,16 +418,17 @@ class SyncEngine:
             return []
         self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(node, inc, request_id): now}
         self._answering.add(node)
-        return [Serve(node, request_id, dest, own=target != 0)]
+        # A heartbeat first (to every peer: it is a stream datagram), so the requester knows our
+        # view digest before our answer completes its resync (a start-up resync waits for it).
+        return [self.heartbeat(now), Serve(node, request_id, dest, own=target != 0)]
 
     def _chunk(self, header: codec.Header, body: memoryview, now: float) -> list[Action]:
         target, request_id, index, last = codec.chunk_preamble(body)
         node = header.node_id
         state, peer = self.resync_state, self.peer_resyncs.get(node)
-        ours = state is not None and request_id == state.request_id
-        theirs = peer is not None and request_id == peer.request_id
-        earlier = peer is not None and request_id in peer.earlier
-        if target != self.node_id or not (ours or theirs or earlier):
+        ours = state is not None and request_id in state.answers.ids
+        theirs = peer is not None and request_id in peer.answers.ids
+        if target != self.node_id or not (ours or theirs):
             self.counters["resync_ignored"] += 1
             return []
         records = codec.check_flow_records(body[codec.CHUNK_PREAMBLE.size:])
@@ -320,38 +436,29 @@ class SyncEngine:
         self.counters["resync_chunks"] += 1
         out: list[Action] = [Install(records, node, True)] if records else []
         if state is not None and ours:
-            state.flows += n
-            state.chunks.setdefault(node, set()).add(index)
-            if last:
-                state.last[node] = index
-            complete = state.complete_peers()
-            waiting = set(state.chunks) | {p for p in self.policy.peers if self.policy.alive(p, now)}
-            if not state.done and complete and waiting <= complete:
-                state.done = True
-                out.append(ResyncComplete(request_id))
+            state.answers.add(node, request_id, index, last, n, now)
+            out.extend(self._check_resync(now))
         if peer is not None and theirs:
-            peer.flows += n
-            peer.chunks.add(index)
-            if last:
-                peer.last = index
-            if peer.complete():
+            if peer.answers.add(node, request_id, index, last, n, now):
                 del self.peer_resyncs[node]
                 self.counters["peer_resyncs_done"] += 1
                 self._holdoff[node] = now + self.timing.peer_resync_holdoff_s
+            else:  # an answer under way: no new try while it streams
+                peer.next_try_s = max(peer.next_try_s, now + self.timing.resync_retry_s)
         return out
 
     # ---- answering a resync -------------------------------------------------------------------
 
+    def answer(self, node_id: int, request_id: int) -> ChunkWriter:
+        """The writer of one streamed answer to `node_id`'s request (see ChunkWriter)."""
+        return ChunkWriter(self, node_id, request_id)
+
     def resync_chunks(self, node_id: int, request_id: int, records: Sequence[bytes]) -> Iterator[bytes]:
-        """The RESYNC_CHUNK datagrams carrying `records` (56-byte wire records) to `node_id`,
-        numbered as they are taken (lazily: a big table is never encoded at once)."""
-        size = codec.MAX_CHUNK_FLOWS
-        chunks = max(1, math.ceil(len(records) / size))
-        for index in range(chunks):
-            self.counters["resync_chunks_sent"] += 1
-            yield codec.encode_resync_chunk(self.key, self.node_id, self.incarnation, self._control(), node_id,
-                                            request_id, index, index == chunks - 1,
-                                            records[index * size:(index + 1) * size])
+        """The RESYNC_CHUNK datagrams carrying `records` (56-byte wire records) to `node_id`, all
+        at once (tests and small tables; the I/O module streams through `answer`)."""
+        writer = self.answer(node_id, request_id)
+        yield from writer.add(b"".join(records))
+        yield writer.finish()
 
     def serve_done(self, node_id: int, ok: bool) -> None:
         self._answering.discard(node_id)
@@ -361,16 +468,85 @@ class SyncEngine:
     # ---- start-up resync ----------------------------------------------------------------------
 
     def begin_resync(self, request_id: int, now: float) -> list[Action]:
-        self.resync_state = ResyncState(request_id & 0xFFFFFFFF or 1)
-        return self.resync_request(now)
+        """Ask every peer for its whole table. Done (`ResyncComplete`) once every live peer has
+        sent one complete answer and a heartbeat; `poll` asks again, under a new request id,
+        each peer whose answer stalls for `resync_retry_s`."""
+        self.resync_state = ResyncState(request_id & 0xFFFFFFFF or 1, now, now)
+        self.resync_state.answers.ids.add(self.resync_state.request_id)
+        return self._ask_all(now)
 
     def resync_request(self, now: float) -> list[Action]:
-        """(Re)ask every peer for its table, right after a heartbeat so they know our address."""
+        """Ask every peer again, now, under a new request id."""
         state = self.resync_state
         if state is None:
             return []
+        state.request_id = self._new_request_id()
+        state.answers.ids.add(state.request_id)
+        state.asked_s = now
+        return self._ask_all(now)
+
+    def _ask_all(self, now: float) -> list[Action]:
+        """A heartbeat (so peers know our address), then the request to every peer."""
+        state = self.resync_state
+        assert state is not None
         return [self.heartbeat(now), Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation,
                                                                       self._control(), state.request_id), None)]
+
+    def _resync_activity(self, state: ResyncState, peer: int) -> float:
+        """When `peer` last showed progress on the start-up resync: asked, or a chunk came."""
+        return max(state.asked_s, state.asked_peer_s.get(peer, -math.inf),
+                   state.answers.last_chunk_s.get(peer, -math.inf))
+
+    def _resync_stalled(self, state: ResyncState, now: float) -> tuple[list[int], float]:
+        """The live peers whose answer is incomplete and stalled at `now`, and the next time one
+        may stall; with no live peer, everyone is asked again `resync_retry_s` after the last ask."""
+        retry = self.timing.resync_retry_s
+        alive = [p for p in self.policy.peers if self.policy.alive(p, now)]
+        if not alive:
+            return [], state.asked_s + retry
+        due, deadline = [], math.inf
+        for p in alive:
+            if p in state.answers.complete:
+                continue
+            at = self._resync_activity(state, p) + retry
+            if at <= now:
+                due.append(p)
+            else:
+                deadline = min(deadline, at)
+        return due, deadline
+
+    def _resync_retries(self, now: float) -> list[Action]:
+        state = self.resync_state
+        if state is None or state.done:
+            return []
+        due, deadline = self._resync_stalled(state, now)
+        if not due:
+            return self.resync_request(now) if deadline <= now else []
+        state.request_id = self._new_request_id()
+        state.answers.ids.add(state.request_id)
+        out: list[Action] = [self.heartbeat(now)]
+        for p in due:  # only the stalled peers: a peer whose answer is complete is not asked again
+            state.asked_peer_s[p] = now
+            out.append(Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
+                                                        state.request_id), self.known_addr(p)))
+        return out
+
+    def _check_resync(self, now: float) -> list[Action]:
+        """ResyncComplete once every live peer has sent one complete answer and a heartbeat of its
+        current life (its digest is known before this node may advertise)."""
+        state = self.resync_state
+        if state is None or state.done or now < state.started_s + self.timing.resync_settle_s:
+            return []  # (every peer answers at once: a peer slower than the first is still heard)
+        policy = self.policy
+        answered = {p for p in state.answers.complete
+                    if p in policy.peers and self.heard.get(p) == policy.peers[p].incarnation}
+        # every live peer, and every peer still sending chunks (its heartbeats may have been lost)
+        alive = {p for p in policy.peers if policy.alive(p, now)} | \
+            {p for p, at in state.answers.last_chunk_s.items() if now - at <= self.timing.dead_after_s}
+        if answered and alive <= answered:
+            state.done = True
+            return [ResyncComplete(state.request_id)]
+        return []
 
     def end_resync(self) -> ResyncState | None:
         state, self.resync_state = self.resync_state, None
@@ -387,6 +563,8 @@ class SyncEngine:
         if (self.policy.next_deadline() or math.inf) <= now:
             out.extend(self._resend_requests(now))
         out.extend(self._peer_resyncs(now))
+        out.extend(self._resync_retries(now))
+        out.extend(self._check_resync(now))
         return out
 
     def next_deadline(self, now: float) -> float:
@@ -397,6 +575,13 @@ class SyncEngine:
         for peer in self.policy.peers.values():
             if peer.resync_wanted and peer.node_id not in self.peer_resyncs and self.policy.alive(peer.node_id, now):
                 deadline = min(deadline, self._holdoff.get(peer.node_id, now))
+        state = self.resync_state
+        if state is not None and not state.done:
+            due, at = self._resync_stalled(state, now)
+            deadline = min(deadline, now if due else at)
+            settled = state.started_s + self.timing.resync_settle_s
+            if now < settled and state.answers.complete:
+                deadline = min(deadline, settled)
         return deadline
 
     def _resend_requests(self, now: float) -> list[Action]:
@@ -414,8 +599,14 @@ class SyncEngine:
         return out
 
     def _new_request_id(self) -> int:
-        request_id, self._next_request_id = self._next_request_id, (self._next_request_id + 1) & 0xFFFFFFFF or 1
-        return request_id
+        """A request id not in use by the start-up resync or any peer resync."""
+        used = set().union(*(p.answers.ids for p in self.peer_resyncs.values()))
+        if self.resync_state is not None:
+            used |= self.resync_state.answers.ids
+        while True:
+            request_id, self._next_request_id = self._next_request_id, (self._next_request_id + 1) & 0xFFFFFFFF or 1
+            if request_id not in used:
+                return request_id
 
     def _request(self, p: PeerResync) -> Send:
         return Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
@@ -436,14 +627,12 @@ class SyncEngine:
                     self._holdoff[node] = now + timing.peer_resync_holdoff_s
                     policy.want_resync(node)
                     out.append(Warn("peer_resync", f"resync of node {node:#x}: incomplete after {p.tries} tries "
-                                                   f"({len(p.chunks)} chunks); again in {timing.peer_resync_holdoff_s:g}s"))
+                                                   f"({p.flows} flows); again in {timing.peer_resync_holdoff_s:g}s"))
                 else:
                     # A new id per try: an answer is complete only with all of its own chunks (the
                     # table changes between answers, so chunk indexes of two answers do not add up).
-                    p.earlier.add(p.request_id)
                     p.request_id = self._new_request_id()
-                    p.chunks.clear()
-                    p.last = None
+                    p.answers.ids.add(p.request_id)
                     p.tries += 1
                     p.next_try_s = now + timing.resync_retry_s
                     out.append(self._request(p))
