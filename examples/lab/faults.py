@@ -212,14 +212,18 @@ def sync_datagrams_dropped(ecmp: EcmpLab, ns: str) -> int:
                if "rule" in item)
 
 
-def add_backend(run: Run, *, wait_nodes: list[str] | None = None) -> None:
-    """b4 joins every node's config (SIGHUP): hash slots move to it; pinned flows must not."""
+def add_backend(run: Run, *, wait_nodes: list[str] | None = None, b1_weight: int | None = None) -> None:
+    """b4 joins every node's config (SIGHUP): hash slots move to it; pinned flows must not.
+    `b1_weight`: b1's weight changes too, so slots move whether or not b4 is up yet."""
     ecmp = run.ecmp
     b4 = ecmp.backends[3]
     for node in ecmp.nodes:
         path = ecmp.workdir / f"{node}.yaml"
         config = yaml.safe_load(path.read_text())
-        config["services"][0]["backends"].append({"address": b4.ip4})
+        backends = config["services"][0]["backends"]
+        backends.append({"address": b4.ip4})
+        if b1_weight is not None:
+            backends[0]["weight"] = b1_weight
         path.write_text(yaml.safe_dump(config))
         ecmp.node_procs[node].send_signal(signal.SIGHUP)
 
@@ -347,13 +351,14 @@ def reload_link_down(run: Run) -> Result:
 
 def partition(run: Run, name: str = "10 partition, new conns + b4, heal") -> Result:
     """The switch cuts node1 off (its link stays up). Meanwhile new connections open, all through
-    node2, and b4 joins the config, so node1 would hash them differently. When the partition
+    node2, then b4 joins the config and b1's weight triples, so node1 would hash them differently
+    (b1's weight alone moves slots even while node1 does not have b4 up yet). When the partition
     heals, node1 must know those flows before the router sends it their packets again."""
     t0 = time.monotonic()
     set_partition(run, "node1", on=True)
     converged = run.converge(run.hops_without("node1"), t0)
-    add_backend(run, wait_nodes=["node2"])
     run.load.report(f"open {run.long // 2}")
+    add_backend(run, wait_nodes=["node2"], b1_weight=3)
     hold_fault(t0)
     set_partition(run, "node1", on=False)
     run.recover(["node1"], time.monotonic())
