@@ -62,6 +62,8 @@ class DropReason(enum.Enum):
     UNKNOWN_DISCRIMINATOR = "unknown_discriminator"  # Your Discriminator names no session of ours
     UNKNOWN_PEER = "unknown_peer"  # Your Discriminator zero and no session for the source address
     WRONG_SOURCE = "wrong_source"  # the discriminator's session belongs to another address
+    WRONG_INTERFACE = "wrong_interface"  # not received on the interface of the route to the peer
+    REMOTE_DISCRIMINATOR_CHANGED = "remote_discriminator_changed"  # My Discriminator is not the one learned while Up
 
 
 class Malformed(BgpError):

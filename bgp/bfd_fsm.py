@@ -24,6 +24,18 @@ switch from the slow 1 s rate to the configured one on reaching Up) sets P on ev
 one with F arrives. An increase of DesiredMinTx and a decrease of RequiredMinRx take effect
 locally only when the sequence ends; the opposite changes take effect at once. A received P is
 answered at once by a packet with F. A packet also goes out at once on every state change.
+
+Who may change a session's state (§6.8.6): `decode` discards a Your Discriminator of zero unless
+the packet says Down or AdminDown; `Demux` selects the session by Your Discriminator when it is
+non-zero, and otherwise by source address and (when the I/O layer set one) the interface of the
+route to the peer, after the TTL 255 check. Once Up, the remote discriminator learned in the
+handshake is fixed: `Session.receive` discards (returns `Discard`) any packet whose My
+Discriminator differs, whatever its Your Discriminator. So an on-link sender that forges the
+peer's address with TTL 255 and Your Discriminator zero cannot take an Up session down without
+also knowing the peer's discriminator (only authentication, which lbnode does not implement,
+protects against a sender that sniffs it). A peer that restarted with a new discriminator is
+therefore detected by the detection timer, which forgets the remote discriminator (§6.8.1); its
+next Down packet then starts the handshake again.
 """
 from __future__ import annotations
 
@@ -69,7 +81,14 @@ class StateChange:
     diag: Diag
 
 
-Action = Transmit | StateChange
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """A received packet that the session discarded (§6.8.6); the I/O layer counts it."""
+
+    reason: DropReason
+
+
+Action = Transmit | StateChange | Discard
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +185,10 @@ class Session:
         """A packet that passed `decode` and the demultiplexer (RFC 5880 §6.8.6, from "set bfd.RemoteDiscr")."""
         if self.state is State.ADMIN_DOWN:
             return self._handle(RECV_EVENT[p.state], now)  # the table discards it
+        if self.state is State.UP and p.my_discriminator != self.remote_discr:
+            # The peer's discriminator does not change during a session: this is someone else (or a
+            # restarted peer, which the detection timer finds). Nothing of it is used, not even timers.
+            return [Discard(DropReason.REMOTE_DISCRIMINATOR_CHANGED)]
         self.remote_discr = p.my_discriminator
         self.remote_state = p.state
         self.remote_diag = p.diag
@@ -356,6 +379,8 @@ class Demux:
 
     by_discr: dict[int, str] = field(default_factory=dict)  # our discriminator -> peer address
     by_peer: dict[str, int] = field(default_factory=dict)
+    # peer address -> ifindex of the route to it (None: no route now); peers absent: not checked
+    interfaces: dict[str, int | None] = field(default_factory=dict)
     drops: collections.Counter[DropReason] = field(default_factory=collections.Counter)
 
     def add(self, peer: str, local_discr: int) -> None:
@@ -364,8 +389,16 @@ class Demux:
         self.by_discr[local_discr] = peer
         self.by_peer[peer] = local_discr
 
-    def route(self, data: bytes, ttl: int | None, source: str) -> tuple[str, ControlPacket] | DropReason:
-        """The session (peer address) and packet, or why the datagram was dropped."""
+    def set_interface(self, peer: str, ifindex: int | None) -> None:
+        """Accept `peer`'s packets only from interface `ifindex` (None: from none, there is no route)."""
+        if peer not in self.by_peer:
+            raise BgpError(f"no BFD session for {peer}")
+        self.interfaces[peer] = ifindex
+
+    def route(self, data: bytes, ttl: int | None, source: str,
+              ifindex: int | None = None) -> tuple[str, ControlPacket] | DropReason:
+        """The session (peer address) and packet, or why the datagram was dropped. `ifindex`: the
+        interface it arrived on (None: not reported), checked for peers given to `set_interface`."""
         try:
             if ttl != TTL_SINGLE_HOP:
                 raise Malformed(DropReason.TTL, f"TTL {ttl}")
@@ -380,6 +413,9 @@ class Demux:
                 peer = source
             else:
                 raise Malformed(DropReason.UNKNOWN_PEER)
+            if peer in self.interfaces and (ifindex is None or ifindex != self.interfaces[peer]):
+                raise Malformed(DropReason.WRONG_INTERFACE, f"ifindex {ifindex}, route to {peer}: "
+                                                            f"{self.interfaces[peer]}")
         except Malformed as exc:
             self.drops[exc.reason] += 1
             return exc.reason

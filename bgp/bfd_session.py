@@ -13,8 +13,21 @@ the next inbox item or the session's next deadline, feeds that in with `trio.cur
 sends what the machine asks for, and reports state changes to `on_change` (the speaker tears
 the BGP session down when BFD fails: Up -> Down, unless the peer said AdminDown, RFC 5882 §3.2).
 
-Send errors (no route while a link is down, ICMP port unreachable) are counted and logged at
-DEBUG; they never stop the session: silence is what BFD detects.
+Send errors (no route while a link is down, ICMP port unreachable, the device gone) are counted
+and logged at DEBUG; they never stop the session: silence is what BFD detects.
+
+The peer's interface: each session's send socket is bound (SO_BINDTODEVICE) to the interface of
+the route to the peer, and the receive sockets report each datagram's arrival interface
+(IP_PKTINFO / IPV6_RECVPKTINFO), which `Demux` checks against that route: a packet from another
+interface is dropped (`wrong_interface`), like one without TTL 255. The route is looked up over
+netlink (`RouteResolver`, opened when `run` starts, so in the network namespace the endpoint runs
+in) before the first packet and again every RESOLVE_INTERVAL_S, and at once (at most every
+RESOLVE_MIN_S) after a send error or a packet from the peer on another interface. With no route
+(the link is down) the session accepts nothing and its sends fail, which is what a dead link looks
+like anyway; when the route returns, on the same interface or a recreated one with a new index,
+the socket is bound to it again and the session comes back by itself. A lookup or bind that fails
+is logged and retried, never raised. (A link-local IPv6 peer, whose route needs a scope, is not
+supported here.)
 """
 from __future__ import annotations
 
@@ -32,7 +45,7 @@ from dataclasses import dataclass
 import trio
 
 from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import TTL_SINGLE_HOP, Action, Demux, Session, SessionConfig, StateChange, Transmit
+from bgp.bfd_fsm import TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit
 from bgp.errors import BgpError
 
 log = logging.getLogger(__name__)
@@ -40,12 +53,20 @@ log = logging.getLogger(__name__)
 BFD_PORT = 3784  # RFC 5881 §4: single-hop control packets
 SOURCE_PORT_MIN, SOURCE_PORT_MAX = 49152, 65535
 IP_RECVTTL = 12  # linux/in.h; not exported by Python's socket module
+IP_PKTINFO = 8  # linux/in.h; struct in_pktinfo starts with int ipi_ifindex
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SEND_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EHOSTDOWN,
-                         errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.EPERM})
+                         errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.ENOBUFS, errno.EPERM,
+                         errno.ENODEV, errno.ENXIO})  # the last two: the bound device is gone
+BIND_ERRNOS = frozenset({errno.ENODEV, errno.ENXIO, errno.EINVAL})  # SO_BINDTODEVICE on a device just gone
+RESOLVE_INTERVAL_S = 1.0  # the route to each peer is looked up again this often
+RESOLVE_MIN_S = 0.1  # and at most this often after send errors
 BIND_ATTEMPTS = 64
 CANCEL_ADMIN_DOWN_S = 0.5  # on cancellation, time allowed to send AdminDown
 
 Sender = Callable[[str, bytes], Awaitable[None]]  # (peer address, datagram): replaces the UDP sockets in tests
+Interface = tuple[int, str]  # (ifindex, name), both in the endpoint's network namespace
+Resolver = Callable[[str], "Interface | None"]  # peer address -> the interface of the route to it, None: no route
 OnChange = Callable[[str, StateChange, bool], None]  # (peer, change, failed)
 
 
@@ -69,6 +90,8 @@ class BfdStatus:
     up_transitions: int
     failures: int  # Up -> Down other than by the peer's AdminDown
     last_change_s: float | None  # trio clock of the last state change
+    interface: str | None  # the device the session's socket is bound to (None: not bound)
+    interface_changes: int  # times the route to the peer moved to another (or a recreated) device
 
 
 @dataclass(eq=False)
@@ -84,6 +107,52 @@ class _Runtime:
     up_transitions: int = 0
     failures: int = 0
     last_change_s: float | None = None
+    interface: Interface | None = None  # what the send socket is bound to
+    routed: bool | None = None  # the latest lookup found a route (else Demux accepts nothing from the peer)
+    interface_changes: int = 0
+
+
+class RouteResolver:
+    """The interface of the route to a peer, over one netlink socket opened in the calling thread's
+    network namespace (pyroute2's `route get`, as `ip route get` does). No route: None."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+
+        self._ipr = IPRoute()
+
+    def __call__(self, peer: str) -> Interface | None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            routes = self._ipr.route("get", dst=peer)
+        except NetlinkError as exc:  # ENETUNREACH and the like: the kernel's answer, no route now
+            log.debug("BFD %s: no route: %s", peer, exc)
+            return None
+        except OSError as exc:  # the netlink socket itself failed (ENOBUFS...): a new one next time
+            log.warning("BFD %s: route lookup failed: %s; reopening netlink", peer, exc)
+            self._reopen()
+            return None
+        for route in routes:
+            oif = route.get_attr("RTA_OIF")
+            if oif:
+                try:
+                    return int(oif), socket.if_indextoname(int(oif))
+                except OSError:  # gone between the two lookups
+                    return None
+        return None
+
+    def _reopen(self) -> None:
+        from pyroute2 import IPRoute
+
+        try:
+            self._ipr.close()
+        except OSError:
+            pass
+        self._ipr = IPRoute()  # still on the endpoint's thread, so in its namespace
+
+    def close(self) -> None:
+        self._ipr.close()
 
 
 class BfdEndpoint:
@@ -92,13 +161,19 @@ class BfdEndpoint:
     def __init__(self, sessions: Mapping[str, SessionConfig], *, on_change: OnChange | None = None,
                  port: int = BFD_PORT, rng: Callable[[], float] = random.random,
                  discriminator: Callable[[], int] = lambda: secrets.randbits(32),
-                 sender: Sender | None = None) -> None:
+                 sender: Sender | None = None, resolver: Callable[[], Resolver] | None = None) -> None:
+        """`sender` replaces the sockets (tests). `resolver` makes the route lookup used to bind each
+        session to its interface; it is called in `run` (default: `RouteResolver`). Without sockets
+        (a `sender`), sessions are bound only if a `resolver` is given."""
         if not sessions:
             raise BgpError("a BFD endpoint needs at least one session")
         self.port = port
         self.demux = Demux()
         self._on_change = on_change
         self._sender = sender
+        self._make_resolver = resolver if resolver is not None or sender is not None else RouteResolver
+        self._resolver: Resolver | None = None
+        self._resolve_now = trio.Event()
         self._runtimes: dict[str, _Runtime] = {}
         for peer, cfg in sessions.items():
             peer = str(ipaddress.ip_address(peer))
@@ -122,11 +197,13 @@ class BfdEndpoint:
     def drops(self) -> dict[str, int]:
         return {r.value: n for r, n in sorted(self.demux.drops.items(), key=lambda kv: kv[0].value)}
 
-    def received(self, data: bytes, ttl: int | None, source: str) -> DropReason | None:
+    def received(self, data: bytes, ttl: int | None, source: str, ifindex: int | None = None) -> DropReason | None:
         """One datagram from the network (or a test): checked, then queued for its session."""
-        routed = self.demux.route(data, ttl, source)
+        routed = self.demux.route(data, ttl, source, ifindex)
         if isinstance(routed, DropReason):
             log.debug("BFD from %s dropped: %s", source, routed.value)
+            if routed is DropReason.WRONG_INTERFACE:
+                self._resolve_now.set()  # the route may have moved here (a recreated device): look now
             return routed
         peer, packet = routed
         self._runtimes[peer].inbox_send.send_nowait(("packet", packet))
@@ -144,17 +221,79 @@ class BfdEndpoint:
                 await ev.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            if self._sender is None:
-                for family in sorted(self._families):
-                    sock = await self._receive_socket(family)
-                    nursery.start_soon(self._receive_loop, sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._sender is None:
+                    for rt in self._runtimes.values():
+                        rt.sock = await self._send_socket(rt.peer)
+                if self._make_resolver is not None:
+                    self._resolver = self._make_resolver()  # here: in the namespace the endpoint runs in
+                    self._bind_interfaces()  # before the first packet is accepted
+                    nursery.start_soon(self._interface_loop)
+                if self._sender is None:
+                    for family in sorted(self._families):
+                        sock = await self._receive_socket(family)
+                        nursery.start_soon(self._receive_loop, sock)
                 for rt in self._runtimes.values():
-                    rt.sock = await self._send_socket(rt.peer)
-            for rt in self._runtimes.values():
-                nursery.start_soon(self._session_loop, rt)
-            log.info("BFD running for %s (port %s)", ", ".join(self._runtimes), self.port)
-            task_status.started()
+                    nursery.start_soon(self._session_loop, rt)
+                log.info("BFD running for %s (port %s)", ", ".join(
+                    f"{rt.peer} on {rt.interface[1] if rt.interface else 'no interface'}"
+                    if self._resolver is not None else rt.peer for rt in self._runtimes.values()), self.port)
+                task_status.started()
+        finally:
+            close = getattr(self._resolver, "close", None)
+            if close is not None:
+                close()
+            for rt in self._runtimes.values():  # a session loop that never started has not closed it
+                if rt.sock is not None:
+                    rt.sock.close()
+
+    # ---- the peer's interface ----------------------------------------------------------------
+
+    async def _interface_loop(self) -> None:
+        while True:
+            with trio.move_on_after(RESOLVE_INTERVAL_S):
+                await self._resolve_now.wait()
+                await trio.sleep(RESOLVE_MIN_S)
+            self._resolve_now = trio.Event()
+            self._bind_interfaces()
+
+    def _bind_interfaces(self) -> None:
+        for rt in self._runtimes.values():
+            self._bind_interface(rt)
+
+    def _bind_interface(self, rt: _Runtime) -> None:
+        """Look the route to the peer up; bind the socket to its interface and tell `Demux`."""
+        assert self._resolver is not None
+        found = self._resolver(rt.peer)
+        if found is None:
+            if rt.routed is not False:  # log the loss once, not every lookup
+                log.info("BFD %s: no route to the peer%s; accepting no packets until it returns", rt.peer,
+                         f" (was on {rt.interface[1]})" if rt.interface else "")
+            rt.routed = False
+            self.demux.set_interface(rt.peer, None)
+            return  # the socket stays bound to the old device: sends fail, as on a dead link
+        if found != rt.interface:
+            if rt.sock is not None:
+                try:
+                    rt.sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, found[1].encode())
+                except OSError as exc:
+                    if exc.errno not in BIND_ERRNOS:
+                        raise
+                    log.log(logging.INFO if rt.routed is not False else logging.DEBUG,
+                            "BFD %s: cannot bind to %s (index %s): %s; retrying", rt.peer, found[1], found[0], exc)
+                    rt.routed = False
+                    self.demux.set_interface(rt.peer, None)
+                    return
+            if rt.interface is not None:
+                rt.interface_changes += 1
+            log.info("BFD %s: bound to %s (index %s)%s", rt.peer, found[1], found[0],
+                     f", was {rt.interface[1]} (index {rt.interface[0]})" if rt.interface else "")
+            rt.interface = found
+        elif rt.routed is False:
+            log.info("BFD %s: route to the peer back on %s", rt.peer, found[1])
+        rt.routed = True
+        self.demux.set_interface(rt.peer, found[0])
 
     # ---- sockets -----------------------------------------------------------------------------
 
@@ -162,11 +301,13 @@ class BfdEndpoint:
         if family == 4:
             sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             addr = "0.0.0.0"
         else:
             sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             addr = "::"
         try:
             await sock.bind((addr, self.port))
@@ -197,8 +338,8 @@ class BfdEndpoint:
     async def _receive_loop(self, sock: trio.socket.SocketType) -> None:
         with sock:
             while True:
-                data, ancdata, _flags, addr = await sock.recvmsg(512, socket.CMSG_SPACE(4))
-                self.received(data, _ttl(ancdata), _source(addr[0]))
+                data, ancdata, _flags, addr = await sock.recvmsg(512, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20))
+                self.received(data, _ttl(ancdata), _source(addr[0]), _ifindex(ancdata))
 
     async def _send(self, rt: _Runtime, packet: ControlPacket) -> None:
         data = encode(packet)
@@ -214,6 +355,7 @@ class BfdEndpoint:
                 raise
             rt.send_errors += 1
             log.debug("BFD %s: send failed: %s", rt.peer, exc)
+            self._resolve_now.set()  # the route may have moved
 
     # ---- the session loop --------------------------------------------------------------------
 
@@ -256,6 +398,9 @@ class BfdEndpoint:
         for action in actions:
             if isinstance(action, Transmit):
                 await self._send(rt, action.packet)
+            elif isinstance(action, Discard):
+                self.demux.drops[action.reason] += 1
+                log.debug("BFD %s: packet discarded: %s", rt.peer, action.reason.value)
             elif isinstance(action, StateChange):
                 s = rt.session
                 failed = (action.old is State.UP and action.new is State.DOWN
@@ -281,6 +426,17 @@ def _ttl(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     return None
 
 
+def _ifindex(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    """The arrival interface from IP_PKTINFO (struct in_pktinfo: ifindex first) or IPV6_PKTINFO
+    (struct in6_pktinfo: 16-byte address, then ifindex)."""
+    for level, kind, data in ancdata:
+        if (level, kind) == (socket.IPPROTO_IP, IP_PKTINFO) and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder)
+        if (level, kind) == (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO) and len(data) >= 20:
+            return int.from_bytes(data[16:20], sys.byteorder)
+    return None
+
+
 def _source(address: str) -> str:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
@@ -297,5 +453,6 @@ def _status(rt: _Runtime) -> BfdStatus:
         tx_interval_ms=None if tx is None else tx / 1000, detection_time_ms=None if detect is None else detect / 1000,
         poll_active=s.poll_active, packets_sent=rt.packets_sent, packets_received=rt.packets_received,
         send_errors=rt.send_errors, up_transitions=rt.up_transitions, failures=rt.failures,
-        last_change_s=rt.last_change_s)
+        last_change_s=rt.last_change_s, interface=rt.interface[1] if rt.interface else None,
+        interface_changes=rt.interface_changes)
 

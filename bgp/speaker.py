@@ -11,6 +11,17 @@ connection, a RIB change, a stop request) or the FSM's next deadline, feeds that
 frames bytes and posts them to the inbox; decoding happens in the loop, so the 4-octet-AS switch
 applies exactly from the message after the OPEN.
 
+Backpressure: at most INBOX_FRAMES received messages wait in a peer's inbox. The reader takes a
+slot (`_Peer.frame_slots`) before it posts a frame and the loop gives it back as it takes the
+frame out, so a reader that is that far ahead blocks and stops reading its socket: TCP flow
+control then holds the peer back instead of our memory growing (the framer keeps at most one
+read's bytes). Everything else in the inbox (connects, accepts, BFD, sync, stop, send failures)
+is posted without waiting, often by the loop itself or from synchronous callbacks, and is few by
+construction (one sync pending, one item per connection or BFD change), so the loop never waits
+on its own inbox, and a flooded peer still gets its keepalives: the FSM's deadline is checked
+between any two items. A peer that floods and does not read our messages in turn is dropped by
+the send bound below when its Hold time runs out, as RFC 4271 expects.
+
 Collisions (RFC 4271 §6.8): a connection accepted while the peer's FSM is in OpenSent/OpenConfirm
 gets its own FSM (`peer.other`); once an OPEN names the peer's identifier, `collision_loser` picks
 the connection to dump (Cease 6/7) and the survivor becomes the peer's FSM. If the primary
@@ -73,6 +84,7 @@ log = logging.getLogger(__name__)
 TCP_MD5SIG = 14
 TCP_MD5SIG_MAXKEYLEN = 80
 SEND_TIMEOUT_S = 10.0
+INBOX_FRAMES = 64  # received messages (at most 4096 bytes each) read ahead of a peer's loop
 CLOSE_LINGER_S = 1.0
 CANCEL_CLEANUP_S = 2.0  # Cease and close on cancellation, shielded, at most this long
 FLAP_LOG_INTERVAL_S = 60.0  # at most one INFO line per peer per interval for Idle/Connect/Active flaps
@@ -140,6 +152,8 @@ class PeerStatus:
     received_updates: int
     treat_as_withdraw: int
     bfd_downs: int  # BGP sessions torn down because BFD failed
+    inbox_peak: int  # most received messages ever waiting in the inbox (at most INBOX_FRAMES)
+    reader_waits: int  # times a reader stopped reading because the inbox was full (backpressure)
     last_error: str
     bfd: BfdStatus | None
 
@@ -159,6 +173,9 @@ class _Peer:
     received_updates: int = 0
     treat_as_withdraw: int = 0  # received UPDATEs with attribute errors (RFC 7606), ignored
     bfd_downs: int = 0
+    frame_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(INBOX_FRAMES))
+    inbox_peak: int = 0
+    reader_waits: int = 0
     last_error: str = ""  # the latest reason a session failed or did not come up
     flap_logged_at: float = -math.inf  # rate limit of Idle/Connect/Active transition logs
     flaps_suppressed: int = 0
@@ -215,7 +232,8 @@ class Speaker:
         bfd = self.bfd.snapshot() if self.bfd is not None else {}
         return [PeerStatus(address=name, state=p.fsm.state.value, established_count=p.established_count,
                            received_updates=p.received_updates, treat_as_withdraw=p.treat_as_withdraw,
-                           bfd_downs=p.bfd_downs, last_error=p.last_error or p.fsm.last_error, bfd=bfd.get(name))
+                           bfd_downs=p.bfd_downs, inbox_peak=p.inbox_peak, reader_waits=p.reader_waits,
+                           last_error=p.last_error or p.fsm.last_error, bfd=bfd.get(name))
                 for name, p in self._peers.items()]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -399,7 +417,12 @@ class Speaker:
                         return
                     framer.feed(data)
                     for raw in framer.frames():
+                        slots = peer.frame_slots
+                        if slots.value == 0:
+                            peer.reader_waits += 1
+                        await slots.acquire()  # backpressure: wait for the loop; no reading meanwhile
                         peer.inbox_send.send_nowait(("frame", conn, raw))
+                        peer.inbox_peak = max(peer.inbox_peak, INBOX_FRAMES - slots.value)
             except DecodeError as exc:
                 peer.inbox_send.send_nowait(("error", conn, exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -430,6 +453,8 @@ class Speaker:
                     await self._apply(peer, fsm, conn, None)
                 continue
             kind = item[0]
+            if kind == "frame":
+                peer.frame_slots.release()  # out of the inbox: the reader may read on
             if kind == "sync":
                 peer.sync_pending = False
                 await self._sync(peer)

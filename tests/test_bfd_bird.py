@@ -142,11 +142,32 @@ def test_bird_bfd_up_then_frozen_and_unplugged_nodes_leave_the_route_in_under_a_
         (peer,) = wait_until(lambda: [p for p in net.status("n2")["peers"] if p["bfd"]["state"] == "UP"],
                              timeout_s=10, what="n2's BFD Up again")
         assert peer["bfd"]["up_transitions"] == 2 and peer["state"] == "Established"
+        assert peer["bfd"]["interface"] == "eth0"  # SO_BINDTODEVICE, resolved inside n2
         assert net.status("n1")["bfd_drops"] == {}
+
+        # The interface goes away and comes back as a new device: n2's BFD rebinds and is Up by itself.
+        ifindex = lambda: int(net.lab.ns_run(net.ns["n2"], "cat", "/sys/class/net/eth0/ifindex").stdout)  # noqa: E731
+        old_index = ifindex()
+        net.lab.ns_run(net.ns["n2"], "ip", "link", "del", "eth0")  # takes the router's p2 with it
+        wait_until(lambda: net.kernel() == ["10.0.0.1"], timeout_s=5, interval_s=0.01, what="n2 gone with its eth0")
+        wait_until(lambda: [p for p in net.status("n2")["peers"] if p["bfd"]["failures"] >= 2],
+                   timeout_s=5, what="n2's own BFD failure with eth0 deleted")
+        net.lab.veth(net.router, "p2", net.ns["n2"], "eth0")
+        net.lab.ns_run(net.router, "ip", "link", "set", "p2", "master", "br0")
+        net.lab.addr(net.ns["n2"], "eth0", "10.0.0.2/24")
+        new_index = ifindex()
+        recreated_s = timed_until(lambda: net.kernel() == both, timeout_s=20, what="n2 back on a new eth0")
+        (peer,) = wait_until(lambda: [p for p in net.status("n2")["peers"] if p["bfd"]["state"] == "UP"
+                                      and p["state"] == "Established"], timeout_s=10, what="n2's BFD Up on the new eth0")
+        assert peer["bfd"]["up_transitions"] == 3 and peer["bfd"]["interface"] == "eth0"
+        assert peer["bfd"]["interface_changes"] == (1 if new_index != old_index else 0)
+        drops = net.status("n2")["bfd_drops"]  # packets that beat the new route's lookup may be dropped
+        assert set(drops) <= {"wrong_interface"}, drops
 
         print(f"\nBFD 100 ms x 3 against BIRD: SIGSTOP -> next hop gone in {frozen_s * 1000:.0f} ms, "
               f"SIGCONT -> back in {thawed_s:.2f} s; link down -> gone in {unplugged_s * 1000:.0f} ms, "
-              f"link up -> back in {restored_s:.2f} s")
+              f"link up -> back in {restored_s:.2f} s; eth0 recreated (index {old_index} -> {new_index}) -> "
+              f"back in {recreated_s:.2f} s ({drops.get('wrong_interface', 0)} BFD packets before the rebind)")
         assert frozen_s < DETECT_BOUND_S and unplugged_s < DETECT_BOUND_S
     except BaseException:
         print(net.logs())

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Event, Session, SessionConfig, StateChange,
-                         Transmit, jitter_factor)
+from bgp.bfd_fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
+                         StateChange, Transmit, jitter_factor)
+from bgp.errors import BgpError
 
 pytestmark = pytest.mark.unit
 
@@ -397,3 +398,159 @@ def test_any_sequence_keeps_the_invariants(steps: list) -> None:
         check(s, acts)
         if s.state is not S.UP:
             assert not s.poll_active
+
+
+# ---- RFC 5880 §6.8.6: who may change a session's state -------------------------------------------
+
+PEER, STRANGER, IFX = "10.0.0.254", "10.0.0.9", 3  # the peer, another on-link address, the peer's ifindex
+LEARNED, FORGED = 99, 77  # the peer's discriminator (learned in the handshake), another one
+
+
+@dataclass(frozen=True)
+class Case:
+    session: State  # the session's state before the packet (Init and Up learned LEARNED)
+    state: State  # the packet's State field
+    my: int = LEARNED
+    your: int | str = "ours"  # "ours": our discriminator (1), or a number
+    ttl: int = 255
+    source: str = PEER
+    ifindex: int | None = IFX
+    drop: DropReason | None = None  # why it is discarded (None: accepted)
+    after: State | None = None  # the session's state afterwards (None: unchanged)
+
+
+D, I, U, A = S.DOWN, S.INIT, S.UP, S.ADMIN_DOWN
+R = DropReason
+DEMUX_CASES = {
+    # An on-link spoofer with TTL 255 and the peer's source address, against an Up session.
+    "spoof Up: Down, your 0, forged my": Case(U, D, my=FORGED, your=0, drop=R.REMOTE_DISCRIMINATOR_CHANGED),
+    "spoof Up: AdminDown, your 0, forged my": Case(U, A, my=FORGED, your=0, drop=R.REMOTE_DISCRIMINATOR_CHANGED),
+    "spoof Up: Up, your 0": Case(U, U, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "spoof Up: Init, your 0": Case(U, I, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "spoof Up: Up, your 0, forged my": Case(U, U, my=FORGED, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "spoof Up: Down, ours, forged my": Case(U, D, my=FORGED, drop=R.REMOTE_DISCRIMINATOR_CHANGED),
+    "spoof Up: AdminDown, ours, forged my": Case(U, A, my=FORGED, drop=R.REMOTE_DISCRIMINATOR_CHANGED),
+    "spoof Up: Up, ours, forged my": Case(U, U, my=FORGED, drop=R.REMOTE_DISCRIMINATOR_CHANGED),
+    "spoof Up: Down, your 0, another interface": Case(U, D, your=0, ifindex=7, drop=R.WRONG_INTERFACE),
+    "spoof Up: Down, ours, another interface": Case(U, D, ifindex=7, drop=R.WRONG_INTERFACE),
+    "spoof Up: interface not reported": Case(U, D, ifindex=None, drop=R.WRONG_INTERFACE),
+    "spoof Up: Down, your 0, TTL 254": Case(U, D, your=0, ttl=254, drop=R.TTL),
+    "spoof Up: Down, unknown your": Case(U, D, your=5, drop=R.UNKNOWN_DISCRIMINATOR),
+    "spoof Up: Down, ours, other source": Case(U, D, source=STRANGER, drop=R.WRONG_SOURCE),
+    "spoof Up: Down, your 0, other source": Case(U, D, your=0, source=STRANGER, drop=R.UNKNOWN_PEER),
+    # The real peer, Up: what it legitimately sends.
+    "peer Up: Up, ours": Case(U, U),
+    "peer Up: Init, ours": Case(U, I),
+    "peer Up: Down, ours (its detection time expired... and it kept ours)": Case(U, D, after=D),
+    "peer Up: Down, your 0 (its detection time expired)": Case(U, D, your=0, after=D),
+    "peer Up: AdminDown, ours": Case(U, A, after=D),
+    "peer Up: AdminDown, your 0": Case(U, A, your=0, after=D),
+    # Down: Your Discriminator 0 only with Down or AdminDown; any My Discriminator may be learned.
+    "Down: Down, your 0": Case(D, D, my=FORGED, your=0, after=I),
+    "Down: AdminDown, your 0": Case(D, A, your=0),
+    "Down: Init, your 0": Case(D, I, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "Down: Up, your 0": Case(D, U, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "Down: Init, ours": Case(D, I, after=U),
+    "Down: Up, ours": Case(D, U),
+    "Down: Down, your 0, another interface": Case(D, D, your=0, ifindex=7, drop=R.WRONG_INTERFACE),
+    "Down: Down, your 0, TTL 64": Case(D, D, your=0, ttl=64, drop=R.TTL),
+    # Init (learned from a Down with Your Discriminator 0): not locked yet, §6.8.6 as written.
+    "Init: Up, your 0": Case(I, U, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "Init: Init, your 0": Case(I, I, your=0, drop=R.YOUR_DISCRIMINATOR_ZERO),
+    "Init: Up, ours": Case(I, U, after=U),
+    "Init: Up, ours, other my": Case(I, U, my=FORGED, after=U),
+    "Init: AdminDown, your 0": Case(I, A, your=0, after=D),
+    "Init: Down, your 0": Case(I, D, your=0),
+    "Init: Down, your 0, another interface": Case(I, D, your=0, ifindex=7, drop=R.WRONG_INTERFACE),
+}
+
+
+def session_in(state: State) -> Session:
+    """A session with our discriminator 1, in `state`, having learned LEARNED if Init or Up."""
+    s = session()
+    s.start(0.0)
+    if state in (S.INIT, S.UP):
+        s.receive(pkt(S.DOWN, my=LEARNED, your=0), 0.0)
+    if state is S.UP:
+        s.receive(pkt(S.UP, my=LEARNED), 0.0)
+    assert s.state is state and s.remote_discr == (LEARNED if state in (S.INIT, S.UP) else 0)
+    return s
+
+
+def deliver(d: Demux, s: Session, data: bytes, ttl: int, source: str, ifindex: int | None,
+            now: float) -> tuple[DropReason | None, list]:
+    """What the I/O layer does with one datagram: demultiplex, then the session; drops counted."""
+    routed = d.route(data, ttl, source, ifindex)
+    if isinstance(routed, DropReason):
+        return routed, []
+    acts = s.receive(routed[1], now)
+    discards = [a.reason for a in acts if isinstance(a, Discard)]
+    for reason in discards:
+        d.drops[reason] += 1
+    return (discards[0] if discards else None), acts
+
+
+@pytest.mark.parametrize("name", list(DEMUX_CASES), ids=list(DEMUX_CASES))
+def test_rfc5880_6_8_6_who_may_change_a_session(name: str) -> None:
+    c = DEMUX_CASES[name]
+    d = Demux()
+    d.add(PEER, 1)
+    d.set_interface(PEER, IFX)
+    s = session_in(c.session)
+    before = (s.remote_discr, s.remote_detect_mult, s.detect_deadline, s.tx_interval_us)
+    your = 1 if c.your == "ours" else c.your
+    data = encode(ControlPacket(c.state, c.my, int(your), 50_000, 20_000, 5))
+    drop, acts = deliver(d, s, data, c.ttl, c.source, c.ifindex, 0.05)
+    assert drop is c.drop
+    assert s.state is (c.after or c.session)
+    if c.drop is not None:
+        assert d.drops == {c.drop: 1}  # counted
+        assert sent(acts) == [] and states(acts) == []
+        # nothing of a discarded packet is used: not its discriminator, its timers or its state
+        assert (s.remote_discr, s.remote_detect_mult, s.detect_deadline, s.tx_interval_us) == before
+    else:
+        assert d.drops == {}
+
+
+def test_a_forged_packet_does_not_restart_detection_and_the_peer_keeps_the_session() -> None:
+    """A spoofer flooding Down/Your Discriminator 0 at an Up session: the session stays Up while the
+    peer talks, and goes Down by detection time (not by the forged packets) when the peer stops."""
+    d = Demux()
+    d.add(PEER, 1)
+    s = session_in(S.UP)
+    s.receive(pkt(S.UP, my=LEARNED, final=True), 0.0)
+    forged = encode(ControlPacket(S.DOWN, FORGED, 0, 100_000, 100_000, 3))
+    genuine = encode(ControlPacket(S.UP, LEARNED, 1, 100_000, 100_000, 3))
+    now = 0.0
+    for _ in range(20):  # peer and spoofer interleaved: 20 x 50 ms
+        now += 0.05
+        assert deliver(d, s, forged, 255, PEER, None, now)[0] is DropReason.REMOTE_DISCRIMINATOR_CHANGED
+        assert deliver(d, s, genuine, 255, PEER, None, now)[0] is None
+        s.poll(now)
+        assert s.state is S.UP
+    last_genuine = now
+    for i in range(1, 6):  # only the spoofer now, up to 250 ms after the peer's last packet
+        now = last_genuine + 0.05 * i
+        deliver(d, s, forged, 255, PEER, None, now)
+        s.poll(now)
+        assert s.state is S.UP
+    acts = s.poll(last_genuine + 0.3)
+    assert states(acts) == [(S.UP, S.DOWN)] and s.local_diag is Diag.CONTROL_DETECTION_TIME_EXPIRED
+    assert d.drops[DropReason.REMOTE_DISCRIMINATOR_CHANGED] == 25
+    # Detection forgot the peer's discriminator: a restarted peer (a new one) is heard again.
+    assert deliver(d, s, forged, 255, PEER, None, now + 0.4)[0] is None and s.state is S.INIT
+
+
+def test_demux_checks_the_interface_only_once_told_it() -> None:
+    d = Demux()
+    d.add(PEER, 1)
+    data = encode(ControlPacket(S.DOWN, 5, 0, 1_000_000, 100_000, 3))
+    assert d.route(data, 255, PEER, None)[0] == PEER  # type: ignore[index]
+    assert d.route(data, 255, PEER, 42)[0] == PEER  # type: ignore[index]
+    d.set_interface(PEER, 42)
+    assert d.route(data, 255, PEER, 42)[0] == PEER  # type: ignore[index]
+    assert d.route(data, 255, PEER, 43) is DropReason.WRONG_INTERFACE
+    d.set_interface(PEER, None)  # no route to the peer: nothing from it is accepted
+    assert d.route(data, 255, PEER, 42) is DropReason.WRONG_INTERFACE
+    with pytest.raises(BgpError):
+        d.set_interface(STRANGER, 1)

@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from bgp import bfd_session
 from bgp import config as bgp_config
 from bgp.bfd_codec import ControlPacket, DropReason, State, encode
 from bgp.bfd_fsm import SessionConfig, StateChange
@@ -143,6 +144,74 @@ async def test_udp_ttl_255_source_port_and_ttl_check_on_loopback(family: int, ho
             await wait_for(lambda: ep.drops.get("ttl") == 1)
             assert ep.state(host) is State.UP
             nursery.cancel_scope.cancel()
+
+
+async def test_on_link_spoofer_with_ttl_255_cannot_take_an_up_session_down() -> None:
+    """RFC 5880 §6.8.6 over real sockets: forged Down/AdminDown with Your Discriminator 0 (or ours) and a
+    forged My Discriminator, TTL 255, from the peer's address, is dropped and counted; Up stays Up."""
+    host = "127.0.0.1"
+    port = free_udp_port(socket.AF_INET, host)
+    ep = BfdEndpoint({host: FAST}, port=port, discriminator=lambda: 11)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ep.run)
+            await wait_for(lambda: ep.state(host) is State.UP)
+            assert ep.snapshot()[host].remote_discriminator == 11  # it hears itself
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+                for state, your in [(State.DOWN, 0), (State.ADMIN_DOWN, 0), (State.DOWN, 11), (State.UP, 0)]:
+                    s.sendto(encode(ControlPacket(state, 0xBAD, your, 1_000_000, 100_000, 3)), (host, port))
+            await wait_for(lambda: sum(ep.drops.values()) == 4)
+            assert ep.drops == {"remote_discriminator_changed": 3, "your_discriminator_zero": 1}
+            await trio.sleep(0.5)  # longer than the detection time: the genuine packets kept it Up
+            snap = ep.snapshot()[host]
+            assert (snap.state, snap.failures, snap.up_transitions) == ("UP", 0, 1)
+            nursery.cancel_scope.cancel()
+
+
+def bound_device(ep: BfdEndpoint, peer: str) -> str:
+    sock = ep._runtimes[peer].sock
+    assert sock is not None
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0").decode()
+
+
+async def test_socket_bound_to_the_route_interface_which_may_go_away_and_return(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SO_BINDTODEVICE to the route's interface (lo here); no route: nothing accepted, the session
+    goes Down by detection time; a device that vanished before the bind is retried; the route back:
+    bound again and Up again by itself. The node never sees an exception."""
+    monkeypatch.setattr(bfd_session, "RESOLVE_INTERVAL_S", 0.05)
+    host = "127.0.0.1"
+    port = free_udp_port(socket.AF_INET, host)
+    lo = socket.if_nametoindex("lo")
+    real = bfd_session.RouteResolver()
+    route: dict[str, tuple[int, str] | None | str] = {"now": "real"}  # what the route lookup answers
+
+    def lookup(peer: str) -> tuple[int, str] | None:
+        answer = route["now"]
+        return real(peer) if answer == "real" else answer  # type: ignore[return-value]
+
+    ep = BfdEndpoint({host: FAST}, port=port, resolver=lambda: lookup)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ep.run)
+                assert bound_device(ep, host) == "lo" and ep.snapshot()[host].interface == "lo"
+                assert ep.demux.interfaces == {host: lo}
+                await wait_for(lambda: ep.state(host) is State.UP)
+                route["now"] = None  # the link goes down: the route to the peer is gone
+                await wait_for(lambda: ep.state(host) is State.DOWN)
+                assert ep.snapshot()[host].failures == 1 and ep.drops.get("wrong_interface", 0) >= 1
+                route["now"] = (999_999, "lbnodevanished0")  # the route names a device that is gone again
+                await trio.sleep(0.3)
+                assert bound_device(ep, host) == "lo" and ep.state(host) is State.DOWN
+                route["now"] = "real"  # the link is back
+                await wait_for(lambda: ep.state(host) is State.UP)
+                snap = ep.snapshot()[host]
+                assert snap.interface == "lo" and snap.up_transitions == 2 and bound_device(ep, host) == "lo"
+                nursery.cancel_scope.cancel()
+    finally:
+        real.close()
 
 
 # ---- BGP integration ------------------------------------------------------------------------------

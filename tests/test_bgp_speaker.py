@@ -18,7 +18,7 @@ from bgp.config import PeerConfig
 from bgp.errors import ConfigError
 from bgp.fsm import State
 from bgp.rib import RouteAttrs
-from bgp.speaker import Speaker, md5sig
+from bgp.speaker import INBOX_FRAMES, Speaker, md5sig
 
 pytestmark = pytest.mark.unit
 
@@ -430,6 +430,81 @@ async def test_a_peer_that_stops_reading_cannot_stall_the_hold_timer(autojump_cl
             (status,) = speaker.snapshot()
             assert status.last_error == "hold timer expired"
             assert trio.current_time() - t0 < 3.3
+            nursery.cancel_scope.cancel()
+
+
+class SlowSpeaker(Speaker):
+    """Takes 5 ms (of virtual time) to process each received UPDATE."""
+
+    async def _received(self, peer: Any, fsm: Any, conn: Any, msg: Message) -> None:
+        if isinstance(msg, Update):
+            await trio.sleep(0.005)
+        await super()._received(peer, fsm, conn, msg)
+
+
+async def test_a_flooding_peer_is_held_back_by_a_bounded_inbox_and_keeps_its_session(
+        autojump_clock: object) -> None:
+    """The peer sends UPDATEs as fast as the connection takes them, and we process one per 5 ms. The
+    inbox never holds more than INBOX_FRAMES received messages, the reader stops reading (the
+    peer's sends block: lockstep streams have no buffer, as a full TCP window), KEEPALIVEs still go
+    out every second, the session stays up, every UPDATE is processed, and shutdown still works."""
+    sent: trio.MemorySendChannel[FakePeer]
+    sent, received = trio.open_memory_channel[FakePeer](10)
+
+    async def connector(peer: PeerConfig) -> trio.abc.Stream:
+        ours, theirs = trio.testing.lockstep_stream_pair()
+        await sent.send(FakePeer(theirs))
+        return ours
+
+    speaker = SlowSpeaker(CFG, connector=connector, rng=lambda: 0.0)
+    ours = speaker._peers[ROUTER]
+    flood = [encode(Update(withdrawn=(IPv4Network(f"198.51.{i // 256}.{i % 256}/32"),))) for i in range(1500)]
+    keepalives: list[float] = []
+    got: list[Message] = []
+    notified = trio.Event()  # a router stops sending once it has our NOTIFICATION
+    outstanding_peak = inbox_peak = 0
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(speaker.run)
+            peer = await received.receive()
+            await peer.establish()
+
+            async def drain() -> None:
+                while (m := await peer.receive()) is not None:
+                    got.append(m)
+                    if isinstance(m, Keepalive):
+                        keepalives.append(trio.current_time())
+                    elif isinstance(m, Notification):
+                        notified.set()
+
+            nursery.start_soon(drain)
+            t0 = trio.current_time()
+            for n, data in enumerate(flood):
+                outstanding_peak = max(outstanding_peak, n - ours.received_updates)
+                inbox_peak = max(inbox_peak, ours.inbox_recv.statistics().current_buffer_used)
+                await peer.send(data)
+            while ours.received_updates < len(flood):
+                await trio.sleep(0.01)
+            elapsed = trio.current_time() - t0
+            assert elapsed == pytest.approx(len(flood) * 0.005, rel=0.02)  # the loop never waited for the reader
+            assert inbox_peak <= INBOX_FRAMES
+            assert outstanding_peak <= INBOX_FRAMES + 2  # the peer was held back: one in hand, one in process
+            (status,) = speaker.snapshot()
+            assert status.state == "Established" and status.established_count == 1
+            assert status.inbox_peak == INBOX_FRAMES and status.reader_waits > 0
+            gaps = [b - a for a, b in zip([t0, *keepalives], keepalives)]
+            assert len(keepalives) >= 7 and max(gaps) <= 1.0 + 0.006  # late by one UPDATE's processing at most
+
+            async def flood_until_notified() -> None:
+                while not notified.is_set():
+                    await peer.send(flood[0])
+
+            nursery.start_soon(flood_until_notified)  # the reader is blocked again when we shut down
+            await trio.sleep(1.0)
+            assert ours.inbox_recv.statistics().current_buffer_used <= INBOX_FRAMES
+            with trio.fail_after(2):
+                await speaker.shutdown()
+            assert [m for m in got if not isinstance(m, Keepalive)] == [Notification(6, 2)]
             nursery.cancel_scope.cancel()
 
 
