@@ -506,7 +506,7 @@ def violations(key: str, result: Result, *, long: int = 200) -> list[str]:
             out.append(f"new connections still failed {last_fail - recovered:.1f} s after every node was back")
     if loop_stall_ms(result, s.frozen) > LOOP_STALL_MS:
         out.append(f"a node's event loop stalled for {loop_stall_ms(result, s.frozen):.0f} ms > {LOOP_STALL_MS} ms")
-    if "sync_datagrams_dropped" in result.detail and not all(result.detail["sync_datagrams_dropped"].values()):
+    if "sync_datagrams_dropped" in result.detail and not sum(result.detail["sync_datagrams_dropped"].values()):
         out.append(f"no sync datagram was dropped: {result.detail['sync_datagrams_dropped']}")
     if key == "9" and result.detail["reload_error"]:
         out.append(f"the reload during the outage was refused: {result.detail['reload_error']}")
