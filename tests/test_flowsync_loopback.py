@@ -228,6 +228,38 @@ async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarn
         nursery.cancel_scope.cancel()
 
 
+async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_limited(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        await until(lambda: sync_b.node_id in sync_a.policy.peers, "A heard B")
+        c = sync_a.counters
+        outcomes = lambda: c["resync_served"] + c["resync_duplicate"] + c["resync_limited"]  # noqa: E731
+
+        def request(request_id: int) -> bytes:  # sealed as B would: B's next control number
+            return gossip.encode_resync_request(KEY, sync_b.node_id, sync_b.incarnation, sync_b.engine._control(),
+                                                request_id, sync_a.node_id)
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((str(B_IP), 0))  # B's own address (replayed by someone who can spoof it)
+            captured = request(500)
+            s.sendto(captured, (str(A_IP), config.port))
+            await until(lambda: c["resync_served"] == 1, "the request answered")
+            for i in range(3):  # the captured datagram replayed, slower than any duplicate window
+                s.sendto(captured, (str(A_IP), config.port))
+                await until(lambda: sync_a.policy.counters.control_replayed == i + 1, "a replay refused")
+            s.sendto(request(500), (str(A_IP), config.port))  # its id under a new control number
+            await until(lambda: c["resync_duplicate"] == 1, "an id answered already")
+            for i in range(6):  # new ids, one after the other's answer: more than the burst
+                before = outcomes()
+                s.sendto(request(600 + i), (str(A_IP), config.port))
+                await until(lambda: outcomes() == before + 1 and not sync_a.engine._answering, "an outcome")
+        burst = sync_a.engine.timing.resync_answer_burst
+        assert c["resync_served"] == burst and c["resync_limited"] == 6 - (burst - 1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_old_incarnations_are_renewed_and_refused_by_a_fresh_receiver(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
     dp_a, dp_b = clean
     old = int(time.time()) - 7 * 3600

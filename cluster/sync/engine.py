@@ -62,12 +62,15 @@ Answering resyncs is guarded against amplification: the table goes only to the a
 for the requesting node id (its configured unicast address, else the source of its last
 accepted stream datagram), never to another source; control numbers make each request count
 once (a captured one cannot be replayed); a request from an incarnation older than the one we
-know is refused; at most one answer per peer is in flight and one per (node, incarnation,
-request id) per half retry interval.
+know is refused; at most one answer per peer is in flight; each (node, incarnation, request id)
+is answered at most once (a requester's every try takes a new id, so an id seen again is a
+duplicate or a replay); and answers to one peer are rate-limited by a token bucket
+(`resync_answer_burst` at once, then one per `resync_answer_every_s`), whatever it asks.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -130,13 +133,16 @@ class EngineTiming:
     peer_resync_tries: int = 5
     peer_resync_holdoff_s: float = 5.0
     max_incarnation_age_s: float = 6 * 3600.0
+    resync_answer_burst: int = 4  # resync answers one peer gets at once ...
+    resync_answer_every_s: float = 5.0  # ... and then one per this long
     retransmit_capacity: int = 16384
     max_gap: int = 16384
 
 
 COUNTERS = (
     "forged", "malformed", "resends", "resend_requests", "resend_requests_received", "resync_served",
-    "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_chunks_sent",
+    "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_duplicate",
+    "resync_limited", "resync_chunks_sent",
     "peer_resyncs", "peer_resyncs_done", "peer_resyncs_failed", "peer_resyncs_abandoned", "heartbeats",
 )
 
@@ -223,6 +229,42 @@ class PeerResync:
         return self.answers.flows
 
 
+class AnsweredIds:
+    """The resync request ids answered for one incarnation of a requester: each is answered at
+    most once. Bounded (the oldest are forgotten); they are only reachable again through fresh
+    control numbers, which only a key holder can make."""
+
+    __slots__ = ("incarnation", "_ids")
+
+    def __init__(self, incarnation: int, capacity: int = 1024) -> None:
+        self.incarnation = incarnation
+        self._ids: deque[int] = deque(maxlen=capacity)
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._ids
+
+    def add(self, request_id: int) -> None:
+        self._ids.append(request_id)
+
+
+class TokenBucket:
+    """`burst` takes at once, refilled by one every `every_s` (pure: takes `now`)."""
+
+    __slots__ = ("burst", "every_s", "_tokens", "_at")
+
+    def __init__(self, burst: int, every_s: float, now: float) -> None:
+        self.burst, self.every_s = burst, every_s
+        self._tokens, self._at = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) / self.every_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class ChunkWriter:
     """The RESYNC_CHUNK datagrams of one streamed answer: `add(records)` as the table walk goes,
     then `finish()`. The count is never known in advance, so the last up to MAX_CHUNK_FLOWS
@@ -287,7 +329,8 @@ class SyncEngine:
         self.heard: dict[int, int] = {}  # peer -> incarnation of its last accepted heartbeat
         self._holdoff: dict[int, float] = {}  # peer -> no new peer resync before
         self._answering: set[int] = set()
-        self._answered: dict[tuple[int, int, int], float] = {}
+        self._answered: dict[int, AnsweredIds] = {}  # requester -> the request ids answered in its incarnation
+        self._answer_budget: dict[int, TokenBucket] = {}  # requester -> its resync answer rate limit
         self._next_request_id = first_request_id & 0xFFFFFFFF or 1
         self._next_heartbeat = -math.inf
 
@@ -412,11 +455,23 @@ class SyncEngine:
         if node in self._answering:
             self.counters["resync_busy"] += 1
             return []
-        last = self._answered.get((node, inc, request_id), -math.inf)
-        if now - last < self.timing.resync_retry_s / 2:
-            self.counters["resync_ignored"] += 1
-            return []
-        self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(node, inc, request_id): now}
+        answered = self._answered.get(node)
+        if answered is None or answered.incarnation != inc:  # (older incarnations were refused as stale)
+            answered = self._answered[node] = AnsweredIds(inc)
+        if request_id in answered:
+            self.counters["resync_duplicate"] += 1
+            return [Warn("resync_duplicate", f"resync request {request_id} of node {node:#x} ({addr}) was "
+                                             f"answered already: not again")]
+        budget = self._answer_budget.get(node)
+        if budget is None:
+            budget = self._answer_budget[node] = TokenBucket(self.timing.resync_answer_burst,
+                                                             self.timing.resync_answer_every_s, now)
+        if not budget.take(now):
+            self.counters["resync_limited"] += 1
+            return [Warn("resync_limited", f"resync request of node {node:#x} ({addr}) not answered: more than "
+                                           f"{self.timing.resync_answer_burst} answers, then one per "
+                                           f"{self.timing.resync_answer_every_s:g}s")]
+        answered.add(request_id)
         self._answering.add(node)
         # A heartbeat first (to every peer: it is a stream datagram), so the requester knows our
         # view digest before our answer completes its resync (a start-up resync waits for it).
