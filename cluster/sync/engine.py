@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 
 from cluster.sync import codec
 from cluster.sync.codec import SEQUENCED, DecodeError, MsgType, ResendRange
-from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.policy import MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +132,7 @@ class EngineTiming:
     resync_settle_s: float = 0.2  # a start-up resync completes no sooner: every answering peer is heard
     peer_resync_tries: int = 5
     peer_resync_holdoff_s: float = 5.0
-    max_incarnation_age_s: float = 6 * 3600.0
+    max_incarnation_age_s: float = MAX_INCARNATION_AGE_S
     resync_answer_burst: int = 4  # resync answers one peer gets at once ...
     resync_answer_every_s: float = 5.0  # ... and then one per this long
     retransmit_capacity: int = 16384

@@ -28,9 +28,10 @@ ids). A peer resync (a gap no RESEND can fill) is the engine's own decision. Ans
 streams the table like a refresh pass (a peer resync: only the flows carried here), chunk by
 chunk, paced, and ends with the LAST chunk; the engine sends a heartbeat first.
 
-Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (peers
-treat a higher incarnation as a restart and resume tracking at its first number), because
-receivers refuse to adopt an incarnation far older than their own clock (policy.py).
+Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (15 min;
+peers treat a higher incarnation as a restart and resume tracking at its first number), because
+receivers refuse to adopt an incarnation more than two renewals older than their own clock
+(policy.py: what a replay to a freshly started receiver can use is at most that old).
 
 Link down. A send that fails (ENETUNREACH, ENODEV, EADDRNOTAVAIL, ... while the node's link is
 down or its address is gone) is counted and logged at a limited rate; the stream number it took
@@ -78,7 +79,7 @@ from cluster.sync.codec import FlowOp
 from cluster.sync.config import SyncConfig
 from cluster.sync.engine import (Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine,
                                  Warn)
-from cluster.sync.policy import ReceivePolicy, RetransmitBuffer
+from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ RESYNC_RETRY_S = 1.0
 # what one receiver installs per core, so its socket buffer (16 MB) never overruns.
 SEND_RATE = 20_000
 SEND_BATCH = 32
-INCARNATION_RENEW_S = 3600.0  # well within MAX_INCARNATION_AGE_S, with room for clock skew
-MAX_INCARNATION_AGE_S = 6 * 3600.0
 MEMBERSHIP_CHECK_S = 1.0
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
