@@ -26,7 +26,7 @@ from cluster.sync.engine import EngineTiming, Install, ResyncComplete, Send, Ser
 
 pytestmark = pytest.mark.unit
 
-KEY = b"bus-test-key-0123456789abcdef!!"
+KEY = codec.Keyring(b"bus-test-key-0123456789abcdef!!")
 LATENCY_S = 0.0005
 REPAIR_KINDS = ("request", "resend", "peer_request", "chunk")
 

@@ -140,7 +140,7 @@ class EngineTiming:
 
 
 COUNTERS = (
-    "forged", "malformed", "resends", "resend_requests", "resend_requests_received", "resync_served",
+    "forged", "unknown_key", "malformed", "resends", "resend_requests", "resend_requests_received", "resync_served",
     "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_duplicate",
     "resync_limited", "resync_chunks_sent",
     "peer_resyncs", "peer_resyncs_done", "peer_resyncs_failed", "peer_resyncs_abandoned", "heartbeats",
@@ -284,7 +284,7 @@ class ChunkWriter:
         e.counters["resync_chunks_sent"] += 1
         self.index += 1
         self.flows += len(packed) // codec.FLOW_RECORD_BYTES
-        return codec.encode_resync_chunk_packed(e.key, e.node_id, e.incarnation, e._control(), self.node_id,
+        return codec.encode_resync_chunk_packed(e.keys, e.node_id, e.incarnation, e._control(), self.node_id,
                                                 self.request_id, self.index - 1, last, packed)
 
     def add(self, records: bytes) -> Iterator[bytes]:
@@ -306,9 +306,9 @@ class ChunkWriter:
 class SyncEngine:
     """The flow-sync protocol of one node (see the module docstring)."""
 
-    def __init__(self, key: bytes, node_id: int, incarnation: int, *, timing: EngineTiming = EngineTiming(),
+    def __init__(self, keys: codec.Keyring, node_id: int, incarnation: int, *, timing: EngineTiming = EngineTiming(),
                  configured_addrs: Mapping[int, str] | None = None, first_request_id: int = 1) -> None:
-        self.key = key
+        self.keys = keys  # signs with keys.current; accepts current and next
         self.node_id = node_id
         self.incarnation = incarnation
         self.timing = timing
@@ -351,12 +351,12 @@ class SyncEngine:
     def flows(self, records: Sequence[bytes]) -> Send:
         """One FLOWS datagram (up to codec.MAX_FLOWS 56-byte records) to every peer."""
         self.seq += 1
-        return self._stream(codec.encode_flows(self.key, self.node_id, self.incarnation, self.seq, records))
+        return self._stream(codec.encode_flows(self.keys, self.node_id, self.incarnation, self.seq, records))
 
     def flows_packed(self, packed: bytes) -> Send:
         """`flows` for records already concatenated (n x 56 bytes, n <= codec.MAX_FLOWS)."""
         self.seq += 1
-        return self._stream(codec.encode_flows_packed(self.key, self.node_id, self.incarnation, self.seq, packed))
+        return self._stream(codec.encode_flows_packed(self.keys, self.node_id, self.incarnation, self.seq, packed))
 
     def heartbeat(self, now: float) -> Send:
         """A heartbeat now (the next is due `heartbeat_s` later)."""
@@ -366,7 +366,12 @@ class SyncEngine:
         hb = codec.Heartbeat(self.digest, self.flow_count, self.ready, oldest)
         self._next_heartbeat = now + self.timing.heartbeat_s
         self.counters["heartbeats"] += 1
-        return self._stream(codec.encode_heartbeat(self.key, self.node_id, self.incarnation, self.seq, hb))
+        return self._stream(codec.encode_heartbeat(self.keys, self.node_id, self.incarnation, self.seq, hb))
+
+    def set_keys(self, keys: codec.Keyring) -> None:
+        """New keys (a rotation step): sign with the new current key from the next datagram on,
+        accept the new current and next. Numbering and peer state go on unchanged."""
+        self.keys = keys
 
     def set_digest(self, digest: bytes) -> None:
         self.digest = digest
@@ -389,8 +394,12 @@ class SyncEngine:
     def receive(self, data: bytes, addr: str, now: float, wall_s: float | None = None) -> list[Action]:
         """Everything one datagram from `addr` causes. Never raises on any input."""
         try:
-            header, body = codec.decode_header(self.key, data)
+            header, body = codec.decode_header(self.keys, data)
         except DecodeError as exc:
+            if exc.reason == "key":
+                self.counters["unknown_key"] += 1
+                return [Warn("unknown_key", f"dropped datagram from {addr}: {exc.detail} (a key rotation step "
+                                            f"missing on one side?)")]
             kind = "forged" if exc.reason == "forged" else "malformed"
             self.counters[kind] += 1
             return [Warn(kind, f"dropped {kind} datagram from {addr}: {exc}")]
@@ -544,7 +553,7 @@ class SyncEngine:
         """A heartbeat (so peers know our address), then the request to every peer."""
         state = self.resync_state
         assert state is not None
-        return [self.heartbeat(now), Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation,
+        return [self.heartbeat(now), Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation,
                                                                       self._control(), state.request_id), None)]
 
     def _resync_activity(self, state: ResyncState, peer: int) -> float:
@@ -582,7 +591,7 @@ class SyncEngine:
         out: list[Action] = [self.heartbeat(now)]
         for p in due:  # only the stalled peers: a peer whose answer is complete is not asked again
             state.asked_peer_s[p] = now
-            out.append(Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
+            out.append(Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation, self._control(),
                                                         state.request_id), self.known_addr(p)))
         return out
 
@@ -647,7 +656,7 @@ class SyncEngine:
         for peer, ranges in by_peer.items():
             addr = self.known_addr(peer)
             for i in range(0, len(ranges), codec.MAX_RESENDS):
-                datagram = codec.encode_resend(self.key, self.node_id, self.incarnation, self._control(),
+                datagram = codec.encode_resend(self.keys, self.node_id, self.incarnation, self._control(),
                                                ranges[i:i + codec.MAX_RESENDS])
                 out.append(Send(datagram, addr))
                 self.counters["resend_requests"] += 1
@@ -664,7 +673,7 @@ class SyncEngine:
                 return request_id
 
     def _request(self, p: PeerResync) -> Send:
-        return Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
+        return Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation, self._control(),
                                                 p.request_id, p.node_id), self.known_addr(p.node_id))
 
     def _peer_resyncs(self, now: float) -> list[Action]:
