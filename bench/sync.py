@@ -273,6 +273,7 @@ class RealNodes:
         for name in ("a", "b"):
             self.peer_pass.attach(self.sw, f"p-{name}")
         (workdir / "sync.key").write_bytes(os.urandom(32).hex().encode())
+        (workdir / "sync.key").chmod(0o600)  # a key file others can read is refused
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def close(self) -> None:

@@ -305,7 +305,7 @@ def _sync(data: Any, check_files: bool) -> SyncConfig:
     try:
         config = SyncConfig.from_dict(data, "sync")
         if config.enabled and check_files:
-            config.load_key()  # a missing or short key is a config error, not a crash at start or reload
+            config = config.with_keys()  # a bad key is a config error; new key contents are a changed config
         return config
     except SyncConfigError as err:
         raise ConfigError(err.path, err.reason) from None

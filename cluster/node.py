@@ -247,7 +247,10 @@ class Node:
         self._neighbours.set_addresses(self._backend_addresses(new))
         if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
             await self._restart("health", self._run_health)
-        if new.sync != old.sync:
+        if new.sync is not None and old.sync is not None and new.sync.differs_only_in_keys(old.sync) \
+                and self._sync is not None:
+            self._sync.set_keys(new.sync)  # new key files or contents: re-keyed in place, no restart
+        elif new.sync != old.sync:
             await self._stop("sync")
             if new.sync is not None and new.sync.enabled:
                 await self._start("sync", self._run_sync)

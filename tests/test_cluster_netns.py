@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cluster.sync.codec import encode_flows
-from examples.lab.ecmp import EcmpLab, Load
+from cluster.sync.codec import Keyring, encode_flows, key_id
+from examples.lab.ecmp import SYNC_KEY, EcmpLab, Load
 from examples.lab.netns import wait_until
 from tests.ecmp_lab import running_ecmp_lab
 
@@ -54,7 +55,9 @@ def test_flows_are_shared_forgeries_dropped_and_a_restart_resyncs_first(ecmp: Ec
 
     # Forged (wrong key) and malformed datagrams are dropped and counted, never installed.
     forged0, malformed0 = sync_counter(ecmp, "node2", "forged"), sync_counter(ecmp, "node2", "malformed")
-    send_from_router(ecmp, encode_flows(b"not-the-cluster-key-at-all", 7, 1, 1, []), N2)
+    forged = bytearray(encode_flows(Keyring(b"not-the-cluster-key-at-all"), 7, 1, 1, []))
+    forged[8:12] = key_id(SYNC_KEY.strip()).to_bytes(4, "big")  # the cluster's key id (seen on the wire), a bad tag
+    send_from_router(ecmp, bytes(forged), N2)
     send_from_router(ecmp, b"LBFS\x01garbage", N2)
     wait_until(lambda: sync_counter(ecmp, "node2", "forged") > forged0
                and sync_counter(ecmp, "node2", "malformed") > malformed0, timeout_s=10, what="forgery counted")
@@ -83,3 +86,72 @@ def test_flows_are_shared_forgeries_dropped_and_a_restart_resyncs_first(ecmp: Ec
     assert report["long"]["alive"] == LONG and report["long"]["lost"] == {}, report
     assert report["short"]["ok"] > 0
     assert ecmp.node_procs["node1"].poll() is None
+
+
+def _reload(ecmp: EcmpLab, node: str, edit: dict[str, object | None]) -> None:
+    """Edit the node's sync config (None deletes a key) and SIGHUP it; wait until applied."""
+    path = ecmp.workdir / f"{node}.yaml"
+    config = yaml.safe_load(path.read_text())
+    for k, v in edit.items():
+        if v is None:
+            config["sync"].pop(k, None)
+        else:
+            config["sync"][k] = v
+    path.write_text(yaml.safe_dump(config))
+    _sighup(ecmp, node)
+
+
+def _sighup(ecmp: EcmpLab, node: str) -> None:
+    ok = (ecmp.node_status(node) or {})["node"]["reloads"]["ok"]
+    ecmp.kill_node(node, signal.SIGHUP)
+    wait_until(lambda: (ecmp.node_status(node) or {})["node"]["reloads"]["ok"] == ok + 1, timeout_s=10,
+               what=f"{node} reloaded")
+
+
+def test_keys_rotate_by_sighup_in_place_with_no_datagram_refused(ecmp: EcmpLab) -> None:
+    """The README's rotation: add the new key as next everywhere, switch, remove the old. Every
+    step is a SIGHUP; no node ever refuses a peer's datagram, and sync is never restarted. A
+    key file whose contents change behind the same path is reread too."""
+    for node in ecmp.nodes:
+        ecmp.start_node(node)
+    ecmp.wait_next_hops({N1, N2})
+    load = Load(ecmp, long=LONG, short_rate=10)
+    wait_until(lambda: min(entries(ecmp, n) for n in ecmp.nodes) >= LONG, timeout_s=15, what="flows on both nodes")
+    old_key, new_key, third = SYNC_KEY.strip(), b"the-new-lab-sync-key-0123456789", b"a-third-key-written-in-place-0123"
+    old_file, new_file = ecmp.workdir / "sync.key", ecmp.workdir / "new.key"
+    new_file.write_bytes(new_key)
+    new_file.chmod(0o600)
+    sync_of = lambda n: (ecmp.node_status(n) or {})["sync"]  # noqa: E731
+    incarnations = {n: sync_of(n)["incarnation"] for n in ecmp.nodes}
+    ids = lambda n: (sync_of(n)["keys"]["current"], sync_of(n)["keys"]["next"])  # noqa: E731
+    hexid = lambda k: f"{key_id(k):08x}"  # noqa: E731
+
+    def installed_on_both_since(marks: dict[str, int]) -> bool:
+        return all(sync_counter(ecmp, n, "installed") > marks[n] for n in ecmp.nodes)
+
+    steps: list[tuple[str, dict[str, object | None], tuple[str, str | None]]] = [
+        ("add", {"next_key_file": str(new_file)}, (hexid(old_key), hexid(new_key))),
+        ("switch", {"key_file": str(new_file), "next_key_file": str(old_file)}, (hexid(new_key), hexid(old_key))),
+    ]
+    for _, edit, want in steps:
+        for node in ecmp.nodes:  # one node after the other, as an operator goes
+            _reload(ecmp, node, edit)
+            assert ids(node) == want
+            marks = {n: sync_counter(ecmp, n, "installed") for n in ecmp.nodes}
+            wait_until(lambda: installed_on_both_since(marks), timeout_s=10, what="flows still shared")
+    # The old key's file rewritten in place (same path, so the same config text): reread.
+    old_file.write_bytes(third)
+    for node in ecmp.nodes:
+        _sighup(ecmp, node)
+        assert ids(node) == (hexid(new_key), hexid(third))
+    for node in ecmp.nodes:  # remove the old key
+        _reload(ecmp, node, {"next_key_file": None})
+        assert ids(node) == (hexid(new_key), None)
+    marks = {n: sync_counter(ecmp, n, "installed") for n in ecmp.nodes}
+    wait_until(lambda: installed_on_both_since(marks), timeout_s=10, what="flows shared under the new key")
+    for node in ecmp.nodes:
+        assert sync_counter(ecmp, node, "unknown_key") == sync_counter(ecmp, node, "forged") == 0
+        assert sync_of(node)["incarnation"] == incarnations[node], "re-keyed in place, not restarted"
+        assert (ecmp.node_status(node) or {})["node"]["reloads"]["refused"] == 0
+    report = load.stop()
+    assert report["long"]["alive"] == LONG and report["long"]["lost"] == {}, report

@@ -26,7 +26,8 @@ from cluster.sync.config import SyncConfig
 pytestmark = pytest.mark.bpf
 
 ip = ipaddress.ip_address
-KEY = b"0123456789abcdef0123456789abcdef"
+SECRET = b"0123456789abcdef0123456789abcdef"
+KEY = gossip.Keyring(SECRET)
 MAC = "02:00:00:00:00:01"
 VIP = ip("10.0.0.100")
 B1 = BackendSpec(ip("10.0.0.11"), "02:00:00:00:0b:01")
@@ -60,7 +61,8 @@ def planes() -> Iterator[tuple[DataPlane, DataPlane]]:
 @pytest.fixture
 def config(tmp_path: Path) -> SyncConfig:
     key_file = tmp_path / "sync.key"
-    key_file.write_bytes(KEY)
+    key_file.write_bytes(SECRET)
+    key_file.chmod(0o600)
     return SyncConfig.from_dict({"key_file": str(key_file), "peers": [str(A_IP), str(B_IP)], "port": free_port(),
                                  "batch_ms": 1, "heartbeat_s": 0.2})
 
@@ -130,11 +132,13 @@ async def test_forged_replayed_and_malformed_datagrams_are_dropped_and_counted(c
         run_xdp(dp_a.fd, ack(21000))
         await until(lambda: sync_b.counters["installed"] >= 1, "first flow")
         record = gossip.flow_wire(bytes(key(21001)), bytes(16), gossip.FlowOp.NEW)
-        forged = gossip.encode_flows(b"x" * 32, sync_a.node_id, sync_a.incarnation, 10**6, [record])
+        forged = bytearray(gossip.encode_flows(gossip.Keyring(b"x" * 32), sync_a.node_id, sync_a.incarnation, 10**6,
+                                               [record]))
+        forged[8:12] = KEY.current_id.to_bytes(4, "big")  # our key id (seen on the wire), a tag made without our key
         replay = sync_a.retransmit.lookup([gossip.ResendRange(sync_a.node_id, sync_a.incarnation, 1, 10**6)],
                                           sync_a.node_id, sync_a.incarnation)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for datagram in [forged, b"garbage", *replay]:
+            for datagram in [bytes(forged), b"garbage", *replay]:
                 s.sendto(datagram, (str(B_IP), config.port))
         await until(lambda: sync_b.counters["forged"] == 1 and sync_b.counters["malformed"] == 1
                     and sync_b.snapshot()["counters"]["replayed"] >= len(replay), "drops counted")
@@ -168,7 +172,8 @@ async def test_resync_without_peers_times_out(config: SyncConfig, clean) -> None
 
 async def test_refresh_resends_flows_active_here_but_never_echoes_learned_ones(tmp_path: Path, clean) -> None:  # type: ignore[no-untyped-def]
     dp_a, dp_b = clean
-    (tmp_path / "k").write_bytes(KEY)
+    (tmp_path / "k").write_bytes(SECRET)
+    (tmp_path / "k").chmod(0o600)
     cfg = SyncConfig.from_dict({"key_file": str(tmp_path / "k"), "peers": [str(A_IP), str(B_IP)],
                                 "port": free_port(), "refresh_s": 1, "heartbeat_s": 0.2})
     async with trio.open_nursery() as nursery:
@@ -228,12 +233,44 @@ async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarn
         nursery.cancel_scope.cancel()
 
 
+async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_limited(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+    dp_a, dp_b = clean
+    async with trio.open_nursery() as nursery:
+        sync_a = await start(nursery, config, dp_a, A_IP)
+        sync_b = await start(nursery, config, dp_b, B_IP)
+        await until(lambda: sync_b.node_id in sync_a.policy.peers, "A heard B")
+        c = sync_a.counters
+        outcomes = lambda: c["resync_served"] + c["resync_duplicate"] + c["resync_limited"]  # noqa: E731
+
+        def request(request_id: int) -> bytes:  # sealed as B would: B's next control number
+            return gossip.encode_resync_request(KEY, sync_b.node_id, sync_b.incarnation, sync_b.engine._control(),
+                                                request_id, sync_a.node_id)
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((str(B_IP), 0))  # B's own address (replayed by someone who can spoof it)
+            captured = request(500)
+            s.sendto(captured, (str(A_IP), config.port))
+            await until(lambda: c["resync_served"] == 1, "the request answered")
+            for i in range(3):  # the captured datagram replayed, slower than any duplicate window
+                s.sendto(captured, (str(A_IP), config.port))
+                await until(lambda: sync_a.policy.counters.control_replayed == i + 1, "a replay refused")
+            s.sendto(request(500), (str(A_IP), config.port))  # its id under a new control number
+            await until(lambda: c["resync_duplicate"] == 1, "an id answered already")
+            for i in range(6):  # new ids, one after the other's answer: more than the burst
+                before = outcomes()
+                s.sendto(request(600 + i), (str(A_IP), config.port))
+                await until(lambda: outcomes() == before + 1 and not sync_a.engine._answering, "an outcome")
+        burst = sync_a.engine.timing.resync_answer_burst
+        assert c["resync_served"] == burst and c["resync_limited"] == 6 - (burst - 1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_old_incarnations_are_renewed_and_refused_by_a_fresh_receiver(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
     dp_a, dp_b = clean
-    old = int(time.time()) - 7 * 3600
+    old = int(time.time()) - 3 * 3600  # older than two renewals (30 min); accepted up to 6 h before
     async with trio.open_nursery() as nursery:
         sync_b = await start(nursery, config, dp_b, B_IP)
-        # A datagram captured from a life of A seven hours ago, replayed to B (which never heard A).
+        # A datagram captured from a life of A three hours ago, replayed to B (which never heard A).
         record = gossip.flow_wire(bytes(key(26000)), addr16(B1.address), gossip.FlowOp.NEW)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((str(A_IP), 0))

@@ -25,6 +25,7 @@ KEY = b"netns-test-key-0123456789abcdef"
 def sync_lab(tmp_path: Path) -> Iterator[SyncLab]:
     key_file = tmp_path / "sync.key"
     key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
     with Lab(prefix="lbs") as lab:
         net = SyncLab(lab, str(key_file))
         net.add_node("a", 1)
@@ -53,7 +54,9 @@ def test_flows_replicate_close_and_forgeries_are_counted(sync_lab: SyncLab) -> N
 
     # A forged datagram (wrong key) from inside B's namespace, and garbage, to the group.
     record = gossip.flow_wire(bytes(40), bytes(16), gossip.FlowOp.NEW)
-    forged = gossip.encode_flows(b"wrong-key-wrong-key-wrong-key!!", a.ready["node_id"], 1, 1 << 40, [record])
+    forged = bytearray(gossip.encode_flows(gossip.Keyring(b"wrong-key-wrong-key-wrong-key!!"), a.ready["node_id"], 1,
+                                           1 << 40, [record]))
+    forged[8:12] = gossip.key_id(KEY).to_bytes(4, "big")  # as captured: the cluster's key id, but no valid tag
     code = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
             "s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_LOOP,1); "
             f"s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('{sync_lab.ips['b']}')); "

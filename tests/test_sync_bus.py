@@ -26,7 +26,7 @@ from cluster.sync.engine import EngineTiming, Install, ResyncComplete, Send, Ser
 
 pytestmark = pytest.mark.unit
 
-KEY = b"bus-test-key-0123456789abcdef!!"
+KEY = codec.Keyring(b"bus-test-key-0123456789abcdef!!")
 LATENCY_S = 0.0005
 REPAIR_KINDS = ("request", "resend", "peer_request", "chunk")
 
@@ -424,3 +424,57 @@ def test_a_captured_resync_request_replayed_is_refused_and_a_targeted_one_answer
     assert b.engine.receive(request, a.addr, 3.0) == []  # the same control number again: a replay
     assert b.engine.policy.counters.control_replayed == 1
     assert c.engine.receive(request, a.addr, 2.0) == [] and c.engine.counters["resync_ignored"] == 1
+
+
+def _kinds(actions: Iterable[object]) -> list[str]:
+    return [type(x).__name__ for x in actions]
+
+
+def test_a_request_id_is_answered_at_most_once_per_incarnation_of_its_requester() -> None:
+    # A captured request re-sealed under a new control number (or a requester that repeats an
+    # id) must not get the table again, however long after: ids are never reused by a requester.
+    bus = Bus(2, 0.0)
+    bus.generating.clear()
+    bus.run_until(1.5)
+    a, b = bus.nodes
+    ask = lambda control, inc=a.engine.incarnation: codec.encode_resync_request(  # noqa: E731
+        KEY, a.engine.node_id, inc, control, 5, b.engine.node_id)
+    assert _kinds(b.engine.receive(ask(77), a.addr, 2.0)) == ["Send", "Serve"]
+    b.engine.serve_done(a.engine.node_id, True)
+    for control, at in [(78, 2.6), (79, 60.0), (80, 3600.0)]:
+        assert _kinds(b.engine.receive(ask(control), a.addr, at)) == ["Warn"]
+    assert b.engine.counters["resync_duplicate"] == 3
+    # A new life of A numbers its requests afresh: its id 5 is a new request.
+    b.engine.receive(codec.encode_heartbeat(KEY, a.engine.node_id, a.engine.incarnation + 1, 1,
+                                            codec.Heartbeat(bytes(16), 0, False)), a.addr, 3601.0)
+    assert _kinds(b.engine.receive(ask(1, a.engine.incarnation + 1), a.addr, 3601.0)) == ["Send", "Serve"]
+
+
+def test_resync_answers_are_rate_limited_per_peer() -> None:
+    bus = Bus(3, 0.0)
+    bus.generating.clear()
+    bus.run_until(1.5)
+    a, b, c = bus.nodes
+    timing = b.engine.timing
+    served: list[float] = []
+
+    def ask(src: Node, request_id: int, at: float) -> None:
+        request = codec.encode_resync_request(KEY, src.engine.node_id, src.engine.incarnation, request_id,
+                                              request_id, b.engine.node_id)
+        if "Serve" in _kinds(b.engine.receive(request, src.addr, at)):
+            b.engine.serve_done(src.engine.node_id, True)
+            if src is a:
+                served.append(at)
+
+    # A asks every 0.6 s for 20 s, each time under a new id and control number (a requester gone
+    # wrong: a replay cannot even get this far).
+    for i in range(34):
+        ask(a, 100 + i, 2.0 + 0.6 * i)
+    assert len(served) == timing.resync_answer_burst + int(0.6 * 33 / timing.resync_answer_every_s)
+    assert b.engine.counters["resync_limited"] == 34 - len(served)
+    assert all(t2 - t1 >= timing.resync_answer_every_s - 0.6
+               for t1, t2 in zip(served[timing.resync_answer_burst:], served[timing.resync_answer_burst + 1:]))
+    # Another peer has its own budget.
+    limited = b.engine.counters["resync_limited"]
+    ask(c, 1, 22.0)
+    assert b.engine.counters["resync_limited"] == limited and b.engine.counters["resync_served"] == len(served) + 1

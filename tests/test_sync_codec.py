@@ -13,13 +13,16 @@ from cluster.sync import codec as g
 
 pytestmark = pytest.mark.unit
 
-KEY = b"k" * 32
+SECRET = b"k" * 32
+KEY = g.Keyring(SECRET)
+KEY_ID = "8d83760b"  # SHA-256("lbnode sync key id" NUL SECRET)[:4]
+NEXT = b"n" * 32  # the next key of a rotation (its id: f565c6ed)
 FLOW_KEY = bytes(FlowKey.make("192.0.2.7", 40000, "10.0.0.100", 80, 6))
 BACKEND = addr16("10.0.0.11")
 
 # FLOWS from node 10.0.0.5 (0x0a000005), incarnation 1700000000, seq 7, one NEW record.
 GOLDEN_FLOWS = bytes.fromhex(
-    "4c424653" "02" "01" "0001" "0a000005" "6553f100" "0000000000000007"  # header (version 2)
+    "4c424653" "03" "01" "0001" "8d83760b" "0a000005" "6553f100" "0000000000000007"  # header (version 3, key id)
     "00000000000000000000ffffc0000207"  # src 192.0.2.7 (v4-mapped)
     "00000000000000000000ffff0a000064"  # dst 10.0.0.100
     "9c40" "0050" "06"  # sport 40000, dport 80 (network order), proto TCP
@@ -27,26 +30,26 @@ GOLDEN_FLOWS = bytes.fromhex(
     "00000000000000000000ffff0a00000b"  # backend 10.0.0.11
 )
 GOLDEN_HEARTBEAT = bytes.fromhex(
-    "4c424653" "02" "02" "0001" "00000001" "00000002" "0000000000000003"
+    "4c424653" "03" "02" "0001" "8d83760b" "00000001" "00000002" "0000000000000003"
     "000102030405060708090a0b0c0d0e0f" "00000005" "0001" "0000"
     "0000000000000002"  # oldest resendable stream number
 )
 # RESYNC_REQUEST for one peer (10.0.0.6): request id 42, target 0x0a000006, control number 9.
 GOLDEN_RESYNC_REQUEST = bytes.fromhex(
-    "4c424653" "02" "04" "0000" "0a000005" "6553f100" "0000000000000009" "0000002a" "0a000006"
+    "4c424653" "03" "04" "0000" "8d83760b" "0a000005" "6553f100" "0000000000000009" "0000002a" "0a000006"
 )
 
 # RESYNC_CHUNK to 10.0.0.6, request 42, chunk index 3 flagged LAST (the end of a streamed
 # answer), control number 12, one REFRESH record.
 GOLDEN_RESYNC_CHUNK = bytes.fromhex(
-    "4c424653" "02" "05" "0001" "0a000005" "6553f100" "000000000000000c"
+    "4c424653" "03" "05" "0001" "8d83760b" "0a000005" "6553f100" "000000000000000c"
     "0a000006" "0000002a" "00000003" "0001" "0000"  # target, request id, index, flags LAST, reserved
     "00000000000000000000ffffc0000207" "00000000000000000000ffff0a000064" "9c40" "0050" "06"
     "02" "0000" "00000000000000000000ffff0a00000b"
 )
 
 
-def sealed(body: bytes, key: bytes = KEY) -> bytes:
+def sealed(body: bytes, key: bytes = SECRET) -> bytes:
     return body + hmac.new(key, body, hashlib.sha256).digest()[:16]
 
 
@@ -122,10 +125,13 @@ def _flows_datagram() -> bytes:
     (lambda d: d + bytes(2000), "length"),
     (lambda d: b"XBFS" + d[4:], "magic"),
     (lambda d: d[:4] + b"\x01" + d[5:], "version"),  # version 1 (one number space) is not spoken
-    (lambda d: d[:4] + b"\x03" + d[5:], "version"),
+    (lambda d: d[:4] + b"\x02" + d[5:], "version"),  # version 2 (no key id) is not spoken
+    (lambda d: d[:4] + b"\x04" + d[5:], "version"),
+    (lambda d: d[:8] + bytes([d[8] ^ 1]) + d[9:], "key"),  # a key id we do not hold
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "forged"),  # tag bit flip
     (lambda d: d[:30] + bytes([d[30] ^ 1]) + d[31:], "forged"),  # body bit flip
-    (lambda d: g.encode(b"x" * 32, g.decode_header(KEY, d)[0], bytes(d[24:-16])), "forged"),  # wrong key
+    (lambda d: d[:8] + g.key_id(b"x" * 32).to_bytes(4, "big") + d[12:], "key"),  # another cluster's key
+    (lambda d: sealed(bytes(d[:-16]), b"x" * 32), "forged"),  # our key id, another key's tag
     (lambda d: sealed(d[:5] + b"\x09" + d[6:-16]), "type"),
     (lambda d: sealed(d[:6] + b"\x00\x04" + d[8:-16]), "length"),  # count says 4, body has 3
     (lambda d: sealed(d[:-16 - 56 + 37] + b"\x07" + d[-16 - 56 + 38:-16]), "record"),  # op 7
@@ -147,7 +153,7 @@ def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
 @given(st.integers(1, 5), st.integers(0, 60), st.binary(max_size=1400 - 40))
 def test_fuzz_authentic_garbage_bodies_never_crash(msg_type: int, count: int, body: bytes) -> None:
     """Even a peer holding the key cannot crash a receiver with a malformed body."""
-    data = sealed(g.HEADER.pack(g.MAGIC, g.VERSION, msg_type, count, 1, 1, 1) + body)
+    data = sealed(g.HEADER.pack(g.MAGIC, g.VERSION, msg_type, count, KEY.current_id, 1, 1, 1) + body)
     try:
         g.decode(KEY, data)
     except g.DecodeError:
@@ -165,3 +171,33 @@ def test_resync_chunk_golden_bytes_and_the_packed_encoders_agree() -> None:
     for bad in (rec[:-1], rec * (g.MAX_CHUNK_FLOWS + 1)):
         with pytest.raises(g.EncodeError):
             g.encode_resync_chunk_packed(*args, bad)
+
+
+def test_key_id_is_a_hash_of_the_key_and_the_header_carries_the_signing_one() -> None:
+    assert f"{g.key_id(SECRET):08x}" == KEY_ID == GOLDEN_FLOWS[8:12].hex()
+    assert g.HEADER.size == 28 and GOLDEN_FLOWS[4] == g.VERSION == 3
+
+
+def test_a_receiver_accepts_current_and_next_keys_and_a_sender_signs_with_its_current() -> None:
+    """A rotation: old = SECRET, new = NEXT. Nodes that added the new key as next accept what a
+    node already switched to it signs, and the other way round, with no datagram refused."""
+    rec = g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)
+    added = g.Keyring(SECRET, NEXT)  # step 1: new key added everywhere, still signing with the old
+    switched = g.Keyring(NEXT, SECRET)  # step 2: signing with the new, still accepting the old
+    done = g.Keyring(NEXT)  # step 3: old key removed
+    from_added = g.encode_flows(added, 1, 1, 1, [rec])
+    from_switched = g.encode_flows(switched, 2, 1, 1, [rec])
+    assert from_added[8:12] == bytes.fromhex(KEY_ID) and from_switched[8:12] == g.key_id(NEXT).to_bytes(4, "big")
+    assert from_added == g.encode_flows(KEY, 1, 1, 1, [rec])  # the same bytes as before the rotation began
+    for receiver in (KEY, added, switched):
+        assert g.decode(receiver, from_added).header.node_id == 1
+    for receiver in (added, switched, done):
+        assert g.decode(receiver, from_switched).header.node_id == 2
+    for receiver, data in ((KEY, from_switched), (done, from_added)):  # a step skipped on one side
+        with pytest.raises(g.DecodeError) as err:
+            g.decode(receiver, data)
+        assert err.value.reason == "key"
+    assert "8d83760b" in repr(added) and "f565c6ed" in repr(added) and "k" * 16 not in repr(added)
+    assert g.Keyring(SECRET, NEXT) == added != switched
+    with pytest.raises(ValueError, match="same key"):
+        g.Keyring(SECRET, SECRET)

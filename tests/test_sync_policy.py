@@ -6,7 +6,7 @@ import time
 import pytest
 
 from cluster.sync.codec import Header, Heartbeat, MsgType, ResendRange
-from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer, Verdict
 
 pytestmark = pytest.mark.unit
 
@@ -115,7 +115,9 @@ def test_lower_incarnation_is_adopted_once_the_known_one_is_silent() -> None:
     assert p.accept(h(3, inc=900), 5.0) is Verdict.ACCEPT  # silent for dead_after_s: adopted
     assert p.peers[PEER].incarnation == 900 and p.counters.reincarnated == 1
     assert p.accept(h(4, inc=900), 5.1) is Verdict.ACCEPT
-    assert p.accept(h(9, inc=1000), 5.2) is Verdict.ACCEPT  # the higher one is a newer life again
+    # The life it left is never adopted again (only a replay can carry it now).
+    assert p.accept(h(9, inc=1000), 9.0) is Verdict.STALE and p.counters.retired == 1
+    assert p.peers[PEER].incarnation == 900
 
 
 def test_incarnations_far_older_than_our_clock_are_not_adopted() -> None:
@@ -123,10 +125,10 @@ def test_incarnations_far_older_than_our_clock_are_not_adopted() -> None:
     p = policy()
     assert p.accept(h(5, inc=int(wall) - 7 * 3600), 0.0, wall_s=wall) is Verdict.STALE  # a captured old life
     assert PEER not in p.peers and p.counters.too_old == 1
-    assert p.accept(h(6, inc=int(wall) - 3600), 0.0, wall_s=wall) is Verdict.ACCEPT
+    assert p.accept(h(6, inc=int(wall) - 1200), 0.0, wall_s=wall) is Verdict.ACCEPT
     # ... nor after the known life went silent
     assert p.accept(h(1, inc=int(wall) - 7 * 3600), 10.0, wall_s=wall + 10) is Verdict.STALE
-    assert p.peers[PEER].incarnation == int(wall) - 3600
+    assert p.peers[PEER].incarnation == int(wall) - 1200
 
 
 def test_a_gap_larger_than_max_gap_is_lost_and_resync_worthy_not_tracked() -> None:
@@ -203,3 +205,46 @@ def test_a_peer_that_started_after_us_is_tracked_from_its_first_number() -> None
     assert q.counters.gaps == 0
     q.accept(h(7, inc=501), 0.2)  # its next life: from 1
     assert q.counters.gaps == 6
+
+
+def test_the_incarnation_age_limit_is_about_two_renewals() -> None:
+    # A live peer's incarnation is at most one renewal old: two leave one for clock skew.
+    assert MAX_INCARNATION_AGE_S == 2 * INCARNATION_RENEW_S <= 3600
+    wall = 1_800_000_000.0
+    fresh = ReceivePolicy(ME, dead_after_s=3.0)  # the defaults, as flowsync uses them
+    fresh.start(0.0, wall)
+    # A fresh receiver refuses a life captured three hours ago (accepted up to six hours before) ...
+    assert fresh.accept(h(5, inc=int(wall) - 3 * 3600), 0.0, wall_s=wall) is Verdict.STALE
+    assert fresh.accept(h(6, inc=int(wall - 2.5 * INCARNATION_RENEW_S)), 0.0, wall_s=wall) is Verdict.STALE
+    assert PEER not in fresh.peers and fresh.counters.too_old == 2
+    # ... and adopts one renewed within the limit.
+    assert fresh.accept(h(7, inc=int(wall - 1.5 * INCARNATION_RENEW_S)), 0.0, wall_s=wall) is Verdict.ACCEPT
+
+
+def hb(seq: int, inc: int) -> Header:
+    return Header(MsgType.HEARTBEAT, PEER, inc, seq, 1)
+
+
+def test_a_replayed_old_heartbeat_does_not_keep_a_dead_peer_alive() -> None:
+    wall = 1_800_000_000.0
+    p = ReceivePolicy(ME, dead_after_s=3.0)
+    p.start(0.0, wall)
+    i0 = int(wall) - 60
+    i1 = i0 + int(INCARNATION_RENEW_S)  # the peer renewed (its clock says so)
+    captured = [hb(s, i0) for s in range(1, 11)]  # an attacker recorded its first life
+    for t, header in enumerate(captured):
+        assert p.accept(header, float(t), wall + t) is Verdict.ACCEPT
+    base = INCARNATION_RENEW_S
+    assert p.accept(hb(1, i1), base, wall + base) is Verdict.ACCEPT
+    assert p.accept(hb(2, i1), base + 1, wall + base + 1) is Verdict.ACCEPT
+    # It dies. Its old heartbeats, replayed, are refused while it lives and after it died.
+    for k, header in enumerate(captured):  # one every 0.5 s from 1 s after its last word
+        now = base + 2 + 0.5 * k
+        assert p.accept(header, now, wall + now) is Verdict.STALE
+    assert not p.alive(PEER, base + 20)
+    assert p.accept(hb(2, i1), base + 20, wall + base + 20) is Verdict.REPLAY  # its last life, replayed
+    assert not p.alive(PEER, base + 20) and p.peers[PEER].incarnation == i1
+    assert p.counters.retired == sum(1 for k in range(10) if base + 2 + 0.5 * k >= base + 1 + p.dead_after_s)
+    # A control datagram of the life it left is refused too.
+    assert p.accept_control(Header(MsgType.RESYNC_REQUEST, PEER, i0, 99, 0), base + 21, wall + base + 21) \
+        is Verdict.STALE

@@ -2,7 +2,7 @@
 
 Theory of operation. Every datagram is one header, a type-specific body of fixed-size records,
 and an HMAC-SHA256 tag (truncated to 16 bytes, RFC 2104 / RFC 4868 §2.3 style truncation) over
-everything before it, keyed with the cluster's shared key. A datagram never exceeds
+everything before it, keyed with one of the cluster's shared keys. A datagram never exceeds
 `MAX_DATAGRAM` (1400 bytes) so it crosses any sane path without fragmenting.
 
      0                   1                   2                   3
@@ -10,8 +10,10 @@ everything before it, keyed with the cluster's shared key. A datagram never exce
     +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
     |                        magic "LBFS"                           |
     +---------------+---------------+-------------------------------+
-    |   version=2   |     type      |        record count           |
+    |   version=3   |     type      |        record count           |
     +---------------+---------------+-------------------------------+
+    |        key id (32 bits): names the key the tag is made with   |
+    +---------------------------------------------------------------+
     |                        sender node id                         |
     +---------------------------------------------------------------+
     |                 sender incarnation (start time, s)            |
@@ -21,8 +23,14 @@ everything before it, keyed with the cluster's shared key. A datagram never exce
     +---------------------------------------------------------------+
     |     body: [type preamble] count x fixed-size record           |
     +---------------------------------------------------------------+
-    |                 HMAC-SHA256(key, all above)[:16]              |
+    |          HMAC-SHA256(key with that id, all above)[:16]        |
     +---------------------------------------------------------------+
+
+Keys (`Keyring`). A node signs with its current key and accepts its current and, during a
+rotation, a second ("next") key. The key id in the header names the key the tag was made with,
+so a receiver checks one tag, never tries both; an id it does not hold is refused as "key" (a
+rotation step missing on one side), a wrong tag as "forged". The id is a hash of the key, so it
+reveals nothing of it and two nodes agree on it without configuring it. Version 2 had no key id.
 
 Two number spaces per (node id, incarnation), both counting up from 1:
 
@@ -72,15 +80,15 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAGIC = b"LBFS"
-VERSION = 2
+VERSION = 3
 MAX_DATAGRAM = 1400
 TAG_BYTES = 16
 DIGEST_BYTES = 16
 
-HEADER = struct.Struct("!4sBBHIIQ")  # magic, version, type, count, node id, incarnation, seq
+HEADER = struct.Struct("!4sBBHIIIQ")  # magic, version, type, count, key id, node id, incarnation, seq
 FLOW_RECORD_BYTES = 56
 FLOW_KEY_BYTES = 40  # struct flow_key: src[16] dst[16] sport dport proto pad[3]
 HEARTBEAT = struct.Struct("!16sIHHQ")  # digest, flow count, flags, reserved, oldest resendable seq
@@ -123,12 +131,54 @@ class DecodeError(GossipError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason  # "short", "magic", "version", "forged", "type", "length", "record"
+        self.reason = reason  # "short", "magic", "version", "key", "forged", "type", "length", "record"
         self.detail = detail
 
 
 class EncodeError(GossipError):
     """A message that cannot be put on the wire (too many records, bad field)."""
+
+
+_KEY_ID_CONTEXT = b"lbnode sync key id\0"
+
+
+def key_id(secret: bytes) -> int:
+    """The 32-bit id of a key, as the header carries it: the first 4 bytes of
+    SHA-256("lbnode sync key id" NUL key)."""
+    return int.from_bytes(hashlib.sha256(_KEY_ID_CONTEXT + secret).digest()[:4], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Keyring:
+    """The key this node signs with (`current`) and, during a rotation, a second one it also
+    accepts (`next`). Equal when the key bytes are; its repr shows key ids, never keys."""
+
+    current: bytes = field(repr=False)
+    next: bytes | None = field(default=None, repr=False)
+    current_id: int = field(init=False, compare=False)
+    next_id: int | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.current:
+            raise ValueError("a keyring needs a current key")
+        object.__setattr__(self, "current_id", key_id(self.current))
+        object.__setattr__(self, "next_id", None if self.next is None else key_id(self.next))
+        if self.next is not None and self.next_id == self.current_id:
+            raise ValueError("the current and the next key are the same key" if self.next == self.current
+                             else "the current and the next key have the same key id")
+
+    def secret(self, kid: int) -> bytes | None:
+        """The key with this id, if we hold it."""
+        if kid == self.current_id:
+            return self.current
+        return self.next if kid == self.next_id and self.next is not None else None
+
+    def ids(self) -> str:
+        """For logs and status: "current 1a2b3c4d, next 5e6f7a8b"."""
+        return f"current {self.current_id:08x}" + ("" if self.next_id is None else f", next {self.next_id:08x}")
+
+    def __repr__(self) -> str:
+        return f"Keyring({self.ids()})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +270,13 @@ def tag(key: bytes, data: bytes) -> bytes:
     return hmac.digest(key, data, hashlib.sha256)[:TAG_BYTES]
 
 
-def encode(key: bytes, header: Header, body_bytes: bytes) -> bytes:
-    """Seal `body_bytes` (already-encoded records) under `header`."""
-    data = HEADER.pack(MAGIC, VERSION, header.type, header.count, header.node_id, header.incarnation, header.seq) + body_bytes
+def encode(keys: Keyring, header: Header, body_bytes: bytes) -> bytes:
+    """Seal `body_bytes` (already-encoded records) under `header`, signed with the current key."""
+    data = HEADER.pack(MAGIC, VERSION, header.type, header.count, keys.current_id, header.node_id,
+                       header.incarnation, header.seq) + body_bytes
     if len(data) + TAG_BYTES > MAX_DATAGRAM:
         raise EncodeError(f"datagram of {len(data) + TAG_BYTES} bytes exceeds {MAX_DATAGRAM}")
-    return data + tag(key, data)
+    return data + tag(keys.current, data)
 
 
 def _header(msg_type: MsgType, node_id: int, incarnation: int, seq: int, count: int) -> Header:
@@ -234,11 +285,11 @@ def _header(msg_type: MsgType, node_id: int, incarnation: int, seq: int, count: 
     return Header(msg_type, node_id, incarnation, seq, count)
 
 
-def encode_flows(key: bytes, node_id: int, incarnation: int, seq: int, records: Sequence[bytes]) -> bytes:
+def encode_flows(keys: Keyring, node_id: int, incarnation: int, seq: int, records: Sequence[bytes]) -> bytes:
     """A FLOWS datagram of up to MAX_FLOWS already-wired 56-byte records (see `flow_wire`)."""
     if len(records) > MAX_FLOWS:
         raise EncodeError(f"{len(records)} flow records exceed {MAX_FLOWS}")
-    return encode(key, _header(MsgType.FLOWS, node_id, incarnation, seq, len(records)), b"".join(records))
+    return encode(keys, _header(MsgType.FLOWS, node_id, incarnation, seq, len(records)), b"".join(records))
 
 
 def _count(packed: bytes, limit: int) -> int:
@@ -248,52 +299,52 @@ def _count(packed: bytes, limit: int) -> int:
     return n
 
 
-def encode_flows_packed(key: bytes, node_id: int, incarnation: int, seq: int, packed: bytes) -> bytes:
+def encode_flows_packed(keys: Keyring, node_id: int, incarnation: int, seq: int, packed: bytes) -> bytes:
     """`encode_flows` for records already concatenated (n x 56 bytes, n <= MAX_FLOWS)."""
-    return encode(key, _header(MsgType.FLOWS, node_id, incarnation, seq, _count(packed, MAX_FLOWS)), packed)
+    return encode(keys, _header(MsgType.FLOWS, node_id, incarnation, seq, _count(packed, MAX_FLOWS)), packed)
 
 
-def encode_heartbeat(key: bytes, node_id: int, incarnation: int, seq: int, hb: Heartbeat) -> bytes:
+def encode_heartbeat(keys: Keyring, node_id: int, incarnation: int, seq: int, hb: Heartbeat) -> bytes:
     if len(hb.digest) != DIGEST_BYTES:
         raise EncodeError(f"digest must be {DIGEST_BYTES} bytes, got {len(hb.digest)}")
     if not 0 <= hb.oldest_seq < 2**64:
         raise EncodeError(f"oldest_seq out of range: {hb.oldest_seq}")
     body = HEARTBEAT.pack(hb.digest, min(hb.flow_count, 2**32 - 1), HEARTBEAT_F_READY if hb.ready else 0, 0,
                           hb.oldest_seq)
-    return encode(key, _header(MsgType.HEARTBEAT, node_id, incarnation, seq, 1), body)
+    return encode(keys, _header(MsgType.HEARTBEAT, node_id, incarnation, seq, 1), body)
 
 
-def encode_resend(key: bytes, node_id: int, incarnation: int, seq: int, ranges: Sequence[ResendRange]) -> bytes:
+def encode_resend(keys: Keyring, node_id: int, incarnation: int, seq: int, ranges: Sequence[ResendRange]) -> bytes:
     if len(ranges) > MAX_RESENDS:
         raise EncodeError(f"{len(ranges)} resend ranges exceed {MAX_RESENDS}")
     body = b"".join(RESEND.pack(r.node_id, r.incarnation, r.first, r.last) for r in ranges)
-    return encode(key, _header(MsgType.RESEND, node_id, incarnation, seq, len(ranges)), body)
+    return encode(keys, _header(MsgType.RESEND, node_id, incarnation, seq, len(ranges)), body)
 
 
-def encode_resync_request(key: bytes, node_id: int, incarnation: int, seq: int, request_id: int,
+def encode_resync_request(keys: Keyring, node_id: int, incarnation: int, seq: int, request_id: int,
                           target: int = 0) -> bytes:
     if not (0 <= request_id < 2**32 and 0 <= target < 2**32):
         raise EncodeError(f"resync request field out of range: id {request_id} target {target}")
-    return encode(key, _header(MsgType.RESYNC_REQUEST, node_id, incarnation, seq, 0),
+    return encode(keys, _header(MsgType.RESYNC_REQUEST, node_id, incarnation, seq, 0),
                   RESYNC_REQUEST.pack(request_id, target))
 
 
-def encode_resync_chunk(key: bytes, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
+def encode_resync_chunk(keys: Keyring, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
                         index: int, last: bool, records: Sequence[bytes]) -> bytes:
     if len(records) > MAX_CHUNK_FLOWS:
         raise EncodeError(f"{len(records)} flow records exceed {MAX_CHUNK_FLOWS}")
-    return encode_resync_chunk_packed(key, node_id, incarnation, seq, target, request_id, index, last,
+    return encode_resync_chunk_packed(keys, node_id, incarnation, seq, target, request_id, index, last,
                                       b"".join(records))
 
 
-def encode_resync_chunk_packed(key: bytes, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
+def encode_resync_chunk_packed(keys: Keyring, node_id: int, incarnation: int, seq: int, target: int, request_id: int,
                                index: int, last: bool, packed: bytes) -> bytes:
     """`encode_resync_chunk` for records already concatenated (n x 56 bytes, n <= MAX_CHUNK_FLOWS)."""
     n = _count(packed, MAX_CHUNK_FLOWS)
     if not (0 <= target < 2**32 and 0 <= request_id < 2**32 and 0 <= index < 2**32):
         raise EncodeError(f"resync chunk field out of range: target {target} id {request_id} index {index}")
     pre = CHUNK_PREAMBLE.pack(target, request_id, index, CHUNK_F_LAST if last else 0, 0)
-    return encode(key, _header(MsgType.RESYNC_CHUNK, node_id, incarnation, seq, n), pre + packed)
+    return encode(keys, _header(MsgType.RESYNC_CHUNK, node_id, incarnation, seq, n), pre + packed)
 
 
 # ---- decoding ---------------------------------------------------------------------------------
@@ -307,20 +358,23 @@ _FIXED = {
 }
 
 
-def decode_header(key: bytes, data: bytes) -> tuple[Header, memoryview]:
-    """Check size, magic, version, tag, type and length; return the header and the body's bytes."""
+def decode_header(keys: Keyring, data: bytes) -> tuple[Header, memoryview]:
+    """Check size, magic, version, key id, tag, type and length; return the header and the body's bytes."""
     if len(data) < HEADER.size + TAG_BYTES:
         raise DecodeError("short", f"{len(data)} bytes")
     if len(data) > MAX_DATAGRAM:
         raise DecodeError("length", f"{len(data)} bytes exceeds {MAX_DATAGRAM}")
-    magic, version, raw_type, count, node_id, incarnation, seq = HEADER.unpack_from(data)
+    magic, version, raw_type, count, kid, node_id, incarnation, seq = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise DecodeError("magic", repr(magic))
     if version != VERSION:
         raise DecodeError("version", f"version {version}, we speak {VERSION}")
+    secret = keys.secret(kid)
+    if secret is None:
+        raise DecodeError("key", f"node {node_id:#x} signs with key id {kid:08x}, we hold {keys.ids()}")
     end = len(data) - TAG_BYTES
-    if not hmac.compare_digest(tag(key, data[:end]), data[end:]):
-        raise DecodeError("forged", f"bad tag from node {node_id:#x}")
+    if not hmac.compare_digest(tag(secret, data[:end]), data[end:]):
+        raise DecodeError("forged", f"bad tag from node {node_id:#x} (key id {kid:08x})")
     try:
         msg_type = MsgType(raw_type)
     except ValueError:
@@ -331,10 +385,10 @@ def decode_header(key: bytes, data: bytes) -> tuple[Header, memoryview]:
     return Header(msg_type, node_id, incarnation, seq, count), memoryview(data)[HEADER.size:end]
 
 
-def decode(key: bytes, data: bytes) -> Message:
+def decode(keys: Keyring, data: bytes) -> Message:
     """A complete, typed message (records as dataclasses). The I/O path uses `decode_header` plus
     `flow_records` to skip building objects per flow."""
-    header, body = decode_header(key, data)
+    header, body = decode_header(keys, data)
     t = header.type
     if t is MsgType.FLOWS:
         return Message(header, Flows(tuple(_flow_record(r) for r in flow_records(body))))

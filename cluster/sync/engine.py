@@ -62,18 +62,21 @@ Answering resyncs is guarded against amplification: the table goes only to the a
 for the requesting node id (its configured unicast address, else the source of its last
 accepted stream datagram), never to another source; control numbers make each request count
 once (a captured one cannot be replayed); a request from an incarnation older than the one we
-know is refused; at most one answer per peer is in flight and one per (node, incarnation,
-request id) per half retry interval.
+know is refused; at most one answer per peer is in flight; each (node, incarnation, request id)
+is answered at most once (a requester's every try takes a new id, so an id seen again is a
+duplicate or a replay); and answers to one peer are rate-limited by a token bucket
+(`resync_answer_burst` at once, then one per `resync_answer_every_s`), whatever it asks.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cluster.sync import codec
 from cluster.sync.codec import SEQUENCED, DecodeError, MsgType, ResendRange
-from cluster.sync.policy import ReceivePolicy, RetransmitBuffer, Verdict
+from cluster.sync.policy import MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +132,17 @@ class EngineTiming:
     resync_settle_s: float = 0.2  # a start-up resync completes no sooner: every answering peer is heard
     peer_resync_tries: int = 5
     peer_resync_holdoff_s: float = 5.0
-    max_incarnation_age_s: float = 6 * 3600.0
+    max_incarnation_age_s: float = MAX_INCARNATION_AGE_S
+    resync_answer_burst: int = 4  # resync answers one peer gets at once ...
+    resync_answer_every_s: float = 5.0  # ... and then one per this long
     retransmit_capacity: int = 16384
     max_gap: int = 16384
 
 
 COUNTERS = (
-    "forged", "malformed", "resends", "resend_requests", "resend_requests_received", "resync_served",
-    "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_chunks_sent",
+    "forged", "unknown_key", "malformed", "resends", "resend_requests", "resend_requests_received", "resync_served",
+    "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_duplicate",
+    "resync_limited", "resync_chunks_sent",
     "peer_resyncs", "peer_resyncs_done", "peer_resyncs_failed", "peer_resyncs_abandoned", "heartbeats",
 )
 
@@ -223,6 +229,42 @@ class PeerResync:
         return self.answers.flows
 
 
+class AnsweredIds:
+    """The resync request ids answered for one incarnation of a requester: each is answered at
+    most once. Bounded (the oldest are forgotten); they are only reachable again through fresh
+    control numbers, which only a key holder can make."""
+
+    __slots__ = ("incarnation", "_ids")
+
+    def __init__(self, incarnation: int, capacity: int = 1024) -> None:
+        self.incarnation = incarnation
+        self._ids: deque[int] = deque(maxlen=capacity)
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._ids
+
+    def add(self, request_id: int) -> None:
+        self._ids.append(request_id)
+
+
+class TokenBucket:
+    """`burst` takes at once, refilled by one every `every_s` (pure: takes `now`)."""
+
+    __slots__ = ("burst", "every_s", "_tokens", "_at")
+
+    def __init__(self, burst: int, every_s: float, now: float) -> None:
+        self.burst, self.every_s = burst, every_s
+        self._tokens, self._at = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) / self.every_s)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class ChunkWriter:
     """The RESYNC_CHUNK datagrams of one streamed answer: `add(records)` as the table walk goes,
     then `finish()`. The count is never known in advance, so the last up to MAX_CHUNK_FLOWS
@@ -242,7 +284,7 @@ class ChunkWriter:
         e.counters["resync_chunks_sent"] += 1
         self.index += 1
         self.flows += len(packed) // codec.FLOW_RECORD_BYTES
-        return codec.encode_resync_chunk_packed(e.key, e.node_id, e.incarnation, e._control(), self.node_id,
+        return codec.encode_resync_chunk_packed(e.keys, e.node_id, e.incarnation, e._control(), self.node_id,
                                                 self.request_id, self.index - 1, last, packed)
 
     def add(self, records: bytes) -> Iterator[bytes]:
@@ -264,9 +306,9 @@ class ChunkWriter:
 class SyncEngine:
     """The flow-sync protocol of one node (see the module docstring)."""
 
-    def __init__(self, key: bytes, node_id: int, incarnation: int, *, timing: EngineTiming = EngineTiming(),
+    def __init__(self, keys: codec.Keyring, node_id: int, incarnation: int, *, timing: EngineTiming = EngineTiming(),
                  configured_addrs: Mapping[int, str] | None = None, first_request_id: int = 1) -> None:
-        self.key = key
+        self.keys = keys  # signs with keys.current; accepts current and next
         self.node_id = node_id
         self.incarnation = incarnation
         self.timing = timing
@@ -287,7 +329,8 @@ class SyncEngine:
         self.heard: dict[int, int] = {}  # peer -> incarnation of its last accepted heartbeat
         self._holdoff: dict[int, float] = {}  # peer -> no new peer resync before
         self._answering: set[int] = set()
-        self._answered: dict[tuple[int, int, int], float] = {}
+        self._answered: dict[int, AnsweredIds] = {}  # requester -> the request ids answered in its incarnation
+        self._answer_budget: dict[int, TokenBucket] = {}  # requester -> its resync answer rate limit
         self._next_request_id = first_request_id & 0xFFFFFFFF or 1
         self._next_heartbeat = -math.inf
 
@@ -308,12 +351,12 @@ class SyncEngine:
     def flows(self, records: Sequence[bytes]) -> Send:
         """One FLOWS datagram (up to codec.MAX_FLOWS 56-byte records) to every peer."""
         self.seq += 1
-        return self._stream(codec.encode_flows(self.key, self.node_id, self.incarnation, self.seq, records))
+        return self._stream(codec.encode_flows(self.keys, self.node_id, self.incarnation, self.seq, records))
 
     def flows_packed(self, packed: bytes) -> Send:
         """`flows` for records already concatenated (n x 56 bytes, n <= codec.MAX_FLOWS)."""
         self.seq += 1
-        return self._stream(codec.encode_flows_packed(self.key, self.node_id, self.incarnation, self.seq, packed))
+        return self._stream(codec.encode_flows_packed(self.keys, self.node_id, self.incarnation, self.seq, packed))
 
     def heartbeat(self, now: float) -> Send:
         """A heartbeat now (the next is due `heartbeat_s` later)."""
@@ -323,7 +366,12 @@ class SyncEngine:
         hb = codec.Heartbeat(self.digest, self.flow_count, self.ready, oldest)
         self._next_heartbeat = now + self.timing.heartbeat_s
         self.counters["heartbeats"] += 1
-        return self._stream(codec.encode_heartbeat(self.key, self.node_id, self.incarnation, self.seq, hb))
+        return self._stream(codec.encode_heartbeat(self.keys, self.node_id, self.incarnation, self.seq, hb))
+
+    def set_keys(self, keys: codec.Keyring) -> None:
+        """New keys (a rotation step): sign with the new current key from the next datagram on,
+        accept the new current and next. Numbering and peer state go on unchanged."""
+        self.keys = keys
 
     def set_digest(self, digest: bytes) -> None:
         self.digest = digest
@@ -346,8 +394,12 @@ class SyncEngine:
     def receive(self, data: bytes, addr: str, now: float, wall_s: float | None = None) -> list[Action]:
         """Everything one datagram from `addr` causes. Never raises on any input."""
         try:
-            header, body = codec.decode_header(self.key, data)
+            header, body = codec.decode_header(self.keys, data)
         except DecodeError as exc:
+            if exc.reason == "key":
+                self.counters["unknown_key"] += 1
+                return [Warn("unknown_key", f"dropped datagram from {addr}: {exc.detail} (a key rotation step "
+                                            f"missing on one side?)")]
             kind = "forged" if exc.reason == "forged" else "malformed"
             self.counters[kind] += 1
             return [Warn(kind, f"dropped {kind} datagram from {addr}: {exc}")]
@@ -412,11 +464,23 @@ class SyncEngine:
         if node in self._answering:
             self.counters["resync_busy"] += 1
             return []
-        last = self._answered.get((node, inc, request_id), -math.inf)
-        if now - last < self.timing.resync_retry_s / 2:
-            self.counters["resync_ignored"] += 1
-            return []
-        self._answered = {k: v for k, v in self._answered.items() if now - v < 60} | {(node, inc, request_id): now}
+        answered = self._answered.get(node)
+        if answered is None or answered.incarnation != inc:  # (older incarnations were refused as stale)
+            answered = self._answered[node] = AnsweredIds(inc)
+        if request_id in answered:
+            self.counters["resync_duplicate"] += 1
+            return [Warn("resync_duplicate", f"resync request {request_id} of node {node:#x} ({addr}) was "
+                                             f"answered already: not again")]
+        budget = self._answer_budget.get(node)
+        if budget is None:
+            budget = self._answer_budget[node] = TokenBucket(self.timing.resync_answer_burst,
+                                                             self.timing.resync_answer_every_s, now)
+        if not budget.take(now):
+            self.counters["resync_limited"] += 1
+            return [Warn("resync_limited", f"resync request of node {node:#x} ({addr}) not answered: more than "
+                                           f"{self.timing.resync_answer_burst} answers, then one per "
+                                           f"{self.timing.resync_answer_every_s:g}s")]
+        answered.add(request_id)
         self._answering.add(node)
         # A heartbeat first (to every peer: it is a stream datagram), so the requester knows our
         # view digest before our answer completes its resync (a start-up resync waits for it).
@@ -489,7 +553,7 @@ class SyncEngine:
         """A heartbeat (so peers know our address), then the request to every peer."""
         state = self.resync_state
         assert state is not None
-        return [self.heartbeat(now), Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation,
+        return [self.heartbeat(now), Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation,
                                                                       self._control(), state.request_id), None)]
 
     def _resync_activity(self, state: ResyncState, peer: int) -> float:
@@ -527,7 +591,7 @@ class SyncEngine:
         out: list[Action] = [self.heartbeat(now)]
         for p in due:  # only the stalled peers: a peer whose answer is complete is not asked again
             state.asked_peer_s[p] = now
-            out.append(Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
+            out.append(Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation, self._control(),
                                                         state.request_id), self.known_addr(p)))
         return out
 
@@ -592,7 +656,7 @@ class SyncEngine:
         for peer, ranges in by_peer.items():
             addr = self.known_addr(peer)
             for i in range(0, len(ranges), codec.MAX_RESENDS):
-                datagram = codec.encode_resend(self.key, self.node_id, self.incarnation, self._control(),
+                datagram = codec.encode_resend(self.keys, self.node_id, self.incarnation, self._control(),
                                                ranges[i:i + codec.MAX_RESENDS])
                 out.append(Send(datagram, addr))
                 self.counters["resend_requests"] += 1
@@ -609,7 +673,7 @@ class SyncEngine:
                 return request_id
 
     def _request(self, p: PeerResync) -> Send:
-        return Send(codec.encode_resync_request(self.key, self.node_id, self.incarnation, self._control(),
+        return Send(codec.encode_resync_request(self.keys, self.node_id, self.incarnation, self._control(),
                                                 p.request_id, p.node_id), self.known_addr(p.node_id))
 
     def _peer_resyncs(self, now: float) -> list[Action]:

@@ -28,9 +28,10 @@ ids). A peer resync (a gap no RESEND can fill) is the engine's own decision. Ans
 streams the table like a refresh pass (a peer resync: only the flows carried here), chunk by
 chunk, paced, and ends with the LAST chunk; the engine sends a heartbeat first.
 
-Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (peers
-treat a higher incarnation as a restart and resume tracking at its first number), because
-receivers refuse to adopt an incarnation far older than their own clock (policy.py).
+Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (15 min;
+peers treat a higher incarnation as a restart and resume tracking at its first number), because
+receivers refuse to adopt an incarnation more than two renewals older than their own clock
+(policy.py: what a replay to a freshly started receiver can use is at most that old).
 
 Link down. A send that fails (ENETUNREACH, ENODEV, EADDRNOTAVAIL, ... while the node's link is
 down or its address is gone) is counted and logged at a limited rate; the stream number it took
@@ -78,7 +79,7 @@ from cluster.sync.codec import FlowOp
 from cluster.sync.config import SyncConfig
 from cluster.sync.engine import (Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine,
                                  Warn)
-from cluster.sync.policy import ReceivePolicy, RetransmitBuffer
+from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ RESYNC_RETRY_S = 1.0
 # what one receiver installs per core, so its socket buffer (16 MB) never overruns.
 SEND_RATE = 20_000
 SEND_BATCH = 32
-INCARNATION_RENEW_S = 3600.0  # well within MAX_INCARNATION_AGE_S, with room for clock skew
-MAX_INCARNATION_AGE_S = 6 * 3600.0
 MEMBERSHIP_CHECK_S = 1.0
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
@@ -210,7 +209,7 @@ class FlowSync:
     """Flow replication between the nodes of a cluster (see the module docstring)."""
 
     def __init__(self, config: SyncConfig, dataplane: DataPlane, node_ip: Any, node_id: int | None = None, *,
-                 ifname: str | None = None, key: bytes | None = None, incarnation: int | None = None,
+                 ifname: str | None = None, keys: codec.Keyring | None = None, incarnation: int | None = None,
                  on_install: Callable[[bytes], None] | None = None, retransmit_capacity: int = 16384,
                  send_rate: float = SEND_RATE) -> None:
         self.config = config
@@ -220,13 +219,14 @@ class FlowSync:
             raise SyncError(f"flow sync runs over IPv4; node address {self.node_ip} is not")
         self.node_id = node_id_of(self.node_ip) if node_id is None else node_id
         self.ifname = config.interface or ifname
-        self.key = config.load_key() if key is None else key
+        # The keys read when the config was loaded (what a reload compared), else read now.
+        self.keys = keys or config.keys or config.load_keys()
         # Unicast: the configured address of each peer, by the node id it has by default.
         configured = {node_id_of(p): str(p) for p in config.peers if p != self.node_ip}
         timing = EngineTiming(heartbeat_s=config.heartbeat_s, resend_interval_s=RESEND_INTERVAL_S,
                               dead_after_s=3 * config.heartbeat_s, resync_retry_s=RESYNC_RETRY_S,
                               max_incarnation_age_s=MAX_INCARNATION_AGE_S, retransmit_capacity=retransmit_capacity)
-        self.engine = SyncEngine(self.key, self.node_id,
+        self.engine = SyncEngine(self.keys, self.node_id,
                                  _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF,
                                  timing=timing, configured_addrs=configured,
                                  first_request_id=int.from_bytes(os.urandom(4), "big"))
@@ -252,6 +252,15 @@ class FlowSync:
         # "Seen recently" = within two refresh periods: the data plane rewrites last_seen at most
         # once per its own refresh interval (assumed <= ours), so an active flow always qualifies.
         self._refresh_window_ns = int(2 * config.refresh_s * 1e9)
+
+    def set_keys(self, config: SyncConfig) -> None:
+        """Take `config`'s keys (read at load) without a restart: a reload in which only the keys
+        (files or their contents) changed, such as a rotation step. From the next datagram on we
+        sign with the new current key and accept the new current and next ones."""
+        keys = config.keys or config.load_keys()
+        old, self.config, self.keys = self.keys, config, keys
+        self.engine.set_keys(keys)
+        log.info("flow sync %s: keys %s -> %s", self.node_ip, old.ids(), keys.ids())
 
     # ---- the engine's state, as the node and tests see it ---------------------------------------
 
@@ -293,9 +302,9 @@ class FlowSync:
                     nursery.start_soon(self._recv_loop)
                     nursery.start_soon(self._timer_loop)
                     nursery.start_soon(self._refresh_loop)
-                    log.info("flow sync %s (node %#x, incarnation %d) to %s port %d via %s", self.node_ip,
+                    log.info("flow sync %s (node %#x, incarnation %d) to %s port %d via %s, keys %s", self.node_ip,
                              self.node_id, self.incarnation, ",".join(d[0] for d in self._dests), self.config.port,
-                             self.ifname or "-")
+                             self.ifname or "-", self.keys.ids())
                     task_status.started()
             finally:
                 self._nursery = None
@@ -359,6 +368,8 @@ class FlowSync:
             "node_id": self.node_id,
             "incarnation": self.incarnation,
             "sequence": engine.seq,
+            "keys": {"current": f"{engine.keys.current_id:08x}",
+                     "next": None if engine.keys.next_id is None else f"{engine.keys.next_id:08x}"},
             "ready": self.ready,
             "digest_mismatch": self.policy.digest_mismatch(now),
             "repairing": engine.repairing(),

@@ -41,8 +41,15 @@ Incarnations are wall-clock seconds, so they are only as good as the clocks:
   clock behind its previous start, e.g. an NTP step at boot);
 - an incarnation is adopted (first word from a peer, a restart, the case above) only if it is at
   most `max_incarnation_age_s` older than our wall clock (`wall_s`, passed in): a captured datagram
-  of a long-gone life cannot be replayed to a freshly started receiver. Senders therefore renew
-  their incarnation well within that age (flowsync.INCARNATION_RENEW_S).
+  of a long-gone life cannot be replayed to a freshly started receiver. Senders renew their
+  incarnation every `INCARNATION_RENEW_S` (15 min), and the age limit is two renewals
+  (`MAX_INCARNATION_AGE_S`, 30 min): a live peer's incarnation is at most one renewal old, and
+  the second one is the room left for clock skew. So what a fresh receiver can be fooled with
+  is at most 30 minutes old;
+- an incarnation a peer has left (we knew it, then adopted another) is never adopted again: its
+  datagrams can only be replays (`retired`). Without this, once a peer had died, each of its
+  earlier lives within the age limit could be replayed in turn (lower ones are adopted after
+  `dead_after_s`, see above) and its captured heartbeats would keep it "alive".
 
 Cost. Missing numbers are kept in a dict whose insertion order is ascending sequence order (gaps
 only ever open above `highest`), so trimming the oldest is O(1) each; request deadlines sit in a
@@ -58,6 +65,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cluster.sync.codec import Header, Heartbeat, ResendRange
+
+INCARNATION_RENEW_S = 900.0  # senders take a new incarnation this often (flowsync.py)
+MAX_INCARNATION_AGE_S = 2 * INCARNATION_RENEW_S  # older incarnations are not adopted: one renewal + skew
+MAX_RETIRED = 64  # incarnations remembered per peer as left (more only by restarting 64 times in 30 min)
 
 
 class Verdict(enum.Enum):
@@ -119,6 +130,7 @@ class Counters:
     control_accepted: int = 0
     control_replayed: int = 0  # control datagrams refused by the replay window
     control_stale: int = 0  # control datagrams from an old incarnation (also counted stale)
+    retired: int = 0  # datagrams of an incarnation the peer has left (also counted stale)
 
 
 class ReplayWindow:
@@ -151,7 +163,7 @@ class ReceivePolicy:
 
     def __init__(self, node_id: int, *, window: int = 65536, resend_interval_s: float = 0.05,
                  resend_tries: int = 5, dead_after_s: float = 3.0, max_missing: int = 65536,
-                 max_gap: int = 16384, max_incarnation_age_s: float = 6 * 3600) -> None:
+                 max_gap: int = 16384, max_incarnation_age_s: float = MAX_INCARNATION_AGE_S) -> None:
         self.node_id = node_id
         self.window = window
         self.resend_interval_s = resend_interval_s
@@ -162,6 +174,7 @@ class ReceivePolicy:
         self.max_incarnation_age_s = max_incarnation_age_s
         self.peers: dict[int, PeerState] = {}
         self.control: dict[int, tuple[int, ReplayWindow]] = {}  # node id -> (incarnation, window)
+        self.retired: dict[int, set[int]] = {}  # node id -> incarnations it has left (never adopted again)
         self.listening_since: float | None = None  # see `start`
         self.started_wall_s: float | None = None
         self.counters = Counters()
@@ -192,12 +205,18 @@ class ReceivePolicy:
                     and now - peer.last_heard < self.dead_after_s:
                 self.counters.stale += 1  # an old life of a peer that is alive: a replay
                 return Verdict.STALE
+            if header.incarnation in self.retired.get(header.node_id, ()):
+                self.counters.stale += 1  # a life it has left, alive or not: a replay
+                self.counters.retired += 1
+                return Verdict.STALE
             if wall_s is not None and header.incarnation < wall_s - self.max_incarnation_age_s:
                 self.counters.stale += 1
                 self.counters.too_old += 1
                 return Verdict.STALE
-            if peer is not None and header.incarnation < peer.incarnation:
-                self.counters.reincarnated += 1
+            if peer is not None:
+                self._retire(peer.node_id, peer.incarnation, wall_s)
+                if header.incarnation < peer.incarnation:
+                    self.counters.reincarnated += 1
             # A new life of a known peer, or a peer that started after us: we should have heard
             # its every number (numbers start at 1 per incarnation), so earlier ones are gaps.
             # Else (we are the newcomer) start at this number: the start-up resync covers the rest.
@@ -238,6 +257,15 @@ class ReceivePolicy:
         self.counters.accepted += 1
         return Verdict.ACCEPT
 
+    def _retire(self, node_id: int, incarnation: int, wall_s: float | None) -> None:
+        """Remember that a peer left `incarnation`; forget those the age limit refuses anyway."""
+        retired = self.retired.setdefault(node_id, set())
+        retired.add(incarnation)
+        if wall_s is not None:
+            retired.difference_update([i for i in retired if i < wall_s - self.max_incarnation_age_s])
+        while len(retired) > MAX_RETIRED:
+            retired.discard(min(retired))
+
     def _trim(self, peer: PeerState) -> None:
         """Drop the oldest missing numbers: those below the window, and any above `max_missing`."""
         floor = peer.highest - self.window
@@ -266,6 +294,7 @@ class ReceivePolicy:
         peer = self.peers.get(node)
         known = self.control.get(node)
         if (peer is not None and inc < peer.incarnation and now - peer.last_heard < self.dead_after_s) or \
+                (inc in self.retired.get(node, ()) and (peer is None or peer.incarnation != inc)) or \
                 (wall_s is not None and inc < wall_s - self.max_incarnation_age_s) or \
                 (known is not None and inc < known[0] and (peer is None or peer.incarnation != inc)):
             self.counters.stale += 1

@@ -78,6 +78,7 @@ class EcmpLab:
         for name in self.nodes:
             self.peer_pass.attach(self.router, f"p-{name}")
         (workdir / "sync.key").write_bytes(SYNC_KEY)
+        (workdir / "sync.key").chmod(0o600)  # a key file others can read is refused
         self.backend_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.bird: subprocess.Popen[bytes] | None = None
