@@ -67,11 +67,11 @@ from typing import Any
 
 import trio
 
-from bgp.bfd_fsm import SessionConfig as BfdSessionConfig
-from bgp.bfd_fsm import State as BfdState
-from bgp.bfd_fsm import StateChange as BfdStateChange
-from bgp.bfd_session import BFD_PORT, BfdEndpoint, BfdStatus
-from bgp.bfd_session import Sender as BfdSender
+from bgp.bfd.fsm import SessionConfig as BfdSessionConfig
+from bgp.bfd.fsm import State as BfdState
+from bgp.bfd.fsm import StateChange as BfdStateChange
+from bgp.bfd.session import BFD_PORT, BfdEndpoint, BfdStatus
+from bgp.bfd.session import Sender as BfdSender
 from bgp.codec import Framer, Message, Notification, Open, Prefix, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import BgpError, DecodeError, notification_text

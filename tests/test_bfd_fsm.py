@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, State, encode
+from bgp.bfd.fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
                          StateChange, Transmit, jitter_factor)
 from bgp.errors import BgpError
 

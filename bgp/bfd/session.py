@@ -1,4 +1,4 @@
-"""BFD's only I/O module: UDP sockets, TTL 255 and one trio task per session around `bfd_fsm`.
+"""BFD's only I/O module: UDP sockets, TTL 255 and one trio task per session around `bgp.bfd.fsm`.
 
 Theory of operation
 -------------------
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 import trio
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, State, encode
+from bgp.bfd.fsm import TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit
 from bgp.errors import BgpError
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, Malformed, State, decode
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, Malformed, State, decode
 from bgp.errors import BgpError
 
 SLOW_TX_US = 1_000_000  # RFC 5880 §6.8.3: at least one second while not Up
