@@ -35,8 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from bgp.codec import (AS_TRANS, IPV4_UNICAST, IPV6_UNICAST, Capability, FourOctetAsCap, Keepalive, Message,
-                       MultiprotocolCap, Notification, Open, RouteRefresh, RouteRefreshCap, Update)
+from bgp.attrs import AS_TRANS, IPV4_UNICAST, IPV6_UNICAST
+from bgp.codec import (Capability, FourOctetAsCap, Keepalive, Message, MultiprotocolCap, Notification, Open,
+                       RouteRefresh, RouteRefreshCap, Update)
 from bgp.errors import DecodeError
 
 OPEN_SENT_HOLD_S = 240.0  # RFC 4271 §8.2.2: "a large value (4 minutes)"

@@ -72,7 +72,8 @@ from bgp.bfd.fsm import State as BfdState
 from bgp.bfd.fsm import StateChange as BfdStateChange
 from bgp.bfd.session import BFD_PORT, BfdEndpoint, BfdStatus
 from bgp.bfd.session import Sender as BfdSender
-from bgp.codec import Framer, Message, Notification, Open, Prefix, Update, decode, encode
+from bgp.attrs import Prefix
+from bgp.codec import Framer, Message, Notification, Open, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import BgpError, DecodeError, notification_text
 from bgp.fsm import (Close, Connect, Event, EventKind, Fsm, FsmConfig, ResendRoutes, Send, SessionDown, SessionUp,

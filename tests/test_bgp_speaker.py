@@ -12,8 +12,9 @@ import trio
 import trio.testing
 
 from bgp import config as bgp_config
-from bgp.codec import (GRACEFUL_SHUTDOWN, FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification,
-                       Open, RouteRefresh, Update, encode)
+from bgp.attrs import GRACEFUL_SHUTDOWN
+from bgp.codec import (FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification, Open, RouteRefresh,
+                       Update, encode)
 from bgp.config import PeerConfig
 from bgp.errors import ConfigError
 from bgp.fsm import State
