@@ -26,7 +26,14 @@ When the BFD session comes Up again, `set_path_up` resets the backoff and makes 
 or connect retry due at once; retries do not back off while it stays Up.
 
 Collisions (§6.8) when both sides connect: the I/O layer runs a second `Fsm` on the incoming
-connection; once both have an OPEN, `collision_loser` says which one gets OPEN_COLLISION_DUMP.
+connection; once both have an OPEN, `bgp.peering.resolve_collision` says which one gets
+OPEN_COLLISION_DUMP.
+
+Failures: every way a session ends or fails to come up is recorded as a `Failure` (`failure`): its
+kind, the text shown as `last_error`, and for a NOTIFICATION we send because of a bad message, the
+decoder's reason. `bgp.peering` decides from the kind, never from the text, what is worth a WARNING.
+A TCP_FAILS event may carry the I/O layer's words (`reason`, such as "peer closed the connection"):
+they are the failure unless the transition records a more specific one.
 """
 from __future__ import annotations
 
@@ -81,6 +88,28 @@ class Event:
     kind: EventKind
     message: Message | None = None
     error: DecodeError | None = None
+    reason: str = ""  # TCP_FAILS: what the I/O layer saw (peer closed, connection error, send failed)
+
+
+class FailureKind(enum.Enum):
+    """Why a session ended or did not come up."""
+
+    STOPPED = "stopped"  # ManualStop (our own shutdown)
+    HOLD_EXPIRED = "hold expired"
+    MESSAGE_ERROR = "message error"  # we sent the NOTIFICATION a malformed or unacceptable message calls for
+    NOTIFICATION = "notification"  # the peer sent one
+    CONNECTION_LOST = "connection lost"
+    TRANSPORT = "transport"  # the I/O layer's reason for a TCP_FAILS
+    COLLISION = "collision"  # this connection lost a collision (§6.8)
+    BFD_DOWN = "BFD down"
+    FSM_ERROR = "FSM error"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: FailureKind
+    text: str  # as shown in logs and `last_error`
+    detail: str = ""  # MESSAGE_ERROR: the decoder's reason for the NOTIFICATION we sent
 
 
 def event_for(msg: Message) -> Event:
@@ -174,14 +203,6 @@ def negotiate(cfg: FsmConfig, peer: Open) -> Negotiated:
         peer_id=peer.bgp_id, ibgp=ibgp)
 
 
-def collision_loser(local_id: IPv4Address, remote_id: IPv4Address) -> str:
-    """RFC 4271 §6.8: which connection to close, "outgoing" or "incoming".
-
-    The connection initiated by the speaker with the higher BGP identifier survives.
-    """
-    return "incoming" if int(local_id) > int(remote_id) else "outgoing"
-
-
 class Timer(enum.Enum):
     CONNECT_RETRY = "ConnectRetry"
     IDLE_HOLD = "IdleHold"
@@ -208,7 +229,7 @@ class Fsm:
     state: State = State.IDLE
     negotiated: Negotiated | None = None
     peer_open: Open | None = None
-    last_error: str = ""
+    failure: Failure | None = None  # the latest reason a session ended or did not come up
     stopped: bool = True
     path_up: bool = False  # BFD says the path to the peer works (see `set_path_up`)
     _timers: dict[Timer, float] = field(default_factory=dict)
@@ -219,6 +240,10 @@ class Fsm:
 
     # ---- public API -------------------------------------------------------------------------
 
+    @property
+    def last_error(self) -> str:
+        return self.failure.text if self.failure is not None else ""
+
     def handle(self, event: Event, now: float) -> list[Action]:
         """Apply one event; returns the actions to carry out, in order."""
         if event.kind is E.OPEN and self.state is S.OPEN_SENT:
@@ -228,6 +253,8 @@ class Fsm:
                 self.peer_open = event.message
             except DecodeError as exc:
                 event = Event(E.MESSAGE_ERROR, error=exc)
+        if event.kind is E.TCP_FAILS and event.reason:
+            self.failure = Failure(FailureKind.TRANSPORT, event.reason)
         entry = TRANSITIONS.get((self.state, event.kind))
         old = self.state
         if entry is None:
@@ -306,14 +333,14 @@ class Fsm:
             self._timers.pop(Timer.HOLD, None)
             self._timers.pop(Timer.KEEPALIVE, None)
 
-    def _fail(self, now: float, reason: str) -> None:
+    def _fail(self, now: float, failure: Failure) -> None:
         """Session lost: remember why and schedule the automatic restart."""
-        self.last_error = reason
+        self.failure = failure
         if not self.stopped:
             self._backoff(now, Timer.IDLE_HOLD)
 
     def _fsm_error(self, event: Event, now: float) -> tuple[list[Action], State]:
-        reason = f"FSM error: {event.kind.name} in {self.state.value}"
+        reason = Failure(FailureKind.FSM_ERROR, f"FSM error: {event.kind.name} in {self.state.value}")
         if self.state is S.IDLE:
             # No connection exists in Idle; an incoming one is refused, anything else is stray.
             return ([Close()] if event.kind is E.TCP_ACCEPTED else []), S.IDLE
@@ -342,7 +369,7 @@ def _start_passive(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _stop_quiet(f: Fsm, ev: Event, now: float) -> list[Action]:
     f.stopped = True
     f._timers.pop(Timer.IDLE_HOLD, None)
-    f.last_error = "stopped"
+    f.failure = Failure(FailureKind.STOPPED, "stopped")
     return []
 
 
@@ -381,7 +408,7 @@ def _send_open(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _lost_in_open_sent(f: Fsm, ev: Event, now: float) -> list[Action]:
     """RFC 4271: OpenSent + TcpConnectionFails -> Active with ConnectRetry running."""
     f._timers.pop(Timer.HOLD, None)
-    f.last_error = "connection lost in OpenSent"
+    f.failure = Failure(FailureKind.CONNECTION_LOST, "connection lost in OpenSent")
     if not f.config.passive:
         f._backoff(now, Timer.CONNECT_RETRY)
     return [Close()]
@@ -396,7 +423,7 @@ def _open_accepted(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _established(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert f.negotiated is not None
     f._retry_s = f.config.connect_retry_s  # backoff resets once a session works
-    f.last_error = ""
+    f.failure = None
     f._start_hold(now)
     return [SessionUp(f.negotiated)]
 
@@ -421,36 +448,36 @@ def _route_refresh(f: Fsm, ev: Event, now: float) -> list[Action]:
 
 
 def _hold_expired(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f._fail(now, "hold timer expired")
+    f._fail(now, Failure(FailureKind.HOLD_EXPIRED, "hold timer expired"))
     return [Send(Notification(4, 0)), Close()]
 
 
 def _message_error(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert ev.error is not None
-    f._fail(now, f"sent NOTIFICATION {ev.error}")
+    f._fail(now, Failure(FailureKind.MESSAGE_ERROR, f"sent NOTIFICATION {ev.error}", ev.error.reason))
     return [Send(Notification(ev.error.code, ev.error.subcode, ev.error.data)), Close()]
 
 
 def _notification(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert isinstance(ev.message, Notification)
-    f._fail(now, f"received NOTIFICATION {ev.message.code}/{ev.message.subcode}")
+    f._fail(now, Failure(FailureKind.NOTIFICATION, f"received NOTIFICATION {ev.message.code}/{ev.message.subcode}"))
     return [Close()]
 
 
 def _connection_lost(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f._fail(now, "connection lost")
+    f._fail(now, Failure(FailureKind.CONNECTION_LOST, "connection lost"))
     return [Close()]
 
 
 def _collision_dump(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f.last_error = "connection collision"
+    f.failure = Failure(FailureKind.COLLISION, "connection collision")
     f.stopped = True  # this FSM's connection is given up; the winner carries on
     return [Send(Notification(6, 7)), Close()]  # Cease / Connection Collision Resolution
 
 
 def _bfd_down(f: Fsm, ev: Event, now: float) -> list[Action]:
     """The forwarding path to the peer is gone: drop the session, restart per IdleHold (RFC 5882 §3.2)."""
-    f._fail(now, "BFD session down")
+    f._fail(now, Failure(FailureKind.BFD_DOWN, "BFD session down"))
     return [Send(Notification(6, 10)), Close()]  # Cease / BFD Down (RFC 9384)
 
 

@@ -19,7 +19,9 @@ from bgp.config import PeerConfig
 from bgp.errors import ConfigError
 from bgp.fsm import State
 from bgp.rib import RouteAttrs
-from bgp.speaker import INBOX_FRAMES, Speaker, md5sig
+from bgp.inbox import INBOX_FRAMES
+from bgp.speaker import Speaker
+from bgp.transport import md5sig
 
 pytestmark = pytest.mark.unit
 

@@ -91,6 +91,15 @@ class Discard:
 Action = Transmit | StateChange | Discard
 
 
+def is_failure(change: StateChange, remote_state: State) -> bool:
+    """RFC 5882 §3.2: Up -> Down is a failure of the path, unless the peer took the session down
+    administratively (it said AdminDown, so our diag is Neighbor Signaled Session Down): a peer
+    shutting down must not make its clients react as to a failure. `remote_state` is the session's
+    `remote_state` when the change happened."""
+    return (change.old is State.UP and change.new is State.DOWN
+            and not (change.diag is Diag.NEIGHBOR_SIGNALED_SESSION_DOWN and remote_state is State.ADMIN_DOWN))
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
     """What we ask for. Intervals in microseconds, as on the wire."""
