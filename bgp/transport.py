@@ -185,7 +185,7 @@ async def send(conn: Conn, data: bytes, deadline: float, *, by_hold: bool) -> st
         with trio.fail_at(deadline):
             await conn.stream.send_all(data)
         conn.torn = False
-    except (*_STREAM_ERRORS, trio.TooSlowError) as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         if isinstance(exc, trio.TooSlowError) and by_hold:
             return "send blocked until the hold timer expired"
         return f"send failed: {exc!r}"
