@@ -1,7 +1,7 @@
 """Minimal BGP4 speaker: sans-IO codec and state machine, plus the trio I/O around them.
 
 Pure modules: `codec` (bytes <-> messages, framing), `attrs` (path attributes and NLRI prefixes),
-`fsm` (RFC 4271 §8 table), `peering` (collision and failure-report decisions), `rib` (desired
+`fsm` (RFC 4271 §8 table), `negotiate` (OPEN), `peering` (collision and failure-report decisions), `rib` (desired
 state, per-peer diffing), `config` (validated settings). I/O: `speaker` (the peer loops, with
 `inbox`, the typed items they dispatch on, and `peer`, their state) and `transport` (TCP sockets,
 TCP MD5). `__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown).

@@ -16,10 +16,9 @@ FSM's deadline is checked between any two items, so a flooded peer still gets it
 peer that floods and does not read our messages in turn is dropped by the send bound below when its
 Hold time runs out, as RFC 4271 expects.
 
-Collisions (RFC 4271 §6.8): a connection accepted while the peer's FSM is in OpenSent/OpenConfirm
-gets its own FSM (`peer.other`); what to do with each accepted connection and, once an OPEN names
-the peer's identifier, which connection to dump (Cease 6/7), is decided by `bgp.peering`; the
-survivor becomes the peer's FSM. Routes go out on whichever FSM is Established.
+Collisions (RFC 4271 §6.8): a connection accepted in OpenSent/OpenConfirm gets its own FSM
+(`peer.other`); `bgp.peering` decides which connection to dump (Cease 6/7) once an OPEN names the
+peer's identifier. Routes go out on whichever FSM is Established.
 
 Shutdown (`shutdown()`): optionally re-advertise everything with GRACEFUL_SHUTDOWN and wait, then
 withdraw all routes, then NOTIFICATION Cease/Administrative Shutdown and close (FIN after data).
@@ -33,13 +32,10 @@ answered with Cease 6/7. Logging: FSM transitions at INFO (Idle/Connect/Active f
 a minute per peer), NOTIFICATIONs sent and received at WARNING with code/subcode, except those
 `bgp.peering` calls expected; `snapshot()` shows the latest failure reason as `last_error`.
 
-BFD (RFC 5880/5881): peers with a `bfd` config get one session each in a `BfdEndpoint` that the
-speaker's nursery runs. The endpoint's callback posts every change into or out of Up to the
-peer's inbox. A failure (Up -> Down, not the peer's AdminDown) feeds BFD_DOWN into the FSM: Cease
-6/10, close, restart after IdleHold. Up again resets the connect backoff and retries at once
-(`Fsm.set_path_up`), so a node whose link comes back is not kept out by a backoff that grew. On
-shutdown the sessions go AdminDown after the BGP Cease. `snapshot()` reports BGP and BFD state and
-counters per peer.
+BFD (RFC 5880/5881): peers with a `bfd` config get a session each in a `BfdEndpoint` in the
+speaker's nursery, whose changes into or out of Up reach the peer's inbox. A failure feeds BFD_DOWN
+into the FSM (Cease 6/10, close, restart after IdleHold); Up again resets the connect backoff
+(`Fsm.set_path_up`). On shutdown the sessions go AdminDown after the BGP Cease.
 """
 from __future__ import annotations
 
@@ -62,9 +58,10 @@ from bgp.bfd.session import Sender as BfdSender
 from bgp.codec import Message, Notification, Open, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import DecodeError, notification_text
-from bgp.fsm import (Action, Close, Connect, Event, EventKind, Fsm, FsmConfig, ResendRoutes, Send, SessionDown,
-                     SessionUp, State, Timer, event_for)
+from bgp.fsm import (Action, Close, Connect, Event, EventKind, Fsm, ResendRoutes, Send, SessionDown, SessionUp, State,
+                     Timer, event_for)
 from bgp.inbox import Accepted, BfdChange, Closed, Conn, ConnectFailed, Connected, Frame, Item, ReadError, Stop, Sync
+from bgp.negotiate import FsmConfig
 from bgp.peer import Peer, PeerStatus
 from bgp.peering import Accept, Resolution
 from bgp.rib import AdjRibOut, DesiredRib, ExportPolicy, RouteAttrs, end_of_rib
