@@ -1,8 +1,8 @@
 """Minimal BGP4 speaker: sans-IO codec and state machine, plus the trio I/O around them.
 
 Pure modules: `codec` (bytes <-> messages, framing), `attrs` (path attributes and NLRI prefixes),
-`fsm` (RFC 4271 §8 table), `negotiate` (OPEN), `peering` (collision and failure-report decisions), `rib` (desired
-state, per-peer diffing), `config` (validated settings). I/O: `speaker` (the peer loops, with
+`fsm` (RFC 4271 §8 table), `negotiate` (OPEN), `peering` (collision and failure-report decisions),
+`rib` (desired state, per-peer diffing), `config` (validated settings). I/O: `speaker` (the peer loops, with
 `inbox`, the typed items they dispatch on, and `peer`, their state) and `transport` (TCP sockets,
 TCP MD5). `__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown).
 BFD (RFC 5880/5881) per peer in the `bfd` subpackage: `bfd.codec` (control packets), `bfd.fsm`
