@@ -1,10 +1,13 @@
-"""Minimal BGP4 speaker: sans-IO codec and state machine, plus one trio I/O module.
+"""Minimal BGP4 speaker: sans-IO codec and state machine, plus the trio I/O around them.
 
-Modules: `codec` (bytes <-> messages, framing), `fsm` (RFC 4271 §8 table), `rib` (desired state,
-per-peer diffing), `config` (validated settings), `speaker` (the only I/O: trio sockets, TCP MD5),
-`__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown). BFD (RFC 5880/5881)
-per peer: `bfd_codec` (control packets), `bfd_fsm` (session table, timers, demux), `bfd_session`
-(the BFD I/O: UDP with TTL 255); a failed BFD session tears its BGP session down.
+Pure modules: `codec` (bytes <-> messages, framing), `attrs` (path attributes and NLRI prefixes),
+`fsm` (RFC 4271 §8 table), `negotiate` (OPEN), `peering` (collision and failure-report decisions),
+`rib` (desired state, per-peer diffing), `config` (validated settings). I/O: `speaker` (the peer loops, with
+`inbox`, the typed items they dispatch on, and `peer`, their state) and `transport` (TCP sockets,
+TCP MD5). `__main__` (`python -m bgp speaker.yaml`: announce, SIGTERM = graceful shutdown).
+BFD (RFC 5880/5881) per peer in the `bfd` subpackage: `bfd.codec` (control packets), `bfd.fsm`
+(session table, timers, demux), `bfd.session` (the BFD I/O: UDP with TTL 255); a failed BFD
+session tears its BGP session down.
 
 Operator notes:
 - Hold time 0 or >= 3 s (1-2 are refused with NOTIFICATION 2/6, as BIRD does). With 3 s a silent

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from bgp.codec import IPV4_UNICAST, IPV6_UNICAST, Prefix
+from bgp.attrs import IPV4_UNICAST, IPV6_UNICAST, Prefix
 from bgp.errors import ConfigError
 from bgp.rib import RouteAttrs
 

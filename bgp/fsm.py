@@ -16,7 +16,7 @@ Timers (§8.1.3, §10): ConnectRetry (jittered, with doubling backoff up to a ce
 (the automatic restart after an error, §8.1.1 DampPeerOscillations, same backoff), Hold (4 minutes
 in OpenSent, then the negotiated value; 0 disables Hold and Keepalive) and Keepalive (hold/3).
 Hold-time negotiation (§4.2): the smaller of the two; 1 and 2 are refused by the codec with 2/6.
-An OPEN is checked against the configuration (`negotiate`) before it enters the table: an
+An OPEN is checked against the configuration (`bgp.negotiate`) before it enters the table: an
 unacceptable one becomes a MESSAGE_ERROR event carrying the right NOTIFICATION.
 
 BFD (RFC 5882 §3.2): BFD_DOWN, posted by the I/O layer when the peer's BFD session fails, tears
@@ -26,18 +26,24 @@ When the BFD session comes Up again, `set_path_up` resets the backoff and makes 
 or connect retry due at once; retries do not back off while it stays Up.
 
 Collisions (§6.8) when both sides connect: the I/O layer runs a second `Fsm` on the incoming
-connection; once both have an OPEN, `collision_loser` says which one gets OPEN_COLLISION_DUMP.
+connection; once both have an OPEN, `bgp.peering.resolve_collision` says which one gets
+OPEN_COLLISION_DUMP.
+
+Failures: every way a session ends or fails to come up is recorded as a `Failure` (`failure`): its
+kind, the text shown as `last_error`, and for a NOTIFICATION we send because of a bad message, the
+decoder's reason. `bgp.peering` decides from the kind, never from the text, what is worth a WARNING.
+A TCP_FAILS event may carry the I/O layer's words (`reason`, such as "peer closed the connection"):
+they are the failure unless the transition records a more specific one.
 """
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 
-from bgp.codec import (AS_TRANS, IPV4_UNICAST, IPV6_UNICAST, Capability, FourOctetAsCap, Keepalive, Message,
-                       MultiprotocolCap, Notification, Open, RouteRefresh, RouteRefreshCap, Update)
+from bgp.codec import Keepalive, Message, Notification, Open, RouteRefresh, Update
 from bgp.errors import DecodeError
+from bgp.negotiate import FsmConfig, Negotiated, negotiate
 
 OPEN_SENT_HOLD_S = 240.0  # RFC 4271 §8.2.2: "a large value (4 minutes)"
 
@@ -80,6 +86,28 @@ class Event:
     kind: EventKind
     message: Message | None = None
     error: DecodeError | None = None
+    reason: str = ""  # TCP_FAILS: what the I/O layer saw (peer closed, connection error, send failed)
+
+
+class FailureKind(enum.Enum):
+    """Why a session ended or did not come up."""
+
+    STOPPED = "stopped"  # ManualStop (our own shutdown)
+    HOLD_EXPIRED = "hold expired"
+    MESSAGE_ERROR = "message error"  # we sent the NOTIFICATION a malformed or unacceptable message calls for
+    NOTIFICATION = "notification"  # the peer sent one
+    CONNECTION_LOST = "connection lost"
+    TRANSPORT = "transport"  # the I/O layer's reason for a TCP_FAILS
+    COLLISION = "collision"  # this connection lost a collision (§6.8)
+    BFD_DOWN = "BFD down"
+    FSM_ERROR = "FSM error"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: FailureKind
+    text: str  # as shown in logs and `last_error`
+    detail: str = ""  # MESSAGE_ERROR: the decoder's reason for the NOTIFICATION we sent
 
 
 def event_for(msg: Message) -> Event:
@@ -126,61 +154,6 @@ class ResendRoutes:
 Action = Connect | Send | Close | SessionUp | SessionDown | ResendRoutes
 
 
-@dataclass(frozen=True, slots=True)
-class FsmConfig:
-    local_as: int
-    peer_as: int
-    router_id: IPv4Address
-    hold_time_s: int = 90
-    passive: bool = False  # wait for the peer to connect; never connect out
-    connect_retry_s: float = 5.0  # first ConnectRetry/IdleHold interval; doubles on each failure
-    connect_retry_max_s: float = 120.0
-    families: frozenset[tuple[int, int]] = frozenset({IPV4_UNICAST, IPV6_UNICAST})
-
-    def open_message(self) -> Open:
-        caps: list[Capability] = [MultiprotocolCap(afi, safi) for afi, safi in sorted(self.families)]
-        caps += [RouteRefreshCap(), FourOctetAsCap(self.local_as)]
-        my_as = self.local_as if self.local_as <= 0xFFFF else AS_TRANS
-        return Open(my_as, self.hold_time_s, self.router_id, tuple(caps))
-
-
-@dataclass(frozen=True, slots=True)
-class Negotiated:
-    """What both OPENs agreed on."""
-
-    hold_time_s: int
-    keepalive_s: float
-    four_octet_as: bool
-    route_refresh: bool
-    families: frozenset[tuple[int, int]]
-    peer_id: IPv4Address
-    ibgp: bool
-
-
-def negotiate(cfg: FsmConfig, peer: Open) -> Negotiated:
-    """Check the peer's OPEN against the configuration (RFC 4271 §6.2, RFC 6793 §4.1)."""
-    if peer.asn != cfg.peer_as:
-        raise DecodeError(2, 2, b"", f"peer AS {peer.asn}, expected {cfg.peer_as}")
-    if peer.four_octet_as and peer.my_as != peer.asn and not (peer.asn > 0xFFFF and peer.my_as == AS_TRANS):
-        raise DecodeError(2, 2, b"", f"My AS {peer.my_as} contradicts 4-octet AS {peer.asn}")
-    ibgp = cfg.peer_as == cfg.local_as
-    if ibgp and peer.bgp_id == cfg.router_id:
-        raise DecodeError(2, 3, b"", f"peer uses our BGP identifier {peer.bgp_id}")
-    hold = min(cfg.hold_time_s, peer.hold_time_s)
-    return Negotiated(
-        hold_time_s=hold, keepalive_s=hold / 3, four_octet_as=peer.four_octet_as,
-        route_refresh=peer.route_refresh, families=cfg.families & peer.families,
-        peer_id=peer.bgp_id, ibgp=ibgp)
-
-
-def collision_loser(local_id: IPv4Address, remote_id: IPv4Address) -> str:
-    """RFC 4271 §6.8: which connection to close, "outgoing" or "incoming".
-
-    The connection initiated by the speaker with the higher BGP identifier survives.
-    """
-    return "incoming" if int(local_id) > int(remote_id) else "outgoing"
-
-
 class Timer(enum.Enum):
     CONNECT_RETRY = "ConnectRetry"
     IDLE_HOLD = "IdleHold"
@@ -207,7 +180,7 @@ class Fsm:
     state: State = State.IDLE
     negotiated: Negotiated | None = None
     peer_open: Open | None = None
-    last_error: str = ""
+    failure: Failure | None = None  # the latest reason a session ended or did not come up
     stopped: bool = True
     path_up: bool = False  # BFD says the path to the peer works (see `set_path_up`)
     _timers: dict[Timer, float] = field(default_factory=dict)
@@ -218,6 +191,10 @@ class Fsm:
 
     # ---- public API -------------------------------------------------------------------------
 
+    @property
+    def last_error(self) -> str:
+        return self.failure.text if self.failure is not None else ""
+
     def handle(self, event: Event, now: float) -> list[Action]:
         """Apply one event; returns the actions to carry out, in order."""
         if event.kind is E.OPEN and self.state is S.OPEN_SENT:
@@ -227,6 +204,8 @@ class Fsm:
                 self.peer_open = event.message
             except DecodeError as exc:
                 event = Event(E.MESSAGE_ERROR, error=exc)
+        if event.kind is E.TCP_FAILS and event.reason:
+            self.failure = Failure(FailureKind.TRANSPORT, event.reason)
         entry = TRANSITIONS.get((self.state, event.kind))
         old = self.state
         if entry is None:
@@ -305,14 +284,14 @@ class Fsm:
             self._timers.pop(Timer.HOLD, None)
             self._timers.pop(Timer.KEEPALIVE, None)
 
-    def _fail(self, now: float, reason: str) -> None:
+    def _fail(self, now: float, failure: Failure) -> None:
         """Session lost: remember why and schedule the automatic restart."""
-        self.last_error = reason
+        self.failure = failure
         if not self.stopped:
             self._backoff(now, Timer.IDLE_HOLD)
 
     def _fsm_error(self, event: Event, now: float) -> tuple[list[Action], State]:
-        reason = f"FSM error: {event.kind.name} in {self.state.value}"
+        reason = Failure(FailureKind.FSM_ERROR, f"FSM error: {event.kind.name} in {self.state.value}")
         if self.state is S.IDLE:
             # No connection exists in Idle; an incoming one is refused, anything else is stray.
             return ([Close()] if event.kind is E.TCP_ACCEPTED else []), S.IDLE
@@ -341,7 +320,7 @@ def _start_passive(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _stop_quiet(f: Fsm, ev: Event, now: float) -> list[Action]:
     f.stopped = True
     f._timers.pop(Timer.IDLE_HOLD, None)
-    f.last_error = "stopped"
+    f.failure = Failure(FailureKind.STOPPED, "stopped")
     return []
 
 
@@ -380,7 +359,7 @@ def _send_open(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _lost_in_open_sent(f: Fsm, ev: Event, now: float) -> list[Action]:
     """RFC 4271: OpenSent + TcpConnectionFails -> Active with ConnectRetry running."""
     f._timers.pop(Timer.HOLD, None)
-    f.last_error = "connection lost in OpenSent"
+    f.failure = Failure(FailureKind.CONNECTION_LOST, "connection lost in OpenSent")
     if not f.config.passive:
         f._backoff(now, Timer.CONNECT_RETRY)
     return [Close()]
@@ -395,7 +374,7 @@ def _open_accepted(f: Fsm, ev: Event, now: float) -> list[Action]:
 def _established(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert f.negotiated is not None
     f._retry_s = f.config.connect_retry_s  # backoff resets once a session works
-    f.last_error = ""
+    f.failure = None
     f._start_hold(now)
     return [SessionUp(f.negotiated)]
 
@@ -420,36 +399,36 @@ def _route_refresh(f: Fsm, ev: Event, now: float) -> list[Action]:
 
 
 def _hold_expired(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f._fail(now, "hold timer expired")
+    f._fail(now, Failure(FailureKind.HOLD_EXPIRED, "hold timer expired"))
     return [Send(Notification(4, 0)), Close()]
 
 
 def _message_error(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert ev.error is not None
-    f._fail(now, f"sent NOTIFICATION {ev.error}")
+    f._fail(now, Failure(FailureKind.MESSAGE_ERROR, f"sent NOTIFICATION {ev.error}", ev.error.reason))
     return [Send(Notification(ev.error.code, ev.error.subcode, ev.error.data)), Close()]
 
 
 def _notification(f: Fsm, ev: Event, now: float) -> list[Action]:
     assert isinstance(ev.message, Notification)
-    f._fail(now, f"received NOTIFICATION {ev.message.code}/{ev.message.subcode}")
+    f._fail(now, Failure(FailureKind.NOTIFICATION, f"received NOTIFICATION {ev.message.code}/{ev.message.subcode}"))
     return [Close()]
 
 
 def _connection_lost(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f._fail(now, "connection lost")
+    f._fail(now, Failure(FailureKind.CONNECTION_LOST, "connection lost"))
     return [Close()]
 
 
 def _collision_dump(f: Fsm, ev: Event, now: float) -> list[Action]:
-    f.last_error = "connection collision"
+    f.failure = Failure(FailureKind.COLLISION, "connection collision")
     f.stopped = True  # this FSM's connection is given up; the winner carries on
     return [Send(Notification(6, 7)), Close()]  # Cease / Connection Collision Resolution
 
 
 def _bfd_down(f: Fsm, ev: Event, now: float) -> list[Action]:
     """The forwarding path to the peer is gone: drop the session, restart per IdleHold (RFC 5882 §3.2)."""
-    f._fail(now, "BFD session down")
+    f._fail(now, Failure(FailureKind.BFD_DOWN, "BFD session down"))
     return [Send(Notification(6, 10)), Close()]  # Cease / BFD Down (RFC 9384)
 
 

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from bgp.codec import (AFI_IPV6, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
-                       AsPathSegment, AS_SEQUENCE, MpReach, MpUnreach, PathAttributes, Prefix, Update)
+from bgp.attrs import (AFI_IPV6, AS_SEQUENCE, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
+                       AsPathSegment, MpReach, MpUnreach, PathAttributes, Prefix)
+from bgp.codec import Update
 
 DEFAULT_LOCAL_PREF = 100
 # Prefixes per UPDATE, small enough that any message stays below 4096 bytes.

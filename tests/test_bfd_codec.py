@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.contrib.bfd import BFD
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, Malformed, State, decode, encode
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, Malformed, State, decode, encode
 from bgp.errors import BgpError
 
 pytestmark = pytest.mark.unit

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
-                         StateChange, Transmit, jitter_factor)
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, State, encode
+from bgp.bfd.fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
+                         StateChange, Transmit, is_failure, jitter_factor)
 from bgp.errors import BgpError
 
 pytestmark = pytest.mark.unit
@@ -554,3 +554,21 @@ def test_demux_checks_the_interface_only_once_told_it() -> None:
     assert d.route(data, 255, PEER, 42) is DropReason.WRONG_INTERFACE
     with pytest.raises(BgpError):
         d.set_interface(STRANGER, 1)
+
+
+D = Diag
+# (old, new, diag, remote state at the change) -> a failure (RFC 5882 §3.2)
+FAILURES = [
+    (S.UP, S.DOWN, D.CONTROL_DETECTION_TIME_EXPIRED, S.UP, True),
+    (S.UP, S.DOWN, D.CONTROL_DETECTION_TIME_EXPIRED, S.DOWN, True),
+    (S.UP, S.DOWN, D.NEIGHBOR_SIGNALED_SESSION_DOWN, S.DOWN, True),  # the peer lost us: a failure
+    (S.UP, S.DOWN, D.NEIGHBOR_SIGNALED_SESSION_DOWN, S.ADMIN_DOWN, False),  # the peer shut down
+    (S.UP, S.ADMIN_DOWN, D.ADMINISTRATIVELY_DOWN, S.UP, False),  # our own shutdown
+    (S.INIT, S.DOWN, D.CONTROL_DETECTION_TIME_EXPIRED, S.DOWN, False),  # never was Up
+    (S.DOWN, S.UP, D.NONE, S.INIT, False),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "diag", "remote", "failed"), FAILURES)
+def test_which_changes_are_failures(old: State, new: State, diag: Diag, remote: State, failed: bool) -> None:
+    assert is_failure(StateChange(old, new, diag), remote) is failed

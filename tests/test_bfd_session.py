@@ -9,11 +9,11 @@ import pytest
 import trio
 import trio.testing
 
-from bgp import bfd_session
+from bgp.bfd import session as bfd_session
 from bgp import config as bgp_config
-from bgp.bfd_codec import ControlPacket, DropReason, State, encode
-from bgp.bfd_fsm import SessionConfig, StateChange
-from bgp.bfd_session import SOURCE_PORT_MAX, SOURCE_PORT_MIN, BfdEndpoint
+from bgp.bfd.codec import ControlPacket, DropReason, State, encode
+from bgp.bfd.fsm import SessionConfig, StateChange
+from bgp.bfd.session import SOURCE_PORT_MAX, SOURCE_PORT_MIN, BfdEndpoint
 from bgp.codec import Notification
 from bgp.errors import ConfigError
 from bgp.fsm import State as BgpState

@@ -7,8 +7,10 @@ import pytest
 
 from bgp.codec import FourOctetAsCap, Keepalive, MultiprotocolCap, Notification, Open, RouteRefresh, Update
 from bgp.errors import DecodeError
-from bgp.fsm import (TRANSITIONS, Close, Connect, Event, EventKind, Fsm, FsmConfig, ResendRoutes, Send, SessionDown,
-                     SessionUp, State, Timer, collision_loser, event_for)
+from bgp.fsm import (TRANSITIONS, Close, Connect, Event, EventKind, FailureKind, Fsm, ResendRoutes, Send, SessionDown,
+                     SessionUp, State, Timer, event_for)
+from bgp.negotiate import FsmConfig
+from bgp.peering import collision_loser
 
 pytestmark = pytest.mark.unit
 
@@ -289,3 +291,42 @@ def test_every_state_event_pair_is_an_entry_or_an_fsm_error(state: State, kind: 
         assert f.state is S.IDLE
     elif (state, kind) in TRANSITIONS:
         assert f.state is TRANSITIONS[(state, kind)][1]
+
+
+# (state, event) -> the failure the FSM records: its kind and text (what `last_error` shows)
+FAILURES = [
+    (S.ESTABLISHED, Event(E.HOLD_EXPIRES), FailureKind.HOLD_EXPIRED, "hold timer expired"),
+    (S.OPEN_SENT, Event(E.MESSAGE_ERROR, error=DecodeError(2, 2, b"", "peer AS 1, expected 65000")),
+     FailureKind.MESSAGE_ERROR, "sent NOTIFICATION 2/2: peer AS 1, expected 65000"),
+    (S.ESTABLISHED, event_for(Notification(6, 4)), FailureKind.NOTIFICATION, "received NOTIFICATION 6/4"),
+    (S.ESTABLISHED, Event(E.TCP_FAILS), FailureKind.CONNECTION_LOST, "connection lost"),
+    (S.ESTABLISHED, Event(E.TCP_FAILS, reason="peer closed the connection"), FailureKind.CONNECTION_LOST,
+     "connection lost"),
+    (S.OPEN_SENT, Event(E.TCP_FAILS), FailureKind.CONNECTION_LOST, "connection lost in OpenSent"),
+    (S.ACTIVE, Event(E.TCP_FAILS, reason="peer closed the connection"), FailureKind.TRANSPORT,
+     "peer closed the connection"),
+    (S.OPEN_CONFIRM, Event(E.OPEN_COLLISION_DUMP), FailureKind.COLLISION, "connection collision"),
+    (S.ESTABLISHED, Event(E.BFD_DOWN), FailureKind.BFD_DOWN, "BFD session down"),
+    (S.ESTABLISHED, Event(E.MANUAL_STOP), FailureKind.STOPPED, "stopped"),
+    (S.OPEN_SENT, Event(E.KEEPALIVE, message=Keepalive()), FailureKind.FSM_ERROR, "FSM error: KEEPALIVE in OpenSent"),
+]
+
+
+@pytest.mark.parametrize(("state", "event", "kind", "text"), FAILURES)
+def test_failures_are_recorded_with_their_kind(state: State, event: Event, kind: FailureKind, text: str) -> None:
+    f = _in_state(state)
+    f.handle(event, 1.0)
+    assert f.failure is not None and (f.failure.kind, f.failure.text, f.last_error) == (kind, text, text)
+    if kind is FailureKind.MESSAGE_ERROR:
+        assert f.failure.detail == "peer AS 1, expected 65000"
+
+
+def test_an_established_session_clears_the_failure() -> None:
+    f = established(fsm())
+    f.handle(Event(E.TCP_FAILS), 1)
+    assert f.failure is not None and f.state is S.IDLE
+    f.poll(f.next_deadline() or 0)  # IdleHold: the automatic restart
+    t = f.next_deadline() or 0
+    for ev in (Event(E.TCP_CONNECTED), event_for(PEER_OPEN), event_for(Keepalive())):
+        f.handle(ev, t)
+    assert f.state is S.ESTABLISHED and f.failure is None and f.last_error == ""

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bgp.codec import (HEADER_LEN, MARKER, AsPathSegment, FourOctetAsCap, Framer, Keepalive, MpReach, MpUnreach,
-                       MultiprotocolCap, Notification, Open, PathAttributes, RawAttribute, RouteRefresh,
-                       RouteRefreshCap, UnknownCap, Update, decode, encode)
+from bgp.attrs import AsPathSegment, MpReach, MpUnreach, PathAttributes, RawAttribute
+from bgp.codec import (HEADER_LEN, MARKER, FourOctetAsCap, Framer, Keepalive, MultiprotocolCap, Notification, Open,
+                       RouteRefresh, RouteRefreshCap, UnknownCap, Update, decode, encode)
 from bgp.errors import DecodeError
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
-from bgp.codec import GRACEFUL_SHUTDOWN, AsPathSegment, MpUnreach, PathAttributes, Update, encode
+from bgp.attrs import GRACEFUL_SHUTDOWN, AsPathSegment, MpUnreach, PathAttributes
+from bgp.codec import Update, encode
 from bgp.rib import AdjRibOut, DesiredRib, ExportPolicy, RouteAttrs, end_of_rib, export
 
 pytestmark = pytest.mark.unit

@@ -12,13 +12,16 @@ import trio
 import trio.testing
 
 from bgp import config as bgp_config
-from bgp.codec import (GRACEFUL_SHUTDOWN, FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification,
-                       Open, RouteRefresh, Update, encode)
+from bgp.attrs import GRACEFUL_SHUTDOWN
+from bgp.codec import (FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification, Open, RouteRefresh,
+                       Update, encode)
 from bgp.config import PeerConfig
 from bgp.errors import ConfigError
 from bgp.fsm import State
 from bgp.rib import RouteAttrs
-from bgp.speaker import INBOX_FRAMES, Speaker, md5sig
+from bgp.inbox import INBOX_FRAMES
+from bgp.speaker import Speaker
+from bgp.transport import md5sig
 
 pytestmark = pytest.mark.unit
 

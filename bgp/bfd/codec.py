@@ -6,7 +6,7 @@ Theory of operation
 `decode(data)` returns a `ControlPacket` or raises `Malformed` carrying a `DropReason`: every
 check of RFC 5880 §6.8.6 that needs only the packet itself (version, length, detect multiplier,
 multipoint bit, discriminators, authentication). The checks that need more than the packet live
-elsewhere: the TTL of 255 (RFC 5881 §5) and the session lookup are `bfd_fsm.Demux`'s, which counts
+elsewhere: the TTL of 255 (RFC 5881 §5) and the session lookup are `bgp.bfd.fsm.Demux`'s, which counts
 every drop by reason so that no packet from the network vanishes uncounted.
 """
 from __future__ import annotations

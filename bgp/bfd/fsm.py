@@ -44,7 +44,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, Malformed, State, decode
+from bgp.bfd.codec import ControlPacket, Diag, DropReason, Malformed, State, decode
 from bgp.errors import BgpError
 
 SLOW_TX_US = 1_000_000  # RFC 5880 §6.8.3: at least one second while not Up
@@ -89,6 +89,15 @@ class Discard:
 
 
 Action = Transmit | StateChange | Discard
+
+
+def is_failure(change: StateChange, remote_state: State) -> bool:
+    """RFC 5882 §3.2: Up -> Down is a failure of the path, unless the peer took the session down
+    administratively (it said AdminDown, so our diag is Neighbor Signaled Session Down): a peer
+    shutting down must not make its clients react as to a failure. `remote_state` is the session's
+    `remote_state` when the change happened."""
+    return (change.old is State.UP and change.new is State.DOWN
+            and not (change.diag is Diag.NEIGHBOR_SIGNALED_SESSION_DOWN and remote_state is State.ADMIN_DOWN))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""BFD's only I/O module: UDP sockets, TTL 255 and one trio task per session around `bfd_fsm`.
+"""BFD's only I/O module: UDP sockets, TTL 255 and one trio task per session around `bgp.bfd.fsm`.
 
 Theory of operation
 -------------------
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 
 import trio
 
-from bgp.bfd_codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd_fsm import TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit
+from bgp.bfd.codec import ControlPacket, DropReason, State, encode
+from bgp.bfd.fsm import (TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit,
+                         is_failure)
 from bgp.errors import BgpError
 
 log = logging.getLogger(__name__)
@@ -402,10 +403,7 @@ class BfdEndpoint:
                 self.demux.drops[action.reason] += 1
                 log.debug("BFD %s: packet discarded: %s", rt.peer, action.reason.value)
             elif isinstance(action, StateChange):
-                s = rt.session
-                failed = (action.old is State.UP and action.new is State.DOWN
-                          and not (action.diag is Diag.NEIGHBOR_SIGNALED_SESSION_DOWN
-                                   and s.remote_state is State.ADMIN_DOWN))
+                failed = is_failure(action, rt.session.remote_state)
                 rt.last_change_s = trio.current_time()
                 if action.new is State.UP:
                     rt.up_transitions += 1
