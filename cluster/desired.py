@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from bgp.rib import RouteAttrs
 from bpf.dataplane import BackendSpec, ServiceSpec
 from cluster.config import IPAddress, NodeConfig
+from healthcheck.config import BackendId
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,9 +36,9 @@ class View:
     ready: bool = False
 
 
-def backend_key(address: IPAddress, port: int) -> str:
+def backend_key(address: IPAddress, port: int) -> BackendId:
     """The health checker's backend identity (healthcheck.config.BackendConfig.key)."""
-    return f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
+    return BackendId(address, port)
 
 
 def dataplane_services(view: View) -> list[ServiceSpec]:
