@@ -11,12 +11,18 @@ their packets once it is back. So it withdraws from its RIB at once (nothing rea
 then), and when a session is Established again it resyncs its peers' tables, as at start-up,
 before announcing. `lbnode status` says why a VIP is not announced (`node.withheld`).
 
-Changes: every health event, MAC change or reload recomputes the desired state
-(cluster.desired) and applies it: the data plane's services, the announced routes and the
-digest peers compare. `reconcile()` is synchronous and cheap: it withdraws what is no longer
-wanted at once and wakes the apply task, which runs `DataPlane.apply` on a worker thread (it
-builds hash tables: ms per service) and only then announces what the applied view allows, so
-a route is never announced before the data plane has its services.
+Changes: the components report on one inbox (cluster.events: health verdicts, backend MACs,
+the flow-sync digest verdict, BGP session counts), which one task applies to the view. Every
+batch of events, and every reload, recomputes the desired state (cluster.desired) once and
+applies it: the data plane's services, the announced routes, the digest peers compare and the
+status document all read that one `Desired`. `reconcile()` is synchronous and cheap: it
+withdraws what is no longer wanted at once and wakes the apply task, which runs
+`DataPlane.apply` on a worker thread (it builds hash tables: ms per service) and only then
+announces what the applied state allows, so a route is never announced before the data plane
+has its services.
+
+Components are built by the factories in `Components` (cluster.components), the real ones by
+default, so tests can run this logic with fakes of the components.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
 `drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
@@ -33,28 +39,31 @@ replaces the stale program.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
+import math
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
 from bgp.rib import RouteAttrs
-from bgp.speaker import Speaker
-from bpf.dataplane import DataPlane
 from bpf.loader import Limits, XdpMode
-from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
-from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest, plan_announcements
-from cluster.loopwatch import LoopWatch, heartbeat
-from cluster.neighbours import Neighbours
 from cluster import status_doc
+from cluster.components import (Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike, interface_mac,
+                                local_addresses)
+from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
+from cluster.desired import NOT_READY, Desired, Prefix, View, decide
+from cluster.events import (INBOX_SIZE, DigestVerdict, Flush, HealthReset, MacsLearned, NodeEvent,
+                            SessionsChanged)
+from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
-from healthcheck.runner import HealthChecker
+from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
+
+__all__ = ["Node", "NodeArgs", "interface_mac", "local_addresses"]  # the CLI's
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ CLEANUP_TIMEOUT_S = 10.0
 ATTACH_CHECK_S = 1.0  # how often the program's attachment and the interface's MAC are checked
 STATUS_REUSE_S = 0.2  # a status document this young is sent again rather than rebuilt
 MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
+DIGEST_POLL_S = 0.25  # how often flow sync's digest verdict is read (it has no event of its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +88,21 @@ Component = Callable[..., Awaitable[None]]
 
 
 class Node:
-    def __init__(self, args: NodeArgs, config: NodeConfig) -> None:
+    def __init__(self, args: NodeArgs, config: NodeConfig, components: Components = Components()) -> None:
         self.args = args
         self.config = config
+        self.components = components
         self.state = "starting"
         self.reloads = {"ok": 0, "refused": 0}
         self.last_reload_error: str | None = None
         self._ready = False
-        self._usable: dict[str, frozenset[str]] = {}
+        # The view, written by the inbox task (_consume) from the components' events.
+        self._healthy: dict[str, frozenset[BackendId]] = {}
+        self._macs: dict[IPAddress, str] = {}
+        self._digest_mismatch = False
+        self._established = 0
+        self._inbox, self._inbox_out = trio.open_memory_channel[NodeEvent](INBOX_SIZE)
         self._announced: dict[Prefix, RouteAttrs] = {}
-        self._withheld: dict[Prefix, str] = {}
         self._mac = args.mac
         self._started = trio.Event()  # start-up finished: serving
         self._reload_pending = False  # a SIGHUP came during start-up
@@ -97,14 +112,15 @@ class Node:
         self._status_building: trio.Event | None = None
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
-        self._dp: DataPlane | None = None
-        self._checker: HealthChecker | None = None
-        self._speaker: Speaker | None = None
-        self._sync: Any = None
-        self._neighbours = Neighbours(args.ifname, self._backend_addresses(config), self.reconcile)
+        self._dp: DataPlaneLike | None = None
+        self._checker: HealthLike | None = None
+        self._speaker: SpeakerLike | None = None
+        self._sync: SyncLike | None = None
+        self._neighbours = components.neighbours(args.ifname, self._backend_addresses(config), self._inbox)
         self._nursery: trio.Nursery | None = None
         # The apply task: reconcile() bumps _apply_wanted and sets _apply_kick; the task applies
         # on a worker thread and records the generation it applied and the routes it allows.
+        self._desired = decide(self.view())  # of the latest reconcile(): what to apply and announce
         self._apply_wanted = 0
         self._apply_done = 0
         self._apply_kick = trio.Event()
@@ -112,7 +128,6 @@ class Node:
         self._apply_error: BaseException | None = None
         self._apply_waiters = 0
         self._applied_routes: dict[Prefix, RouteAttrs] = {}
-        self._wanted: dict[Prefix, RouteAttrs] = {}  # announcements of the latest reconcile()
         self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
     @property
@@ -135,7 +150,7 @@ class Node:
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = Limits(flow_table_size=self.config.flows.table_size)
         log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
-        dp = await trio.to_thread.run_sync(DataPlane, limits)
+        dp = await trio.to_thread.run_sync(self.components.dataplane, limits)
         self._dp = dp
         trio.lowlevel.add_instrument(self._loop_watch)
         try:
@@ -144,6 +159,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(heartbeat, self._loop_watch)
+                await nursery.start(self._consume)
                 await nursery.start(self._run_apply, dp)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._keep_forwarding, dp)
@@ -245,6 +261,7 @@ class Node:
         """Make `new` the running config, restarting only the components whose settings changed."""
         self.config = new
         self._neighbours.set_addresses(self._backend_addresses(new))
+        self._macs = {a: m for a, m in self._macs.items() if a in set(self._backend_addresses(new))}
         if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
             await self._restart("health", self._run_health)
         if new.sync != old.sync:
@@ -288,71 +305,139 @@ class Node:
 
     async def _run_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Backends usable now start up in a new checker, so a reload does not flap them.
-        usable_now = frozenset(k for keys in self._usable.values() for k in keys)
+        await self._flush()  # the verdicts of the checker this one replaces are all in
+        usable_now = frozenset(k for keys in self._healthy.values() for k in keys)
         services = [h for s in self.config.services for h in s.health_configs(usable_now)]
-        checker = HealthChecker(services)
+        checker = self.components.health(services)
         async with trio.open_nursery() as nursery:
             await nursery.start(checker.run)
             self._checker = checker
-            self._usable = {s.service: frozenset(b.backend for b in s.backends if b.usable) for s in checker.snapshot()}
-            self.reconcile()
+            await self._inbox.send(HealthReset({s.service: frozenset(b.backend for b in s.backends if b.usable)
+                                                for s in checker.snapshot()}))
+            await self._flush()
             task_status.started()
             async for event in checker.events:
                 # ServiceChanged needs no handling: a VIP's readiness also counts MACs (cluster.desired).
                 if isinstance(event, BackendChanged):
-                    keys = set(self._usable.get(event.service, frozenset()))
-                    (keys.add if event.usable else keys.discard)(event.backend)
-                    self._usable[event.service] = frozenset(keys)
-                    self.reconcile()
+                    await self._inbox.send(event)
             # The checker never ends its events by itself; advertising without health checks is wrong.
             raise RuntimeError("health checker stopped sending events")
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
-        speaker = Speaker(self.config.bgp, on_sessions_changed=self._sessions_changed)
+        # The speaker reports from inside its own tasks: counts are queued (few: one per session
+        # change) and relayed to the inbox in order.
+        counts, relay = trio.open_memory_channel[int](math.inf)
+        speaker = self.components.speaker(self.config.bgp, lambda: counts.send_nowait(speaker.established_peers()))
         self._speaker = speaker
         self._announced = {}
         try:
-            await speaker.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(speaker.run)
+                nursery.start_soon(self._relay_sessions, relay)
+                task_status.started()
         finally:
             if self._speaker is speaker:
                 self._speaker = None
 
-    async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from cluster.sync.flowsync import FlowSync
+    async def _relay_sessions(self, relay: trio.MemoryReceiveChannel[int]) -> None:
+        async for established in relay:
+            await self._inbox.send(SessionsChanged(established))
 
+    async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.sync is not None and self._dp is not None
-        sync = FlowSync(self.config.sync, self._dp, self.args.ip, ifname=self.args.ifname)
+        sync = self.components.sync(self.config.sync, self._dp, self.args.ip, self.args.ifname)
         self._sync = sync
         try:
-            await sync.run(task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sync.run)
+                nursery.start_soon(self._watch_digest, sync)
+                task_status.started()
         finally:
             if self._sync is sync:
                 self._sync = None
 
-    def _sessions_changed(self) -> None:
+    async def _watch_digest(self, sync: SyncLike) -> None:
+        """Flow sync's digest verdict into the inbox whenever it differs from the view's."""
+        while True:
+            if sync.digest_mismatch != self._digest_mismatch:
+                await self._inbox.send(DigestVerdict(sync.digest_mismatch))
+            await trio.sleep(DIGEST_POLL_S)
+
+    # ---- the inbox --------------------------------------------------------------------------------------
+
+    async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply the components' events to the view, in order; reconcile once per batch."""
+        task_status.started()
+        while True:
+            batch = [await self._inbox_out.receive()]
+            while len(batch) < INBOX_SIZE:
+                try:
+                    batch.append(self._inbox_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            changed = [self._apply_event(event) for event in batch]
+            if any(changed):
+                self.reconcile()
+            for event in batch:
+                if isinstance(event, Flush):
+                    event.done.set()
+
+    async def _flush(self) -> None:
+        """Wait until every event sent so far is in the view (and reconciled)."""
+        done = trio.Event()
+        await self._inbox.send(Flush(done))
+        await done.wait()
+
+    def _apply_event(self, event: NodeEvent) -> bool:
+        """Update the view; True if it changed what the node should do."""
+        if isinstance(event, HealthReset):
+            self._healthy = dict(event.healthy)
+        elif isinstance(event, BackendChanged):
+            keys = set(self._healthy.get(event.service, frozenset()))
+            (keys.add if event.usable else keys.discard)(event.backend)
+            self._healthy[event.service] = frozenset(keys)
+        elif isinstance(event, MacsLearned):
+            self._macs.update(event.macs)
+        elif isinstance(event, DigestVerdict):
+            blocked = self._blocked_by_digest()
+            self._digest_mismatch = event.mismatch
+            if self._blocked_by_digest() == blocked:
+                return False
+            log.warning("flow-sync digest %s a peer's: %s", "differs from" if not blocked else "matches again",
+                        "not advertising" if not blocked else "advertising allowed")
+        elif isinstance(event, SessionsChanged):
+            self._established = event.established
+            return self._sessions_changed()
+        else:
+            return False
+        return True
+
+    # ---- out of the route, and back ----------------------------------------------------------------
+
+    def _sessions_changed(self) -> bool:
         """Leave the route with the last BGP session; rejoin (resync first) with the first one back."""
-        speaker = self._speaker
-        if speaker is None or self._nursery is None:
-            return
-        up = speaker.established_peers()
-        if up == 0 and self.state == "serving":
+        if self._speaker is None or self._nursery is None:
+            return False
+        if self._established == 0 and self.state == "serving":
             log.warning("no BGP session is Established: out of the route; flows will be resynced before "
                         "announcing again")
             self.state = "out of route"
             self._ready = False
-            self.reconcile()
-        elif up > 0 and self.state == "out of route":
+            return True
+        if self._established > 0 and self.state == "out of route":
             self.state = "resyncing"  # now, so that a second session up does not start a second rejoin
             self._nursery.start_soon(self._rejoin)
+        return False
 
     async def _rejoin(self) -> None:
         """A router is back: learn what the peers pinned while we were out, then announce."""
         if self._sync is not None and self.config.sync is not None:
             await self._resync()
+        await self._flush()  # session counts and digest verdicts sent meanwhile are in
         if self.state != "resyncing":  # draining meanwhile
             return
-        if self._speaker is not None and self._speaker.established_peers() == 0:
+        if self._speaker is not None and self._established == 0:
             self.state = "out of route"  # lost again while resyncing: wait for the next session
             return
         self._ready = True
@@ -361,24 +446,23 @@ class Node:
         self.reconcile()
 
     async def _resync(self) -> None:
-        assert self.config.sync is not None
+        assert self.config.sync is not None and self._sync is not None
         self.state = "resyncing"
         timeout_s = self.config.sync.resync_timeout_s
         if not await self._sync.resync(timeout_s):
             log.warning("flow resync incomplete after %.1fs: advertising anyway", timeout_s)
+        # The peers' digests are known now: the verdict is in the view before anything is announced.
+        await self._inbox.send(DigestVerdict(self._sync.digest_mismatch))
+        await self._flush()
+
+    # ---- the data plane --------------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        """Publish the clock that stamps flows (see bpf/dataplane.py); notice digest verdicts."""
-        blocked = self._blocked_by_digest()
+        """Publish the clock that stamps flows (see bpf/dataplane.py)."""
         while True:
             await trio.sleep(self.config.flows.refresh_s / 2)
             if self._dp is not None:
                 self._dp.tick()
-            if self._blocked_by_digest() != blocked:
-                blocked = self._blocked_by_digest()
-                log.warning("flow-sync digest %s a peer's: %s", "differs from" if blocked else "matches again",
-                            "not advertising" if blocked else "advertising allowed")
-                self.reconcile()
 
     async def _maintain_flows(self) -> None:
         """Delete stale flows of removed services and backends, and recount the table: chunk by
@@ -388,14 +472,15 @@ class Node:
             if done and not dp.sweep_pending:
                 await trio.sleep(MAINTAIN_IDLE_S)
 
-    async def _keep_forwarding(self, dp: DataPlane) -> None:
+    async def _keep_forwarding(self, dp: DataPlaneLike) -> None:
         """Every second: our program is still attached (attached again if someone removed it or
         the interface was created anew) and the interface's MAC is the one frames are matched
         against. A node that cannot forward withdraws its routes and says why, until it can."""
         while True:
             await trio.sleep(ATTACH_CHECK_S)
             problem = await trio.to_thread.run_sync(dp.keep_attached)
-            mac = await trio.to_thread.run_sync(interface_mac, self.args.ifname) if problem is None else None
+            mac = (await trio.to_thread.run_sync(self.components.interface_mac, self.args.ifname)
+                   if problem is None else None)
             if mac is not None and mac != self._mac:
                 log.warning("%s: MAC changed %s -> %s (interface created anew?)", self.args.ifname, self._mac, mac)
                 self._mac = mac
@@ -413,30 +498,29 @@ class Node:
         from a live peer's does not *start* advertising: a misconfigured node would hash flows
         differently. Once serving, a mismatch is only logged: health checks of two nodes disagree
         for up to fall x interval, and both nodes withdrawing then would be a full outage."""
-        sync, cfg = self._sync, self.config.sync
-        return bool(sync is not None and cfg is not None and cfg.digest_mismatch_blocks and sync.digest_mismatch
-                    and not self._advertised)
+        cfg = self.config.sync
+        return bool(self._sync is not None and cfg is not None and cfg.digest_mismatch_blocks
+                    and self._digest_mismatch and not self._advertised)
 
     # ---- desired state --------------------------------------------------------------------------------
 
     def view(self) -> View:
-        return View(self.config, self._usable, self._neighbours.macs,
+        return View(self.config, self._healthy, self._macs,
                     self._ready and not self._blocked_by_digest() and self._forwarding_problem is None)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
         routes no longer wanted are withdrawn now; the data plane is applied by the apply task,
         and new routes are announced after it (see `_run_apply`)."""
-        view = self.view()
+        self._desired = desired = decide(self.view())
         self._apply_wanted += 1
         self._apply_kick.set()
-        self._wanted, self._withheld = plan_announcements(view)
-        self._route(self._wanted)
+        self._route(desired.routes)
         if self._sync is not None:
-            self._sync.set_digest(digest(view))
+            self._sync.set_digest(desired.digest())
 
     def _why_withheld(self, reason: str) -> str:
-        if reason != "node not ready":
+        if reason != NOT_READY:
             return reason
         if self._forwarding_problem is not None:
             return f"cannot forward: {self._forwarding_problem}"
@@ -446,8 +530,8 @@ class Node:
                 "out of route": "no BGP session Established; flows are resynced before announcing again",
                 "draining": "draining"}.get(self.state, self.state)
 
-    def _route(self, wanted: dict[Prefix, RouteAttrs]) -> None:
-        """Withdraw what is not wanted; announce what is wanted *and* allowed by the view the
+    def _route(self, wanted: Mapping[Prefix, RouteAttrs]) -> None:
+        """Withdraw what is not wanted; announce what is wanted *and* allowed by the state the
         data plane last applied (its services are in the kernel)."""
         if self._speaker is None:
             return
@@ -462,40 +546,34 @@ class Node:
                 self._announced[prefix] = attrs
         self._advertised = self._advertised or bool(self._announced)
 
-    async def _run_apply(self, dp: DataPlane, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Apply the latest view to the data plane on a worker thread, whenever reconcile() asks.
-        An apply error goes to whoever waits in `applied()` (a reload then rolls back); with no
-        one waiting it stops the node, as a component crash does."""
-        self._apply_wanted += 1  # the first pass applies the view at start-up
+    async def _run_apply(self, dp: DataPlaneLike, *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Apply the latest desired state to the data plane on a worker thread, whenever
+        reconcile() asks. An apply error goes to whoever waits in `applied()` (a reload then
+        rolls back); with no one waiting it stops the node, as a component crash does."""
+        self._apply_wanted += 1  # the first pass applies the desired state at start-up
         self._apply_kick.set()
         task_status.started()
         while True:
             await self._apply_kick.wait()
             self._apply_kick = trio.Event()
-            view = self.view()
-            generation, view = self._apply_wanted, replace(view, usable=dict(view.usable), macs=dict(view.macs))
+            generation, desired = self._apply_wanted, self._desired
             try:
-                routes = await trio.to_thread.run_sync(self._apply_view, dp, view)
+                await trio.to_thread.run_sync(lambda: dp.apply(desired.dataplane_services()))
             except Exception as exc:
                 if not self._apply_waiters:
                     raise
                 self._apply_error = exc
             else:
                 self._apply_error = None
-                self._applied_routes = routes
-                self._route(self._wanted)
+                self._applied_routes = dict(desired.routes)
+                self._route(self._desired.routes)
             self._apply_done = generation
             self._apply_finished.set()
             self._apply_finished = trio.Event()
 
-    @staticmethod
-    def _apply_view(dp: DataPlane, view: View) -> dict[Prefix, RouteAttrs]:
-        """On a worker thread: the view (a private copy) into the data plane; the routes it allows."""
-        dp.apply(dataplane_services(view))
-        return announcements(view)
-
     async def applied(self) -> None:
-        """Wait until the data plane has the view of the latest reconcile(); raise its error."""
+        """Wait until the data plane has the state of the latest reconcile(); raise its error."""
         generation = self._apply_wanted
         self._apply_waiters += 1
         try:
@@ -518,14 +596,12 @@ class Node:
 
     def status_inputs(self) -> StatusInputs:
         """On the loop: shallow copies of what the status document needs (see cluster.status_doc)."""
-        view = self.view()
-        view = replace(view, usable=dict(view.usable), macs=dict(view.macs))
         bgp = None
         if self._speaker is not None:
             bgp = {"peers": [dataclasses.asdict(p) for p in self._speaker.snapshot()],  # with BFD state and counters
                    "announced": sorted(str(p) for p in self._announced)}
         return StatusInputs(
-            view=view,
+            desired=self._desired,
             health=self._checker.snapshot() if self._checker else (),
             node={"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
                   "state": self.state, "config": self.args.config_path, "reloads": dict(self.reloads),
@@ -533,7 +609,8 @@ class Node:
                   "forwarding_problem": self._forwarding_problem,
                   "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
                   "announced": sorted(str(p) for p in self._announced),
-                  "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
+                  "withheld": {str(p): self._why_withheld(reason)
+                               for p, reason in sorted(self._desired.withheld.items())}},
             flows={"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
             loop=self._loop_watch.snapshot(),
             bgp=bgp,
@@ -566,21 +643,3 @@ class Node:
         finally:
             self._status_building = None
             building.set()
-
-
-def interface_mac(ifname: str) -> str | None:
-    """The MAC of `ifname` in this namespace, None if there is no such interface."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        indexes = ipr.link_lookup(ifname=ifname)
-        if not indexes:
-            return None
-        return str(ipr.get_links(indexes[0])[0].get_attr("IFLA_ADDRESS"))
-
-
-def local_addresses() -> set[IPAddress]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
