@@ -252,7 +252,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             node._nursery = nursery
             nursery.start_soon(heartbeat, watch, 0.005)
             async def first_apply() -> None:
-                await nursery.start(node._run_apply, dp)
+                await nursery.start(node._applier.run, dp)
                 await node.applied()
             await phases.run("first apply, 64 x 64 tables", first_apply)
             nursery.start_soon(node._maintain_flows)

@@ -7,7 +7,7 @@ it has been applied, which is how start-up knows the view is complete before it 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -55,3 +55,38 @@ class Flush:
 
 
 NodeEvent = BackendChanged | HealthReset | MacsLearned | DigestVerdict | SessionsChanged | Flush
+
+
+class Inbox:
+    """The node's one input channel; `run` is the one task that consumes it."""
+
+    def __init__(self, size: int = INBOX_SIZE) -> None:
+        self.sender, self._receiver = trio.open_memory_channel[NodeEvent](size)
+
+    async def send(self, event: NodeEvent) -> None:
+        await self.sender.send(event)
+
+    async def flush(self) -> None:
+        """Wait until every event sent so far has been applied (and reconciled)."""
+        done = trio.Event()
+        await self.sender.send(Flush(done))
+        await done.wait()
+
+    async def run(self, apply: Callable[[NodeEvent], bool], reconcile: Callable[[], None], *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """`apply` each event in order (True: the view changed); `reconcile` once per batch of
+        what has queued up meanwhile, before the batch's flushes are answered."""
+        task_status.started()
+        while True:
+            batch = [await self._receiver.receive()]
+            while len(batch) < INBOX_SIZE:
+                try:
+                    batch.append(self._receiver.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            changed = [apply(event) for event in batch if not isinstance(event, Flush)]
+            if any(changed):
+                reconcile()
+            for event in batch:
+                if isinstance(event, Flush):
+                    event.done.set()

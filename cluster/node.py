@@ -11,18 +11,14 @@ their packets once it is back. So it withdraws from its RIB at once (nothing rea
 then), and when a session is Established again it resyncs its peers' tables, as at start-up,
 before announcing. `lbnode status` says why a VIP is not announced (`node.withheld`).
 
-Changes: the components report on one inbox (cluster.events: health verdicts, backend MACs,
-the flow-sync digest verdict, BGP session counts), which one task applies to the view. Every
-batch of events, and every reload, recomputes the desired state (cluster.desired) once and
-applies it: the data plane's services, the announced routes, the digest peers compare and the
-status document all read that one `Desired`. `reconcile()` is synchronous and cheap: it
-withdraws what is no longer wanted at once and wakes the apply task, which runs
-`DataPlane.apply` on a worker thread (it builds hash tables: ms per service) and only then
-announces what the applied state allows, so a route is never announced before the data plane
-has its services.
-
-Components are built by the factories in `Components` (cluster.components), the real ones by
-default, so tests can run this logic with fakes of the components.
+Changes: the components report on one inbox (cluster.events), which one task applies to the
+view. Every batch of events, and every reload, recomputes the desired state once
+(cluster.desired): the data plane, the routes, the digest peers compare and the status document
+all read that one `Desired`. `reconcile()` is synchronous and cheap: it withdraws what is no
+longer wanted at once and wakes the apply task (cluster.applier), which runs `DataPlane.apply`
+on a worker thread and only then announces what the applied state allows, so a route is never
+announced before the data plane has its services. Components come from the factories in
+`Components` (cluster.components), so tests can run all this with fakes of them.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
 `drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
@@ -40,9 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,20 +45,18 @@ import trio
 
 from bgp.rib import RouteAttrs
 from bpf.loader import Limits, XdpMode
-from cluster import status_doc
-from cluster.components import (Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike, interface_mac,
-                                local_addresses)
+from cluster import feeds, status_doc
+from cluster.applier import Applier
+from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
-from cluster.desired import NOT_READY, Desired, Prefix, View, decide
-from cluster.events import (INBOX_SIZE, DigestVerdict, Flush, HealthReset, MacsLearned, NodeEvent,
-                            SessionsChanged)
+from cluster.desired import NOT_READY, Prefix, View, decide
+from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
+from cluster.lifecycle import Component, Supervisor
 from cluster.loopwatch import LoopWatch, heartbeat
-from cluster.status import serve as serve_status
+from cluster.status import DocumentCache, serve as serve_status
 from cluster.status_doc import StatusInputs
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
-
-__all__ = ["Node", "NodeArgs", "interface_mac", "local_addresses"]  # the CLI's
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +64,6 @@ CLEANUP_TIMEOUT_S = 10.0
 ATTACH_CHECK_S = 1.0  # how often the program's attachment and the interface's MAC are checked
 STATUS_REUSE_S = 0.2  # a status document this young is sent again rather than rebuilt
 MAINTAIN_IDLE_S = 5.0  # between flow-table maintenance passes (sweep of removed indexes, recount)
-DIGEST_POLL_S = 0.25  # how often flow sync's digest verdict is read (it has no event of its own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +76,6 @@ class NodeArgs:
     xdp: XdpMode | None = None  # --xdp overrides the config
 
 
-Component = Callable[..., Awaitable[None]]
-
-
 class Node:
     def __init__(self, args: NodeArgs, config: NodeConfig, components: Components = Components()) -> None:
         self.args = args
@@ -96,39 +85,30 @@ class Node:
         self.reloads = {"ok": 0, "refused": 0}
         self.last_reload_error: str | None = None
         self._ready = False
-        # The view, written by the inbox task (_consume) from the components' events.
+        # The view: written from the components' events, in order, by the inbox task (_apply_event).
         self._healthy: dict[str, frozenset[BackendId]] = {}
         self._macs: dict[IPAddress, str] = {}
         self._digest_mismatch = False
         self._established = 0
-        self._inbox, self._inbox_out = trio.open_memory_channel[NodeEvent](INBOX_SIZE)
+        self._inbox = Inbox()
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._mac = args.mac
         self._started = trio.Event()  # start-up finished: serving
         self._reload_pending = False  # a SIGHUP came during start-up
         self._reload_lock = trio.Lock()
         self._forwarding_problem: str | None = None  # why the data plane cannot forward now
-        self._status_cache: tuple[float, bytes] | None = None
-        self._status_building: trio.Event | None = None
+        self._status = DocumentCache(self._status_build, STATUS_REUSE_S)
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
         self._dp: DataPlaneLike | None = None
         self._checker: HealthLike | None = None
         self._speaker: SpeakerLike | None = None
         self._sync: SyncLike | None = None
-        self._neighbours = components.neighbours(args.ifname, self._backend_addresses(config), self._inbox)
+        self._neighbours = components.neighbours(args.ifname, self._backend_addresses(config), self._inbox.sender)
         self._nursery: trio.Nursery | None = None
-        # The apply task: reconcile() bumps _apply_wanted and sets _apply_kick; the task applies
-        # on a worker thread and records the generation it applied and the routes it allows.
+        self._supervisor = Supervisor()
         self._desired = decide(self.view())  # of the latest reconcile(): what to apply and announce
-        self._apply_wanted = 0
-        self._apply_done = 0
-        self._apply_kick = trio.Event()
-        self._apply_finished = trio.Event()
-        self._apply_error: BaseException | None = None
-        self._apply_waiters = 0
-        self._applied_routes: dict[Prefix, RouteAttrs] = {}
-        self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._applier = Applier(self._desired, lambda: self._route(self._desired.routes))
 
     @property
     def xdp_mode(self) -> XdpMode:
@@ -159,8 +139,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(heartbeat, self._loop_watch)
-                await nursery.start(self._consume)
-                await nursery.start(self._run_apply, dp)
+                await nursery.start(self._inbox.run, self._apply_event, self.reconcile)
+                await nursery.start(self._applier.run, dp)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._keep_forwarding, dp)
                 nursery.start_soon(self._maintain_flows)
@@ -280,24 +260,10 @@ class Node:
 
     async def _start(self, name: str, component: Component) -> None:
         assert self._nursery is not None
-        await self._nursery.start(self._supervise, name, component)
-
-    async def _supervise(self, name: str, component: Component, *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        done = trio.Event()
-        with trio.CancelScope() as scope:
-            self._components[name] = (scope, done)
-            try:
-                await component(task_status=task_status)
-            finally:
-                done.set()
+        await self._supervisor.start(self._nursery, name, component)
 
     async def _stop(self, name: str) -> None:
-        entry = self._components.pop(name, None)
-        if entry is not None:
-            scope, done = entry
-            scope.cancel()
-            await done.wait()
+        await self._supervisor.stop(name)
 
     async def _restart(self, name: str, component: Component) -> None:
         await self._stop(name)
@@ -305,89 +271,33 @@ class Node:
 
     async def _run_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Backends usable now start up in a new checker, so a reload does not flap them.
-        await self._flush()  # the verdicts of the checker this one replaces are all in
+        await self._inbox.flush()  # the verdicts of the checker this one replaces are all in
         usable_now = frozenset(k for keys in self._healthy.values() for k in keys)
         services = [h for s in self.config.services for h in s.health_configs(usable_now)]
-        checker = self.components.health(services)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(checker.run)
-            self._checker = checker
-            await self._inbox.send(HealthReset({s.service: frozenset(b.backend for b in s.backends if b.usable)
-                                                for s in checker.snapshot()}))
-            await self._flush()
-            task_status.started()
-            async for event in checker.events:
-                # ServiceChanged needs no handling: a VIP's readiness also counts MACs (cluster.desired).
-                if isinstance(event, BackendChanged):
-                    await self._inbox.send(event)
-            # The checker never ends its events by itself; advertising without health checks is wrong.
-            raise RuntimeError("health checker stopped sending events")
+        self._checker = checker = self.components.health(services)
+        await feeds.run_health(checker, self._inbox, task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
-        # The speaker reports from inside its own tasks: counts are queued (few: one per session
-        # change) and relayed to the inbox in order.
-        counts, relay = trio.open_memory_channel[int](math.inf)
-        speaker = self.components.speaker(self.config.bgp, lambda: counts.send_nowait(speaker.established_peers()))
-        self._speaker = speaker
+        sessions = feeds.SessionFeed(self._inbox)
+        self._speaker = speaker = self.components.speaker(self.config.bgp, sessions.changed)
         self._announced = {}
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(speaker.run)
-                nursery.start_soon(self._relay_sessions, relay)
-                task_status.started()
+            await sessions.run(speaker, task_status=task_status)
         finally:
             if self._speaker is speaker:
                 self._speaker = None
 
-    async def _relay_sessions(self, relay: trio.MemoryReceiveChannel[int]) -> None:
-        async for established in relay:
-            await self._inbox.send(SessionsChanged(established))
-
     async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.sync is not None and self._dp is not None
-        sync = self.components.sync(self.config.sync, self._dp, self.args.ip, self.args.ifname)
-        self._sync = sync
+        self._sync = sync = self.components.sync(self.config.sync, self._dp, self.args.ip, self.args.ifname)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sync.run)
-                nursery.start_soon(self._watch_digest, sync)
-                task_status.started()
+            await feeds.run_sync(sync, self._inbox, lambda: self._digest_mismatch, task_status=task_status)
         finally:
             if self._sync is sync:
                 self._sync = None
 
-    async def _watch_digest(self, sync: SyncLike) -> None:
-        """Flow sync's digest verdict into the inbox whenever it differs from the view's."""
-        while True:
-            if sync.digest_mismatch != self._digest_mismatch:
-                await self._inbox.send(DigestVerdict(sync.digest_mismatch))
-            await trio.sleep(DIGEST_POLL_S)
-
     # ---- the inbox --------------------------------------------------------------------------------------
-
-    async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Apply the components' events to the view, in order; reconcile once per batch."""
-        task_status.started()
-        while True:
-            batch = [await self._inbox_out.receive()]
-            while len(batch) < INBOX_SIZE:
-                try:
-                    batch.append(self._inbox_out.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            changed = [self._apply_event(event) for event in batch]
-            if any(changed):
-                self.reconcile()
-            for event in batch:
-                if isinstance(event, Flush):
-                    event.done.set()
-
-    async def _flush(self) -> None:
-        """Wait until every event sent so far is in the view (and reconciled)."""
-        done = trio.Event()
-        await self._inbox.send(Flush(done))
-        await done.wait()
 
     def _apply_event(self, event: NodeEvent) -> bool:
         """Update the view; True if it changed what the node should do."""
@@ -434,7 +344,7 @@ class Node:
         """A router is back: learn what the peers pinned while we were out, then announce."""
         if self._sync is not None and self.config.sync is not None:
             await self._resync()
-        await self._flush()  # session counts and digest verdicts sent meanwhile are in
+        await self._inbox.flush()  # session counts and digest verdicts sent meanwhile are in
         if self.state != "resyncing":  # draining meanwhile
             return
         if self._speaker is not None and self._established == 0:
@@ -453,7 +363,7 @@ class Node:
             log.warning("flow resync incomplete after %.1fs: advertising anyway", timeout_s)
         # The peers' digests are known now: the verdict is in the view before anything is announced.
         await self._inbox.send(DigestVerdict(self._sync.digest_mismatch))
-        await self._flush()
+        await self._inbox.flush()
 
     # ---- the data plane --------------------------------------------------------------------------------
 
@@ -511,10 +421,9 @@ class Node:
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
         routes no longer wanted are withdrawn now; the data plane is applied by the apply task,
-        and new routes are announced after it (see `_run_apply`)."""
+        and new routes are announced after it (cluster.applier)."""
         self._desired = desired = decide(self.view())
-        self._apply_wanted += 1
-        self._apply_kick.set()
+        self._applier.want(desired)
         self._route(desired.routes)
         if self._sync is not None:
             self._sync.set_digest(desired.digest())
@@ -540,53 +449,15 @@ class Node:
             self._speaker.withdraw(prefix)
             del self._announced[prefix]
         for prefix, attrs in wanted.items():
-            if prefix in self._applied_routes and self._announced.get(prefix) != attrs:
+            if prefix in self._applier.routes and self._announced.get(prefix) != attrs:
                 log.info("announcing %s", prefix)
                 self._speaker.announce(prefix, attrs)
                 self._announced[prefix] = attrs
         self._advertised = self._advertised or bool(self._announced)
 
-    async def _run_apply(self, dp: DataPlaneLike, *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Apply the latest desired state to the data plane on a worker thread, whenever
-        reconcile() asks. An apply error goes to whoever waits in `applied()` (a reload then
-        rolls back); with no one waiting it stops the node, as a component crash does."""
-        self._apply_wanted += 1  # the first pass applies the desired state at start-up
-        self._apply_kick.set()
-        task_status.started()
-        while True:
-            await self._apply_kick.wait()
-            self._apply_kick = trio.Event()
-            generation, desired = self._apply_wanted, self._desired
-            try:
-                await trio.to_thread.run_sync(lambda: dp.apply(desired.dataplane_services()))
-            except Exception as exc:
-                if not self._apply_waiters:
-                    raise
-                self._apply_error = exc
-            else:
-                self._apply_error = None
-                self._applied_routes = dict(desired.routes)
-                self._route(self._desired.routes)
-            self._apply_done = generation
-            self._apply_finished.set()
-            self._apply_finished = trio.Event()
-
     async def applied(self) -> None:
         """Wait until the data plane has the state of the latest reconcile(); raise its error."""
-        generation = self._apply_wanted
-        self._apply_waiters += 1
-        try:
-            while self._apply_done < generation:
-                await self._apply_finished.wait()
-        finally:
-            self._apply_waiters -= 1
-        if self._apply_error is not None:
-            raise self._apply_error
-
-    def _flow_entries(self) -> int:
-        """Flow-table occupancy from counters and the last maintenance pass: never a walk."""
-        return self._dp.flow_count().entries if self._dp is not None else 0
+        await self._applier.applied()
 
     @staticmethod
     def _backend_addresses(config: NodeConfig) -> list[IPAddress]:
@@ -611,7 +482,8 @@ class Node:
                   "announced": sorted(str(p) for p in self._announced),
                   "withheld": {str(p): self._why_withheld(reason)
                                for p, reason in sorted(self._desired.withheld.items())}},
-            flows={"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
+            flows={"entries": self._dp.flow_count().entries if self._dp is not None else 0,  # counters: no walk
+                   "table_size": self.config.flows.table_size},
             loop=self._loop_watch.snapshot(),
             bgp=bgp,
             sync=self._sync.snapshot() if self._sync is not None else None,
@@ -622,24 +494,10 @@ class Node:
         return status_doc.document(self.status_inputs(), self._dp)
 
     async def status(self) -> bytes:
-        """The status document as one JSON line: copied on the loop, built on a worker thread.
-        Requests that arrive while one is built share it, and a result is reused for
-        STATUS_REUSE_S: a monitor polling a node with thousands of backends costs one build."""
-        cached = self._status_cache
-        if cached is not None and trio.current_time() - cached[0] < STATUS_REUSE_S:
-            return cached[1]
-        building = self._status_building
-        if building is not None:
-            await building.wait()
-            if self._status_cache is None:
-                raise RuntimeError("the status document could not be built")
-            return self._status_cache[1]
-        building = self._status_building = trio.Event()
-        try:
-            inputs, dp = self.status_inputs(), self._dp
-            body = await trio.to_thread.run_sync(lambda: status_doc.encode(status_doc.document(inputs, dp)))
-            self._status_cache = (trio.current_time(), body)
-            return body
-        finally:
-            self._status_building = None
-            building.set()
+        """The status document as one JSON line: copied on the loop, built on a worker thread,
+        shared and briefly reused (cluster.status.DocumentCache)."""
+        return await self._status.get()
+
+    def _status_build(self) -> Callable[[], bytes]:
+        inputs, dp = self.status_inputs(), self._dp
+        return lambda: status_doc.encode(status_doc.document(inputs, dp))

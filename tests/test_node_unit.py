@@ -18,7 +18,7 @@ from bpf.dataplane import Counters, FlowCount, ServiceSpec
 from bpf.loader import Limits, XdpMode
 from bpf.structs import Stat
 from cluster.components import Components
-from cluster.config import IPAddress, NodeConfig, load_text
+from cluster.config import IPAddress, load_text
 from cluster.desired import Prefix
 from cluster.events import MacsLearned
 from cluster.node import ATTACH_CHECK_S, Node, NodeArgs
