@@ -235,9 +235,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
     dp = await trio.to_thread.run_sync(DataPlane, Limits(flow_table_size=args.flows))
     dp.set_config(NODE_MAC)
     # What neighbour discovery and health checks would report: every MAC known, every backend usable.
-    node._neighbours.macs.update({backend_ip(s, b): f"02:00:00:{s:02x}:00:{b:02x}"
-                                  for s in range(SERVICES) for b in range(BACKENDS)})
-    node._usable = {svc.health_name(v, 80): frozenset(backend_key(b.address, 80) for b in svc.backends)
+    node._macs.update({backend_ip(s, b): f"02:00:00:{s:02x}:00:{b:02x}"
+                      for s in range(SERVICES) for b in range(BACKENDS)})
+    node._healthy = {svc.health_name(v, 80): frozenset(backend_key(b.address, 80) for b in svc.backends)
                     for svc in config.services for v in svc.vips}
     node._ready, node.state = True, "serving"
 
@@ -252,7 +252,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             node._nursery = nursery
             nursery.start_soon(heartbeat, watch, 0.005)
             async def first_apply() -> None:
-                await nursery.start(node._run_apply, dp)
+                await nursery.start(node._applier.run, dp)
                 await node.applied()
             await phases.run("first apply, 64 x 64 tables", first_apply)
             nursery.start_soon(node._maintain_flows)
@@ -289,14 +289,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             assert result["ok"] and result["installed"] >= flows, (result, flows)
             resync_s = float(result["resync_s"])
 
-            all_usable = dict(node._usable)
+            all_usable = dict(node._healthy)
 
             async def flap() -> None:
                 down = {f"{backend_ip(s, b)}:80" for s in range(SERVICES) for b in range(BACKENDS) if (s * BACKENDS + b) % 10 == 0}
-                node._usable = {name: keys - down for name, keys in all_usable.items()}
+                node._healthy = {name: keys - down for name, keys in all_usable.items()}
                 node.reconcile()
                 await node.applied()
-                node._usable = all_usable
+                node._healthy = all_usable
                 node.reconcile()
                 await node.applied()
             await phases.run("health flap: 10% of backends down and up", flap)

@@ -63,7 +63,8 @@ def load_config(path: str | None, ip: IPAddress) -> NodeConfig:
 
 
 def run_node(argv: list[str]) -> int:
-    from cluster.node import Node, NodeArgs, interface_mac, local_addresses
+    from cluster.components import interface_mac, local_addresses
+    from cluster.node import Node, NodeArgs
 
     args = run_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

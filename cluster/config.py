@@ -72,13 +72,13 @@ class ServiceConfig:
         return f"{self.name}/{_hostport(vip, port)}"
 
     def health_configs(self, initially_up: frozenset[str] = frozenset()) -> list[hc.ServiceHealthConfig]:
-        """One health-check service per (VIP, port); `initially_up` backends (keys) start up."""
+        """One health-check service per (VIP, port); `initially_up` backends (BackendIds) start up."""
         out = []
         for vip in self.vips:
             for port in self.ports:
                 backends = tuple(
                     hc.BackendConfig(b.address, port, disabled=b.disabled,
-                                     initial=hc.InitialState.UP if _hostport(b.address, port) in initially_up
+                                     initial=hc.InitialState.UP if hc.BackendId(b.address, port) in initially_up
                                      else hc.InitialState.DOWN)
                     for b in self.backends)
                 out.append(hc.ServiceHealthConfig(self.health_name(vip, port), vip, port, self.checks, backends,

@@ -1,17 +1,20 @@
 """What the node should serve and announce, derived from what it knows. No I/O.
 
-Theory of operation. The node's `View` is its config, the health of every backend per
-(VIP, port), the backends' MACs and whether the node is ready (flows resynced, not draining).
-From it follow three things, recomputed after any change:
-- `dataplane_services`: the XDP program's services; a backend is in the hash only while usable
-  (healthy, not drained) with a known MAC. One missing from the config loses its pinned flows;
-  one merely out of the hash keeps them.
-- `announcements`: a VIP is announced only while the node is ready and *every* service port on
-  that VIP has at least `need` backends the data plane can use: healthy, not drained, weight
-  above 0 and with a known MAC (a healthy backend whose MAC is not learned yet cannot take
-  traffic). All nodes send the same attributes, so the router's ECMP (BIRD `merge paths on`)
-  merges their routes.
-- `digest`: a hash of the service/backend/health view that peers compare in their heartbeats.
+Theory of operation. The node's `View` is its config, which backends pass their health checks
+per (VIP, port), the backends' MACs and whether the node is ready (flows resynced, not
+draining). `decide(view)` turns it into one `Desired`, recomputed after any change, that the
+data plane, BGP, flow sync's digest and `lbnode status` all read:
+- `services`: one `ServiceState` per (VIP, port). A backend is *usable* (takes new flows,
+  counts towards `need`) while it passes its checks, is not drained, has a weight above 0
+  and a known MAC (a healthy backend whose MAC is not learned yet cannot take traffic). The
+  service is *up* while at least `need` backends are usable.
+- `dataplane_services()`: the XDP program's services; a backend is in the hash only while it
+  passes its checks (the hash weighs it by weight, and holds it without a MAC). One missing
+  from the config loses its pinned flows; one merely out of the hash keeps them.
+- `routes`: a VIP is announced only while the node is ready and *every* service port on that
+  VIP is up; `withheld` says why each other VIP is not. All nodes send the same attributes, so
+  the router's ECMP (BIRD `merge paths on`) merges their routes.
+- `digest()`: a hash of the service/backend/health view that peers compare in their heartbeats.
 """
 from __future__ import annotations
 
@@ -22,67 +25,126 @@ from dataclasses import dataclass, field
 
 from bgp.rib import RouteAttrs
 from bpf.dataplane import BackendSpec, ServiceSpec
-from cluster.config import IPAddress, NodeConfig
+from cluster.config import BackendEntry, IPAddress, NodeConfig
+from healthcheck.config import BackendId
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
+NOT_READY = "node not ready"
 
 
 @dataclass(frozen=True, slots=True)
 class View:
     config: NodeConfig
-    usable: Mapping[str, frozenset[str]] = field(default_factory=dict)  # health name -> usable backend keys
+    healthy: Mapping[str, frozenset[str]] = field(default_factory=dict)  # health name -> BackendIds passing (not drained)
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
 
 
-def backend_key(address: IPAddress, port: int) -> str:
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """One backend of one (VIP, port), as the data plane, BGP and status see it."""
+
+    id: BackendId
+    address: IPAddress
+    weight: int
+    mac: str | None
+    disabled: bool
+    passing: bool  # its health checks pass and it is not drained (the checker's "usable")
+
+    @property
+    def usable(self) -> bool:
+        """Takes new flows and counts towards `need`."""
+        return self.passing and self.weight > 0 and self.mac is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    name: str  # the health checker's: web/192.0.2.10:80
+    vip: IPAddress
+    port: int
+    proto: int
+    need: int
+    backends: tuple[BackendState, ...]
+    usable: int  # backends usable
+
+    @property
+    def up(self) -> bool:
+        return self.usable >= self.need
+
+    def spec(self) -> ServiceSpec:
+        return ServiceSpec(self.vip, self.port, self.proto,
+                           tuple(BackendSpec(b.address, b.mac, weight=b.weight, in_hash=b.passing)
+                                 for b in self.backends))
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    services: tuple[ServiceState, ...] = ()
+    routes: Mapping[Prefix, RouteAttrs] = field(default_factory=dict)  # to announce
+    withheld: Mapping[Prefix, str] = field(default_factory=dict)  # every other VIP: why not
+
+    def dataplane_services(self) -> list[ServiceSpec]:
+        return [s.spec() for s in self.services]
+
+    def digest(self) -> bytes:
+        """16 bytes that two nodes with the same services, backends, weights and health share."""
+        h = hashlib.blake2b(digest_size=16)
+        for s in sorted(self.services, key=lambda s: (s.vip.packed, s.port, s.proto)):
+            h.update(f"{s.vip}|{s.port}|{s.proto}".encode())
+            for b in sorted(s.backends, key=lambda b: b.address.packed):
+                h.update(f"|{b.address},{b.weight},{int(b.passing)}".encode())
+            h.update(b";")
+        return h.digest()
+
+
+def backend_key(address: IPAddress, port: int) -> BackendId:
     """The health checker's backend identity (healthcheck.config.BackendConfig.key)."""
-    return f"{address}:{port}" if address.version == 4 else f"[{address}]:{port}"
+    return BackendId(address, port)
 
 
-def dataplane_services(view: View) -> list[ServiceSpec]:
-    specs = []
-    for service in view.config.services:
-        for vip in service.vips:
-            for port in service.ports:
-                usable = view.usable.get(service.health_name(vip, port), frozenset())
-                members = tuple(
-                    BackendSpec(b.address, view.macs.get(b.address), weight=b.weight,
-                                in_hash=backend_key(b.address, port) in usable)
-                    for b in service.backends)
-                specs.append(ServiceSpec(vip, port, service.proto, members))
-    return specs
+def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str]) -> BackendState:
+    key = BackendId(b.address, port)
+    return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled, passing=key in healthy)
 
 
-def announcements(view: View) -> dict[Prefix, RouteAttrs]:
-    return plan_announcements(view)[0]
-
-
-def plan_announcements(view: View) -> tuple[dict[Prefix, RouteAttrs], dict[Prefix, str]]:
-    """The routes to announce, and why each VIP that is not announced is withheld."""
+def decide(view: View) -> Desired:
+    states: list[ServiceState] = []
     routes: dict[Prefix, RouteAttrs] = {}
     withheld: dict[Prefix, str] = {}
-    specs = {(spec.vip, spec.port, spec.proto): spec for spec in dataplane_services(view)}
     for service in view.config.services:
         for vip in service.vips:
             prefix = ipaddress.ip_network(vip)
             for port in service.ports:
-                serving = sum(1 for b in specs[(vip, port, service.proto)].backends if b.hash_weight > 0)
-                if serving < service.need and prefix not in withheld:
-                    withheld[prefix] = (f"{service.health_name(vip, port)}: {serving} of need {service.need} "
+                name = service.health_name(vip, port)
+                healthy = view.healthy.get(name, frozenset())
+                backends = tuple(backend_state(b, port, healthy, view.macs) for b in service.backends)
+                state = ServiceState(name, vip, port, service.proto, service.need, backends,
+                                     usable=sum(1 for b in backends if b.usable))
+                states.append(state)
+                if not state.up and prefix not in withheld:
+                    withheld[prefix] = (f"{name}: {state.usable} of need {state.need} "
                                         "backends usable (healthy, weight > 0, MAC known)")
             routes.setdefault(prefix, service.route)
     if not view.ready:
-        return {}, {prefix: "node not ready" for prefix in routes}
-    return {p: a for p, a in routes.items() if p not in withheld}, withheld
+        return Desired(tuple(states), {}, {prefix: NOT_READY for prefix in routes})
+    return Desired(tuple(states), {p: a for p, a in routes.items() if p not in withheld}, withheld)
+
+
+# -- the same, one question at a time ------------------------------------------------------------
+
+def dataplane_services(view: View) -> list[ServiceSpec]:
+    return decide(view).dataplane_services()
+
+
+def announcements(view: View) -> dict[Prefix, RouteAttrs]:
+    return dict(decide(view).routes)
+
+
+def plan_announcements(view: View) -> tuple[dict[Prefix, RouteAttrs], dict[Prefix, str]]:
+    """The routes to announce, and why each VIP that is not announced is withheld."""
+    desired = decide(view)
+    return dict(desired.routes), dict(desired.withheld)
 
 
 def digest(view: View) -> bytes:
-    """16 bytes that two nodes with the same services, backends, weights and health share."""
-    h = hashlib.blake2b(digest_size=16)
-    for spec in sorted(dataplane_services(view), key=lambda s: (s.vip.packed, s.port, s.proto)):
-        h.update(f"{spec.vip}|{spec.port}|{spec.proto}".encode())
-        for b in sorted(spec.backends, key=lambda b: b.address.packed):
-            h.update(f"|{b.address},{b.weight},{int(b.in_hash)}".encode())
-        h.update(b";")
-    return h.digest()
+    return decide(view).digest()

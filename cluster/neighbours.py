@@ -5,19 +5,21 @@ The node forwards by MAC, so a backend is usable only once its MAC is known. Eve
 usable entry gets a one-byte UDP datagram to the discard port (9), which makes the kernel
 resolve it (the reply, if any, is an ICMP port-unreachable, harmless). A MAC, once learned,
 is kept while the entry fails: a dead backend is taken out by its health checks, and its
-pinned flows keep a destination. A changed MAC (a replaced host) is picked up at once.
+pinned flows keep a destination. A changed MAC (a replaced host) is picked up at once. What
+is learned goes to the node as `MacsLearned` events.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import trio
 
 from cluster.config import IPAddress
+from cluster.events import MacsLearned
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +31,14 @@ FAST_INTERVAL_S = 0.1
 
 
 class Neighbours:
-    """Keeps `macs` current for a set of backend addresses; calls `on_change` after changes."""
+    """Keeps `macs` current for a set of backend addresses; sends what changed to `events`."""
 
-    def __init__(self, ifname: str, addresses: Iterable[IPAddress], on_change: Callable[[], None],
+    def __init__(self, ifname: str, addresses: Iterable[IPAddress], events: trio.abc.SendChannel[MacsLearned],
                  interval_s: float = 1.0) -> None:
         self.ifname = ifname
         self.addresses = frozenset(addresses)
         self.macs: dict[IPAddress, str] = {}
-        self._on_change = on_change
+        self._events = events
         self._interval_s = interval_s
         self._wake = trio.Event()
 
@@ -67,22 +69,21 @@ class Neighbours:
             indexes = ipr.link_lookup(ifname=self.ifname)
             return list(ipr.get_neighbours(ifindex=indexes[0])) if indexes else []
         entries = await trio.to_thread.run_sync(read)
-        seen = {}
+        seen: dict[IPAddress, str] = {}
         for entry in entries:
             lladdr, dst = entry.get_attr("NDA_LLADDR"), entry.get_attr("NDA_DST")
             if lladdr and dst and entry["state"] & USABLE_STATES:
                 seen[ipaddress.ip_address(dst)] = lladdr
-        changed = False
+        changed: dict[IPAddress, str] = {}
         for address in self.addresses:
             mac = seen.get(address)
             if mac is None:
                 _nudge(address, self.ifname)
             elif self.macs.get(address) != mac:
                 log.info("%s: backend %s is at %s (was %s)", self.ifname, address, mac, self.macs.get(address))
-                self.macs[address] = mac
-                changed = True
+                self.macs[address] = changed[address] = mac
         if changed:
-            self._on_change()
+            await self._events.send(MacsLearned(changed))
 
 
 def _nudge(address: IPAddress, ifname: str) -> None:

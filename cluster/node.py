@@ -11,12 +11,14 @@ their packets once it is back. So it withdraws from its RIB at once (nothing rea
 then), and when a session is Established again it resyncs its peers' tables, as at start-up,
 before announcing. `lbnode status` says why a VIP is not announced (`node.withheld`).
 
-Changes: every health event, MAC change or reload recomputes the desired state
-(cluster.desired) and applies it: the data plane's services, the announced routes and the
-digest peers compare. `reconcile()` is synchronous and cheap: it withdraws what is no longer
-wanted at once and wakes the apply task, which runs `DataPlane.apply` on a worker thread (it
-builds hash tables: ms per service) and only then announces what the applied view allows, so
-a route is never announced before the data plane has its services.
+Changes: the components report on one inbox (cluster.events), which one task applies to the
+view. Every batch of events, and every reload, recomputes the desired state once
+(cluster.desired): the data plane, the routes, the digest peers compare and the status document
+all read that one `Desired`. `reconcile()` is synchronous and cheap: it withdraws what is no
+longer wanted at once and wakes the apply task (cluster.applier), which runs `DataPlane.apply`
+on a worker thread and only then announces what the applied state allows, so a route is never
+announced before the data plane has its services. Components come from the factories in
+`Components` (cluster.components), so tests can run all this with fakes of them.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
 `drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
@@ -33,27 +35,27 @@ replaces the stale program.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
 from bgp.rib import RouteAttrs
-from bgp.speaker import Speaker
-from bpf.dataplane import DataPlane
 from bpf.loader import Limits, XdpMode
+from cluster import feeds, status_doc
+from cluster.applier import Applier
+from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
-from cluster.desired import Prefix, View, announcements, backend_key, dataplane_services, digest, plan_announcements
+from cluster.desired import NOT_READY, Prefix, View, decide
+from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
+from cluster.lifecycle import Component, Supervisor
 from cluster.loopwatch import LoopWatch, heartbeat
-from cluster.neighbours import Neighbours
-from cluster import status_doc
-from cluster.status import serve as serve_status
+from cluster.status import DocumentCache, serve as serve_status
 from cluster.status_doc import StatusInputs
-from healthcheck.runner import HealthChecker
+from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
 
 log = logging.getLogger(__name__)
@@ -74,46 +76,39 @@ class NodeArgs:
     xdp: XdpMode | None = None  # --xdp overrides the config
 
 
-Component = Callable[..., Awaitable[None]]
-
-
 class Node:
-    def __init__(self, args: NodeArgs, config: NodeConfig) -> None:
+    def __init__(self, args: NodeArgs, config: NodeConfig, components: Components = Components()) -> None:
         self.args = args
         self.config = config
+        self.components = components
         self.state = "starting"
         self.reloads = {"ok": 0, "refused": 0}
         self.last_reload_error: str | None = None
         self._ready = False
-        self._usable: dict[str, frozenset[str]] = {}
+        # The view: written from the components' events, in order, by the inbox task (_apply_event).
+        self._healthy: dict[str, frozenset[BackendId]] = {}
+        self._macs: dict[IPAddress, str] = {}
+        self._digest_mismatch = False
+        self._established = 0
+        self._inbox = Inbox()
         self._announced: dict[Prefix, RouteAttrs] = {}
-        self._withheld: dict[Prefix, str] = {}
         self._mac = args.mac
         self._started = trio.Event()  # start-up finished: serving
         self._reload_pending = False  # a SIGHUP came during start-up
         self._reload_lock = trio.Lock()
         self._forwarding_problem: str | None = None  # why the data plane cannot forward now
-        self._status_cache: tuple[float, bytes] | None = None
-        self._status_building: trio.Event | None = None
+        self._status = DocumentCache(self._status_build, STATUS_REUSE_S)
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
-        self._dp: DataPlane | None = None
-        self._checker: HealthChecker | None = None
-        self._speaker: Speaker | None = None
-        self._sync: Any = None
-        self._neighbours = Neighbours(args.ifname, self._backend_addresses(config), self.reconcile)
+        self._dp: DataPlaneLike | None = None
+        self._checker: HealthLike | None = None
+        self._speaker: SpeakerLike | None = None
+        self._sync: SyncLike | None = None
+        self._neighbours = components.neighbours(args.ifname, self._backend_addresses(config), self._inbox.sender)
         self._nursery: trio.Nursery | None = None
-        # The apply task: reconcile() bumps _apply_wanted and sets _apply_kick; the task applies
-        # on a worker thread and records the generation it applied and the routes it allows.
-        self._apply_wanted = 0
-        self._apply_done = 0
-        self._apply_kick = trio.Event()
-        self._apply_finished = trio.Event()
-        self._apply_error: BaseException | None = None
-        self._apply_waiters = 0
-        self._applied_routes: dict[Prefix, RouteAttrs] = {}
-        self._wanted: dict[Prefix, RouteAttrs] = {}  # announcements of the latest reconcile()
-        self._components: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._supervisor = Supervisor()
+        self._desired = decide(self.view())  # of the latest reconcile(): what to apply and announce
+        self._applier = Applier(self._desired, lambda: self._route(self._desired.routes))
 
     @property
     def xdp_mode(self) -> XdpMode:
@@ -135,7 +130,7 @@ class Node:
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = Limits(flow_table_size=self.config.flows.table_size)
         log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
-        dp = await trio.to_thread.run_sync(DataPlane, limits)
+        dp = await trio.to_thread.run_sync(self.components.dataplane, limits)
         self._dp = dp
         trio.lowlevel.add_instrument(self._loop_watch)
         try:
@@ -144,7 +139,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(heartbeat, self._loop_watch)
-                await nursery.start(self._run_apply, dp)
+                await nursery.start(self._inbox.run, self._apply_event, self.reconcile)
+                await nursery.start(self._applier.run, dp)
                 nursery.start_soon(self._tick)
                 nursery.start_soon(self._keep_forwarding, dp)
                 nursery.start_soon(self._maintain_flows)
@@ -245,6 +241,7 @@ class Node:
         """Make `new` the running config, restarting only the components whose settings changed."""
         self.config = new
         self._neighbours.set_addresses(self._backend_addresses(new))
+        self._macs = {a: m for a, m in self._macs.items() if a in set(self._backend_addresses(new))}
         if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
             await self._restart("health", self._run_health)
         if new.sync is not None and old.sync is not None and new.sync.differs_only_in_keys(old.sync) \
@@ -266,24 +263,10 @@ class Node:
 
     async def _start(self, name: str, component: Component) -> None:
         assert self._nursery is not None
-        await self._nursery.start(self._supervise, name, component)
-
-    async def _supervise(self, name: str, component: Component, *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        done = trio.Event()
-        with trio.CancelScope() as scope:
-            self._components[name] = (scope, done)
-            try:
-                await component(task_status=task_status)
-            finally:
-                done.set()
+        await self._supervisor.start(self._nursery, name, component)
 
     async def _stop(self, name: str) -> None:
-        entry = self._components.pop(name, None)
-        if entry is not None:
-            scope, done = entry
-            scope.cancel()
-            await done.wait()
+        await self._supervisor.stop(name)
 
     async def _restart(self, name: str, component: Component) -> None:
         await self._stop(name)
@@ -291,71 +274,83 @@ class Node:
 
     async def _run_health(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Backends usable now start up in a new checker, so a reload does not flap them.
-        usable_now = frozenset(k for keys in self._usable.values() for k in keys)
+        await self._inbox.flush()  # the verdicts of the checker this one replaces are all in
+        usable_now = frozenset(k for keys in self._healthy.values() for k in keys)
         services = [h for s in self.config.services for h in s.health_configs(usable_now)]
-        checker = HealthChecker(services)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(checker.run)
-            self._checker = checker
-            self._usable = {s.service: frozenset(b.backend for b in s.backends if b.usable) for s in checker.snapshot()}
-            self.reconcile()
-            task_status.started()
-            async for event in checker.events:
-                # ServiceChanged needs no handling: a VIP's readiness also counts MACs (cluster.desired).
-                if isinstance(event, BackendChanged):
-                    keys = set(self._usable.get(event.service, frozenset()))
-                    (keys.add if event.usable else keys.discard)(event.backend)
-                    self._usable[event.service] = frozenset(keys)
-                    self.reconcile()
-            # The checker never ends its events by itself; advertising without health checks is wrong.
-            raise RuntimeError("health checker stopped sending events")
+        self._checker = checker = self.components.health(services)
+        await feeds.run_health(checker, self._inbox, task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
-        speaker = Speaker(self.config.bgp, on_sessions_changed=self._sessions_changed)
-        self._speaker = speaker
+        sessions = feeds.SessionFeed(self._inbox)
+        self._speaker = speaker = self.components.speaker(self.config.bgp, sessions.changed)
         self._announced = {}
         try:
-            await speaker.run(task_status=task_status)
+            await sessions.run(speaker, task_status=task_status)
         finally:
             if self._speaker is speaker:
                 self._speaker = None
 
     async def _run_sync(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from cluster.sync.flowsync import FlowSync
-
         assert self.config.sync is not None and self._dp is not None
-        sync = FlowSync(self.config.sync, self._dp, self.args.ip, ifname=self.args.ifname)
-        self._sync = sync
+        self._sync = sync = self.components.sync(self.config.sync, self._dp, self.args.ip, self.args.ifname)
         try:
-            await sync.run(task_status=task_status)
+            await feeds.run_sync(sync, self._inbox, lambda: self._digest_mismatch, task_status=task_status)
         finally:
             if self._sync is sync:
                 self._sync = None
 
-    def _sessions_changed(self) -> None:
+    # ---- the inbox --------------------------------------------------------------------------------------
+
+    def _apply_event(self, event: NodeEvent) -> bool:
+        """Update the view; True if it changed what the node should do."""
+        if isinstance(event, HealthReset):
+            self._healthy = dict(event.healthy)
+        elif isinstance(event, BackendChanged):
+            keys = set(self._healthy.get(event.service, frozenset()))
+            (keys.add if event.usable else keys.discard)(event.backend)
+            self._healthy[event.service] = frozenset(keys)
+        elif isinstance(event, MacsLearned):
+            self._macs.update(event.macs)
+        elif isinstance(event, DigestVerdict):
+            blocked = self._blocked_by_digest()
+            self._digest_mismatch = event.mismatch
+            if self._blocked_by_digest() == blocked:
+                return False
+            log.warning("flow-sync digest %s a peer's: %s", "differs from" if not blocked else "matches again",
+                        "not advertising" if not blocked else "advertising allowed")
+        elif isinstance(event, SessionsChanged):
+            self._established = event.established
+            return self._sessions_changed()
+        else:
+            return False
+        return True
+
+    # ---- out of the route, and back ----------------------------------------------------------------
+
+    def _sessions_changed(self) -> bool:
         """Leave the route with the last BGP session; rejoin (resync first) with the first one back."""
-        speaker = self._speaker
-        if speaker is None or self._nursery is None:
-            return
-        up = speaker.established_peers()
-        if up == 0 and self.state == "serving":
+        if self._speaker is None or self._nursery is None:
+            return False
+        if self._established == 0 and self.state == "serving":
             log.warning("no BGP session is Established: out of the route; flows will be resynced before "
                         "announcing again")
             self.state = "out of route"
             self._ready = False
-            self.reconcile()
-        elif up > 0 and self.state == "out of route":
+            return True
+        if self._established > 0 and self.state == "out of route":
             self.state = "resyncing"  # now, so that a second session up does not start a second rejoin
             self._nursery.start_soon(self._rejoin)
+        return False
 
     async def _rejoin(self) -> None:
         """A router is back: learn what the peers pinned while we were out, then announce."""
         if self._sync is not None and self.config.sync is not None:
             await self._resync()
+        await self._inbox.flush()  # session counts and digest verdicts sent meanwhile are in
         if self.state != "resyncing":  # draining meanwhile
             return
-        if self._speaker is not None and self._speaker.established_peers() == 0:
+        if self._speaker is not None and self._established == 0:
             self.state = "out of route"  # lost again while resyncing: wait for the next session
             return
         self._ready = True
@@ -364,24 +359,23 @@ class Node:
         self.reconcile()
 
     async def _resync(self) -> None:
-        assert self.config.sync is not None
+        assert self.config.sync is not None and self._sync is not None
         self.state = "resyncing"
         timeout_s = self.config.sync.resync_timeout_s
         if not await self._sync.resync(timeout_s):
             log.warning("flow resync incomplete after %.1fs: advertising anyway", timeout_s)
+        # The peers' digests are known now: the verdict is in the view before anything is announced.
+        await self._inbox.send(DigestVerdict(self._sync.digest_mismatch))
+        await self._inbox.flush()
+
+    # ---- the data plane --------------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        """Publish the clock that stamps flows (see bpf/dataplane.py); notice digest verdicts."""
-        blocked = self._blocked_by_digest()
+        """Publish the clock that stamps flows (see bpf/dataplane.py)."""
         while True:
             await trio.sleep(self.config.flows.refresh_s / 2)
             if self._dp is not None:
                 self._dp.tick()
-            if self._blocked_by_digest() != blocked:
-                blocked = self._blocked_by_digest()
-                log.warning("flow-sync digest %s a peer's: %s", "differs from" if blocked else "matches again",
-                            "not advertising" if blocked else "advertising allowed")
-                self.reconcile()
 
     async def _maintain_flows(self) -> None:
         """Delete stale flows of removed services and backends, and recount the table: chunk by
@@ -391,14 +385,15 @@ class Node:
             if done and not dp.sweep_pending:
                 await trio.sleep(MAINTAIN_IDLE_S)
 
-    async def _keep_forwarding(self, dp: DataPlane) -> None:
+    async def _keep_forwarding(self, dp: DataPlaneLike) -> None:
         """Every second: our program is still attached (attached again if someone removed it or
         the interface was created anew) and the interface's MAC is the one frames are matched
         against. A node that cannot forward withdraws its routes and says why, until it can."""
         while True:
             await trio.sleep(ATTACH_CHECK_S)
             problem = await trio.to_thread.run_sync(dp.keep_attached)
-            mac = await trio.to_thread.run_sync(interface_mac, self.args.ifname) if problem is None else None
+            mac = (await trio.to_thread.run_sync(self.components.interface_mac, self.args.ifname)
+                   if problem is None else None)
             if mac is not None and mac != self._mac:
                 log.warning("%s: MAC changed %s -> %s (interface created anew?)", self.args.ifname, self._mac, mac)
                 self._mac = mac
@@ -416,30 +411,28 @@ class Node:
         from a live peer's does not *start* advertising: a misconfigured node would hash flows
         differently. Once serving, a mismatch is only logged: health checks of two nodes disagree
         for up to fall x interval, and both nodes withdrawing then would be a full outage."""
-        sync, cfg = self._sync, self.config.sync
-        return bool(sync is not None and cfg is not None and cfg.digest_mismatch_blocks and sync.digest_mismatch
-                    and not self._advertised)
+        cfg = self.config.sync
+        return bool(self._sync is not None and cfg is not None and cfg.digest_mismatch_blocks
+                    and self._digest_mismatch and not self._advertised)
 
     # ---- desired state --------------------------------------------------------------------------------
 
     def view(self) -> View:
-        return View(self.config, self._usable, self._neighbours.macs,
+        return View(self.config, self._healthy, self._macs,
                     self._ready and not self._blocked_by_digest() and self._forwarding_problem is None)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
         routes no longer wanted are withdrawn now; the data plane is applied by the apply task,
-        and new routes are announced after it (see `_run_apply`)."""
-        view = self.view()
-        self._apply_wanted += 1
-        self._apply_kick.set()
-        self._wanted, self._withheld = plan_announcements(view)
-        self._route(self._wanted)
+        and new routes are announced after it (cluster.applier)."""
+        self._desired = desired = decide(self.view())
+        self._applier.want(desired)
+        self._route(desired.routes)
         if self._sync is not None:
-            self._sync.set_digest(digest(view))
+            self._sync.set_digest(desired.digest())
 
     def _why_withheld(self, reason: str) -> str:
-        if reason != "node not ready":
+        if reason != NOT_READY:
             return reason
         if self._forwarding_problem is not None:
             return f"cannot forward: {self._forwarding_problem}"
@@ -449,8 +442,8 @@ class Node:
                 "out of route": "no BGP session Established; flows are resynced before announcing again",
                 "draining": "draining"}.get(self.state, self.state)
 
-    def _route(self, wanted: dict[Prefix, RouteAttrs]) -> None:
-        """Withdraw what is not wanted; announce what is wanted *and* allowed by the view the
+    def _route(self, wanted: Mapping[Prefix, RouteAttrs]) -> None:
+        """Withdraw what is not wanted; announce what is wanted *and* allowed by the state the
         data plane last applied (its services are in the kernel)."""
         if self._speaker is None:
             return
@@ -459,59 +452,15 @@ class Node:
             self._speaker.withdraw(prefix)
             del self._announced[prefix]
         for prefix, attrs in wanted.items():
-            if prefix in self._applied_routes and self._announced.get(prefix) != attrs:
+            if prefix in self._applier.routes and self._announced.get(prefix) != attrs:
                 log.info("announcing %s", prefix)
                 self._speaker.announce(prefix, attrs)
                 self._announced[prefix] = attrs
         self._advertised = self._advertised or bool(self._announced)
 
-    async def _run_apply(self, dp: DataPlane, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Apply the latest view to the data plane on a worker thread, whenever reconcile() asks.
-        An apply error goes to whoever waits in `applied()` (a reload then rolls back); with no
-        one waiting it stops the node, as a component crash does."""
-        self._apply_wanted += 1  # the first pass applies the view at start-up
-        self._apply_kick.set()
-        task_status.started()
-        while True:
-            await self._apply_kick.wait()
-            self._apply_kick = trio.Event()
-            view = self.view()
-            generation, view = self._apply_wanted, replace(view, usable=dict(view.usable), macs=dict(view.macs))
-            try:
-                routes = await trio.to_thread.run_sync(self._apply_view, dp, view)
-            except Exception as exc:
-                if not self._apply_waiters:
-                    raise
-                self._apply_error = exc
-            else:
-                self._apply_error = None
-                self._applied_routes = routes
-                self._route(self._wanted)
-            self._apply_done = generation
-            self._apply_finished.set()
-            self._apply_finished = trio.Event()
-
-    @staticmethod
-    def _apply_view(dp: DataPlane, view: View) -> dict[Prefix, RouteAttrs]:
-        """On a worker thread: the view (a private copy) into the data plane; the routes it allows."""
-        dp.apply(dataplane_services(view))
-        return announcements(view)
-
     async def applied(self) -> None:
-        """Wait until the data plane has the view of the latest reconcile(); raise its error."""
-        generation = self._apply_wanted
-        self._apply_waiters += 1
-        try:
-            while self._apply_done < generation:
-                await self._apply_finished.wait()
-        finally:
-            self._apply_waiters -= 1
-        if self._apply_error is not None:
-            raise self._apply_error
-
-    def _flow_entries(self) -> int:
-        """Flow-table occupancy from counters and the last maintenance pass: never a walk."""
-        return self._dp.flow_count().entries if self._dp is not None else 0
+        """Wait until the data plane has the state of the latest reconcile(); raise its error."""
+        await self._applier.applied()
 
     @staticmethod
     def _backend_addresses(config: NodeConfig) -> list[IPAddress]:
@@ -521,14 +470,12 @@ class Node:
 
     def status_inputs(self) -> StatusInputs:
         """On the loop: shallow copies of what the status document needs (see cluster.status_doc)."""
-        view = self.view()
-        view = replace(view, usable=dict(view.usable), macs=dict(view.macs))
         bgp = None
         if self._speaker is not None:
             bgp = {"peers": [dataclasses.asdict(p) for p in self._speaker.snapshot()],  # with BFD state and counters
                    "announced": sorted(str(p) for p in self._announced)}
         return StatusInputs(
-            view=view,
+            desired=self._desired,
             health=self._checker.snapshot() if self._checker else (),
             node={"ip": str(self.args.ip), "interface": self.args.ifname, "xdp": self.xdp_mode.value,
                   "state": self.state, "config": self.args.config_path, "reloads": dict(self.reloads),
@@ -536,8 +483,10 @@ class Node:
                   "forwarding_problem": self._forwarding_problem,
                   "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
                   "announced": sorted(str(p) for p in self._announced),
-                  "withheld": {str(p): self._why_withheld(reason) for p, reason in sorted(self._withheld.items())}},
-            flows={"entries": self._flow_entries(), "table_size": self.config.flows.table_size},
+                  "withheld": {str(p): self._why_withheld(reason)
+                               for p, reason in sorted(self._desired.withheld.items())}},
+            flows={"entries": self._dp.flow_count().entries if self._dp is not None else 0,  # counters: no walk
+                   "table_size": self.config.flows.table_size},
             loop=self._loop_watch.snapshot(),
             bgp=bgp,
             sync=self._sync.snapshot() if self._sync is not None else None,
@@ -548,42 +497,10 @@ class Node:
         return status_doc.document(self.status_inputs(), self._dp)
 
     async def status(self) -> bytes:
-        """The status document as one JSON line: copied on the loop, built on a worker thread.
-        Requests that arrive while one is built share it, and a result is reused for
-        STATUS_REUSE_S: a monitor polling a node with thousands of backends costs one build."""
-        cached = self._status_cache
-        if cached is not None and trio.current_time() - cached[0] < STATUS_REUSE_S:
-            return cached[1]
-        building = self._status_building
-        if building is not None:
-            await building.wait()
-            if self._status_cache is None:
-                raise RuntimeError("the status document could not be built")
-            return self._status_cache[1]
-        building = self._status_building = trio.Event()
-        try:
-            inputs, dp = self.status_inputs(), self._dp
-            body = await trio.to_thread.run_sync(lambda: status_doc.encode(status_doc.document(inputs, dp)))
-            self._status_cache = (trio.current_time(), body)
-            return body
-        finally:
-            self._status_building = None
-            building.set()
+        """The status document as one JSON line: copied on the loop, built on a worker thread,
+        shared and briefly reused (cluster.status.DocumentCache)."""
+        return await self._status.get()
 
-
-def interface_mac(ifname: str) -> str | None:
-    """The MAC of `ifname` in this namespace, None if there is no such interface."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        indexes = ipr.link_lookup(ifname=ifname)
-        if not indexes:
-            return None
-        return str(ipr.get_links(indexes[0])[0].get_attr("IFLA_ADDRESS"))
-
-
-def local_addresses() -> set[IPAddress]:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        return {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    def _status_build(self) -> Callable[[], bytes]:
+        inputs, dp = self.status_inputs(), self._dp
+        return lambda: status_doc.encode(status_doc.document(inputs, dp))

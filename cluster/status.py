@@ -110,3 +110,35 @@ def render(status: dict[str, Any]) -> str:
     lines.append(f"flows: {flows['entries']} of {flows['table_size']} entries")
     lines.append("counters: " + " ".join(f"{k}={v}" for k, v in status["counters"].items()))
     return "\n".join(lines)
+
+
+class DocumentCache:
+    """One status document for many requests: requests that arrive while one is built share it,
+    and a result is reused for `reuse_s`, so a monitor polling a node with thousands of
+    backends costs one build. `prepare()` runs on the loop (copies) and returns the build,
+    which runs on a worker thread."""
+
+    def __init__(self, prepare: Callable[[], Callable[[], bytes]], reuse_s: float) -> None:
+        self._prepare = prepare
+        self._reuse_s = reuse_s
+        self._cache: tuple[float, bytes] | None = None
+        self._building: trio.Event | None = None
+
+    async def get(self) -> bytes:
+        cached = self._cache
+        if cached is not None and trio.current_time() - cached[0] < self._reuse_s:
+            return cached[1]
+        building = self._building
+        if building is not None:
+            await building.wait()
+            if self._cache is None:
+                raise RuntimeError("the status document could not be built")
+            return self._cache[1]
+        building = self._building = trio.Event()
+        try:
+            body = await trio.to_thread.run_sync(self._prepare())
+            self._cache = (trio.current_time(), body)
+            return body
+        finally:
+            self._building = None
+            building.set()

@@ -11,18 +11,28 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from bpf.dataplane import DataPlane
-from cluster.desired import View, backend_key, dataplane_services
+from bpf.dataplane import Counters, Stat
+from cluster.config import IPAddress
+from cluster.desired import Desired
 from healthcheck.state import ServiceStatus
+
+
+class StatusSource(Protocol):
+    """The data plane's calls the document makes; each is safe from another thread."""
+
+    def counters(self) -> Counters: ...
+    def stats(self) -> dict[Stat, int]: ...
+    def service_index(self, vip: IPAddress, port: int, proto: int) -> int | None: ...
+    def backend_index(self, vip: IPAddress, port: int, proto: int, address: IPAddress) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class StatusInputs:
     """What the document needs from the node, copied on the event loop."""
 
-    view: View  # with private copies of the usable sets and MACs
+    desired: Desired  # the node's latest decision: its service rows, "usable" and "up" are that
     health: tuple[ServiceStatus, ...]
     node: Mapping[str, Any]
     flows: Mapping[str, Any]
@@ -31,46 +41,40 @@ class StatusInputs:
     sync: Mapping[str, Any] | None
 
 
-def services(inputs: StatusInputs, dp: DataPlane | None) -> list[dict[str, Any]]:
-    """One row per (VIP, port) with its backends: health, hash membership, weight, MAC, counters."""
-    view = inputs.view
+def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, Any]]:
+    """One row per (VIP, port) with its backends: health, hash membership, weight, MAC, counters.
+    A row's `usable` and `up` are the ones BGP follows (cluster.desired); a backend's `usable`
+    is its health verdict (checks pass, not drained) and `in_hash` whether it takes new flows."""
     health = {s.service: s for s in inputs.health}
-    in_hash = {(spec.vip, spec.port, b.address) for spec in dataplane_services(view) for b in spec.backends
-               if b.hash_weight > 0}
     counters = dp.counters() if dp is not None else None
     rows = []
-    for svc in view.config.services:
-        for vip in svc.vips:
-            for port in svc.ports:
-                name = svc.health_name(vip, port)
-                status = health.get(name)
-                by_key = {b.backend: b for b in status.backends} if status else {}
-                usable = view.usable.get(name, frozenset())
-                index = dp.service_index(vip, port, svc.proto) if dp else None
-                stats = counters.service(index) if counters is not None and index is not None else None
-                backends = []
-                for b in svc.backends:
-                    key = backend_key(b.address, port)
-                    bstatus = by_key.get(key)
-                    bindex = dp.backend_index(vip, port, svc.proto, b.address) if dp else None
-                    bstats = counters.backend(bindex) if counters is not None and bindex is not None else None
-                    errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
-                    backends.append({
-                        "backend": key, "usable": key in usable, "in_hash": (vip, port, b.address) in in_hash,
-                        "disabled": b.disabled, "weight": b.weight, "mac": view.macs.get(b.address),
-                        "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
-                        "last_error": errors[0] if errors else None,
-                    })
-                rows.append({
-                    "name": name, "up": status.up if status else False, "usable": len(usable), "need": svc.need,
-                    "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
-                    "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
-                    "backends": backends,
-                })
+    for svc in inputs.desired.services:
+        status = health.get(svc.name)
+        by_key = {b.backend: b for b in status.backends} if status else {}
+        index = dp.service_index(svc.vip, svc.port, svc.proto) if dp else None
+        stats = counters.service(index) if counters is not None and index is not None else None
+        backends = []
+        for b in svc.backends:
+            bstatus = by_key.get(b.id)
+            bindex = dp.backend_index(svc.vip, svc.port, svc.proto, b.address) if dp else None
+            bstats = counters.backend(bindex) if counters is not None and bindex is not None else None
+            errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
+            backends.append({
+                "backend": b.id, "usable": b.passing, "in_hash": b.usable,
+                "disabled": b.disabled, "weight": b.weight, "mac": b.mac,
+                "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
+                "last_error": errors[0] if errors else None,
+            })
+        rows.append({
+            "name": svc.name, "up": svc.up, "usable": svc.usable, "need": svc.need,
+            "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
+            "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
+            "backends": backends,
+        })
     return rows
 
 
-def document(inputs: StatusInputs, dp: DataPlane | None) -> dict[str, Any]:
+def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "node": dict(inputs.node),
         "services": services(inputs, dp),

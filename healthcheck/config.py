@@ -49,6 +49,32 @@ _STATUS = re.compile(r"[1-5][0-9][0-9]")  # ASCII digits: str.isdigit() is also 
 _STATUS_RANGE = re.compile(r"([1-5][0-9][0-9])-([1-5][0-9][0-9])")
 
 
+class BackendId(str):
+    """A backend's identity, (address, port), and its one text form: ``10.0.0.1:80`` or
+    ``[2001:db8::1]:80``. Health events, snapshots, the node's view and `lbnode status` use it.
+
+    It is that text (a `str` subclass), so status JSON and log lines print it as is, and sets
+    and dicts keyed by it can be looked up with the text too. Build it only from its parts.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, address: IPAddress, port: int) -> BackendId:
+        host = str(address) if address.version == 4 else f"[{address}]"
+        return super().__new__(cls, f"{host}:{port}")
+
+    def __reduce__(self) -> tuple[type[BackendId], tuple[IPAddress, int]]:  # copy, deepcopy, pickle
+        return (BackendId, (self.address, self.port))
+
+    @property
+    def address(self) -> IPAddress:
+        return ipaddress.ip_address(self.rpartition(":")[0].strip("[]"))
+
+    @property
+    def port(self) -> int:
+        return int(self.rpartition(":")[2])
+
+
 class CheckKind(enum.Enum):
     TCP = "tcp"
     HTTP = "http"
@@ -157,10 +183,9 @@ class BackendConfig:
     _KEYS = frozenset({"address", "port", "disabled", "initial"})
 
     @property
-    def key(self) -> str:
+    def key(self) -> BackendId:
         """Identity used in events and snapshots: ``10.0.0.1:80`` / ``[2001:db8::1]:80``."""
-        host = str(self.address) if self.address.version == 4 else f"[{self.address}]"
-        return f"{host}:{self.port}"
+        return BackendId(self.address, self.port)
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> BackendConfig:
@@ -204,7 +229,7 @@ class ServiceHealthConfig:
             raise ConfigError(f"{path}.checks", "must list at least one check, got []")
         backends = tuple(BackendConfig.from_dict(b, f"{path}.backends[{i}]")
                          for i, b in enumerate(_sequence(_require(d, "backends", path), f"{path}.backends")))
-        seen: dict[str, int] = {}
+        seen: dict[BackendId, int] = {}
         for i, b in enumerate(backends):
             if b.key in seen:
                 raise ConfigError(f"{path}.backends[{i}]", f"duplicate of backends[{seen[b.key]}], got {b.key}")

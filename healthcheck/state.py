@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from healthcheck.config import BackendConfig, CheckKind, InitialState, ServiceHealthConfig
+from healthcheck.config import BackendConfig, BackendId, CheckKind, InitialState, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
 
 
@@ -88,7 +88,7 @@ class BackendChanged:
     """A backend entered or left the hash for new flows."""
 
     service: str
-    backend: str  # BackendConfig.key
+    backend: BackendId
     usable: bool
     healthy: bool
     disabled: bool
@@ -129,7 +129,7 @@ class CheckStatus:
 
 @dataclass(frozen=True, slots=True)
 class BackendStatus:
-    backend: str
+    backend: BackendId
     disabled: bool
     healthy: bool
     usable: bool
@@ -182,7 +182,7 @@ class ServiceHealth:
     def __init__(self, config: ServiceHealthConfig, now: float) -> None:
         self.config = config
         initial = {InitialState.DOWN: Health.DOWN, InitialState.UP: Health.UP}
-        self._backends: dict[str, _BackendTrack] = {}
+        self._backends: dict[BackendId, _BackendTrack] = {}
         for b in config.backends:
             checks = [_CheckTrack(Hysteresis(c.rise, c.fall, initial[b.initial], now), c.kind) for c in config.checks]
             self._backends[b.key] = _BackendTrack(b, checks, now)
@@ -190,13 +190,14 @@ class ServiceHealth:
         self.up = self.usable_count >= config.need
         self.since = now
 
-    def usable_backends(self) -> tuple[str, ...]:
+    def usable_backends(self) -> tuple[BackendId, ...]:
         """Backends for the hash of new flows, in config order."""
         return tuple(k for k, b in self._backends.items() if b.usable)
 
     def observe(self, backend: str, check: int, ok: bool, now: float, *, latency_ms: float | None = None,
                 error: str | None = None) -> list[Event]:
-        """Record one probe result; returns the events it caused (possibly none)."""
+        """Record one probe result for `backend` (a BackendId or its text); returns the events
+        it caused (possibly none)."""
         b = self._track(backend)
         c = b.checks[check]
         c.runs += 1

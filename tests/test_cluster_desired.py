@@ -6,7 +6,8 @@ import ipaddress
 import pytest
 
 from cluster.config import load_text
-from cluster.desired import View, announcements, backend_key, dataplane_services, digest
+from cluster.desired import View, announcements, backend_key, dataplane_services, decide, digest
+from cluster.status_doc import StatusInputs, services as status_rows
 
 pytestmark = pytest.mark.unit
 
@@ -77,3 +78,24 @@ def test_backend_key_matches_the_health_checker() -> None:
 
     for address in (ip("10.0.0.1"), ip("2001:db8::1")):
         assert backend_key(address, 80) == BackendConfig(address, 80).key
+
+
+def test_a_weight_0_backend_is_not_usable_and_status_agrees_with_bgp() -> None:
+    """Healthy with its MAC known but weight 0: no new flows, so it does not count towards need.
+    The status rows read the same decision BGP follows: down, 0 usable, VIP withheld."""
+    config = load_text("""
+services:
+  - name: api
+    vips: [192.0.2.30]
+    ports: [80]
+    backends: [{address: 10.0.0.31, weight: 0}]
+""", ip("10.0.0.5"))
+    desired = decide(View(config, {"api/192.0.2.30:80": frozenset({"10.0.0.31:80"})}, {ip("10.0.0.31"): "02:00:00:00:00:1f"},
+                          ready=True))
+    (state,) = desired.services
+    assert (state.usable, state.up, state.backends[0].passing, state.backends[0].usable) == (0, False, True, False)
+    assert desired.routes == {} and list(desired.withheld.values()) == [
+        "api/192.0.2.30:80: 0 of need 1 backends usable (healthy, weight > 0, MAC known)"]
+    (row,) = status_rows(StatusInputs(desired, (), {}, {}, {}, None, None), None)
+    assert (row["up"], row["usable"], row["need"]) == (False, 0, 1)
+    assert [(b["backend"], b["usable"], b["in_hash"]) for b in row["backends"]] == [("10.0.0.31:80", True, False)]
