@@ -123,7 +123,7 @@ def client(n: int) -> tuple[str, int]:
 
 
 def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack("!10H", header))
+    total: int = sum(struct.unpack("!10H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

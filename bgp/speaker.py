@@ -50,8 +50,8 @@ import trio
 
 from bgp import peering, transport
 from bgp.attrs import Prefix
+from bgp.bfd.codec import State as BfdState
 from bgp.bfd.fsm import SessionConfig as BfdSessionConfig
-from bgp.bfd.fsm import State as BfdState
 from bgp.bfd.fsm import StateChange as BfdStateChange
 from bgp.bfd.session import BFD_PORT, BfdEndpoint
 from bgp.bfd.session import Sender as BfdSender
@@ -253,9 +253,9 @@ class Speaker:
                         log.debug("%s: connect failed: %s", peer.config.address, reason)
                         await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_FAILS))
                 case Frame() | ReadError() | Closed():
-                    fsm = peer.fsm_for(item.conn)
-                    if fsm is not None:  # else from a connection already given up
-                        await self._from_connection(peer, fsm, item)
+                    conn_fsm = peer.fsm_for(item.conn)
+                    if conn_fsm is not None:  # else from a connection already given up
+                        await self._from_connection(peer, conn_fsm, item)
 
     async def _from_connection(self, peer: Peer, fsm: Fsm, item: Frame | ReadError | Closed) -> None:
         match item:

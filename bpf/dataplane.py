@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -498,7 +498,7 @@ class DataPlane:
             counts[vip] = counts.get(vip, 0) + 1
         vips = self._map("vips")
         for key in list(vips.keys()):
-            if structs.from_addr16(bytes(key.addr)) not in counts:  # type: ignore[arg-type]
+            if structs.from_addr16(bytes(key.addr)) not in counts:
                 del vips[key]
         for vip, n in counts.items():
             vips[structs.vip_key(vip)] = ctypes.c_uint32(n)
@@ -643,9 +643,12 @@ class DataPlane:
             self._bpf.ring_buffer_consume()
 
 
-def _sum_structs(per_cpu: Any, cls: type[ctypes.Structure]) -> Any:
+_Struct = TypeVar("_Struct", bound=ctypes.Structure)
+
+
+def _sum_structs(per_cpu: Any, cls: type[_Struct]) -> _Struct:
     total = cls()
-    for field in cls._fields_:
-        setattr(total, field[0], sum(getattr(cpu, field[0]) for cpu in per_cpu))
+    for spec in cls._fields_:
+        setattr(total, spec[0], sum(getattr(cpu, spec[0]) for cpu in per_cpu))
     return total
 

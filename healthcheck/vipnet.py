@@ -155,7 +155,7 @@ def missing_routes(entries: Sequence[SteeringEntry], devs: Mapping[IPAddress, st
             for r in installed}
     out = []
     for e in entries:
-        wanted = [(str(e.table), "default", None, None)]
+        wanted: list[tuple[str, str, str | None, str | None]] = [(str(e.table), "default", None, None)]
         dev = devs.get(e.backend)
         if dev is not None:
             wanted += [(str(e.table), str(vip), str(e.backend), dev) for vip in e.vips]
@@ -444,7 +444,8 @@ async def _parse_json_docs(out: str) -> list[dict[str, Any]]:
 
 
 def _json_docs(out: str) -> list[dict[str, Any]]:
-    decoder, pos, docs = json.JSONDecoder(), 0, []
+    decoder, pos = json.JSONDecoder(), 0
+    docs: list[dict[str, Any]] = []
     while True:
         while pos < len(out) and out[pos].isspace():
             pos += 1

@@ -208,9 +208,9 @@ class Session:
         if p.final and self.poll_active:
             self._end_poll()
         actions = self._handle(RECV_EVENT[p.state], now)
-        if self.state is not State.ADMIN_DOWN:
-            detect = self.detection_time_us
-            self._detect_at = now + detect / 1e6 if detect is not None else None
+        # Still not AdminDown: TRANSITIONS has no received-packet entry that leads there.
+        detect = self.detection_time_us
+        self._detect_at = now + detect / 1e6 if detect is not None else None
         if self.tx_interval_us != old_tx:
             self._reschedule(now)
         if p.poll:

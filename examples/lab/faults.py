@@ -123,7 +123,7 @@ class Run:
 
         def echoing() -> bool:
             report = self.load.report()
-            return report["long"]["alive"] == 0 or report["long"]["current_stall_ms"] < 500
+            return bool(report["long"]["alive"] == 0 or report["long"]["current_stall_ms"] < 500)
         wait_until(echoing, timeout_s=timeout_s, interval_s=0.1, what="every connection echoing")
         return time.monotonic() - t0
 

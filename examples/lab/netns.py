@@ -93,7 +93,8 @@ class Lab:
     def spawn(self, ns: str, *cmd: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside `ns`; it is killed by PID when the lab closes."""
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", ns, *cmd], start_new_session=True, **popen_kwargs)
         self.processes.append(proc)
         return proc
 
