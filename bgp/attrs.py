@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TypeVar, Union
+from typing import TypeVar
 
 from bgp.errors import DecodeError
 
@@ -65,8 +65,8 @@ _EXPECTED_FLAGS = {
 }
 _WELL_KNOWN = frozenset({ATTR_ORIGIN, ATTR_AS_PATH, ATTR_NEXT_HOP, ATTR_LOCAL_PREF, ATTR_ATOMIC_AGGREGATE})
 
-Prefix = Union[IPv4Network, IPv6Network]
-Address = Union[IPv4Address, IPv6Address]
+Prefix = IPv4Network | IPv6Network
+Address = IPv4Address | IPv6Address
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
 
@@ -309,7 +309,7 @@ def _decode_as_path(value: bytes, four: bool) -> tuple[AsPathSegment, ...]:
         end = i + 2 + count * width
         if stype not in (AS_SET, AS_SEQUENCE, AS_CONFED_SEQUENCE, AS_CONFED_SET) or count == 0 or end > len(value):
             raise _TreatAsWithdraw(11)
-        fmt = "!%d%s" % (count, "I" if four else "H")
+        fmt = f"!{count}{'I' if four else 'H'}"
         segs.append(AsPathSegment(stype, tuple(struct.unpack(fmt, value[i + 2: end]))))
         i = end
     return tuple(segs)
@@ -340,11 +340,11 @@ def _decode_known(code: int, flags: int, value: bytes, four: bool,
     elif code == ATTR_COMMUNITIES:
         if n == 0 or n % 4:
             raise _TreatAsWithdraw(5)
-        fields["communities"] = struct.unpack("!%dI" % (n // 4), value)
+        fields["communities"] = struct.unpack(f"!{n // 4}I", value)
     elif code == ATTR_LARGE_COMMUNITIES:
         if n == 0 or n % 12:
             raise _TreatAsWithdraw(5)
-        vals = struct.unpack("!%dI" % (n // 4), value)
+        vals = struct.unpack(f"!{n // 4}I", value)
         fields["large_communities"] = tuple(tuple(vals[k: k + 3]) for k in range(0, len(vals), 3))
     elif code == ATTR_MP_REACH:
         fields["mp_reach"] = _decode_mp_reach(value, flags, other)

@@ -19,10 +19,18 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Union
 
-from bgp.attrs import (ATTR_AS_PATH, ATTR_NEXT_HOP, ATTR_ORIGIN, IPV4_UNICAST, PathAttributes, decode_attributes,
-                       decode_ipv4_prefixes, encode_attributes, encode_prefix)
+from bgp.attrs import (
+    ATTR_AS_PATH,
+    ATTR_NEXT_HOP,
+    ATTR_ORIGIN,
+    IPV4_UNICAST,
+    PathAttributes,
+    decode_attributes,
+    decode_ipv4_prefixes,
+    encode_attributes,
+    encode_prefix,
+)
 from bgp.errors import DecodeError
 
 MARKER = b"\xff" * 16
@@ -69,7 +77,7 @@ class UnknownCap:
     value: bytes = b""
 
 
-Capability = Union[MultiprotocolCap, RouteRefreshCap, FourOctetAsCap, UnknownCap]
+Capability = MultiprotocolCap | RouteRefreshCap | FourOctetAsCap | UnknownCap
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +155,7 @@ class RouteRefresh:
     safi: int
 
 
-Message = Union[Open, Update, Keepalive, Notification, RouteRefresh]
+Message = Open | Update | Keepalive | Notification | RouteRefresh
 
 
 # --------------------------------------------------------------------------------------------

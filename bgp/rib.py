@@ -18,8 +18,20 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TypeVar
 
-from bgp.attrs import (AFI_IPV6, AS_SEQUENCE, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
-                       AsPathSegment, MpReach, MpUnreach, PathAttributes, Prefix)
+from bgp.attrs import (
+    AFI_IPV6,
+    AS_SEQUENCE,
+    GRACEFUL_SHUTDOWN,
+    IPV4_UNICAST,
+    IPV6_UNICAST,
+    ORIGIN_IGP,
+    SAFI_UNICAST,
+    AsPathSegment,
+    MpReach,
+    MpUnreach,
+    PathAttributes,
+    Prefix,
+)
 from bgp.codec import Update
 
 DEFAULT_LOCAL_PREF = 100

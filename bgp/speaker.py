@@ -58,9 +58,22 @@ from bgp.bfd.session import Sender as BfdSender
 from bgp.codec import Message, Notification, Open, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import DecodeError, notification_text
-from bgp.fsm import (Action, Close, Connect, Event, EventKind, Fsm, ResendRoutes, Send, SessionDown, SessionUp, State,
-                     Timer, event_for)
-from bgp.inbox import Accepted, BfdChange, Closed, Conn, ConnectFailed, Connected, Frame, Item, ReadError, Stop, Sync
+from bgp.fsm import (
+    Action,
+    Close,
+    Connect,
+    Event,
+    EventKind,
+    Fsm,
+    ResendRoutes,
+    Send,
+    SessionDown,
+    SessionUp,
+    State,
+    Timer,
+    event_for,
+)
+from bgp.inbox import Accepted, BfdChange, Closed, Conn, Connected, ConnectFailed, Frame, Item, ReadError, Stop, Sync
 from bgp.negotiate import FsmConfig
 from bgp.peer import Peer, PeerStatus
 from bgp.peering import Accept, Resolution

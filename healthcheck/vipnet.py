@@ -389,7 +389,8 @@ class VipSteering:
             tables = {r.get("table") for r in rules}
             lines += [f"route flush table {t}" for t in tables if t and str(t).isdigit()]
             if lines:
-                log.warning("%s: removing %d stale rules at pref %d", self.netns or "(own netns)", len(rules), self.pref)
+                log.warning("%s: removing %d stale rules at pref %d",
+                            self.netns or "(own netns)", len(rules), self.pref)
                 await self._batch(version, lines, force=True)
 
     async def _routes_get(self, addrs: Sequence[IPAddress]) -> dict[IPAddress, dict[str, Any]]:
@@ -424,7 +425,7 @@ class VipSteering:
         values = out.split()
         if len(values) != len(keys):
             raise SteeringError(f"sysctl -n {' '.join(keys)}: expected {len(keys)} values, got {out!r}")
-        return dict(zip(keys, values))
+        return dict(zip(keys, values, strict=True))
 
     async def _run_sysctl(self, args: list[str]) -> str:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []

@@ -46,8 +46,17 @@ from typing import cast
 import trio
 
 from bgp.bfd.codec import ControlPacket, DropReason, State, encode
-from bgp.bfd.fsm import (TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit,
-                         is_failure)
+from bgp.bfd.fsm import (
+    TTL_SINGLE_HOP,
+    Action,
+    Demux,
+    Discard,
+    Session,
+    SessionConfig,
+    StateChange,
+    Transmit,
+    is_failure,
+)
 from bgp.errors import BgpError
 
 log = logging.getLogger(__name__)

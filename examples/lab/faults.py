@@ -550,7 +550,7 @@ def main() -> int:
     print(table(results))
     for failure in failures:
         print("FAILED", failure)
-    real = [r for k, r in zip(keys, results) if not SCENARIOS[k].control]
+    real = [r for k, r in zip(keys, results, strict=True) if not SCENARIOS[k].control]
     print(f"scenarios={len(real)} kept={sum(r.kept for r in real)} lost={sum(r.lost for r in real)}")
     return 1 if failures else 0
 

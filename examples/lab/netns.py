@@ -65,7 +65,8 @@ class Lab:
         self.ns_run(name, "ip", "link", "set", "lo", "up")
         return name
 
-    def ns_run(self, ns: str, *cmd: str, check: bool = True, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def ns_run(self, ns: str, *cmd: str, check: bool = True,
+               timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *cmd], check=check, timeout_s=timeout_s)
 
     def veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str, *, queues: int = 1) -> None:
