@@ -1,7 +1,7 @@
 # The README's two commands are `make demo` and `make test`; each does its own set-up.
 PY := .venv/bin/python
 
-.PHONY: setup demo demo-single test test-unit test-bpf test-netns bench-xdp
+.PHONY: setup demo demo-single lint test test-unit test-bpf test-netns bench-xdp
 
 setup:
 	@bash .ci/setup
@@ -12,7 +12,15 @@ demo: setup
 demo-single: setup
 	$(PY) -m examples.demo_single
 
-test: setup
+# mypy --strict and ruff, with their files and rules in pyproject.toml. Both run and report; any
+# finding fails the target, so `make test` stops before pytest.
+lint: setup
+	@status=0; \
+	echo "$(PY) -m mypy"; $(PY) -m mypy || status=1; \
+	echo "$(PY) -m ruff check"; $(PY) -m ruff check || status=1; \
+	exit $$status
+
+test: setup lint
 	$(PY) -m pytest
 
 test-unit: setup

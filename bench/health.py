@@ -11,9 +11,10 @@ the cost of N trio tasks ticking at the same interval, so the ratio shows what t
 
 The last line is `checks_per_s=<n> cpu=<percent of one core>% baseline_cpu=<percent>%
 ratio=<cpu / baseline_cpu>x passed=<passing checks>/<checks>` for the last kind measured (HTTP by
-default, the dearer of the two required), against the no-op-probe baseline of the same run. A failed check costs less than a passing one
-(a refusal or a timeout does less work than a full exchange), so if any check fails the figures
-do not measure what they claim: the run then prints a warning instead of that line and exits 1.
+default, the dearer of the two required), against the no-op-probe baseline of the same run. A
+failed check costs less than a passing one (a refusal or a timeout does less work than a full
+exchange), so if any check fails the figures do not measure what they claim: the run then prints
+a warning instead of that line and exits 1.
 """
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.sync import codec as gossip  # noqa: E402
-from examples.lab.sync_runner import HostProcess, SyncLab  # noqa: E402
 from examples.lab.netns import Lab, read_line, wait_until  # noqa: E402
+from examples.lab.sync_runner import HostProcess, SyncLab  # noqa: E402
 
 MAX_FLOWS = 300_000
 LATENCY_RATE = 10_000
@@ -123,7 +123,7 @@ def client(n: int) -> tuple[str, int]:
 
 
 def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack("!10H", header))
+    total: int = sum(struct.unpack("!10H", header))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -191,7 +191,8 @@ def _fd_by_id(cmd: int, obj_id: int) -> int:
 
 
 def _info(fd: int, info: ctypes.Array[ctypes.c_char]) -> None:
-    _bpf(15, ctypes.create_string_buffer(struct.pack("=IIQ", fd, len(info), ctypes.addressof(info)), 16))  # OBJ_GET_INFO_BY_FD
+    attr = struct.pack("=IIQ", fd, len(info), ctypes.addressof(info))
+    _bpf(15, ctypes.create_string_buffer(attr, 16))  # OBJ_GET_INFO_BY_FD
 
 
 class PeerFlowTable:
@@ -199,7 +200,8 @@ class PeerFlowTable:
 
     def __init__(self, lab: Lab, ns: str, ifname: str) -> None:
         link = json.loads(lab.ns_run(ns, "ip", "-j", "-d", "link", "show", "dev", ifname).stdout)[0]
-        prog_id = int(link["xdp"]["prog"]["id"]) if "prog" in link["xdp"] else int(link["xdp"]["attached"][0]["prog"]["id"])
+        xdp = link["xdp"]
+        prog_id = int(xdp["prog"]["id"]) if "prog" in xdp else int(xdp["attached"][0]["prog"]["id"])
         prog_fd = _fd_by_id(13, prog_id)  # BPF_PROG_GET_FD_BY_ID
         try:
             map_ids = (ctypes.c_uint32 * 64)()
@@ -403,14 +405,18 @@ def _real_max_rate(net: RealNodes) -> dict[str, Any]:
     drops = net.frame_drops()
     lag_ms = 1000 * (samples[-1][0] - report["end_ns"] / 1e9)
     print(f"real nodes ({after_a['node']['xdp']} XDP), max rate: {report['sent']} frames sent to A in {send_s:.2f}s "
-          f"({report['sent'] / send_s:,.0f}/s; {report['errors']} send errors, {drops} dropped by the veths and the bridge before A's program); "
+          f"({report['sent'] / send_s:,.0f}/s; {report['errors']} send errors, "
+          f"{drops} dropped by the veths and the bridge before A's program); "
           f"A pinned {pinned}, lost {lost} events in its ring, sent "
           f"{sa['sent'] - before_a['sync']['counters']['sent']} datagrams")
-    print(f"  B installed {got} of them in {last_s:.2f}s = {rate:,.0f} flows/s, the last {lag_ms:.0f} ms after the last "
-          f"frame was sent; gaps {sb['gaps'] - before_b['sync']['counters']['gaps']}, recovered "
-          f"{sb['recovered'] - before_b['sync']['counters']['recovered']}, lost {sb['lost'] - before_b['sync']['counters']['lost']}; "
+    print(f"  B installed {got} of them in {last_s:.2f}s = {rate:,.0f} flows/s, "
+          f"the last {lag_ms:.0f} ms after the last frame was sent; "
+          f"gaps {sb['gaps'] - before_b['sync']['counters']['gaps']}, "
+          f"recovered {sb['recovered'] - before_b['sync']['counters']['recovered']}, "
+          f"lost {sb['lost'] - before_b['sync']['counters']['lost']}; "
           f"flows.entries {after_b['flows']['entries']}; B's program pinned {cb['new_flow']} itself")
-    print(f"  CPU over the run: A {100 * (cpu1[0] - cpu0[0]) / last_s:.0f}%, B {100 * (cpu1[1] - cpu0[1]) / last_s:.0f}% "
+    print(f"  CPU over the run: A {100 * (cpu1[0] - cpu0[0]) / last_s:.0f}%, "
+          f"B {100 * (cpu1[1] - cpu0[1]) / last_s:.0f}% "
           f"of one core (node processes; the generator and the frame path run on CPU 0)")
     return {"rate": rate, "offered": report["sent"] / send_s, "installed": got, "total": pinned}
 
@@ -504,7 +510,8 @@ def host_rows(lab: Lab, key_file: str, flows_baseline: float) -> dict[str, Any]:
     # --- max rate -------------------------------------------------------------------------------
     before_a, before_b = cpu(a), cpu(b)
     b.call(cmd="log_keys", on=False)
-    batches = a.call(cmd="gen", total=MAX_FLOWS, rate=0, chunk=20000, ring_limit=ring_bytes // 2, timeout_s=60)["batches"]
+    batches = a.call(cmd="gen", total=MAX_FLOWS, rate=0, chunk=20000, ring_limit=ring_bytes // 2,
+                     timeout_s=60)["batches"]
     got = max_installed = wait_installed(b, MAX_FLOWS, 30)
     after_a, after_b = cpu(a), cpu(b)
     log = b.call(cmd="installs")["log"]
@@ -521,7 +528,8 @@ def host_rows(lab: Lab, key_file: str, flows_baseline: float) -> dict[str, Any]:
           f"({replicated / flows_baseline:.2f}x the raw-UDP baseline)")
     stats_a = a.call(cmd="stats")
     print(f"  A: {stats_a['new_flow']} flows pinned, {stats_a['event_lost']} events lost in the ring, "
-          f"{snap_a['counters']['events']} read, {snap_a['counters']['sent']} datagrams; B: gaps {snap_b['counters']['gaps']}, "
+          f"{snap_a['counters']['events']} read, {snap_a['counters']['sent']} datagrams; "
+          f"B: gaps {snap_b['counters']['gaps']}, "
           f"recovered {snap_b['counters']['recovered']}, lost {snap_b['counters']['lost']}")
     print(f"  control-plane CPU per second of replication (generator thread excluded): A {cpu_max_a:.0f}%, "
           f"B {cpu_max_b:.0f}% of one core")
@@ -572,7 +580,8 @@ def main() -> int:
             with Lab(prefix="lbbs") as lab:
                 host = host_rows(lab, str(Path(tmp) / "sync.key"), real["baseline"])
     print(f"(bench took {time.monotonic() - t0:.0f}s)")
-    line = (f"flows_per_s={real['rate']:.0f} ratio={real['rate'] / real['baseline']:.2f}x offered={real['offered']:.0f} "
+    line = (f"flows_per_s={real['rate']:.0f} ratio={real['rate'] / real['baseline']:.2f}x "
+            f"offered={real['offered']:.0f} "
             f"installed={real['installed']}/{real['total']} p50_ms={real['p50']:.2f} p99_ms={real['p99']:.2f} "
             f"cpu={real['cpu']:.0f}%")
     if host is not None:

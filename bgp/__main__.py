@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import ipaddress
+import json
 import logging
 import os
 import signal

@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Union
+from typing import TypeVar
 
 from bgp.errors import DecodeError
 
@@ -65,8 +65,9 @@ _EXPECTED_FLAGS = {
 }
 _WELL_KNOWN = frozenset({ATTR_ORIGIN, ATTR_AS_PATH, ATTR_NEXT_HOP, ATTR_LOCAL_PREF, ATTR_ATOMIC_AGGREGATE})
 
-Prefix = Union[IPv4Network, IPv6Network]
-Address = Union[IPv4Address, IPv6Address]
+Prefix = IPv4Network | IPv6Network
+Address = IPv4Address | IPv6Address
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +216,18 @@ def _encode_mp_reach(m: MpReach) -> bytes:
 
 def decode_prefixes(data: bytes, afi: int, err: tuple[int, int]) -> tuple[Prefix, ...]:
     """A run of (length, prefix) NLRI encodings; `err` is the (code, subcode) for malformed input."""
-    max_bits = 32 if afi == AFI_IPV4 else 128
-    out: list[Prefix] = []
+    if afi == AFI_IPV4:
+        return decode_ipv4_prefixes(data, err)
+    return _decode_prefixes(data, 128, IPv6Network, err)
+
+
+def decode_ipv4_prefixes(data: bytes, err: tuple[int, int]) -> tuple[IPv4Network, ...]:
+    """`decode_prefixes` for AFI_IPV4, typed for UPDATE's own withdrawn and NLRI fields."""
+    return _decode_prefixes(data, 32, IPv4Network, err)
+
+
+def _decode_prefixes(data: bytes, max_bits: int, network: type[_Net], err: tuple[int, int]) -> tuple[_Net, ...]:
+    out: list[_Net] = []
     i = 0
     while i < len(data):
         bits = data[i]
@@ -225,10 +236,7 @@ def decode_prefixes(data: bytes, afi: int, err: tuple[int, int]) -> tuple[Prefix
             raise DecodeError(err[0], err[1], b"", f"invalid prefix length {bits}")
         raw = bytes(data[i + 1: i + 1 + nbytes]).ljust(max_bits // 8, b"\x00")
         i += 1 + nbytes
-        if afi == AFI_IPV4:
-            out.append(IPv4Network((raw, bits), strict=False))
-        else:
-            out.append(IPv6Network((raw, bits), strict=False))
+        out.append(network((raw, bits), strict=False))
     return tuple(out)
 
 
@@ -301,7 +309,7 @@ def _decode_as_path(value: bytes, four: bool) -> tuple[AsPathSegment, ...]:
         end = i + 2 + count * width
         if stype not in (AS_SET, AS_SEQUENCE, AS_CONFED_SEQUENCE, AS_CONFED_SET) or count == 0 or end > len(value):
             raise _TreatAsWithdraw(11)
-        fmt = "!%d%s" % (count, "I" if four else "H")
+        fmt = f"!{count}{'I' if four else 'H'}"
         segs.append(AsPathSegment(stype, tuple(struct.unpack(fmt, value[i + 2: end]))))
         i = end
     return tuple(segs)
@@ -332,11 +340,11 @@ def _decode_known(code: int, flags: int, value: bytes, four: bool,
     elif code == ATTR_COMMUNITIES:
         if n == 0 or n % 4:
             raise _TreatAsWithdraw(5)
-        fields["communities"] = struct.unpack("!%dI" % (n // 4), value)
+        fields["communities"] = struct.unpack(f"!{n // 4}I", value)
     elif code == ATTR_LARGE_COMMUNITIES:
         if n == 0 or n % 12:
             raise _TreatAsWithdraw(5)
-        vals = struct.unpack("!%dI" % (n // 4), value)
+        vals = struct.unpack(f"!{n // 4}I", value)
         fields["large_communities"] = tuple(tuple(vals[k: k + 3]) for k in range(0, len(vals), 3))
     elif code == ATTR_MP_REACH:
         fields["mp_reach"] = _decode_mp_reach(value, flags, other)

@@ -19,10 +19,18 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Union
 
-from bgp.attrs import (AFI_IPV4, ATTR_AS_PATH, ATTR_NEXT_HOP, ATTR_ORIGIN, IPV4_UNICAST, PathAttributes,
-                       decode_attributes, decode_prefixes, encode_attributes, encode_prefix)
+from bgp.attrs import (
+    ATTR_AS_PATH,
+    ATTR_NEXT_HOP,
+    ATTR_ORIGIN,
+    IPV4_UNICAST,
+    PathAttributes,
+    decode_attributes,
+    decode_ipv4_prefixes,
+    encode_attributes,
+    encode_prefix,
+)
 from bgp.errors import DecodeError
 
 MARKER = b"\xff" * 16
@@ -69,7 +77,7 @@ class UnknownCap:
     value: bytes = b""
 
 
-Capability = Union[MultiprotocolCap, RouteRefreshCap, FourOctetAsCap, UnknownCap]
+Capability = MultiprotocolCap | RouteRefreshCap | FourOctetAsCap | UnknownCap
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +155,7 @@ class RouteRefresh:
     safi: int
 
 
-Message = Union[Open, Update, Keepalive, Notification, RouteRefresh]
+Message = Open | Update | Keepalive | Notification | RouteRefresh
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,12 +359,12 @@ def _decode_update(body: bytes, four: bool) -> Update:
     wlen = struct.unpack("!H", body[:2])[0]
     if 2 + wlen + 2 > n:
         raise DecodeError(3, 1, b"", "withdrawn routes length overruns the message")
-    withdrawn = decode_prefixes(body[2: 2 + wlen], AFI_IPV4, (3, 10))
+    withdrawn = decode_ipv4_prefixes(body[2: 2 + wlen], (3, 10))
     alen = struct.unpack("!H", body[2 + wlen: 4 + wlen])[0]
     astart = 4 + wlen
     if astart + alen > n:
         raise DecodeError(3, 1, b"", "total path attribute length overruns the message")
-    nlri = decode_prefixes(body[astart + alen:], AFI_IPV4, (3, 10))
+    nlri = decode_ipv4_prefixes(body[astart + alen:], (3, 10))
     attrs, errors = decode_attributes(body[astart: astart + alen], four)
     has_nlri = bool(nlri) or (attrs.mp_reach is not None and bool(attrs.mp_reach.nlri))
     if has_nlri:
@@ -385,7 +393,7 @@ class Framer:
         self._buf = bytearray()
         self.four_octet_as = four_octet_as
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     def frames(self) -> Iterator[bytes]:

@@ -16,9 +16,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TypeVar
 
-from bgp.attrs import (AFI_IPV6, AS_SEQUENCE, GRACEFUL_SHUTDOWN, IPV4_UNICAST, IPV6_UNICAST, ORIGIN_IGP, SAFI_UNICAST,
-                       AsPathSegment, MpReach, MpUnreach, PathAttributes, Prefix)
+from bgp.attrs import (
+    AFI_IPV6,
+    AS_SEQUENCE,
+    GRACEFUL_SHUTDOWN,
+    IPV4_UNICAST,
+    IPV6_UNICAST,
+    ORIGIN_IGP,
+    SAFI_UNICAST,
+    AsPathSegment,
+    MpReach,
+    MpUnreach,
+    PathAttributes,
+    Prefix,
+)
 from bgp.codec import Update
 
 DEFAULT_LOCAL_PREF = 100
@@ -92,7 +105,10 @@ class DesiredRib:
         self.routes.pop(prefix, None)
 
 
-def _chunks(items: list[Prefix]) -> Iterable[tuple[Prefix, ...]]:
+_P = TypeVar("_P", IPv4Network, IPv6Network)
+
+
+def _chunks(items: list[_P]) -> Iterable[tuple[_P, ...]]:
     for i in range(0, len(items), MAX_PREFIXES_PER_UPDATE):
         yield tuple(items[i: i + MAX_PREFIXES_PER_UPDATE])
 
@@ -135,12 +151,12 @@ def announce_updates(prefixes: list[Prefix], pa: PathAttributes, policy: ExportP
     out = []
     v4 = [p for p in prefixes if isinstance(p, IPv4Network)]
     v6 = [p for p in prefixes if isinstance(p, IPv6Network)]
-    for chunk in _chunks(v4):
-        out.append(Update(attributes=pa, nlri=chunk))  # type: ignore[arg-type]
-    for chunk in _chunks(v6):
+    for chunk4 in _chunks(v4):
+        out.append(Update(attributes=pa, nlri=chunk4))
+    for chunk6 in _chunks(v6):
         assert policy.next_hop_v6 is not None
         hops = (policy.next_hop_v6,) + ((policy.next_hop_v6_link_local,) if policy.next_hop_v6_link_local else ())
-        mp = MpReach(AFI_IPV6, SAFI_UNICAST, hops, chunk)
+        mp = MpReach(AFI_IPV6, SAFI_UNICAST, hops, chunk6)
         out.append(Update(attributes=PathAttributes(
             origin=pa.origin, as_path=pa.as_path, med=pa.med, local_pref=pa.local_pref, communities=pa.communities,
             large_communities=pa.large_communities, mp_reach=mp)))
@@ -151,10 +167,10 @@ def withdraw_updates(prefixes: list[Prefix]) -> list[Update]:
     out = []
     v4 = [p for p in prefixes if isinstance(p, IPv4Network)]
     v6 = [p for p in prefixes if isinstance(p, IPv6Network)]
-    for chunk in _chunks(v4):
-        out.append(Update(withdrawn=chunk))  # type: ignore[arg-type]
-    for chunk in _chunks(v6):
-        out.append(Update(attributes=PathAttributes(mp_unreach=MpUnreach(AFI_IPV6, SAFI_UNICAST, chunk))))
+    for chunk4 in _chunks(v4):
+        out.append(Update(withdrawn=chunk4))
+    for chunk6 in _chunks(v6):
+        out.append(Update(attributes=PathAttributes(mp_unreach=MpUnreach(AFI_IPV6, SAFI_UNICAST, chunk6))))
     return out
 
 

@@ -50,17 +50,30 @@ import trio
 
 from bgp import peering, transport
 from bgp.attrs import Prefix
+from bgp.bfd.codec import State as BfdState
 from bgp.bfd.fsm import SessionConfig as BfdSessionConfig
-from bgp.bfd.fsm import State as BfdState
 from bgp.bfd.fsm import StateChange as BfdStateChange
 from bgp.bfd.session import BFD_PORT, BfdEndpoint
 from bgp.bfd.session import Sender as BfdSender
 from bgp.codec import Message, Notification, Open, Update, decode, encode
 from bgp.config import PeerConfig, SpeakerConfig
 from bgp.errors import DecodeError, notification_text
-from bgp.fsm import (Action, Close, Connect, Event, EventKind, Fsm, ResendRoutes, Send, SessionDown, SessionUp, State,
-                     Timer, event_for)
-from bgp.inbox import Accepted, BfdChange, Closed, Conn, ConnectFailed, Connected, Frame, Item, ReadError, Stop, Sync
+from bgp.fsm import (
+    Action,
+    Close,
+    Connect,
+    Event,
+    EventKind,
+    Fsm,
+    ResendRoutes,
+    Send,
+    SessionDown,
+    SessionUp,
+    State,
+    Timer,
+    event_for,
+)
+from bgp.inbox import Accepted, BfdChange, Closed, Conn, Connected, ConnectFailed, Frame, Item, ReadError, Stop, Sync
 from bgp.negotiate import FsmConfig
 from bgp.peer import Peer, PeerStatus
 from bgp.peering import Accept, Resolution
@@ -253,9 +266,9 @@ class Speaker:
                         log.debug("%s: connect failed: %s", peer.config.address, reason)
                         await self._apply(peer, peer.fsm, conn, Event(EventKind.TCP_FAILS))
                 case Frame() | ReadError() | Closed():
-                    fsm = peer.fsm_for(item.conn)
-                    if fsm is not None:  # else from a connection already given up
-                        await self._from_connection(peer, fsm, item)
+                    conn_fsm = peer.fsm_for(item.conn)
+                    if conn_fsm is not None:  # else from a connection already given up
+                        await self._from_connection(peer, conn_fsm, item)
 
     async def _from_connection(self, peer: Peer, fsm: Fsm, item: Frame | ReadError | Closed) -> None:
         match item:

@@ -36,7 +36,7 @@ import trio
 from bgp.codec import Framer, Notification, encode
 from bgp.config import PeerConfig
 from bgp.errors import BgpError, DecodeError
-from bgp.inbox import Accepted, Closed, Conn, ConnectFailed, Connected, Frame, Inbox, ReadError
+from bgp.inbox import Accepted, Closed, Conn, Connected, ConnectFailed, Frame, Inbox, ReadError
 
 log = logging.getLogger(__name__)
 

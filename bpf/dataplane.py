@@ -30,8 +30,8 @@ look older; forwarding never depends on it.
 """
 from __future__ import annotations
 
-import logging
 import ctypes
+import logging
 import math
 import mmap
 import threading
@@ -40,15 +40,25 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
-from bpf.loader import (PROGRAM_SOURCE, Attachment, AttachError, BpfError, Limits, XdpMode, attach,
-                        attached_program_id, compile_program, detach)
+from bpf.loader import (
+    PROGRAM_SOURCE,
+    AttachError,
+    Attachment,
+    BpfError,
+    Limits,
+    XdpMode,
+    attach,
+    attached_program_id,
+    compile_program,
+    detach,
+)
 from bpf.structs import (
     BackendStats,
     Flow,
@@ -498,7 +508,7 @@ class DataPlane:
             counts[vip] = counts.get(vip, 0) + 1
         vips = self._map("vips")
         for key in list(vips.keys()):
-            if structs.from_addr16(bytes(key.addr)) not in counts:  # type: ignore[arg-type]
+            if structs.from_addr16(bytes(key.addr)) not in counts:
                 del vips[key]
         for vip, n in counts.items():
             vips[structs.vip_key(vip)] = ctypes.c_uint32(n)
@@ -506,7 +516,8 @@ class DataPlane:
     def _write_array(self, name: str, first: int, values: Any) -> None:
         """Write a uint32 array's consecutive entries from `first` (values: a numpy uint32 array)."""
         table = self._map(name)
-        keys = (table.Key * len(values)).from_buffer_copy(np.arange(first, first + len(values), dtype=np.uint32).tobytes())
+        indexes = np.arange(first, first + len(values), dtype=np.uint32)
+        keys = (table.Key * len(values)).from_buffer_copy(indexes.tobytes())
         leaves = (table.Leaf * len(values)).from_buffer_copy(np.ascontiguousarray(values, dtype=np.uint32).tobytes())
         try:
             table.items_update_batch(keys, leaves)
@@ -548,7 +559,8 @@ class DataPlane:
             raise MapError(f"flows: packed write of {len(keys)} key / {len(values)} value bytes is not whole entries")
         if n:
             try:
-                flows.items_update_batch((flows.Key * n).from_buffer_copy(keys), (flows.Leaf * n).from_buffer_copy(values))
+                flows.items_update_batch((flows.Key * n).from_buffer_copy(keys),
+                                         (flows.Leaf * n).from_buffer_copy(values))
             except Exception as exc:
                 raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
             with self._counts_lock:
@@ -643,9 +655,12 @@ class DataPlane:
             self._bpf.ring_buffer_consume()
 
 
-def _sum_structs(per_cpu: Any, cls: type[ctypes.Structure]) -> Any:
+_Struct = TypeVar("_Struct", bound=ctypes.Structure)
+
+
+def _sum_structs(per_cpu: Any, cls: type[_Struct]) -> _Struct:
     total = cls()
-    for field in cls._fields_:
-        setattr(total, field[0], sum(getattr(cpu, field[0]) for cpu in per_cpu))
+    for spec in cls._fields_:
+        setattr(total, spec[0], sum(getattr(cpu, spec[0]) for cpu in per_cpu))
     return total
 

@@ -139,7 +139,8 @@ class FlowCursor:
             n = attr.count
             if n:
                 self.seen += n
-                return FlowChunk(ctypes.string_at(self._keys, n * KEY_SIZE), ctypes.string_at(self._values, n * VALUE_SIZE))
+                return FlowChunk(ctypes.string_at(self._keys, n * KEY_SIZE),
+                                 ctypes.string_at(self._values, n * VALUE_SIZE))
         return None
 
     def __iter__(self) -> Iterator[FlowChunk]:
@@ -176,7 +177,8 @@ def read_array_u64(map_fd: int, entries: int, slots_per_entry: int) -> npt.NDArr
     done = 0
     while done < entries:
         attr = _BatchAttr(in_batch=ctypes.addressof(token_in) if done else 0, out_batch=ctypes.addressof(token_out),
-                          keys=keys.ctypes.data + 4 * done, values=values.ctypes.data + values.itemsize * slots_per_entry * done,
+                          keys=keys.ctypes.data + 4 * done,
+                          values=values.ctypes.data + values.itemsize * slots_per_entry * done,
                           count=entries - done, map_fd=map_fd)
         err = _bpf(_BPF_MAP_LOOKUP_BATCH, attr)
         if err not in (0, errno.ENOENT):
@@ -196,11 +198,13 @@ def synthetic_flows(first: int, n: int, dst16: bytes, dport: int, proto: int, ba
         raise ValueError("synthetic clients are 10.0.0.0/8: at most 2**24")
     keys = np.zeros((n, KEY_SIZE), dtype=np.uint8)
     keys[:, 10:12] = 0xFF
-    keys[:, 12:16] = (np.arange(first, first + n, dtype=np.uint32) | np.uint32(10 << 24)).astype(">u4").view(np.uint8).reshape(n, 4)
+    src = np.arange(first, first + n, dtype=np.uint32) | np.uint32(10 << 24)
+    keys[:, 12:16] = src.astype(">u4").view(np.uint8).reshape(n, 4)
     keys[:, 16:32] = np.frombuffer(dst16, dtype=np.uint8)
     keys[:, 32:34] = np.frombuffer((40000).to_bytes(2, "big"), dtype=np.uint8)
     keys[:, 34:36] = np.frombuffer(dport.to_bytes(2, "big"), dtype=np.uint8)
     keys[:, 36] = proto
     values = np.zeros(n, dtype=FLOW_DTYPE)
-    values["backend"], values["service"], values["flags"], values["last_seen_ns"] = backend, service, flags, last_seen_ns
+    values["backend"], values["service"] = backend, service
+    values["flags"], values["last_seen_ns"] = flags, last_seen_ns
     return FlowChunk(keys.tobytes(), values.tobytes())

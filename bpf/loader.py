@@ -172,7 +172,8 @@ def detach(attachment: Attachment) -> None:
                 _set_xdp(ipr, index, -1, flags)
                 log.info("%s: XDP program id %d detached", where, prog_id)
             else:
-                log.warning("%s: XDP program is now id %d, not ours (%d); left in place", where, prog_id, attachment.prog_id)
+                log.warning("%s: XDP program is now id %d, not ours (%d); left in place",
+                            where, prog_id, attachment.prog_id)
     except AttachError:
         raise
     except Exception as exc:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import ctypes
 import enum
 import ipaddress
-from typing import Union
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 NO_BACKEND = 0xFFFFFFFF
 FLOW_HASH_SEED = 0x6C626E64
@@ -134,7 +133,8 @@ class Flow(ctypes.Structure):
 class ServiceKey(ctypes.Structure):
     """struct service_key: (VIP, port in network order, L4 protocol)."""
 
-    _fields_ = [("vip", ctypes.c_uint32 * 4), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+    _fields_ = [("vip", ctypes.c_uint32 * 4), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
 
     @classmethod
     def make(cls, vip: str | IPAddress, port: int, proto: int) -> ServiceKey:
@@ -200,7 +200,8 @@ class FlowEvent(ctypes.Structure):
 class ServiceStats(ctypes.Structure):
     """struct service_stats (one CPU's share)."""
 
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("new_flows", ctypes.c_uint64), ("drops", ctypes.c_uint64)]
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("new_flows", ctypes.c_uint64),
+                ("drops", ctypes.c_uint64)]
 
 
 class BackendStats(ctypes.Structure):

@@ -41,7 +41,8 @@ def main() -> int:
             say("compiling the XDP program with bcc and attaching it to the node's eth0 (native mode)")
             dp = lab.start_dataplane()
             dp.apply(lab.services())
-            print(f"   services: {VIP4} and {VIP6}, TCP ports {HTTP_PORT} (HTTP) and {ECHO_PORT} (echo), 3 backends each")
+            print(f"   services: {VIP4} and {VIP6}, TCP ports {HTTP_PORT} (HTTP) and {ECHO_PORT} (echo), "
+                  "3 backends each")
 
             for vip in (VIP4, VIP6):
                 say(f"60 HTTP requests to {vip}, each on a new connection")

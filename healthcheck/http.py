@@ -70,7 +70,7 @@ class ResponseParser:
         self._chunk_state = "size"  # size | data | data-crlf | trailers
         self.done: Response | None = None
 
-    def feed(self, data: bytes) -> Response | None:
+    def feed(self, data: bytes | bytearray) -> Response | None:
         if self.done is not None:
             return self.done
         self._buf += data

@@ -29,8 +29,7 @@ import trio
 
 from healthcheck.config import BackendConfig, CheckConfig, CheckKind, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError, SteeringError
-from healthcheck.probe import (Attempt, ProbeResult, ProbeTarget, SocketFactory, make_ssl_context, plain_socket,
-                               probe)
+from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, SocketFactory, make_ssl_context, plain_socket, probe
 from healthcheck.state import BackendChanged, Event, ServiceHealth, ServiceStatus
 from healthcheck.vipnet import NetnsSockets, VipSteering
 

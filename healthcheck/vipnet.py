@@ -155,7 +155,7 @@ def missing_routes(entries: Sequence[SteeringEntry], devs: Mapping[IPAddress, st
             for r in installed}
     out = []
     for e in entries:
-        wanted = [(str(e.table), "default", None, None)]
+        wanted: list[tuple[str, str, str | None, str | None]] = [(str(e.table), "default", None, None)]
         dev = devs.get(e.backend)
         if dev is not None:
             wanted += [(str(e.table), str(vip), str(e.backend), dev) for vip in e.vips]
@@ -389,7 +389,8 @@ class VipSteering:
             tables = {r.get("table") for r in rules}
             lines += [f"route flush table {t}" for t in tables if t and str(t).isdigit()]
             if lines:
-                log.warning("%s: removing %d stale rules at pref %d", self.netns or "(own netns)", len(rules), self.pref)
+                log.warning("%s: removing %d stale rules at pref %d",
+                            self.netns or "(own netns)", len(rules), self.pref)
                 await self._batch(version, lines, force=True)
 
     async def _routes_get(self, addrs: Sequence[IPAddress]) -> dict[IPAddress, dict[str, Any]]:
@@ -424,7 +425,7 @@ class VipSteering:
         values = out.split()
         if len(values) != len(keys):
             raise SteeringError(f"sysctl -n {' '.join(keys)}: expected {len(keys)} values, got {out!r}")
-        return dict(zip(keys, values))
+        return dict(zip(keys, values, strict=True))
 
     async def _run_sysctl(self, args: list[str]) -> str:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
@@ -444,7 +445,8 @@ async def _parse_json_docs(out: str) -> list[dict[str, Any]]:
 
 
 def _json_docs(out: str) -> list[dict[str, Any]]:
-    decoder, pos, docs = json.JSONDecoder(), 0, []
+    decoder, pos = json.JSONDecoder(), 0
+    docs: list[dict[str, Any]] = []
     while True:
         while pos < len(out) and out[pos].isspace():
             pos += 1

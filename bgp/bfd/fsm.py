@@ -208,9 +208,9 @@ class Session:
         if p.final and self.poll_active:
             self._end_poll()
         actions = self._handle(RECV_EVENT[p.state], now)
-        if self.state is not State.ADMIN_DOWN:
-            detect = self.detection_time_us
-            self._detect_at = now + detect / 1e6 if detect is not None else None
+        # Still not AdminDown: TRANSITIONS has no received-packet entry that leads there.
+        detect = self.detection_time_us
+        self._detect_at = now + detect / 1e6 if detect is not None else None
         if self.tx_interval_us != old_tx:
             self._reschedule(now)
         if p.poll:
@@ -237,7 +237,8 @@ class Session:
                detect_mult: int | None = None) -> list[Action]:
         """Change our parameters (§6.8.3); while Up this runs a Poll sequence."""
         new = replace(self.config,
-                      desired_min_tx_us=self.config.desired_min_tx_us if desired_min_tx_us is None else desired_min_tx_us,
+                      desired_min_tx_us=self.config.desired_min_tx_us if desired_min_tx_us is None
+                      else desired_min_tx_us,
                       required_min_rx_us=self.config.required_min_rx_us if required_min_rx_us is None
                       else required_min_rx_us,
                       detect_mult=self.config.detect_mult if detect_mult is None else detect_mult)

@@ -41,12 +41,22 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
 from bgp.bfd.codec import ControlPacket, DropReason, State, encode
-from bgp.bfd.fsm import (TTL_SINGLE_HOP, Action, Demux, Discard, Session, SessionConfig, StateChange, Transmit,
-                         is_failure)
+from bgp.bfd.fsm import (
+    TTL_SINGLE_HOP,
+    Action,
+    Demux,
+    Discard,
+    Session,
+    SessionConfig,
+    StateChange,
+    Transmit,
+    is_failure,
+)
 from bgp.errors import BgpError
 
 log = logging.getLogger(__name__)
@@ -340,7 +350,8 @@ class BfdEndpoint:
         with sock:
             while True:
                 data, ancdata, _flags, addr = await sock.recvmsg(512, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20))
-                self.received(data, _ttl(ancdata), _source(addr[0]), _ifindex(ancdata))
+                host = cast("tuple[str, int]", addr)[0]  # AF_INET/AF_INET6: (host, port, ...)
+                self.received(data, _ttl(ancdata), _source(host), _ifindex(ancdata))
 
     async def _send(self, rt: _Runtime, packet: ControlPacket) -> None:
         data = encode(packet)

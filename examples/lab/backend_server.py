@@ -1,5 +1,6 @@
 """A lab backend: an HTTP server that names itself, and a TCP echo service for long-lived
-connections (it greets with its name, then echoes lines). It binds the wildcard address, so it answers on the VIP held on loopback.
+connections (it greets with its name, then echoes lines). It binds the wildcard address, so it
+answers on the VIP held on loopback.
 
     python -m examples.lab.backend_server --name b1 [--http-port 80] [--echo-port 9000]
 

@@ -26,8 +26,17 @@ from typing import Any
 import yaml
 
 from cluster import status
-from examples.lab.hosts import (ECHO_PORT, HTTP_PORT, REPO, Host, PeerPass, add_host, make_backend, make_client,
-                                start_backend_server)
+from examples.lab.hosts import (
+    ECHO_PORT,
+    HTTP_PORT,
+    REPO,
+    Host,
+    PeerPass,
+    add_host,
+    make_backend,
+    make_client,
+    start_backend_server,
+)
 from examples.lab.netns import Lab, read_line, wait_until
 
 VIP = ipaddress.ip_address("192.0.2.10")

@@ -123,7 +123,7 @@ class Run:
 
         def echoing() -> bool:
             report = self.load.report()
-            return report["long"]["alive"] == 0 or report["long"]["current_stall_ms"] < 500
+            return bool(report["long"]["alive"] == 0 or report["long"]["current_stall_ms"] < 500)
         wait_until(echoing, timeout_s=timeout_s, interval_s=0.1, what="every connection echoing")
         return time.monotonic() - t0
 
@@ -551,7 +551,7 @@ def main() -> int:
     print(table(results))
     for failure in failures:
         print("FAILED", failure)
-    real = [r for k, r in zip(keys, results) if not SCENARIOS[k].control]
+    real = [r for k, r in zip(keys, results, strict=True) if not SCENARIOS[k].control]
     print(f"scenarios={len(real)} kept={sum(r.kept for r in real)} lost={sum(r.lost for r in real)}")
     return 1 if failures else 0
 

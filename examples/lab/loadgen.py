@@ -69,7 +69,8 @@ class Figures:
                 "min_echoed_since_mark": min(since_mark, default=0),
                 "max_stall_ms": round(1000 * stalls[-1]) if stalls else 0,
                 "current_stall_ms": round(1000 * max((now - c.last_ok for c in alive), default=0.0)),
-                "p99_stall_ms": round(1000 * stalls[min(len(stalls) - 1, math.ceil(0.99 * len(stalls)) - 1)]) if stalls else 0,
+                "p99_stall_ms": (round(1000 * stalls[min(len(stalls) - 1, math.ceil(0.99 * len(stalls)) - 1)])
+                                 if stalls else 0),
                 "lost_at_s": sorted(round(c.lost_at - self.started, 3) for c in self.longs if c.lost_at is not None),
             },
             "short": {
@@ -79,7 +80,8 @@ class Figures:
         }
 
 
-async def long_conn(conn: Long, host: str, port: int, interval_s: float, stuck_s: float, connected: trio.Semaphore) -> None:
+async def long_conn(conn: Long, host: str, port: int, interval_s: float, stuck_s: float,
+                    connected: trio.Semaphore) -> None:
     try:
         with trio.fail_after(stuck_s):
             stream = await trio.open_tcp_stream(host, port)

@@ -65,7 +65,8 @@ class Lab:
         self.ns_run(name, "ip", "link", "set", "lo", "up")
         return name
 
-    def ns_run(self, ns: str, *cmd: str, check: bool = True, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def ns_run(self, ns: str, *cmd: str, check: bool = True,
+               timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *cmd], check=check, timeout_s=timeout_s)
 
     def veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str, *, queues: int = 1) -> None:
@@ -93,7 +94,8 @@ class Lab:
     def spawn(self, ns: str, *cmd: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
         """Start a process inside `ns`; it is killed by PID when the lab closes."""
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            ["ip", "netns", "exec", ns, *cmd], start_new_session=True, **popen_kwargs)
         self.processes.append(proc)
         return proc
 

@@ -5,10 +5,11 @@
     b1..b3 (10.99.0.11-13)+
 
 The client routes the VIPs via the node and computes checksums itself, as on a real wire.
-The node has no VIP and no forwarding: only its XDP program moves VIP traffic, rewriting MACs towards a backend (XDP_TX). Backends hold the VIPs on
-loopback (arp_ignore=1, arp_announce=2 so they never answer ARP for them) and reply to the
-client directly: layer-2 direct server return. The switch-side peer of the node's veth runs an
-XDP_PASS program, without which XDP_TX frames would vanish in the veth driver.
+The node has no VIP and no forwarding: only its XDP program moves VIP traffic, rewriting MACs
+towards a backend (XDP_TX). Backends hold the VIPs on loopback (arp_ignore=1, arp_announce=2 so
+they never answer ARP for them) and reply to the client directly: layer-2 direct server return.
+The switch-side peer of the node's veth runs an XDP_PASS program, without which XDP_TX frames
+would vanish in the veth driver.
 """
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ from pathlib import Path
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.loader import XdpMode
 from bpf.structs import IPPROTO_TCP
-from examples.lab.hosts import (ECHO_PORT, HTTP_PORT, REPO, Host, PeerPass, add_host, make_backend, make_client,
-                                start_backend_server)
+from examples.lab.hosts import (
+    ECHO_PORT,
+    HTTP_PORT,
+    REPO,
+    Host,
+    PeerPass,
+    add_host,
+    make_backend,
+    make_client,
+    start_backend_server,
+)
 from examples.lab.netns import Lab, read_line
 
 VIP4 = ipaddress.ip_address("10.99.1.100")
@@ -90,7 +100,8 @@ class SingleNodeLab:
 
     # ---- services -------------------------------------------------------------------------------
 
-    def services(self, out_of_hash: frozenset[str] = frozenset(), removed: frozenset[str] = frozenset()) -> list[ServiceSpec]:
+    def services(self, out_of_hash: frozenset[str] = frozenset(),
+                 removed: frozenset[str] = frozenset()) -> list[ServiceSpec]:
         """HTTP and echo on both VIPs, to every backend not `removed`; `out_of_hash` keep their flows only."""
         specs = []
         for vip in (VIP4, VIP6):
@@ -113,7 +124,7 @@ class SingleNodeLab:
                               f"http://{host}:{HTTP_PORT}/", "--count", str(count), timeout_s=60 + count)
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
-    def open_echo(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> "EchoSession":
+    def open_echo(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> EchoSession:
         proc = self.lab.spawn(self.client.ns, sys.executable, "-m", "examples.lab.clients", "echo",
                               str(vip), str(ECHO_PORT), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         line = read_line(proc, timeout_s=10)

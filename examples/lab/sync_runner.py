@@ -35,8 +35,8 @@ from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.loader import Limits
 from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP
 from bpf.testrun import run_xdp
-from cluster.sync.flowsync import FlowSync
 from cluster.sync.config import SyncConfig
+from cluster.sync.flowsync import FlowSync
 
 ip = ipaddress.ip_address
 MAC = "02:00:00:00:00:01"
@@ -52,12 +52,13 @@ DUMMY = ServiceSpec(ip("10.0.0.200"), 443, IPPROTO_TCP, (BackendSpec(ip("10.0.0.
 def frame(sport: int, flags: str = "A") -> bytes:
     from scapy.all import IP, TCP, Ether  # type: ignore[attr-defined]
 
-    return bytes(Ether(dst=MAC, src="02:00:00:00:00:fe") / IP(src=CLIENT, dst=str(VIP)) / TCP(sport=sport, dport=80, flags=flags))
+    return bytes(Ether(dst=MAC, src="02:00:00:00:00:fe") / IP(src=CLIENT, dst=str(VIP))
+                 / TCP(sport=sport, dport=80, flags=flags))
 
 
 def client_number(key: bytes) -> int:
     """The bench build's client counter n from a flow key (src[3] ^= n, as a host-order u32)."""
-    return int.from_bytes(bytes(a ^ b for a, b in zip(key[12:16], CLIENT_WORD)), "little")
+    return int.from_bytes(bytes(a ^ b for a, b in zip(key[12:16], CLIENT_WORD, strict=True)), "little")
 
 
 class Host:
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-cpu", type=int, default=0)
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     trio.run(Host(args).run)
     return 0
 
@@ -280,7 +282,8 @@ class SyncLab:
 
     def start(self, role: str, *extra: str) -> HostProcess:
         ns = self.hosts[role]
-        proc = self.lab.spawn(ns, sys.executable, "-m", "examples.lab.sync_runner", "--ip", self.ips[role], "--if", "eth0",
+        proc = self.lab.spawn(ns, sys.executable, "-m", "examples.lab.sync_runner",
+                              "--ip", self.ips[role], "--if", "eth0",
                               "--key-file", self.key_file, "--port", str(self.port), *extra,
                               stdin=self._subprocess.PIPE, stdout=self._subprocess.PIPE)
         return HostProcess(proc, role)
