@@ -104,7 +104,8 @@ def interface_lock(ifname: str) -> tuple[int, str]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace ({path})") from None
+            raise UsageError(f"--if: another lbnode is running on {ifname} in this network namespace "
+                             f"({path})") from None
         try:
             if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 return fd, path

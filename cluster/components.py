@@ -22,7 +22,8 @@ from cluster.desired import Prefix
 from cluster.events import MacsLearned
 from cluster.status_doc import StatusSource
 from healthcheck.config import ServiceHealthConfig
-from healthcheck.state import Event as HealthEvent, ServiceStatus
+from healthcheck.state import Event as HealthEvent
+from healthcheck.state import ServiceStatus
 
 if TYPE_CHECKING:
     from bgp.config import SpeakerConfig
@@ -68,6 +69,7 @@ class SyncLike(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
     async def resync(self, timeout_s: float) -> bool: ...  # False: incomplete after timeout_s
     def set_digest(self, digest: bytes) -> None: ...
+    def set_keys(self, config: SyncConfig) -> None: ...  # the key files' contents changed (SIGHUP)
     def snapshot(self) -> dict[str, Any]: ...
 
 
@@ -136,5 +138,6 @@ class Components:
     health: Callable[[Sequence[ServiceHealthConfig]], HealthLike] = real_health
     speaker: Callable[[SpeakerConfig, Callable[[], None]], SpeakerLike] = real_speaker
     sync: Callable[[SyncConfig, DataPlaneLike, IPAddress, str], SyncLike] = real_sync
-    neighbours: Callable[[str, Iterable[IPAddress], trio.abc.SendChannel[MacsLearned]], NeighboursLike] = real_neighbours
+    neighbours: Callable[[str, Iterable[IPAddress], trio.abc.SendChannel[MacsLearned]], NeighboursLike] = (
+        real_neighbours)
     interface_mac: Callable[[str], str | None] = interface_mac

@@ -26,9 +26,8 @@ import healthcheck.config as hc
 import healthcheck.errors
 from bgp.config import SpeakerConfig
 from bgp.rib import RouteAttrs
-from bpf.loader import XdpMode
+from bpf.loader import Limits, XdpMode
 from bpf.structs import PROTOCOLS
-from bpf.loader import Limits
 from cluster.sync.config import SyncConfig, SyncConfigError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -35,7 +35,8 @@ NOT_READY = "node not ready"
 @dataclass(frozen=True, slots=True)
 class View:
     config: NodeConfig
-    healthy: Mapping[str, frozenset[str]] = field(default_factory=dict)  # health name -> BackendIds passing (not drained)
+    # health name -> BackendIds passing their checks (and not drained)
+    healthy: Mapping[str, frozenset[str]] = field(default_factory=dict)
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
 

@@ -53,7 +53,8 @@ from cluster.desired import NOT_READY, Prefix, View, decide
 from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
 from cluster.lifecycle import Component, Supervisor
 from cluster.loopwatch import LoopWatch, heartbeat
-from cluster.status import DocumentCache, serve as serve_status
+from cluster.status import DocumentCache
+from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
@@ -77,9 +78,10 @@ class NodeArgs:
 
 
 class Node:
-    def __init__(self, args: NodeArgs, config: NodeConfig, components: Components = Components()) -> None:
+    def __init__(self, args: NodeArgs, config: NodeConfig, components: Components | None = None) -> None:
         self.args = args
         self.config = config
+        components = components or Components()
         self.components = components
         self.state = "starting"
         self.reloads = {"ok": 0, "refused": 0}

@@ -89,9 +89,11 @@ def render(status: dict[str, Any]) -> str:
     lines.append("services:")
     for svc in status["services"]:
         lines.append(f"  {svc['name']:32} {'UP' if svc['up'] else 'DOWN':4} {svc['usable']}/{svc['need']} needed"
-                     f"  packets={svc['packets']} bytes={svc['bytes']} new_flows={svc['new_flows']} drops={svc['drops']}")
+                     f"  packets={svc['packets']} bytes={svc['bytes']} new_flows={svc['new_flows']}"
+                     f" drops={svc['drops']}")
         for b in svc["backends"]:
-            state = ("in hash" if b["in_hash"] else "no mac") if b["usable"] else ("drained" if b["disabled"] else "down")
+            state = (("in hash" if b["in_hash"] else "no mac") if b["usable"]
+                     else ("drained" if b["disabled"] else "down"))
             lines.append(f"    {b['backend']:28} {state:7} weight={b['weight']} mac={b['mac'] or '?'}"
                          f"  packets={b['packets']} new_flows={b['new_flows']}  {b['last_error'] or ''}")
     bgp = status.get("bgp")

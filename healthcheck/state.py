@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import cast
 
 from healthcheck.config import BackendConfig, BackendId, CheckKind, InitialState, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
@@ -234,7 +235,7 @@ class ServiceHealth:
 
     def _track(self, backend: str) -> _BackendTrack:
         try:
-            return self._backends[backend]
+            return self._backends[cast(BackendId, backend)]  # a BackendId equals its text
         except KeyError:
             raise HealthCheckError(f"{self.config.name}: unknown backend {backend!r}") from None
 

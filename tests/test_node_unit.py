@@ -271,6 +271,7 @@ def world() -> World:
 def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     key_file = tmp_path / "sync.key"
     key_file.write_text("a-long-enough-shared-key")
+    key_file.chmod(0o600)  # a key readable by others is refused
     monkeypatch.setattr(__import__(__name__), "KEY_FILE", key_file)
     path = tmp_path / "node.yaml"
     path.write_text(config_text())

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import trio
+import trio.lowlevel
 
 from bpf.dataplane import DataPlane
 from bpf.flowtable import FlowChunk
@@ -77,8 +78,7 @@ from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
 from cluster.sync.codec import FlowOp
 from cluster.sync.config import SyncConfig
-from cluster.sync.engine import (Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine,
-                                 Warn)
+from cluster.sync.engine import Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine, Warn
 from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class Pacer:
         if self._next > now:
             await trio.sleep_until(self._next)
         else:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
 
 class SyncError(Exception):
