@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from cluster.config import IPAddress
+from bpf.structs import IPAddress
 
 log = logging.getLogger(__name__)
 
