@@ -72,6 +72,7 @@ import trio
 
 from bpf.dataplane import DataPlane
 from bpf.flowtable import FlowChunk
+from bpf.loglimit import LogLimiter
 from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, from_addr16
 from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
@@ -94,6 +95,7 @@ RESYNC_RETRY_S = 1.0
 SEND_RATE = 20_000
 SEND_BATCH = 32
 MEMBERSHIP_CHECK_S = 1.0
+WARN_INTERVAL_S = 10.0  # at most one WARNING per reason this often (the rest at DEBUG)
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
                          errno.ENXIO})
@@ -181,25 +183,6 @@ def _next_incarnation() -> int:
     return _last_incarnation
 
 
-class _RateLimitedLog:
-    """At most one WARNING per reason per `interval_s`, saying how many were suppressed."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, reason: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -math.inf) >= self.interval_s:
-            n = self._suppressed.pop(reason, 0)
-            log.warning(msg + (" (%d similar suppressed)" if n else ""), *args, *((n,) if n else ()))
-            self._last[reason] = now
-        else:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            log.debug(msg, *args)
-
-
 IO_COUNTERS = ("sent", "send_waits", "sent_flows", "received", "received_flows", "installed", "unknown_service", "send_errors",
                "send_errors_link", "events", "refreshed", "refresh_passes", "install_errors", "incarnation_renewals",
                "membership_rejoins", "membership_errors", "recv_errors")
@@ -242,7 +225,7 @@ class FlowSync:
         self._resync_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
-        self._ratelog = _RateLimitedLog()
+        self._warn_limits: dict[str, LogLimiter] = {}  # reason -> its rate limit
         self._pacer = Pacer(send_rate)
         self._builder: RecordBuilder | None = None
         self._keys: list[bytes] = []  # flows of the current receive batch
@@ -392,6 +375,16 @@ class FlowSync:
 
     # ---- actions ------------------------------------------------------------------------------
 
+    def _warn(self, reason: str, msg: str, *args: object) -> None:
+        """At most one WARNING per reason per WARN_INTERVAL_S, saying how many were suppressed
+        (those go to DEBUG)."""
+        limit = self._warn_limits.setdefault(reason, LogLimiter(WARN_INTERVAL_S))
+        n = limit.allow(time.monotonic())
+        if n is None:
+            log.debug(msg, *args)
+        else:
+            log.warning(msg + (" (%d similar suppressed)" if n else ""), *args, *((n,) if n else ()))
+
     def _act(self, actions: Iterable[Action]) -> None:
         for a in actions:
             if isinstance(a, Send):
@@ -407,7 +400,7 @@ class FlowSync:
                 if self._resync_done is not None:
                     self._resync_done.set()
             elif isinstance(a, Warn):
-                self._ratelog.warn(a.reason, "flow sync: %s", a.message)
+                self._warn(a.reason, "flow sync: %s", a.message)
 
     # ---- socket -------------------------------------------------------------------------------
 
@@ -463,7 +456,7 @@ class FlowSync:
             ifindex = socket.if_nametoindex(self.ifname) if self.ifname else 0
         except OSError:
             self.counters["membership_errors"] += 1
-            self._ratelog.warn("membership", "flow sync: interface %s is gone; sending fails until it is back",
+            self._warn("membership", "flow sync: interface %s is gone; sending fails until it is back",
                                self.ifname)
             return
         mreqn = self._mreqn(ifindex)
@@ -476,7 +469,7 @@ class FlowSync:
                 self._ifindex = ifindex
                 return
             self.counters["membership_errors"] += 1
-            self._ratelog.warn("membership", "flow sync: cannot join %s on %s: %s", self.config.group, self.ifname,
+            self._warn("membership", "flow sync: cannot join %s on %s: %s", self.config.group, self.ifname,
                                errno.errorcode.get(exc.errno or 0, exc))
             return
         old, self._ifindex = self._ifindex, ifindex
@@ -496,7 +489,7 @@ class FlowSync:
                 if exc.errno in LINK_ERRNOS:
                     self.counters["send_errors_link"] += 1
                     self._next_membership_check = min(self._next_membership_check, trio.current_time() + 0.1)
-                self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0],
+                self._warn("send", "flow sync: send to %s failed: %s", dest[0],
                                    errno.errorcode.get(exc.errno or 0, exc))
 
     def _send_flows(self, records: list[bytes]) -> None:
@@ -561,7 +554,7 @@ class FlowSync:
                         self.counters["send_errors"] += 1
                         if exc.errno in LINK_ERRNOS:
                             self.counters["send_errors_link"] += 1
-                        self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0],
+                        self._warn("send", "flow sync: send to %s failed: %s", dest[0],
                                            errno.errorcode.get(exc.errno or 0, exc))
                         break
             n += 1
@@ -646,7 +639,7 @@ class FlowSync:
                     break
                 except OSError as exc:
                     self.counters["recv_errors"] += 1
-                    self._ratelog.warn("recv", "flow sync: receive failed: %s", exc)
+                    self._warn("recv", "flow sync: receive failed: %s", exc)
                     break
                 self.counters["received"] += 1
                 self._act(engine.receive(data, addr, now, wall_s))
@@ -675,7 +668,7 @@ class FlowSync:
         self.counters["received_flows"] += n + unknown
         if unknown:
             self.counters["unknown_service"] += unknown
-            self._ratelog.warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
+            self._warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
 
     def _translate(self, t: bytes) -> tuple[bytes, bytes] | None:
         vip, port, proto, backend = from_addr16(t[:16]), int.from_bytes(t[16:18], "big"), t[18], from_addr16(t[19:35])
@@ -692,7 +685,7 @@ class FlowSync:
             n = self.dp.write_flows_packed(joined, b"".join(values))
         except Exception as exc:  # a map error must not stop sync; it is counted and logged
             self.counters["install_errors"] += 1
-            self._ratelog.warn("install", "flow sync: writing %d flows failed: %s", len(keys), exc)
+            self._warn("install", "flow sync: writing %d flows failed: %s", len(keys), exc)
             return
         self.counters["installed"] += n
         if self.on_install is not None:
