@@ -1,28 +1,21 @@
 """Health-check configuration: frozen dataclasses, validated once, errors naming the key path.
 
-Each class has ``from_dict(data, path)``: `data` is what ``yaml.safe_load`` produced for that
-node and `path` is where it sits in the document (``"services[0].checks[1]"``), so the node's
-YAML loader can reuse these and add line numbers to `ConfigError`. Unknown keys are errors.
+The node builds `ServiceHealthConfig` and `BackendConfig` from its own config (cluster.config);
+what it reads from YAML here is a check, with ``CheckConfig.from_dict(data, path)``: `data` is
+what ``yaml.safe_load`` produced for that node and `path` is where it sits in the document
+(``"services[0].checks[1]"``), so the node's YAML loader can add line numbers to `ConfigError`.
+Unknown keys are errors.
 
-    services:
-      - name: web
-        vip: 192.0.2.10
-        port: 80
-        need: 1                 # service is up while >= need backends are healthy
-        through_vip: true       # probe the backend's MAC with the VIP as destination (DSR path)
-        checks:
-          - kind: http          # tcp | http | https
-            interval_ms: 1000
-            timeout_ms: 500     # 0 < timeout_ms < interval_ms
-            rise: 2             # consecutive passes to go up
-            fall: 3             # consecutive failures to go down
-            path: /healthz
-            host: www.example.com
-            expect_status: [200, "300-399"]
-            body_contains: ok
-        backends:
-          - {address: 10.0.0.11, port: 80}
-          - {address: 10.0.0.12, port: 80, disabled: true, initial: up}
+    checks:
+      - kind: http          # tcp | http | https
+        interval_ms: 1000
+        timeout_ms: 500     # 0 < timeout_ms < interval_ms
+        rise: 2             # consecutive passes to go up
+        fall: 3             # consecutive failures to go down
+        path: /healthz
+        host: www.example.com
+        expect_status: [200, "300-399"]
+        body_contains: ok
 """
 from __future__ import annotations
 
@@ -155,27 +148,11 @@ class BackendConfig:
     disabled: bool = False  # drained: still probed, never counted, out of the hash for new flows
     initial: InitialState = InitialState.DOWN
 
-    _KEYS = frozenset({"address", "port", "disabled", "initial"})
-
     @property
     def key(self) -> str:
         """Identity used in events and snapshots: ``10.0.0.1:80`` / ``[2001:db8::1]:80``."""
         host = str(self.address) if self.address.version == 4 else f"[{self.address}]"
         return f"{host}:{self.port}"
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> BackendConfig:
-        d = _v.mapping(data, path)
-        _v.no_unknown(d, cls._KEYS, path)
-        address = _v.address(_v.require(d, "address", path), f"{path}.address")
-        port = _v.integer(d, "port", path, None, 1, 65535)
-        disabled = _v.boolean(d, "disabled", path, False)
-        initial_raw = d.get("initial", "down")
-        try:
-            initial = InitialState(initial_raw)
-        except ValueError:
-            raise ConfigError(f"{path}.initial", f"must be 'up' or 'down', got {initial_raw!r}") from None
-        return cls(address=address, port=port, disabled=disabled, initial=initial)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,46 +164,6 @@ class ServiceHealthConfig:
     backends: tuple[BackendConfig, ...]
     need: int = 1
     through_vip: bool = True
-
-    _KEYS = frozenset({"name", "vip", "port", "checks", "backends", "need", "through_vip"})
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> ServiceHealthConfig:
-        d = _v.mapping(data, path)
-        _v.no_unknown(d, cls._KEYS, path)
-        name = _v.require(d, "name", path)
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-            raise ConfigError(f"{path}.name", f"must be 1-64 of [A-Za-z0-9_.-], got {name!r}")
-        vip = _v.address(_v.require(d, "vip", path), f"{path}.vip")
-        port = _v.integer(d, "port", path, None, 1, 65535)
-        checks = tuple(CheckConfig.from_dict(c, f"{path}.checks[{i}]")
-                       for i, c in enumerate(_v.sequence(_v.require(d, "checks", path), f"{path}.checks")))
-        if not checks:
-            raise ConfigError(f"{path}.checks", "must list at least one check, got []")
-        backends = tuple(BackendConfig.from_dict(b, f"{path}.backends[{i}]")
-                         for i, b in enumerate(_v.sequence(_v.require(d, "backends", path), f"{path}.backends")))
-        seen: dict[str, int] = {}
-        for i, b in enumerate(backends):
-            if b.key in seen:
-                raise ConfigError(f"{path}.backends[{i}]", f"duplicate of backends[{seen[b.key]}], got {b.key}")
-            seen[b.key] = i
-            if b.address.version != vip.version:
-                raise ConfigError(f"{path}.backends[{i}].address",
-                                  f"must be IPv{vip.version} like the vip, got {b.address}")
-        need = _v.integer(d, "need", path, 1, 1, max(1, len(backends)))
-        through_vip = _v.boolean(d, "through_vip", path, True)
-        return cls(name=name, vip=vip, port=port, checks=checks, backends=backends, need=need,
-                   through_vip=through_vip)
-
-
-def services_from_list(data: Any, path: str = "services") -> tuple[ServiceHealthConfig, ...]:
-    services = tuple(ServiceHealthConfig.from_dict(s, f"{path}[{i}]") for i, s in enumerate(_v.sequence(data, path)))
-    names: dict[str, int] = {}
-    for i, s in enumerate(services):
-        if s.name in names:
-            raise ConfigError(f"{path}[{i}].name", f"duplicate of {path}[{names[s.name]}], got {s.name!r}")
-        names[s.name] = i
-    return services
 
 
 # -- helpers -------------------------------------------------------------------------------------
