@@ -54,6 +54,7 @@ and logged at a limited rate.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -73,7 +74,7 @@ import trio
 from bpf.dataplane import DataPlane
 from bpf.flowtable import FlowChunk
 from bpf.loglimit import LogLimiter
-from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, from_addr16
+from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, Flow, from_addr16
 from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
 from cluster.sync.codec import FlowOp
@@ -99,14 +100,12 @@ WARN_INTERVAL_S = 10.0  # at most one WARNING per reason this often (the rest at
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
                          errno.ENXIO})
-EVENT_TIME_OFFSET = 56 + 16  # struct flow_event: key 40, backend_addr 16, backend 4, service 4, time_ns 8, kind
-EVENT_KIND_OFFSET = 72
 _OP_NEW = bytes((FlowOp.NEW, 0, 0))
 _OP_CLOSE = bytes((FlowOp.CLOSE, 0, 0))
 _OP_REFRESH = bytes((FlowOp.REFRESH, 0, 0))
-_KEY_PAD = b"\0\0\0"
-_FLOW_PREFIX = struct.Struct("<IHH")  # struct flow: backend, service, flags (then last_seen_ns u64)
-_U64 = struct.Struct("<Q")
+# struct flow (bpf/structs.Flow) as written for a synced flow: backend, service and flags, then
+# last_seen_ns, which is the same stamp for a whole receive batch.
+_LAST_SEEN_OFFSET = Flow.last_seen_ns.offset
 _MISSING = object()
 _WIRE_OP = np.array([FlowOp.REFRESH, FlowOp.CLOSE], dtype=np.uint8)
 
@@ -137,9 +136,9 @@ class RecordBuilder:
         ok[ok] &= self._known[backend[ok]]
         keys = chunk.key_rows()[ok]
         out = np.zeros((len(keys), codec.FLOW_RECORD_BYTES), dtype=np.uint8)
-        out[:, :37] = keys[:, :37]
-        out[:, 37] = _WIRE_OP[((flows["flags"][ok] & FLOW_F_CLOSING) != 0).astype(np.intp)]
-        out[:, 40:56] = self._table[backend[ok]]
+        out[:, :codec.KEY_WIRE_BYTES] = keys[:, :codec.KEY_WIRE_BYTES]
+        out[:, codec.OP_OFFSET] = _WIRE_OP[((flows["flags"][ok] & FLOW_F_CLOSING) != 0).astype(np.intp)]
+        out[:, codec.BACKEND_ADDR_OFFSET:codec.FLOW_RECORD_BYTES] = self._table[backend[ok]]
         return out.tobytes()
 
 
@@ -502,6 +501,8 @@ class FlowSync:
         batch_s = self.config.batch_ms / 1000
         deadline = math.inf
         pending = self._pending
+        key_end, kind_at = codec.KEY_WIRE_BYTES, codec.EVENT_KIND_OFFSET
+        addr_at, record_end = codec.BACKEND_ADDR_OFFSET, codec.FLOW_RECORD_BYTES
         while True:
             if pending:  # a batch is open: let it fill until its deadline instead of waking per event
                 await trio.sleep_until(deadline)
@@ -512,9 +513,9 @@ class FlowSync:
                 if not pending:
                     deadline = trio.current_time() + batch_s
                 self.counters["events"] += len(raw)
-                for ev in raw:
-                    pending.append(ev[:37] + (_OP_CLOSE if ev[EVENT_KIND_OFFSET] == EVENT_FLOW_CLOSE else _OP_NEW)
-                                   + ev[40:56])
+                for ev in raw:  # codec.flow_wire_from_event, inlined
+                    pending.append(ev[:key_end] + (_OP_CLOSE if ev[kind_at] == EVENT_FLOW_CLOSE else _OP_NEW)
+                                   + ev[addr_at:record_end])
                 self._flush(full_only=True)
             if pending and trio.current_time() >= deadline:
                 self._flush(full_only=False)
@@ -630,8 +631,8 @@ class FlowSync:
             await trio.lowlevel.wait_readable(sock)
             now, wall_s = trio.current_time(), time.time()
             self._keys, self._values = [], []
-            self._stamp = _U64.pack(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
-                                        - 2_000_000_000))
+            self._stamp = bytes(ctypes.c_uint64(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                                                    - self._refresh_window_ns - 2_000_000_000)))
             for _ in range(RECV_BATCH):
                 try:
                     data, (addr, _port) = sock.recvfrom(2048)
@@ -653,17 +654,20 @@ class FlowSync:
         """Translate checked records (engine.Install) into this node's indexes, for the batch."""
         keys, values, stamp = self._keys, self._values, self._stamp
         xlate, size = self._xlate, codec.FLOW_RECORD_BYTES
+        (dst, dst_end), (port, key_end) = codec.KEY_DST, codec.KEY_DPORT_PROTO
+        addr, op_at, pad = codec.BACKEND_ADDR_OFFSET, codec.OP_OFFSET, codec.KEY_PAD
         n = unknown = 0
         for off in range(0, len(raw), size):
-            t = raw[off + 16:off + 32] + raw[off + 34:off + 37] + raw[off + 40:off + 56]
+            # (VIP, port, protocol, backend address): what `_translate` turns into local indexes
+            t = raw[off + dst:off + dst_end] + raw[off + port:off + key_end] + raw[off + addr:off + size]
             prefixes = xlate.get(t, _MISSING)
             if prefixes is _MISSING:
                 prefixes = xlate[t] = self._translate(t)
             if prefixes is None:
                 unknown += 1
                 continue
-            keys.append(raw[off:off + 37] + _KEY_PAD)
-            values.append(prefixes[raw[off + 37] == FlowOp.CLOSE] + stamp)  # type: ignore[index]
+            keys.append(raw[off:off + key_end] + pad)
+            values.append(prefixes[raw[off + op_at] == FlowOp.CLOSE] + stamp)  # type: ignore[index]
             n += 1
         self.counters["received_flows"] += n + unknown
         if unknown:
@@ -671,13 +675,16 @@ class FlowSync:
             self._warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
 
     def _translate(self, t: bytes) -> tuple[bytes, bytes] | None:
-        vip, port, proto, backend = from_addr16(t[:16]), int.from_bytes(t[16:18], "big"), t[18], from_addr16(t[19:35])
+        addr_len = codec.KEY_DST[1] - codec.KEY_DST[0]
+        port_end = addr_len + 2
+        vip, port, proto = from_addr16(t[:addr_len]), int.from_bytes(t[addr_len:port_end], "big"), t[port_end]
+        backend = from_addr16(t[port_end + 1:])
         service = self.dp.service_index(vip, port, proto)
         index = self.dp.backend_index(vip, port, proto, backend)
         if service is None or index is None:
             return None
-        return (_FLOW_PREFIX.pack(index, service, FLOW_F_SYNCED),
-                _FLOW_PREFIX.pack(index, service, FLOW_F_SYNCED | FLOW_F_CLOSING))
+        return (bytes(Flow(index, service, FLOW_F_SYNCED))[:_LAST_SEEN_OFFSET],
+                bytes(Flow(index, service, FLOW_F_SYNCED | FLOW_F_CLOSING))[:_LAST_SEEN_OFFSET])
 
     def _install(self, keys: list[bytes], values: list[bytes]) -> None:
         joined = b"".join(keys)
