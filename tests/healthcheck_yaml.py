@@ -19,7 +19,12 @@ import re
 from typing import Any
 
 from bpf.validate import Validator
-from healthcheck.config import BackendConfig, CheckConfig, InitialState, ServiceHealthConfig
+from healthcheck.config import (
+    BackendConfig,
+    CheckConfig,
+    InitialState,
+    ServiceHealthConfig,
+)
 from healthcheck.errors import ConfigError
 
 _v = Validator(ConfigError, string_keys=True)
