@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
 
-from healthcheck.config import CheckConfig, ServiceHealthConfig  # noqa: E402
+from healthcheck.config import BackendConfig, CheckConfig, ServiceHealthConfig  # noqa: E402
 from healthcheck.probe import Attempt, ProbeResult, ProbeTarget  # noqa: E402
 from healthcheck.runner import HealthChecker  # noqa: E402
 
@@ -123,10 +124,9 @@ def _service(kind: str, ports: list[int], interval_ms: int) -> ServiceHealthConf
                                 "rise": 2, "fall": 3}
     if kind == "https":
         check["verify"] = False
-    return ServiceHealthConfig.from_dict({
-        "name": f"bench-{kind}", "vip": "127.0.0.1", "port": ports[0], "through_vip": False,
-        "need": 1, "checks": [check], "backends": [{"address": "127.0.0.1", "port": p} for p in ports],
-    }, "services[0]")
+    localhost = ipaddress.IPv4Address("127.0.0.1")
+    return ServiceHealthConfig(f"bench-{kind}", localhost, ports[0], (CheckConfig.from_dict(check, "checks[0]"),),
+                               tuple(BackendConfig(localhost, p) for p in ports), need=1, through_vip=False)
 
 
 async def _noop_probe(check: CheckConfig, target: ProbeTarget, attempt: Attempt) -> ProbeResult:

@@ -10,14 +10,16 @@ from typing import Any
 from bgp.attrs import IPV4_UNICAST, IPV6_UNICAST, Prefix
 from bgp.errors import ConfigError
 from bgp.rib import RouteAttrs
+from bpf.validate import Validator
 
 MAX_COMMUNITIES = 32
-TOP_KEYS = frozenset({"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6", "next_hop_v6_link_local", "listen",
-                      "listen_address", "listen_port", "graceful_shutdown_wait_s", "announce"})
+TOP_KEYS = frozenset({"local_as", "router_id", "peers", "next_hop_v4", "next_hop_v6", "next_hop_v6_link_local",
+                      "listen", "listen_address", "listen_port", "graceful_shutdown_wait_s", "announce"})
 PEER_KEYS = frozenset({"address", "asn", "hold_time_s", "passive", "port", "md5_password", "connect_retry_s", "attrs",
                        "bfd"})
 ATTR_KEYS = frozenset({"med", "local_pref", "communities", "large_communities"})
 BFD_KEYS = frozenset({"interval_ms", "multiplier"})
+_v = Validator(ConfigError, unknown="unknown key", unknown_sorted=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +65,20 @@ class SpeakerConfig:
 def _get(d: Mapping[str, Any], key: str, path: str, default: Any = ..., types: tuple[type, ...] = ()) -> Any:
     if key not in d:
         if default is ...:
-            raise ConfigError(f"{path}{key}: required")
+            raise ConfigError(f"{path}{key}", "required")
         return default
     value = d[key]
     if types and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
         names = "/".join(t.__name__ for t in types)
-        raise ConfigError(f"{path}{key}: must be {names}, got {value!r}")
+        raise ConfigError(f"{path}{key}", f"must be {names}, got {value!r}")
     return value
 
 
 def _asn(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 0xFFFFFFFF:
-        raise ConfigError(f"{where}: must be an AS number 1..4294967295, got {value!r}")
+        raise ConfigError(where, f"must be an AS number 1..4294967295, got {value!r}")
     if value == 23456:
-        raise ConfigError(f"{where}: 23456 is AS_TRANS, not a real AS")
+        raise ConfigError(where, "23456 is AS_TRANS, not a real AS")
     return value
 
 
@@ -87,24 +89,22 @@ def _community(value: Any, where: str) -> int:
             return hi << 16 | lo
     except ValueError:
         pass
-    raise ConfigError(f"{where}: must be 'ASN:VALUE' with both 0..65535, got {value!r}")
+    raise ConfigError(where, f"must be 'ASN:VALUE' with both 0..65535, got {value!r}")
 
 
 def _large_community(value: Any, where: str) -> tuple[int, int, int]:
     try:
         parts = tuple(int(x) for x in str(value).split(":"))
         if len(parts) == 3 and all(0 <= p <= 0xFFFFFFFF for p in parts):
-            return parts  # type: ignore[return-value]
+            return parts
     except ValueError:
         pass
-    raise ConfigError(f"{where}: must be 'GLOBAL:LOCAL1:LOCAL2' of 32-bit numbers, got {value!r}")
+    raise ConfigError(where, f"must be 'GLOBAL:LOCAL1:LOCAL2' of 32-bit numbers, got {value!r}")
 
 
 def _no_unknown(d: Mapping[str, Any], known: Collection[str], path: str) -> None:
     """A typo (`hold_time: 3`) must not silently run with the default."""
-    for key in d:
-        if key not in known:
-            raise ConfigError(f"{path}{key}: unknown key")
+    _v.no_unknown(d, known, path.rstrip("."))
 
 
 def parse_attrs(d: Mapping[str, Any], path: str, *, other_keys: Collection[str] = ()) -> RouteAttrs:
@@ -112,17 +112,16 @@ def parse_attrs(d: Mapping[str, Any], path: str, *, other_keys: Collection[str] 
 
     `path` ends with a dot ("peers[0].attrs."); keys other than these (and `other_keys`) are errors.
     """
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{path.rstrip('.')}: must be a mapping, got {type(d).__name__}")
+    _v.mapping(d, path.rstrip("."))
     _no_unknown(d, ATTR_KEYS | frozenset(other_keys), path)
     for key in ("med", "local_pref"):
         v = _get(d, key, path, None, (int,))
         if v is not None and not 0 <= v <= 0xFFFFFFFF:
-            raise ConfigError(f"{path}{key}: must be 0..4294967295, got {v}")
+            raise ConfigError(f"{path}{key}", f"must be 0..4294967295, got {v}")
     comms = _get(d, "communities", path, [], (list,))
     large = _get(d, "large_communities", path, [], (list,))
     if len(comms) > MAX_COMMUNITIES or len(large) > MAX_COMMUNITIES:
-        raise ConfigError(f"{path}communities: at most {MAX_COMMUNITIES} of each kind")
+        raise ConfigError(f"{path}communities", f"at most {MAX_COMMUNITIES} of each kind")
     return RouteAttrs(
         med=d.get("med"), local_pref=d.get("local_pref"),
         communities=tuple(_community(c, f"{path}communities[{i}]") for i, c in enumerate(comms)),
@@ -133,15 +132,15 @@ def _ip(value: Any, where: str, version: int | None = None) -> IPv4Address | IPv
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(f"{where}: not an IP address: {value!r}") from None
+        raise ConfigError(where, f"not an IP address: {value!r}") from None
     if version and ip.version != version:
-        raise ConfigError(f"{where}: must be an IPv{version} address, got {value!r}")
+        raise ConfigError(where, f"must be an IPv{version} address, got {value!r}")
     return ip
 
 
 def _hold(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 3 <= value <= 65535):
-        raise ConfigError(f"{where}: must be 0 or 3..65535 (RFC 4271 §4.2), got {value!r}")
+        raise ConfigError(where, f"must be 0 or 3..65535 (RFC 4271 §4.2), got {value!r}")
     return value
 
 
@@ -150,21 +149,20 @@ def _bfd(value: Any, path: str) -> BfdConfig | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{path}: must be a mapping like {{interval_ms: 300, multiplier: 3}}, got {value!r}")
+        raise ConfigError(path, f"must be a mapping like {{interval_ms: 300, multiplier: 3}}, got {value!r}")
     _no_unknown(value, BFD_KEYS, f"{path}.")
     interval = _get(value, "interval_ms", f"{path}.", 300, (int,))
     if not 10 <= interval <= 60000:
-        raise ConfigError(f"{path}.interval_ms: must be 10..60000, got {interval}")
+        raise ConfigError(f"{path}.interval_ms", f"must be 10..60000, got {interval}")
     mult = _get(value, "multiplier", f"{path}.", 3, (int,))
     if not 1 <= mult <= 255:
-        raise ConfigError(f"{path}.multiplier: must be 1..255, got {mult}")
+        raise ConfigError(f"{path}.multiplier", f"must be 1..255, got {mult}")
     return BfdConfig(interval_ms=interval, multiplier=mult)
 
 
 def load(d: Mapping[str, Any]) -> SpeakerConfig:
     """Validate a mapping (as loaded from YAML/JSON) into a SpeakerConfig."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"top level: must be a mapping, got {type(d).__name__}")
+    _v.mapping(d, "top level")
     _no_unknown(d, TOP_KEYS, "")
     local_as = _asn(_get(d, "local_as", ""), "local_as")
     router_id = _ip(_get(d, "router_id", "", types=(str,)), "router_id", 4)
@@ -173,58 +171,59 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
     ll6 = d.get("next_hop_v6_link_local")
     if ll6 is not None:
         if nh6 is None:
-            raise ConfigError("next_hop_v6_link_local: needs next_hop_v6 as well")
+            raise ConfigError("next_hop_v6_link_local", "needs next_hop_v6 as well")
         if not _ip(ll6, "next_hop_v6_link_local", 6).is_link_local:
-            raise ConfigError(f"next_hop_v6_link_local: must be in fe80::/10, got {ll6!r}")
+            raise ConfigError("next_hop_v6_link_local", f"must be in fe80::/10, got {ll6!r}")
     peers_raw = _get(d, "peers", "", types=(list,))
     if not peers_raw:
-        raise ConfigError("peers: at least one peer is required")
+        raise ConfigError("peers", "at least one peer is required")
     peers = []
     seen = set()
     for i, p in enumerate(peers_raw):
         path = f"peers[{i}]."
         if not isinstance(p, Mapping):
-            raise ConfigError(f"peers[{i}]: must be a mapping")
+            raise ConfigError(f"peers[{i}]", "must be a mapping")
         _no_unknown(p, PEER_KEYS, path)
         address = _ip(_get(p, "address", path, types=(str,)), f"{path}address")
         if address in seen:
-            raise ConfigError(f"{path}address: duplicate peer {address}")
+            raise ConfigError(f"{path}address", f"duplicate peer {address}")
         seen.add(address)
         pw = _get(p, "md5_password", path, None, (str,))
         if pw is not None and not 1 <= len(pw.encode()) <= 80:
-            raise ConfigError(f"{path}md5_password: must be 1..80 bytes (TCP_MD5SIG_MAXKEYLEN)")
+            raise ConfigError(f"{path}md5_password", "must be 1..80 bytes (TCP_MD5SIG_MAXKEYLEN)")
         port = _get(p, "port", path, 179, (int,))
         if not 1 <= port <= 65535:
-            raise ConfigError(f"{path}port: must be 1..65535, got {port}")
+            raise ConfigError(f"{path}port", f"must be 1..65535, got {port}")
         retry = _get(p, "connect_retry_s", path, 5.0, (int, float))
         if not 0.1 <= retry <= 3600:
-            raise ConfigError(f"{path}connect_retry_s: must be 0.1..3600, got {retry}")
+            raise ConfigError(f"{path}connect_retry_s", f"must be 0.1..3600, got {retry}")
         peers.append(PeerConfig(
             address=address, asn=_asn(_get(p, "asn", path), f"{path}asn"),
             hold_time_s=_hold(_get(p, "hold_time_s", path, 90), f"{path}hold_time_s"),
             passive=_get(p, "passive", path, False, (bool,)), port=port, md5_password=pw,
-            connect_retry_s=float(retry), attrs=parse_attrs({} if p.get("attrs") is None else p["attrs"], f"{path}attrs."),
+            connect_retry_s=float(retry),
+            attrs=parse_attrs({} if p.get("attrs") is None else p["attrs"], f"{path}attrs."),
             bfd=_bfd(p.get("bfd"), f"{path}bfd")))
     listen = _get(d, "listen", "", False, (bool,))
     for i, p in enumerate(peers):
         if p.passive and not listen:
-            raise ConfigError(f"peers[{i}].passive: a passive peer needs listen: true")
+            raise ConfigError(f"peers[{i}].passive", "a passive peer needs listen: true")
     announce = []
     for i, a in enumerate(_get(d, "announce", "", [], (list,))):
         path = f"announce[{i}]."
         if not isinstance(a, Mapping):
-            raise ConfigError(f"announce[{i}]: must be a mapping")
+            raise ConfigError(f"announce[{i}]", "must be a mapping")
         try:
             prefix: IPv4Network | IPv6Network = ipaddress.ip_network(_get(a, "prefix", path, types=(str,)))
         except ValueError as exc:
-            raise ConfigError(f"{path}prefix: {exc}") from None
+            raise ConfigError(f"{path}prefix", str(exc)) from None
         announce.append((prefix, parse_attrs(a, path, other_keys=("prefix",))))
     listen_port = _get(d, "listen_port", "", 179, (int,))
     if not 0 <= listen_port <= 65535:
-        raise ConfigError(f"listen_port: must be 0..65535 (0: any free port), got {listen_port}")
+        raise ConfigError("listen_port", f"must be 0..65535 (0: any free port), got {listen_port}")
     gs = _get(d, "graceful_shutdown_wait_s", "", 0.0, (int, float))
     if not 0 <= gs <= 3600:
-        raise ConfigError(f"graceful_shutdown_wait_s: must be 0..3600, got {gs}")
+        raise ConfigError("graceful_shutdown_wait_s", f"must be 0..3600, got {gs}")
     cfg = SpeakerConfig(
         local_as=local_as, router_id=router_id,  # type: ignore[arg-type]
         peers=tuple(peers),
@@ -235,10 +234,10 @@ def load(d: Mapping[str, Any]) -> SpeakerConfig:
         listen_port=listen_port, graceful_shutdown_wait_s=float(gs),
         announce=tuple(announce))
     if cfg.next_hop_v4 is None and cfg.next_hop_v6 is None:
-        raise ConfigError("next_hop_v4: at least one of next_hop_v4/next_hop_v6 is required")
+        raise ConfigError("next_hop_v4", "at least one of next_hop_v4/next_hop_v6 is required")
     for i, (prefix, _) in enumerate(cfg.announce):
         if (cfg.next_hop_v4 if prefix.version == 4 else cfg.next_hop_v6) is None:
-            raise ConfigError(f"announce[{i}].prefix: IPv{prefix.version} route but no next_hop_v{prefix.version}")
+            raise ConfigError(f"announce[{i}].prefix", f"IPv{prefix.version} route but no next_hop_v{prefix.version}")
     return cfg
 
 

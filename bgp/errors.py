@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from bpf import validate
+
 
 class BgpError(Exception):
     """Base of every error the bgp package raises."""
 
 
-class ConfigError(BgpError):
-    """Invalid speaker configuration; the message starts with the key path (`peers[1].hold_time_s: ...`)."""
+class ConfigError(validate.ConfigError, BgpError):
+    """Invalid speaker configuration: the shared config error (bpf.validate), with its key path
+    (`peers[1].hold_time_s`) and reason apart, kept under this package's base."""
 
 
 class ErrorCode(IntEnum):

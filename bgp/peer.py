@@ -15,6 +15,9 @@ from bgp.config import PeerConfig
 from bgp.fsm import Fsm, State
 from bgp.inbox import Conn, Inbox, Item
 from bgp.rib import AdjRibOut
+from bpf.loglimit import LogLimiter
+
+FLAP_LOG_INTERVAL_S = 60.0  # at most one INFO line per peer per interval for Idle/Connect/Active flaps
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +51,7 @@ class Peer:
     treat_as_withdraw: int = 0  # received UPDATEs with attribute errors (RFC 7606), ignored
     bfd_downs: int = 0
     last_error: str = ""  # the latest reason a session failed or did not come up
-    flap_logged_at: float = -math.inf  # rate limit of Idle/Connect/Active transition logs
-    flaps_suppressed: int = 0
+    flap_log: LogLimiter = field(default_factory=lambda: LogLimiter(FLAP_LOG_INTERVAL_S))  # Idle/Connect/Active logs
     state_before: State = State.IDLE  # the FSM's state before the event whose actions are being carried out
 
     @property

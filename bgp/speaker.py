@@ -84,7 +84,6 @@ log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0
 CANCEL_CLEANUP_S = 2.0  # Cease and close on cancellation, shielded, at most this long
-FLAP_LOG_INTERVAL_S = 60.0  # at most one INFO line per peer per interval for Idle/Connect/Active flaps
 _QUIET_STATES = frozenset({State.IDLE, State.CONNECT, State.ACTIVE})
 
 
@@ -413,13 +412,12 @@ class Speaker:
         which = "" if fsm is peer.fsm else " (other connection)"
         why = f" ({fsm.last_error})" if fsm.last_error and fsm.state in _QUIET_STATES else ""
         if old in _QUIET_STATES and fsm.state in (State.CONNECT, State.ACTIVE):
-            if now - peer.flap_logged_at < FLAP_LOG_INTERVAL_S:
-                peer.flaps_suppressed += 1
+            held = peer.flap_log.allow(now)
+            if held is None:
                 log.debug("%s%s: %s -> %s%s", peer.config.address, which, old.value, fsm.state.value, why)
                 return
-            if peer.flaps_suppressed:
-                why += f" ({peer.flaps_suppressed} similar transitions not logged)"
-            peer.flap_logged_at, peer.flaps_suppressed = now, 0
+            if held:
+                why += f" ({held} similar transitions not logged)"
         log.info("%s%s: %s -> %s%s", peer.config.address, which, old.value, fsm.state.value, why)
 
     async def _run_actions(self, peer: Peer, fsm: Fsm, conn: Conn | None, actions: list[Action]) -> None:

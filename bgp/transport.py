@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from bgp.codec import Framer, Notification, encode
 from bgp.config import PeerConfig
 from bgp.errors import BgpError, DecodeError
 from bgp.inbox import Accepted, Closed, Conn, Connected, ConnectFailed, Frame, Inbox, ReadError
+from bpf.loglimit import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +105,16 @@ async def listen(address: str, port: int, peers: Sequence[PeerConfig], inboxes: 
         bound: int = sock.getsockname()[1]
         log.info("listening on %s port %s", addr, bound)
         task_status.started(bound)
-        logged_at, suppressed = -math.inf, 0
+        accept_log = LogLimiter(ACCEPT_LOG_INTERVAL_S)
         while True:
             try:
                 conn_sock, remote = await accept(sock)
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS | ACCEPT_TRANSIENT_ERRNOS:
                     raise
-                now = trio.current_time()
-                if now - logged_at >= ACCEPT_LOG_INTERVAL_S:
-                    log.warning("accept() failed: %s%s", exc,
-                                f" ({suppressed} more since the last report)" if suppressed else "")
-                    logged_at, suppressed = now, 0
-                else:
-                    suppressed += 1
+                held = accept_log.allow(trio.current_time())
+                if held is not None:
+                    log.warning("accept() failed: %s%s", exc, f" ({held} more since the last report)" if held else "")
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     await trio.sleep(ACCEPT_BACKOFF_S)
                 continue

@@ -20,8 +20,9 @@ import sys
 import trio
 
 from bpf.loader import XdpMode
+from bpf.structs import IPAddress
 from cluster import status
-from cluster.config import ConfigError, IPAddress, NodeConfig, load_file, normalised
+from cluster.config import ConfigError, NodeConfig, load_file, normalised
 
 log = logging.getLogger("lbnode")
 

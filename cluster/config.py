@@ -13,34 +13,25 @@ import dataclasses
 import enum
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import bgp.config
-import bgp.errors
 import healthcheck.config as hc
-import healthcheck.errors
 from bgp.config import SpeakerConfig
 from bgp.rib import RouteAttrs
 from bpf.loader import Limits, XdpMode
-from bpf.structs import PROTOCOLS
-from cluster.sync.config import SyncConfig, SyncConfigError
+from bpf.structs import PROTOCOLS, IPAddress
+from bpf.validate import ConfigError, load_yaml, node_wording
+from cluster.sync.config import SyncConfig
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["BackendEntry", "ConfigError", "FlowConfig", "IPAddress", "NodeConfig", "ServiceConfig", "load_file",
+           "load_text", "normalised"]
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-
-
-class ConfigError(Exception):
-    """An invalid config: `path` is the key path, `line` the 1-based YAML line (if known)."""
-
-    def __init__(self, path: str, reason: str, source: str | None = None, line: int | None = None) -> None:
-        where = f" ({source or '<config>'}:{line})" if line is not None else ""
-        super().__init__(f"{path}: {reason}{where}")
-        self.path, self.reason, self.source, self.line = path, reason, source, line
+_v = node_wording()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,17 +134,11 @@ def load_file(path: str | Path, node_ip: IPAddress, *, check_files: bool = True)
 
 
 def load_text(text: str, node_ip: IPAddress, source: str | None = None, *, check_files: bool = True) -> NodeConfig:
-    try:
-        data = yaml.safe_load(text)
-        lines = _line_index(yaml.compose(text)) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError("(yaml)", str(getattr(exc, "problem", None) or exc), source,
-                          mark.line + 1 if mark is not None else None) from None
+    data, lines = load_yaml(text, source)
     try:
         config = _node(data if data is not None else {}, node_ip, check_files)
-    except ConfigError as err:
-        raise ConfigError(err.path, err.reason, source, _line_of(err.path, lines)) from None
+    except ConfigError as err:  # this package's, or healthcheck's, bgp's or sync's (subclasses)
+        raise err.at(source, lines) from None
     return _replace_source(config, source)
 
 
@@ -180,43 +165,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _line_index(node: Any, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Key path -> 1-based line, from PyYAML's composed node tree."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = f"{path}.{key.value}" if path else str(key.value)
-            out[child] = key.start_mark.line + 1
-            _line_index(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            child = f"{path}[{i}]"
-            out[child] = item.start_mark.line + 1
-            _line_index(item, child, out)
-    return out
-
-
-def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
-    """The line of `path`, or of its nearest ancestor that is in the file."""
-    while path:
-        if path in lines:
-            return lines[path]
-        cut = max(path.rfind("."), path.rfind("["))
-        path = path[:cut] if cut > 0 else ""
-    return None
-
-
 def _node(data: Any, node_ip: IPAddress, check_files: bool) -> NodeConfig:
-    d = _mapping(data, "(top level)")
-    _no_unknown(d, TOP_KEYS, "")
-    services = tuple(_service(s, f"services[{i}]") for i, s in enumerate(_sequence(d.get("services", []), "services")))
+    d = _v.mapping(data, "(top level)")
+    _v.no_unknown(d, TOP_KEYS, "")
+    services = tuple(_service(s, f"services[{i}]")
+                     for i, s in enumerate(_v.sequence(d.get("services", []), "services")))
     _check_unique_services(services)
     xdp_raw = d.get("xdp", "native")
     try:
         xdp = XdpMode(xdp_raw)
     except ValueError:
         raise ConfigError("xdp", f"must be native or generic, got {xdp_raw!r}") from None
-    drain_s = _number(d, "drain_s", "", 5.0, 0, 3600)
+    drain_s = _v.number(d, "drain_s", "", 5.0, 0, 3600)
     flows = _flows(d.get("flows") or {})
     _check_limits(services, flows)
     return NodeConfig(
@@ -230,63 +190,59 @@ def _node(data: Any, node_ip: IPAddress, check_files: bool) -> NodeConfig:
 
 
 def _service(data: Any, path: str) -> ServiceConfig:
-    d = _mapping(data, path)
-    _no_unknown(d, SERVICE_KEYS, path)
-    name = _require(d, "name", path)
+    d = _v.mapping(data, path)
+    _v.no_unknown(d, SERVICE_KEYS, path)
+    name = _v.require(d, "name", path)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{path}.name", f"must be 1-64 of [A-Za-z0-9_.-], got {name!r}")
-    vips = tuple(_address(v, f"{path}.vips[{i}]") for i, v in enumerate(_sequence(_require(d, "vips", path), f"{path}.vips")))
+    vips = tuple(_address(v, f"{path}.vips[{i}]")
+                 for i, v in enumerate(_v.sequence(_v.require(d, "vips", path), f"{path}.vips")))
     if not vips:
         raise ConfigError(f"{path}.vips", "must list at least one VIP")
     families: set[int] = {v.version for v in vips}
     if len(families) > 1:
         raise ConfigError(f"{path}.vips", "must all be IPv4 or all IPv6 (make one service per family)")
-    ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(_sequence(_require(d, "ports", path), f"{path}.ports")))
+    ports = tuple(_v.port(p, f"{path}.ports[{i}]")
+                  for i, p in enumerate(_v.sequence(_v.require(d, "ports", path), f"{path}.ports")))
     if not ports or len(set(ports)) != len(ports):
         raise ConfigError(f"{path}.ports", f"must list distinct ports, got {list(ports)}")
     protocol = d.get("protocol", "tcp")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"{path}.protocol", f"must be tcp or udp, got {protocol!r}")
     backends = tuple(_backend(b, f"{path}.backends[{i}]", families)
-                     for i, b in enumerate(_sequence(_require(d, "backends", path), f"{path}.backends")))
+                     for i, b in enumerate(_v.sequence(_v.require(d, "backends", path), f"{path}.backends")))
     seen: dict[IPAddress, int] = {}
     for i, b in enumerate(backends):
         if b.address in seen:
-            raise ConfigError(f"{path}.backends[{i}].address", f"duplicate of backends[{seen[b.address]}], got {b.address}")
+            raise ConfigError(f"{path}.backends[{i}].address",
+                              f"duplicate of backends[{seen[b.address]}], got {b.address}")
         seen[b.address] = i
     checks_raw = d.get("checks") or [{"kind": "tcp"}]
-    try:
-        checks = tuple(hc.CheckConfig.from_dict(c, f"{path}.checks[{i}]")
-                       for i, c in enumerate(_sequence(checks_raw, f"{path}.checks")))
-    except healthcheck.errors.ConfigError as err:
-        raise ConfigError(err.path, err.reason) from None
-    need = _int(d, "need", path, 1, 1, max(1, len(backends)))
+    checks = tuple(hc.CheckConfig.from_dict(c, f"{path}.checks[{i}]")
+                   for i, c in enumerate(_v.sequence(checks_raw, f"{path}.checks")))
+    need = _v.integer(d, "need", path, 1, 1, max(1, len(backends)))
     route = _route(d.get("route") or {}, f"{path}.route")
     return ServiceConfig(name=name, vips=vips, ports=ports, protocol=protocol, backends=backends, checks=checks,
-                         need=need, through_vip=_bool(d, "through_vip", path, protocol == "tcp"), route=route)
+                         need=need, through_vip=_v.boolean(d, "through_vip", path, protocol == "tcp"), route=route)
 
 
 def _backend(data: Any, path: str, families: set[int]) -> BackendEntry:
-    d = _mapping(data, path)
-    _no_unknown(d, BACKEND_KEYS, path)
-    address = _address(_require(d, "address", path), f"{path}.address")
+    d = _v.mapping(data, path)
+    _v.no_unknown(d, BACKEND_KEYS, path)
+    address = _address(_v.require(d, "address", path), f"{path}.address")
     if address.version not in families:
         raise ConfigError(f"{path}.address", f"must be IPv{min(families)} like the service's VIPs, got {address}")
-    return BackendEntry(address=address, weight=_int(d, "weight", path, 1, 0, 1000),
-                        disabled=_bool(d, "disabled", path, False))
+    return BackendEntry(address=address, weight=_v.integer(d, "weight", path, 1, 0, 1000),
+                        disabled=_v.boolean(d, "disabled", path, False))
 
 
 def _route(d: Any, path: str) -> RouteAttrs:
-    if not isinstance(d, Mapping):
-        raise ConfigError(path, f"must be a mapping, got {type(d).__name__}")
-    try:
-        return bgp.config.parse_attrs(d, f"{path}.")
-    except bgp.errors.ConfigError as err:
-        raise _split(err) from None
+    _v.mapping(d, path)
+    return bgp.config.parse_attrs(d, f"{path}.")
 
 
 def _bgp(data: Any, node_ip: IPAddress) -> SpeakerConfig:
-    d = dict(_mapping(data, "bgp"))
+    d = dict(_v.mapping(data, "bgp"))
     if node_ip.version == 4:
         d.setdefault("router_id", str(node_ip))
         d.setdefault("next_hop_v4", str(node_ip))
@@ -296,26 +252,23 @@ def _bgp(data: Any, node_ip: IPAddress) -> SpeakerConfig:
         raise ConfigError("bgp.announce", "not used by the node: it announces the services' VIPs while they are up")
     try:
         return bgp.config.load(d)
-    except bgp.errors.ConfigError as err:
-        raise _split(err, "bgp.") from None
+    except ConfigError as err:  # its paths are relative to the `bgp:` section
+        raise ConfigError(f"bgp.{err.path}", err.reason) from None
 
 
 def _sync(data: Any, check_files: bool) -> SyncConfig:
-    try:
-        config = SyncConfig.from_dict(data, "sync")
-        if config.enabled and check_files:
-            config = config.with_keys()  # a bad key is a config error; new key contents are a changed config
-        return config
-    except SyncConfigError as err:
-        raise ConfigError(err.path, err.reason) from None
+    config = SyncConfig.from_dict(data, "sync")
+    if config.enabled and check_files:
+        config = config.with_keys()  # a bad key is a config error; new key contents are a changed config
+    return config
 
 
 def _flows(data: Any) -> FlowConfig:
-    d = _mapping(data, "flows")
-    _no_unknown(d, frozenset({"table_size", "refresh_s", "max_new_per_s_per_cpu"}), "flows")
-    size = _int(d, "table_size", "flows", 262144, 1024, 1 << 26)
-    return FlowConfig(table_size=size, refresh_s=_number(d, "refresh_s", "flows", 1.0, 0.1, 60),
-                      max_new_per_s_per_cpu=_int(d, "max_new_per_s_per_cpu", "flows", MAX_NEW_PER_S_PER_CPU,
+    d = _v.mapping(data, "flows")
+    _v.no_unknown(d, frozenset({"table_size", "refresh_s", "max_new_per_s_per_cpu"}), "flows")
+    size = _v.integer(d, "table_size", "flows", 262144, 1024, 1 << 26)
+    return FlowConfig(table_size=size, refresh_s=_v.number(d, "refresh_s", "flows", 1.0, 0.1, 60),
+                      max_new_per_s_per_cpu=_v.integer(d, "max_new_per_s_per_cpu", "flows", MAX_NEW_PER_S_PER_CPU,
                                                  0, 100_000_000))
 
 
@@ -348,68 +301,5 @@ def _check_unique_services(services: Sequence[ServiceConfig]) -> None:
 
 # -- small validators ------------------------------------------------------------------------------
 
-def _split(err: Exception, prefix: str = "") -> ConfigError:
-    """bgp's errors are 'path: reason' strings."""
-    text = str(err)
-    path, _, reason = text.partition(": ")
-    return ConfigError(prefix + path.rstrip("."), reason or text)
-
-
-def _mapping(data: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(path, f"must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def _sequence(data: Any, path: str) -> Sequence[Any]:
-    if not isinstance(data, list):
-        raise ConfigError(path, f"must be a list, got {type(data).__name__}")
-    return data
-
-
-def _no_unknown(d: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
-    for key in d:
-        if key not in allowed:
-            raise ConfigError(f"{path}.{key}" if path else str(key), f"unknown key (expected one of {', '.join(sorted(allowed))})")
-
-
-def _require(d: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in d:
-        raise ConfigError(f"{path}.{key}", "required")
-    return d[key]
-
-
-def _int(d: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
-    value = d.get(key, default)
-    where = f"{path}.{key}" if path else key
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(where, f"must be an integer {lo}..{hi}, got {value!r}")
-    return value
-
-
-def _number(d: Mapping[str, Any], key: str, path: str, default: float, lo: float, hi: float) -> float:
-    value = d.get(key, default)
-    where = f"{path}.{key}" if path else key
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ConfigError(where, f"must be a number {lo}..{hi}, got {value!r}")
-    return float(value)
-
-
-def _bool(d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    value = d.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}.{key}" if path else key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _port(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ConfigError(path, f"must be 1..65535, got {value!r}")
-    return value
-
-
 def _address(value: Any, path: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(str(value))
-    except ValueError:
-        raise ConfigError(path, f"must be an IP address, got {value!r}") from None
+    return _v.address(value, path, text=True)  # from its text only: YAML's `10` is no address

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from cluster.config import IPAddress
+from bpf.structs import IPAddress
 from cluster.events import MacsLearned
 
 log = logging.getLogger(__name__)

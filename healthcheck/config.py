@@ -1,28 +1,21 @@
 """Health-check configuration: frozen dataclasses, validated once, errors naming the key path.
 
-Each class has ``from_dict(data, path)``: `data` is what ``yaml.safe_load`` produced for that
-node and `path` is where it sits in the document (``"services[0].checks[1]"``), so the node's
-YAML loader can reuse these and add line numbers to `ConfigError`. Unknown keys are errors.
+The node builds `ServiceHealthConfig` and `BackendConfig` from its own config (cluster.config);
+what it reads from YAML here is a check, with ``CheckConfig.from_dict(data, path)``: `data` is
+what ``yaml.safe_load`` produced for that node and `path` is where it sits in the document
+(``"services[0].checks[1]"``), so the node's YAML loader can add line numbers to `ConfigError`.
+Unknown keys are errors.
 
-    services:
-      - name: web
-        vip: 192.0.2.10
-        port: 80
-        need: 1                 # service is up while >= need backends are healthy
-        through_vip: true       # probe the backend's MAC with the VIP as destination (DSR path)
-        checks:
-          - kind: http          # tcp | http | https
-            interval_ms: 1000
-            timeout_ms: 500     # 0 < timeout_ms < interval_ms
-            rise: 2             # consecutive passes to go up
-            fall: 3             # consecutive failures to go down
-            path: /healthz
-            host: www.example.com
-            expect_status: [200, "300-399"]
-            body_contains: ok
-        backends:
-          - {address: 10.0.0.11, port: 80}
-          - {address: 10.0.0.12, port: 80, disabled: true, initial: up}
+    checks:
+      - kind: http          # tcp | http | https
+        interval_ms: 1000
+        timeout_ms: 500     # 0 < timeout_ms < interval_ms
+        rise: 2             # consecutive passes to go up
+        fall: 3             # consecutive failures to go down
+        path: /healthz
+        host: www.example.com
+        expect_status: [200, "300-399"]
+        body_contains: ok
 """
 from __future__ import annotations
 
@@ -30,13 +23,15 @@ import enum
 import ipaddress
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bpf.structs import IPAddress
+from bpf.validate import Validator
 from healthcheck.errors import ConfigError
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_v = Validator(ConfigError, string_keys=True)
 
 # All used with fullmatch: `$` would also match before a trailing "\n", which would then end up
 # in the request line or Host header.
@@ -68,7 +63,8 @@ class BackendId(str):
 
     @property
     def address(self) -> IPAddress:
-        return ipaddress.ip_address(self.rpartition(":")[0].strip("[]"))
+        address: IPAddress = ipaddress.ip_address(self.rpartition(":")[0].strip("[]"))
+        return address
 
     @property
     def port(self) -> int:
@@ -144,20 +140,20 @@ class CheckConfig:
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> CheckConfig:
-        d = _mapping(data, path)
-        _no_unknown_keys(d, cls._KEYS, path)
-        kind_raw = _require(d, "kind", path)
+        d = _v.mapping(data, path)
+        _v.no_unknown(d, cls._KEYS, path)
+        kind_raw = _v.require(d, "kind", path)
         try:
             kind = CheckKind(kind_raw)
         except ValueError:
             raise ConfigError(f"{path}.kind", f"must be one of tcp, http, https, got {kind_raw!r}") from None
-        interval_ms = _int(d, "interval_ms", path, 1000, lo=10, hi=3_600_000)
-        timeout_ms = _int(d, "timeout_ms", path, min(500, interval_ms // 2))
+        interval_ms = _v.integer(d, "interval_ms", path, 1000, 10, 3_600_000)
+        timeout_ms = _v.integer(d, "timeout_ms", path, min(500, interval_ms // 2))
         if not 0 < timeout_ms < interval_ms:
             raise ConfigError(f"{path}.timeout_ms", f"must be > 0 and < interval_ms, got {timeout_ms}")
-        rise = _int(d, "rise", path, 2, lo=1, hi=1000)
-        fall = _int(d, "fall", path, 3, lo=1, hi=1000)
-        port = _int(d, "port", path, None, lo=1, hi=65535) if "port" in d else None
+        rise = _v.integer(d, "rise", path, 2, 1, 1000)
+        fall = _v.integer(d, "fall", path, 3, 1, 1000)
+        port = _v.integer(d, "port", path, None, 1, 65535) if "port" in d else None
         if kind is CheckKind.TCP:
             extra = sorted(set(d) & (cls._HTTP_KEYS | cls._HTTPS_KEYS))
             if extra:
@@ -180,26 +176,10 @@ class BackendConfig:
     disabled: bool = False  # drained: still probed, never counted, out of the hash for new flows
     initial: InitialState = InitialState.DOWN
 
-    _KEYS = frozenset({"address", "port", "disabled", "initial"})
-
     @property
     def key(self) -> BackendId:
         """Identity used in events and snapshots: ``10.0.0.1:80`` / ``[2001:db8::1]:80``."""
         return BackendId(self.address, self.port)
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> BackendConfig:
-        d = _mapping(data, path)
-        _no_unknown_keys(d, cls._KEYS, path)
-        address = _address(_require(d, "address", path), f"{path}.address")
-        port = _int(d, "port", path, None, lo=1, hi=65535)
-        disabled = _bool(d, "disabled", path, False)
-        initial_raw = d.get("initial", "down")
-        try:
-            initial = InitialState(initial_raw)
-        except ValueError:
-            raise ConfigError(f"{path}.initial", f"must be 'up' or 'down', got {initial_raw!r}") from None
-        return cls(address=address, port=port, disabled=disabled, initial=initial)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,46 +191,6 @@ class ServiceHealthConfig:
     backends: tuple[BackendConfig, ...]
     need: int = 1
     through_vip: bool = True
-
-    _KEYS = frozenset({"name", "vip", "port", "checks", "backends", "need", "through_vip"})
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> ServiceHealthConfig:
-        d = _mapping(data, path)
-        _no_unknown_keys(d, cls._KEYS, path)
-        name = _require(d, "name", path)
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-            raise ConfigError(f"{path}.name", f"must be 1-64 of [A-Za-z0-9_.-], got {name!r}")
-        vip = _address(_require(d, "vip", path), f"{path}.vip")
-        port = _int(d, "port", path, None, lo=1, hi=65535)
-        checks = tuple(CheckConfig.from_dict(c, f"{path}.checks[{i}]")
-                       for i, c in enumerate(_sequence(_require(d, "checks", path), f"{path}.checks")))
-        if not checks:
-            raise ConfigError(f"{path}.checks", "must list at least one check, got []")
-        backends = tuple(BackendConfig.from_dict(b, f"{path}.backends[{i}]")
-                         for i, b in enumerate(_sequence(_require(d, "backends", path), f"{path}.backends")))
-        seen: dict[BackendId, int] = {}
-        for i, b in enumerate(backends):
-            if b.key in seen:
-                raise ConfigError(f"{path}.backends[{i}]", f"duplicate of backends[{seen[b.key]}], got {b.key}")
-            seen[b.key] = i
-            if b.address.version != vip.version:
-                raise ConfigError(f"{path}.backends[{i}].address",
-                                  f"must be IPv{vip.version} like the vip, got {b.address}")
-        need = _int(d, "need", path, 1, lo=1, hi=max(1, len(backends)))
-        through_vip = _bool(d, "through_vip", path, True)
-        return cls(name=name, vip=vip, port=port, checks=checks, backends=backends, need=need,
-                   through_vip=through_vip)
-
-
-def services_from_list(data: Any, path: str = "services") -> tuple[ServiceHealthConfig, ...]:
-    services = tuple(ServiceHealthConfig.from_dict(s, f"{path}[{i}]") for i, s in enumerate(_sequence(data, path)))
-    names: dict[str, int] = {}
-    for i, s in enumerate(services):
-        if s.name in names:
-            raise ConfigError(f"{path}[{i}].name", f"duplicate of {path}[{names[s.name]}], got {s.name!r}")
-        names[s.name] = i
-    return services
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -271,7 +211,7 @@ def _http_options(d: Mapping[str, Any], path: str) -> HttpOptions:
         raise ConfigError(f"{path}.body_contains", f"must be a non-empty string, got {body!r}")
     if body is not None and method == "HEAD":
         raise ConfigError(f"{path}.body_contains", "cannot pass with method HEAD: a HEAD response has no body")
-    verify = _bool(d, "verify", path, True)
+    verify = _v.boolean(d, "verify", path, True)
     sni = d.get("sni")
     if sni is not None and (not isinstance(sni, str) or not _HOST.fullmatch(sni)):
         raise ConfigError(f"{path}.sni", f"must be a host name, got {sni!r}")
@@ -312,58 +252,3 @@ def _expect_status(raw: Any, path: str) -> tuple[StatusRange, ...]:
         else:
             raise ConfigError(p, f"must be a status 100..599 or a range like '200-299', got {item!r}")
     return tuple(out)
-
-
-def _mapping(data: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(path, f"must be a mapping, got {type(data).__name__}")
-    for k in data:
-        if not isinstance(k, str):
-            raise ConfigError(path, f"keys must be strings, got {k!r}")
-    return data
-
-
-def _sequence(data: Any, path: str) -> Sequence[Any]:
-    if not isinstance(data, list):
-        raise ConfigError(path, f"must be a list, got {type(data).__name__}")
-    return data
-
-
-def _no_unknown_keys(d: Mapping[str, Any], allowed: frozenset[str], path: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(allowed))})")
-
-
-def _require(d: Mapping[str, Any], key: str, path: str) -> Any:
-    if key not in d:
-        raise ConfigError(f"{path}.{key}", "is required")
-    return d[key]
-
-
-def _int(d: Mapping[str, Any], key: str, path: str, default: int | None, *, lo: int | None = None,
-         hi: int | None = None) -> int:
-    if key not in d:
-        if default is None:
-            raise ConfigError(f"{path}.{key}", "is required")
-        return default
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{path}.{key}", f"must be an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ConfigError(f"{path}.{key}", f"must be {lo}..{hi}, got {v}")
-    return v
-
-
-def _bool(d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"{path}.{key}", f"must be true or false, got {v!r}")
-    return v
-
-
-def _address(raw: Any, path: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(raw)
-    except ValueError:
-        raise ConfigError(path, f"must be an IP address, got {raw!r}") from None

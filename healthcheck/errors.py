@@ -1,22 +1,19 @@
 """The health-check package's exceptions: one base, typed subclasses."""
 from __future__ import annotations
 
+from bpf import validate
+
 
 class HealthCheckError(Exception):
     """Base of every error raised by `healthcheck`."""
 
 
-class ConfigError(HealthCheckError):
+class ConfigError(validate.ConfigError, HealthCheckError):
     """Invalid check configuration; names the key path, e.g. `checks[0].timeout_ms`.
 
-    `path` and `reason` are kept apart so a YAML loader can re-render the message with a line
-    number: ``f"{err.path}: {err.reason} (node.yaml:31)"``.
+    The shared config error (bpf.validate), kept under this package's base: `path` and `reason`
+    are apart so the node's YAML loader can add the line (``node.yaml:31``).
     """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 class HttpParseError(HealthCheckError):

@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from bpf.loglimit import LogLimiter
 from healthcheck.config import BackendConfig, CheckConfig, CheckKind, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError, SteeringError
 from healthcheck.probe import Attempt, ProbeResult, ProbeTarget, SocketFactory, make_ssl_context, plain_socket, probe
@@ -223,26 +224,6 @@ class HealthChecker:
             next_at += interval_s * (1 + self._rng.uniform(-self._jitter, self._jitter))
             if next_at < now:  # the probe overran (should not happen: timeout < interval); skip beats
                 next_at = now + interval_s * self._rng.uniform(0, 1)
-
-
-class LogLimiter:
-    """At most one log line per `period_s`; counts the ones it holds back (for one check)."""
-
-    __slots__ = ("period_s", "_next_at", "_held")
-
-    def __init__(self, period_s: float) -> None:
-        self.period_s = period_s
-        self._next_at = -math.inf
-        self._held = 0
-
-    def allow(self, now: float) -> int | None:
-        """None: stay quiet. Else log, mentioning the returned number of lines held back."""
-        if now < self._next_at:
-            self._held += 1
-            return None
-        held, self._held = self._held, 0
-        self._next_at = now + self.period_s
-        return held
 
 
 async def check_once(check: CheckConfig, target: ProbeTarget, probe_fn: ProbeFn = probe, *,

@@ -49,7 +49,7 @@ from typing import Any
 
 import trio
 
-from healthcheck.config import IPAddress
+from bpf.structs import IPAddress
 from healthcheck.errors import SteeringError
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from healthcheck.config import (BackendConfig, CheckConfig, CheckKind, InitialState, ServiceHealthConfig,
-                                StatusRange, services_from_list)
+from healthcheck.config import BackendConfig, CheckConfig, CheckKind, InitialState, StatusRange
 from healthcheck.errors import ConfigError
+from tests.healthcheck_yaml import backend_from_dict, service_from_dict, services_from_list
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +26,7 @@ def _service(**over: Any) -> dict[str, Any]:
 
 
 def test_good_service_is_normalised_with_defaults() -> None:
-    s = ServiceHealthConfig.from_dict(_service(), "services[0]")
+    s = service_from_dict(_service(), "services[0]")
     assert s.vip == ipaddress.ip_address("192.0.2.10")
     assert s.need == 1 and s.through_vip is True
     c = s.checks[0]
@@ -47,7 +47,7 @@ def test_tcp_and_https_checks() -> None:
 
 
 def test_ipv6_backend_key() -> None:
-    b = BackendConfig.from_dict({"address": "2001:db8::1", "port": 443}, "b")
+    b = backend_from_dict({"address": "2001:db8::1", "port": 443}, "b")
     assert b.key == "[2001:db8::1]:443"
 
 
@@ -106,7 +106,7 @@ BAD = [
 @pytest.mark.parametrize(("override", "message"), BAD, ids=[m.split(":")[0] + f"#{i}" for i, (_, m) in enumerate(BAD)])
 def test_bad_config_names_the_key_path(override: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        ServiceHealthConfig.from_dict(_service(**override), "services[0]")
+        service_from_dict(_service(**override), "services[0]")
     assert str(info.value).startswith(message)
     assert str(info.value) == f"{info.value.path}: {info.value.reason}"
 
@@ -127,6 +127,6 @@ def test_ca_file_is_read_at_load(tmp_path: Path) -> None:
     for ca_file, reason in ((str(tmp_path), f"cannot read {str(tmp_path)!r}: Is a directory"),
                             (str(not_pem), f"no CA certificate in {str(not_pem)!r}")):
         with pytest.raises(ConfigError) as info:
-            ServiceHealthConfig.from_dict(_service(checks=[{"kind": "https", "ca_file": ca_file}]), "services[0]")
+            service_from_dict(_service(checks=[{"kind": "https", "ca_file": ca_file}]), "services[0]")
         assert info.value.path == "services[0].checks[0].ca_file"
         assert info.value.reason.startswith(reason), info.value.reason

@@ -24,11 +24,11 @@ import pytest
 import trio
 
 from examples.lab.netns import Lab, wait_until
-from healthcheck.config import ServiceHealthConfig
 from healthcheck.errors import SteeringError
 from healthcheck.runner import HealthChecker
 from healthcheck.state import BackendChanged, ServiceStatus
 from healthcheck.vipnet import RULE_PREF, VipSteering
+from tests.healthcheck_yaml import service_from_dict
 
 pytestmark = pytest.mark.netns
 
@@ -86,7 +86,7 @@ async def _settled(checker: HealthChecker, runs: int) -> tuple[ServiceStatus, ..
 
 
 async def test_only_the_backend_with_the_vip_passes_through_the_vip(topo: Topology) -> None:
-    services = [ServiceHealthConfig.from_dict(_service(n, tv, kind), f"services[{i}]")
+    services = [service_from_dict(_service(n, tv, kind), f"services[{i}]")
                 for i, (n, tv, kind) in enumerate([("via-vip-http", True, "http"), ("via-vip-tcp", True, "tcp"),
                                                    ("direct", False, "http")])]
     checker = HealthChecker(services, netns=topo.chk)
@@ -111,7 +111,7 @@ async def test_only_the_backend_with_the_vip_passes_through_the_vip(topo: Topolo
 
 
 async def test_vip_added_later_brings_the_backend_up(topo: Topology) -> None:
-    svc = ServiceHealthConfig.from_dict(_service("late", True, "tcp"), "services[0]")
+    svc = service_from_dict(_service("late", True, "tcp"), "services[0]")
     checker = HealthChecker([svc], netns=topo.chk)
     try:
         with trio.fail_after(30):
@@ -134,7 +134,7 @@ async def test_a_local_vip_is_refused(topo: Topology) -> None:
     chk = topo.chk
     topo.lab.ns_run(chk, "ip", "addr", "add", f"{VIP}/32", "dev", "lo")
     try:
-        svc = ServiceHealthConfig.from_dict(_service("local-vip", True, "tcp"), "services[0]")
+        svc = service_from_dict(_service("local-vip", True, "tcp"), "services[0]")
         with trio.fail_after(10), pytest.raises(SteeringError, match=f"VIP {VIP} is a local address"):
             await HealthChecker([svc], netns=chk).run()
     finally:
@@ -152,7 +152,7 @@ async def test_a_backend_that_cannot_be_steered_fails_its_checks_saying_why(topo
     chk = topo.chk
     topo.lab.ns_run(chk, "ip", "route", "replace", "10.99.0.0/24", "via", B1)
     try:
-        svc = ServiceHealthConfig.from_dict({**_service("bad", True, "tcp"), "backends": [{"address": backend, "port": 80}]},
+        svc = service_from_dict({**_service("bad", True, "tcp"), "backends": [{"address": backend, "port": 80}]},
                                             "services[0]")
         checker = HealthChecker([svc], netns=chk)
         with trio.fail_after(10):
@@ -178,7 +178,7 @@ async def test_checks_come_back_with_the_link(topo: Topology, start_down: bool) 
     """`ip link set down` flushes the steering routes with the link's; they are put back when it
     returns, and a checker started while the link is down starts anyway."""
     chk = topo.chk
-    svc = ServiceHealthConfig.from_dict(_service(f"flap-{start_down}", True, "tcp"), "services[0]")
+    svc = service_from_dict(_service(f"flap-{start_down}", True, "tcp"), "services[0]")
     checker = HealthChecker([svc], netns=chk)
     b1 = f"{B1}:80"
     try:
@@ -209,7 +209,7 @@ async def test_rules_left_by_a_killed_checker_are_replaced(topo: Topology) -> No
     with trio.fail_after(10):
         await stale.apply([(ip_address(VIP), ip_address(B2))])  # never removed, as if the process died
     assert "0x1234" in topo.lab.ns_run(topo.chk, "ip", "rule", "show", "pref", str(RULE_PREF)).stdout
-    svc = ServiceHealthConfig.from_dict(_service("after-crash", True, "tcp"), "services[0]")
+    svc = service_from_dict(_service("after-crash", True, "tcp"), "services[0]")
     checker = HealthChecker([svc], netns=topo.chk)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -275,7 +275,7 @@ class _SysctlFails(VipSteering):
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 async def test_rules_do_not_leak_when_the_rp_filter_step_fails_or_is_cancelled(topo: Topology, mode: str) -> None:
     chk = topo.chk
-    svc = ServiceHealthConfig.from_dict(_service(f"sysctl-{mode}", True, "tcp"), "services[0]")
+    svc = service_from_dict(_service(f"sysctl-{mode}", True, "tcp"), "services[0]")
     checker = HealthChecker([svc], netns=chk, steering=_SysctlFails(chk, mode))
     with trio.fail_after(20):
         if mode == "raise":

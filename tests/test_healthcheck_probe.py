@@ -22,6 +22,7 @@ from healthcheck.errors import HealthCheckError
 from healthcheck.probe import ProbeResult, ProbeTarget
 from healthcheck.runner import HealthChecker, check_once
 from healthcheck.state import BackendChanged
+from tests.healthcheck_yaml import service_from_dict
 
 pytestmark = pytest.mark.unit
 
@@ -216,7 +217,7 @@ async def test_tls_context_is_built_once_per_checker_so_a_new_checker_rereads_th
     ca_file.write_bytes(certs.self_signed[0].read_bytes())  # the wrong CA for b's certificate
 
     def service() -> ServiceHealthConfig:
-        return ServiceHealthConfig.from_dict({
+        return service_from_dict({
             "name": "tls", "vip": "192.0.2.10", "port": b.port, "through_vip": False,
             "checks": [{"kind": "https", "interval_ms": 1000, "timeout_ms": 900, "rise": 1, "fall": 1,
                         "ca_file": str(ca_file), "sni": "backend.test"}],
@@ -250,7 +251,7 @@ async def test_checker_follows_a_backend_toggling_200_500(backend: Backend) -> N
     Real clock: a loaded machine may turn a probe into a timeout. That can delay a rise (rise=2
     needs two passes in a row) but not fake one; and a fall may then be reported as the timeout.
     """
-    svc = ServiceHealthConfig.from_dict({
+    svc = service_from_dict({
         "name": "web", "vip": "192.0.2.10", "port": backend.port, "through_vip": False,
         "checks": [{"kind": "http", "interval_ms": 400, "timeout_ms": 350, "rise": 2, "fall": 2}],
         "backends": [{"address": "127.0.0.1", "port": backend.port}, {"address": "127.0.0.1", "port": _closed_port()}],

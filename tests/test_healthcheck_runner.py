@@ -17,12 +17,13 @@ from healthcheck.probe import Attempt, ProbeResult, ProbeTarget
 from healthcheck.runner import HealthChecker, TickWheel
 from healthcheck.state import BackendChanged, Health, ServiceChanged
 from healthcheck.vipnet import VipSteering
+from tests.healthcheck_yaml import service_from_dict
 
 pytestmark = pytest.mark.unit
 
 
 def _services(n: int = 3, **check: Any) -> list[ServiceHealthConfig]:
-    return [ServiceHealthConfig.from_dict({
+    return [service_from_dict({
         "name": "web", "vip": "192.0.2.10", "port": 80, "through_vip": False,
         "checks": [{"kind": "tcp", "interval_ms": 1000, "timeout_ms": 300, "rise": 2, "fall": 2, **check}],
         "backends": [{"address": f"10.0.0.{i + 1}", "port": 80} for i in range(n)],
@@ -163,7 +164,7 @@ async def test_a_probe_bug_is_logged_at_most_once_a_minute_per_check(
 
 
 def test_bad_arguments() -> None:
-    svc = ServiceHealthConfig.from_dict({"name": "web", "vip": "192.0.2.10", "port": 80, "checks": [{"kind": "tcp"}],
+    svc = service_from_dict({"name": "web", "vip": "192.0.2.10", "port": 80, "checks": [{"kind": "tcp"}],
                                          "backends": [{"address": "10.0.0.1", "port": 80}]}, "s")
     with pytest.raises(HealthCheckError, match="steering is for netns 'a' but checks run in None"):
         HealthChecker([svc], steering=VipSteering("a"))

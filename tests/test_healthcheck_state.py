@@ -6,6 +6,7 @@ import pytest
 from healthcheck.config import ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
 from healthcheck.state import BackendChanged, Health, Hysteresis, ServiceChanged, ServiceHealth, Transition
+from tests.healthcheck_yaml import service_from_dict
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +49,7 @@ def test_hysteresis_rejects_zero_rise() -> None:
 
 
 def _svc(n: int, need: int = 1, rise: int = 1, fall: int = 1, checks: int = 1, **backend: object) -> ServiceHealthConfig:
-    return ServiceHealthConfig.from_dict({
+    return service_from_dict({
         "name": "web", "vip": "192.0.2.10", "port": 80, "need": need,
         "checks": [{"kind": "tcp", "rise": rise, "fall": fall}] * checks,
         "backends": [{"address": f"10.0.0.{i + 1}", "port": 80, **backend} for i in range(n)],

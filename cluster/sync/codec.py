@@ -75,12 +75,15 @@ Decoding raises `DecodeError` with a reason; it never raises anything else on an
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from bpf.structs import FlowEvent, FlowKey
 
 MAGIC = b"LBFS"
 VERSION = 3
@@ -89,12 +92,33 @@ TAG_BYTES = 16
 DIGEST_BYTES = 16
 
 HEADER = struct.Struct("!4sBBHIIIQ")  # magic, version, type, count, key id, node id, incarnation, seq
-FLOW_RECORD_BYTES = 56
-FLOW_KEY_BYTES = 40  # struct flow_key: src[16] dst[16] sport dport proto pad[3]
 HEARTBEAT = struct.Struct("!16sIHHQ")  # digest, flow count, flags, reserved, oldest resendable seq
 RESEND = struct.Struct("!IIQQ")  # node id, incarnation, first seq, last seq (inclusive)
 RESYNC_REQUEST = struct.Struct("!II")  # request id, target node (0: every peer)
 CHUNK_PREAMBLE = struct.Struct("!IIIHH")  # target node, request id, chunk index, flags, reserved
+
+
+
+def _span(struct_type: type[ctypes.Structure], name: str) -> tuple[int, int]:
+    """(offset, end) of one field of a ctypes mirror."""
+    f = getattr(struct_type, name)
+    return int(f.offset), int(f.offset + f.size)
+
+
+# A flow record is laid out like the head of the kernel's `struct flow_event` (its mirror in
+# bpf/structs.py), so flow sync cuts records straight out of ring-buffer events: the flow key's
+# addresses, ports and protocol (its pad is not sent), the op and two zero bytes in the pad's
+# place, then the event's backend address. Every offset here is the mirror's (v3: 37, 40, 56).
+FLOW_KEY_BYTES = ctypes.sizeof(FlowKey)  # 40: src[16] dst[16] sport dport proto pad[3]
+KEY_WIRE_BYTES = _span(FlowKey, "pad")[0]  # 37: the key as sent; the op follows
+OP_OFFSET = KEY_WIRE_BYTES
+KEY_PAD = bytes(FLOW_KEY_BYTES - KEY_WIRE_BYTES)
+KEY_DST = _span(FlowKey, "dst")  # (16, 32): the VIP
+KEY_DPORT_PROTO = (_span(FlowKey, "dport")[0], _span(FlowKey, "proto")[1])  # (34, 37): port, protocol
+BACKEND_ADDR_OFFSET, FLOW_RECORD_BYTES = _span(FlowEvent, "backend_addr")  # 40, 56
+BACKEND_ADDR_BYTES = FLOW_RECORD_BYTES - BACKEND_ADDR_OFFSET  # 16
+EVENT_KIND_OFFSET = _span(FlowEvent, "kind")[0]  # 72
+EVENT_KEY = _span(FlowEvent, "key")  # (0, 40): tests/test_bpf_layout.py checks the event starts with it
 
 BODY_BYTES = MAX_DATAGRAM - HEADER.size - TAG_BYTES
 MAX_FLOWS = BODY_BYTES // FLOW_RECORD_BYTES  # 24
@@ -199,8 +223,9 @@ class FlowRecord:
     op: FlowOp
 
     def __post_init__(self) -> None:
-        if len(self.key) != FLOW_KEY_BYTES or len(self.backend_addr) != 16:
-            raise EncodeError(f"flow record needs a 40-byte key and 16-byte address, got {len(self.key)}/{len(self.backend_addr)}")
+        if len(self.key) != FLOW_KEY_BYTES or len(self.backend_addr) != BACKEND_ADDR_BYTES:
+            raise EncodeError("flow record needs a 40-byte key and 16-byte address, got "
+                              f"{len(self.key)}/{len(self.backend_addr)}")
 
     def wire(self) -> bytes:
         return flow_wire(self.key, self.backend_addr, self.op)
@@ -258,12 +283,12 @@ class Message:
 
 def flow_wire(key: bytes, backend_addr: bytes, op: int) -> bytes:
     """The 56-byte record: key[0:37] (addresses, ports, proto), op, two zero bytes, backend address."""
-    return key[:37] + bytes((op, 0, 0)) + backend_addr
+    return key[:KEY_WIRE_BYTES] + bytes((op, 0, 0)) + backend_addr
 
 
 def flow_wire_from_event(event: bytes, op: int) -> bytes:
     """The record straight from a raw `struct flow_event` (key at 0, backend_addr at 40)."""
-    return event[:37] + bytes((op, 0, 0)) + event[40:56]
+    return event[:KEY_WIRE_BYTES] + bytes((op, 0, 0)) + event[BACKEND_ADDR_OFFSET:FLOW_RECORD_BYTES]
 
 
 def tag(key: bytes, data: bytes) -> bytes:
@@ -424,7 +449,7 @@ def check_flow_records(body: memoryview | bytes) -> bytes:
     """The records' bytes after checking every op byte (1..3, then two zero bytes); raises on the
     first bad record, so a datagram is installed whole or not at all."""
     raw = bytes(body)
-    for off in range(37, len(raw), FLOW_RECORD_BYTES):
+    for off in range(OP_OFFSET, len(raw), FLOW_RECORD_BYTES):
         if not 1 <= raw[off] <= 3 or raw[off + 1] or raw[off + 2]:
             raise DecodeError("record", f"flow record {off // FLOW_RECORD_BYTES}: op {raw[off]}")
     return raw
@@ -440,10 +465,11 @@ def flow_records(body: memoryview) -> list[tuple[bytes, bytes, int]]:
     out = []
     raw = bytes(body)
     for off in range(0, len(raw), FLOW_RECORD_BYTES):
-        op = raw[off + 37]
-        if not 1 <= op <= 3 or raw[off + 38] or raw[off + 39]:
+        op = raw[off + OP_OFFSET]
+        if not 1 <= op <= 3 or raw[off + OP_OFFSET + 1] or raw[off + OP_OFFSET + 2]:
             raise DecodeError("record", f"flow record {off // FLOW_RECORD_BYTES}: op {op}")
-        out.append((raw[off:off + 37] + b"\0\0\0", raw[off + 40:off + 56], op))
+        key, addr = raw[off:off + KEY_WIRE_BYTES] + KEY_PAD, raw[off + BACKEND_ADDR_OFFSET:off + FLOW_RECORD_BYTES]
+        out.append((key, addr, op))
     return out
 
 

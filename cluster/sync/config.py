@@ -1,7 +1,7 @@
 """Flow-sync configuration: one frozen dataclass, validated once, errors naming the key path.
 
 ``SyncConfig.from_dict(data, path)`` takes what ``yaml.safe_load`` produced for the ``sync:``
-node (``path`` is where it sits, e.g. ``"sync"``) and raises `SyncConfigError` with the key path;
+node (``path`` is where it sits, e.g. ``"sync"``) and raises `ConfigError` (bpf.validate) with the key path;
 unknown keys are errors.
 
 Keys. The shared key is read from ``key_file`` (and, during a rotation, a second accepted key
@@ -20,27 +20,18 @@ import dataclasses
 import ipaddress
 import os
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bpf.structs import IPAddress
+from bpf.validate import ConfigError, Validator
 from cluster.sync.codec import Keyring
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_GROUP = ipaddress.IPv4Address("239.255.76.66")  # organisation-local scope (RFC 2365)
 DEFAULT_PORT = 7946
 MIN_KEY_BYTES = 16
 MAX_KEY_FILE_BYTES = 4096
-
-
-class SyncConfigError(ValueError):
-    """Invalid ``sync:`` configuration; `path` and `reason` apart so a loader can add a line number."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+_v = Validator()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,48 +68,43 @@ class SyncConfig:
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "sync") -> SyncConfig:
-        if not isinstance(data, Mapping):
-            raise SyncConfigError(path, f"must be a mapping, got {type(data).__name__}")
-        unknown = sorted(str(k) for k in data if k not in cls._KEYS)
-        if unknown:
-            raise SyncConfigError(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(cls._KEYS))})")
-        enabled = _bool(data, "enabled", path, True)
+        data = _v.mapping(data, path)
+        _v.no_unknown(data, cls._KEYS, path)
+        enabled = _v.boolean(data, "enabled", path, True)
         key_file = data.get("key_file")
         if key_file is None:
             if enabled:
-                raise SyncConfigError(f"{path}.key_file", "is required")
+                raise ConfigError(f"{path}.key_file", "is required")
             key_file = ""
         elif not isinstance(key_file, str) or not key_file:
-            raise SyncConfigError(f"{path}.key_file", f"must be a file path, got {key_file!r}")
+            raise ConfigError(f"{path}.key_file", f"must be a file path, got {key_file!r}")
         next_key_file = data.get("next_key_file")
         if next_key_file is not None and (not isinstance(next_key_file, str) or not next_key_file):
-            raise SyncConfigError(f"{path}.next_key_file", f"must be a file path, got {next_key_file!r}")
-        group = _address(data.get("group", str(DEFAULT_GROUP)), f"{path}.group")
+            raise ConfigError(f"{path}.next_key_file", f"must be a file path, got {next_key_file!r}")
+        group = _v.address(data.get("group", str(DEFAULT_GROUP)), f"{path}.group")
         if not group.is_multicast:
-            raise SyncConfigError(f"{path}.group", f"must be a multicast address, got {group}")
+            raise ConfigError(f"{path}.group", f"must be a multicast address, got {group}")
         if group.version != 4:
-            raise SyncConfigError(f"{path}.group", f"only IPv4 multicast is supported, got {group}")
-        port = _int(data, "port", path, DEFAULT_PORT, 1, 65535)
+            raise ConfigError(f"{path}.group", f"only IPv4 multicast is supported, got {group}")
+        port = _v.integer(data, "port", path, DEFAULT_PORT, 1, 65535)
         interface = data.get("interface")
         if interface is not None and (not isinstance(interface, str) or not interface or len(interface) > 15):
-            raise SyncConfigError(f"{path}.interface", f"must be an interface name, got {interface!r}")
-        raw_peers = data.get("peers", [])
-        if not isinstance(raw_peers, list):
-            raise SyncConfigError(f"{path}.peers", f"must be a list, got {type(raw_peers).__name__}")
-        peers = tuple(_address(p, f"{path}.peers[{i}]") for i, p in enumerate(raw_peers))
+            raise ConfigError(f"{path}.interface", f"must be an interface name, got {interface!r}")
+        raw_peers = _v.sequence(data.get("peers", []), f"{path}.peers")
+        peers = tuple(_v.address(p, f"{path}.peers[{i}]") for i, p in enumerate(raw_peers))
         for i, p in enumerate(peers):
             if p.version != 4 or p.is_multicast or p.is_unspecified:
-                raise SyncConfigError(f"{path}.peers[{i}]", f"must be a unicast IPv4 address, got {p}")
+                raise ConfigError(f"{path}.peers[{i}]", f"must be a unicast IPv4 address, got {p}")
             if p in peers[:i]:
-                raise SyncConfigError(f"{path}.peers[{i}]", f"duplicate peer {p}")
-        batch_ms = _int(data, "batch_ms", path, 2, 0, 1000)
-        refresh_s = _float(data, "refresh_s", path, 30.0, 1.0, 3600.0)
-        resync_timeout_s = _float(data, "resync_timeout_s", path, 5.0, 0.0, 600.0)
-        heartbeat_s = _float(data, "heartbeat_s", path, 1.0, 0.05, 60.0)
-        blocks = _bool(data, "digest_mismatch_blocks", path, False)
-        return cls(key_file=key_file, next_key_file=next_key_file, enabled=enabled, group=group, port=port, interface=interface, peers=peers,
-                   batch_ms=batch_ms, refresh_s=refresh_s, resync_timeout_s=resync_timeout_s,
-                   heartbeat_s=heartbeat_s, digest_mismatch_blocks=blocks)
+                raise ConfigError(f"{path}.peers[{i}]", f"duplicate peer {p}")
+        batch_ms = _v.integer(data, "batch_ms", path, 2, 0, 1000)
+        refresh_s = _v.number(data, "refresh_s", path, 30.0, 1.0, 3600.0)
+        resync_timeout_s = _v.number(data, "resync_timeout_s", path, 5.0, 0.0, 600.0)
+        heartbeat_s = _v.number(data, "heartbeat_s", path, 1.0, 0.05, 60.0)
+        blocks = _v.boolean(data, "digest_mismatch_blocks", path, False)
+        return cls(key_file=key_file, next_key_file=next_key_file, enabled=enabled, group=group, port=port,
+                   interface=interface, peers=peers, batch_ms=batch_ms, refresh_s=refresh_s,
+                   resync_timeout_s=resync_timeout_s, heartbeat_s=heartbeat_s, digest_mismatch_blocks=blocks)
 
     def load_keys(self, path: str = "sync") -> Keyring:
         """The keys of `key_file` (signs) and `next_key_file` (also accepted), read now."""
@@ -129,7 +115,7 @@ class SyncConfig:
         try:
             return Keyring(current, nxt)
         except ValueError as exc:
-            raise SyncConfigError(f"{path}.next_key_file", f"{exc} ({self.next_key_file} and {self.key_file})") from None
+            raise ConfigError(f"{path}.next_key_file", f"{exc} ({self.next_key_file} and {self.key_file})") from None
 
     def differs_only_in_keys(self, other: SyncConfig) -> bool:
         """True if `other` is this config but for its key files or their contents (a key
@@ -148,55 +134,23 @@ def read_key(file: str, path: str) -> bytes:
     try:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SyncConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)  # of the file opened, not of the path (which may change meanwhile)
         if not stat.S_ISREG(st.st_mode):
-            raise SyncConfigError(path, f"{file} is not a regular file")
+            raise ConfigError(path, f"{file} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
-            raise SyncConfigError(path, f"permissions {mode:04o} for {file} are too open: a key must not be "
+            raise ConfigError(path, f"permissions {mode:04o} for {file} are too open: a key must not be "
                                         f"accessible by group or others (chmod 600 {file})")
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
-        raise SyncConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(raw) > MAX_KEY_FILE_BYTES:
-        raise SyncConfigError(path, f"{file} is longer than {MAX_KEY_FILE_BYTES} bytes: not a key file?")
+        raise ConfigError(path, f"{file} is longer than {MAX_KEY_FILE_BYTES} bytes: not a key file?")
     key = raw.strip()
     if len(key) < MIN_KEY_BYTES:
-        raise SyncConfigError(path, f"key in {file} is {len(key)} bytes, need >= {MIN_KEY_BYTES}")
+        raise ConfigError(path, f"key in {file} is {len(key)} bytes, need >= {MIN_KEY_BYTES}")
     return key
-
-
-def _bool(d: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    v = d.get(key, default)
-    if not isinstance(v, bool):
-        raise SyncConfigError(f"{path}.{key}", f"must be true or false, got {v!r}")
-    return v
-
-
-def _int(d: Mapping[str, Any], key: str, path: str, default: int, lo: int, hi: int) -> int:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise SyncConfigError(f"{path}.{key}", f"must be an integer, got {v!r}")
-    if not lo <= v <= hi:
-        raise SyncConfigError(f"{path}.{key}", f"must be {lo}..{hi}, got {v}")
-    return v
-
-
-def _float(d: Mapping[str, Any], key: str, path: str, default: float, lo: float, hi: float) -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SyncConfigError(f"{path}.{key}", f"must be a number, got {v!r}")
-    if not lo <= v <= hi:
-        raise SyncConfigError(f"{path}.{key}", f"must be {lo:g}..{hi:g}, got {v}")
-    return float(v)
-
-
-def _address(raw: Any, path: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(raw)
-    except ValueError:
-        raise SyncConfigError(path, f"must be an IP address, got {raw!r}") from None

@@ -54,6 +54,7 @@ and logged at a limited rate.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -73,7 +74,8 @@ import trio.lowlevel
 
 from bpf.dataplane import DataPlane
 from bpf.flowtable import FlowChunk
-from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, from_addr16
+from bpf.loglimit import LogLimiter
+from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, Flow, from_addr16
 from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
 from cluster.sync.codec import FlowOp
@@ -94,17 +96,16 @@ RESYNC_RETRY_S = 1.0
 SEND_RATE = 20_000
 SEND_BATCH = 32
 MEMBERSHIP_CHECK_S = 1.0
+WARN_INTERVAL_S = 10.0  # at most one WARNING per reason this often (the rest at DEBUG)
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
                          errno.ENXIO})
-EVENT_TIME_OFFSET = 56 + 16  # struct flow_event: key 40, backend_addr 16, backend 4, service 4, time_ns 8, kind
-EVENT_KIND_OFFSET = 72
 _OP_NEW = bytes((FlowOp.NEW, 0, 0))
 _OP_CLOSE = bytes((FlowOp.CLOSE, 0, 0))
 _OP_REFRESH = bytes((FlowOp.REFRESH, 0, 0))
-_KEY_PAD = b"\0\0\0"
-_FLOW_PREFIX = struct.Struct("<IHH")  # struct flow: backend, service, flags (then last_seen_ns u64)
-_U64 = struct.Struct("<Q")
+# struct flow (bpf/structs.Flow) as written for a synced flow: backend, service and flags, then
+# last_seen_ns, which is the same stamp for a whole receive batch.
+_LAST_SEEN_OFFSET = Flow.last_seen_ns.offset
 _MISSING = object()
 _WIRE_OP = np.array([FlowOp.REFRESH, FlowOp.CLOSE], dtype=np.uint8)
 
@@ -135,9 +136,9 @@ class RecordBuilder:
         ok[ok] &= self._known[backend[ok]]
         keys = chunk.key_rows()[ok]
         out = np.zeros((len(keys), codec.FLOW_RECORD_BYTES), dtype=np.uint8)
-        out[:, :37] = keys[:, :37]
-        out[:, 37] = _WIRE_OP[((flows["flags"][ok] & FLOW_F_CLOSING) != 0).astype(np.intp)]
-        out[:, 40:56] = self._table[backend[ok]]
+        out[:, :codec.KEY_WIRE_BYTES] = keys[:, :codec.KEY_WIRE_BYTES]
+        out[:, codec.OP_OFFSET] = _WIRE_OP[((flows["flags"][ok] & FLOW_F_CLOSING) != 0).astype(np.intp)]
+        out[:, codec.BACKEND_ADDR_OFFSET:codec.FLOW_RECORD_BYTES] = self._table[backend[ok]]
         return out.tobytes()
 
 
@@ -181,28 +182,9 @@ def _next_incarnation() -> int:
     return _last_incarnation
 
 
-class _RateLimitedLog:
-    """At most one WARNING per reason per `interval_s`, saying how many were suppressed."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, reason: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -math.inf) >= self.interval_s:
-            n = self._suppressed.pop(reason, 0)
-            log.warning(msg + (" (%d similar suppressed)" if n else ""), *args, *((n,) if n else ()))
-            self._last[reason] = now
-        else:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            log.debug(msg, *args)
-
-
-IO_COUNTERS = ("sent", "send_waits", "sent_flows", "received", "received_flows", "installed", "unknown_service", "send_errors",
-               "send_errors_link", "events", "refreshed", "refresh_passes", "install_errors", "incarnation_renewals",
-               "membership_rejoins", "membership_errors", "recv_errors")
+IO_COUNTERS = ("sent", "send_waits", "sent_flows", "received", "received_flows", "installed", "unknown_service",
+               "send_errors", "send_errors_link", "events", "refreshed", "refresh_passes", "install_errors",
+               "incarnation_renewals", "membership_rejoins", "membership_errors", "recv_errors")
 
 
 class FlowSync:
@@ -242,7 +224,7 @@ class FlowSync:
         self._resync_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
-        self._ratelog = _RateLimitedLog()
+        self._warn_limits: dict[str, LogLimiter] = {}  # reason -> its rate limit
         self._pacer = Pacer(send_rate)
         self._builder: RecordBuilder | None = None
         self._keys: list[bytes] = []  # flows of the current receive batch
@@ -392,6 +374,16 @@ class FlowSync:
 
     # ---- actions ------------------------------------------------------------------------------
 
+    def _warn(self, reason: str, msg: str, *args: object) -> None:
+        """At most one WARNING per reason per WARN_INTERVAL_S, saying how many were suppressed
+        (those go to DEBUG)."""
+        limit = self._warn_limits.setdefault(reason, LogLimiter(WARN_INTERVAL_S))
+        n = limit.allow(time.monotonic())
+        if n is None:
+            log.debug(msg, *args)
+        else:
+            log.warning(msg + (" (%d similar suppressed)" if n else ""), *args, *((n,) if n else ()))
+
     def _act(self, actions: Iterable[Action]) -> None:
         for a in actions:
             if isinstance(a, Send):
@@ -407,7 +399,7 @@ class FlowSync:
                 if self._resync_done is not None:
                     self._resync_done.set()
             elif isinstance(a, Warn):
-                self._ratelog.warn(a.reason, "flow sync: %s", a.message)
+                self._warn(a.reason, "flow sync: %s", a.message)
 
     # ---- socket -------------------------------------------------------------------------------
 
@@ -463,7 +455,7 @@ class FlowSync:
             ifindex = socket.if_nametoindex(self.ifname) if self.ifname else 0
         except OSError:
             self.counters["membership_errors"] += 1
-            self._ratelog.warn("membership", "flow sync: interface %s is gone; sending fails until it is back",
+            self._warn("membership", "flow sync: interface %s is gone; sending fails until it is back",
                                self.ifname)
             return
         mreqn = self._mreqn(ifindex)
@@ -476,7 +468,7 @@ class FlowSync:
                 self._ifindex = ifindex
                 return
             self.counters["membership_errors"] += 1
-            self._ratelog.warn("membership", "flow sync: cannot join %s on %s: %s", self.config.group, self.ifname,
+            self._warn("membership", "flow sync: cannot join %s on %s: %s", self.config.group, self.ifname,
                                errno.errorcode.get(exc.errno or 0, exc))
             return
         old, self._ifindex = self._ifindex, ifindex
@@ -496,7 +488,7 @@ class FlowSync:
                 if exc.errno in LINK_ERRNOS:
                     self.counters["send_errors_link"] += 1
                     self._next_membership_check = min(self._next_membership_check, trio.current_time() + 0.1)
-                self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0],
+                self._warn("send", "flow sync: send to %s failed: %s", dest[0],
                                    errno.errorcode.get(exc.errno or 0, exc))
 
     def _send_flows(self, records: list[bytes]) -> None:
@@ -509,6 +501,8 @@ class FlowSync:
         batch_s = self.config.batch_ms / 1000
         deadline = math.inf
         pending = self._pending
+        key_end, kind_at = codec.KEY_WIRE_BYTES, codec.EVENT_KIND_OFFSET
+        addr_at, record_end = codec.BACKEND_ADDR_OFFSET, codec.FLOW_RECORD_BYTES
         while True:
             if pending:  # a batch is open: let it fill until its deadline instead of waking per event
                 await trio.sleep_until(deadline)
@@ -519,9 +513,9 @@ class FlowSync:
                 if not pending:
                     deadline = trio.current_time() + batch_s
                 self.counters["events"] += len(raw)
-                for ev in raw:
-                    pending.append(ev[:37] + (_OP_CLOSE if ev[EVENT_KIND_OFFSET] == EVENT_FLOW_CLOSE else _OP_NEW)
-                                   + ev[40:56])
+                for ev in raw:  # codec.flow_wire_from_event, inlined
+                    pending.append(ev[:key_end] + (_OP_CLOSE if ev[kind_at] == EVENT_FLOW_CLOSE else _OP_NEW)
+                                   + ev[addr_at:record_end])
                 self._flush(full_only=True)
             if pending and trio.current_time() >= deadline:
                 self._flush(full_only=False)
@@ -561,7 +555,7 @@ class FlowSync:
                         self.counters["send_errors"] += 1
                         if exc.errno in LINK_ERRNOS:
                             self.counters["send_errors_link"] += 1
-                        self._ratelog.warn("send", "flow sync: send to %s failed: %s", dest[0],
+                        self._warn("send", "flow sync: send to %s failed: %s", dest[0],
                                            errno.errorcode.get(exc.errno or 0, exc))
                         break
             n += 1
@@ -637,8 +631,8 @@ class FlowSync:
             await trio.lowlevel.wait_readable(sock)
             now, wall_s = trio.current_time(), time.time()
             self._keys, self._values = [], []
-            self._stamp = _U64.pack(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns
-                                        - 2_000_000_000))
+            self._stamp = bytes(ctypes.c_uint64(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                                                    - self._refresh_window_ns - 2_000_000_000)))
             for _ in range(RECV_BATCH):
                 try:
                     data, (addr, _port) = sock.recvfrom(2048)
@@ -646,7 +640,7 @@ class FlowSync:
                     break
                 except OSError as exc:
                     self.counters["recv_errors"] += 1
-                    self._ratelog.warn("recv", "flow sync: receive failed: %s", exc)
+                    self._warn("recv", "flow sync: receive failed: %s", exc)
                     break
                 self.counters["received"] += 1
                 self._act(engine.receive(data, addr, now, wall_s))
@@ -660,31 +654,37 @@ class FlowSync:
         """Translate checked records (engine.Install) into this node's indexes, for the batch."""
         keys, values, stamp = self._keys, self._values, self._stamp
         xlate, size = self._xlate, codec.FLOW_RECORD_BYTES
+        (dst, dst_end), (port, key_end) = codec.KEY_DST, codec.KEY_DPORT_PROTO
+        addr, op_at, pad = codec.BACKEND_ADDR_OFFSET, codec.OP_OFFSET, codec.KEY_PAD
         n = unknown = 0
         for off in range(0, len(raw), size):
-            t = raw[off + 16:off + 32] + raw[off + 34:off + 37] + raw[off + 40:off + 56]
+            # (VIP, port, protocol, backend address): what `_translate` turns into local indexes
+            t = raw[off + dst:off + dst_end] + raw[off + port:off + key_end] + raw[off + addr:off + size]
             prefixes = xlate.get(t, _MISSING)
             if prefixes is _MISSING:
                 prefixes = xlate[t] = self._translate(t)
             if prefixes is None:
                 unknown += 1
                 continue
-            keys.append(raw[off:off + 37] + _KEY_PAD)
-            values.append(prefixes[raw[off + 37] == FlowOp.CLOSE] + stamp)  # type: ignore[index]
+            keys.append(raw[off:off + key_end] + pad)
+            values.append(prefixes[raw[off + op_at] == FlowOp.CLOSE] + stamp)  # type: ignore[index]
             n += 1
         self.counters["received_flows"] += n + unknown
         if unknown:
             self.counters["unknown_service"] += unknown
-            self._ratelog.warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
+            self._warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
 
     def _translate(self, t: bytes) -> tuple[bytes, bytes] | None:
-        vip, port, proto, backend = from_addr16(t[:16]), int.from_bytes(t[16:18], "big"), t[18], from_addr16(t[19:35])
+        addr_len = codec.KEY_DST[1] - codec.KEY_DST[0]
+        port_end = addr_len + 2
+        vip, port, proto = from_addr16(t[:addr_len]), int.from_bytes(t[addr_len:port_end], "big"), t[port_end]
+        backend = from_addr16(t[port_end + 1:])
         service = self.dp.service_index(vip, port, proto)
         index = self.dp.backend_index(vip, port, proto, backend)
         if service is None or index is None:
             return None
-        return (_FLOW_PREFIX.pack(index, service, FLOW_F_SYNCED),
-                _FLOW_PREFIX.pack(index, service, FLOW_F_SYNCED | FLOW_F_CLOSING))
+        return (bytes(Flow(index, service, FLOW_F_SYNCED))[:_LAST_SEEN_OFFSET],
+                bytes(Flow(index, service, FLOW_F_SYNCED | FLOW_F_CLOSING))[:_LAST_SEEN_OFFSET])
 
     def _install(self, keys: list[bytes], values: list[bytes]) -> None:
         joined = b"".join(keys)
@@ -692,7 +692,7 @@ class FlowSync:
             n = self.dp.write_flows_packed(joined, b"".join(values))
         except Exception as exc:  # a map error must not stop sync; it is counted and logged
             self.counters["install_errors"] += 1
-            self._ratelog.warn("install", "flow sync: writing %d flows failed: %s", len(keys), exc)
+            self._warn("install", "flow sync: writing %d flows failed: %s", len(keys), exc)
             return
         self.counters["installed"] += n
         if self.on_install is not None:

@@ -444,7 +444,8 @@ class RetransmitBuffer:
     def clear(self) -> None:
         self._sent.clear()
 
-    def lookup(self, ranges: Iterable[ResendRange], node_id: int, incarnation: int, *, limit: int = 4096) -> list[bytes]:
+    def lookup(self, ranges: Iterable[ResendRange], node_id: int, incarnation: int, *,
+               limit: int = 4096) -> list[bytes]:
         """The datagrams of the ranges addressed to us (at most `limit`, oldest first)."""
         out: list[bytes] = []
         for r in ranges:

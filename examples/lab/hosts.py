@@ -4,7 +4,6 @@ Shared by examples/lab/single_node.py and examples/lab/ecmp.py.
 """
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bpf.loader import PASS_SOURCE, Attachment, XdpMode, attach, compile_program, detach
+from bpf.structs import IPAddress
 from examples.lab.netns import Lab, read_line
 
 REPO = Path(__file__).resolve().parents[2]
 HTTP_PORT, ECHO_PORT = 80, 9000
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
