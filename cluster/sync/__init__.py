@@ -3,6 +3,7 @@
 - `codec`: the datagram wire format (pure).
 - `policy`: accept/reject, gap tracking, retransmit buffer (pure, takes `now`).
 - `engine`: the protocol core (pure: datagrams and `now` in, actions out).
+- `resync`: resync state: start-up and peer resyncs, streamed answers, answer guards (pure).
 - `config`: the ``sync:`` configuration.
 - `flowsync`: the one trio module with the socket, the ring reader and the data plane.
 
