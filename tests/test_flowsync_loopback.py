@@ -20,8 +20,9 @@ from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey, add
 from bpf.testrun import run_xdp
 from cluster.sync import codec as gossip
 from bpf.flowtable import synthetic_flows
-from cluster.sync.flowsync import FlowSync, RecordBuilder
+from cluster.sync.flowsync import FlowSync
 from cluster.sync.config import SyncConfig
+from cluster.sync.records import RecordBuilder
 
 pytestmark = pytest.mark.bpf
 

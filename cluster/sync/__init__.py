@@ -4,6 +4,8 @@
 - `policy`: accept/reject, gap tracking, retransmit buffer (pure, takes `now`).
 - `engine`: the protocol core (pure: datagrams and `now` in, actions out).
 - `resync`: resync state: start-up and peer resyncs, streamed answers, answer guards (pure).
+- `records`: flow records between the wire and the flow table (pure, numpy).
+- `pacing`: the token bucket of bulk sends (pure, takes `now`).
 - `config`: the ``sync:`` configuration.
 - `flowsync`: the one trio module with the socket, the ring reader and the data plane.
 

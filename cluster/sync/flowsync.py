@@ -7,20 +7,14 @@ Send side: new and closing flows come off the data plane's ring buffer (bpf/ring
 batches), wait at most `batch_ms` for companions, and go out as FLOWS datagrams to the multicast
 group (or to each unicast peer). Every `refresh_s` the flows seen recently here are sent again
 (REFRESH) so peers' LRU tables keep them: a chunked walk of the table (cluster/flowwalk.py, one
-chunk per worker-thread hop), each chunk's records built with numpy (`RecordBuilder`) and sent
-before the next chunk is fetched, so memory stays at one chunk whatever the table's size.
-
-Bulk sends (refresh passes and resync answers) are paced by one token bucket (`Pacer`,
-SEND_RATE datagrams a second, in batches of SEND_BATCH with a yield between), so the loop never
-runs more than ~1 ms of them at a time and a receiver's socket buffer is not overrun; a full send
-buffer (EAGAIN) is waited out, not dropped. Small sends (new flows, heartbeats, repairs) are not.
+chunk per worker-thread hop), each chunk's records built with numpy (records.RecordBuilder) and
+sent before the next chunk is fetched, so memory stays at one chunk whatever the table's size.
+Bulk sends (refresh passes and resync answers) are paced (pacing.py); a full send buffer
+(EAGAIN) is waited out, not dropped. Small sends (new flows, heartbeats, repairs) are not paced.
 
 Receive side: every datagram goes to `SyncEngine.receive`; the flows it hands back (`Install`)
-are translated to local indexes ((VIP, port, proto, backend address) -> (service, backend)) and
-written in one batch per wake-up. Peers' flows are stamped as idle (`last_seen` older than the
-refresh window) so this node re-announces only flows it carries itself. A CLOSE is written with
-FLOW_F_CLOSING, not deleted: packets in flight still reach the backend, and a SYN that reuses the
-tuple starts afresh.
+are translated to local indexes (records.FlowRows, which also says how peers' flows are stamped
+and closed) and written in one batch per wake-up.
 
 Resync: `resync()` asks peers for their whole table and returns once every live peer has sent one
 complete answer and a heartbeat (engine.py; stalled answers are asked again under new request
@@ -54,7 +48,6 @@ and logged at a limited rate.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import ipaddress
@@ -64,24 +57,21 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import trio
 import trio.lowlevel
 
 from bpf.dataplane import DataPlane
-from bpf.flowtable import FlowChunk
 from bpf.loglimit import LogLimiter
-from bpf.structs import EVENT_FLOW_CLOSE, FLOW_F_CLOSING, FLOW_F_SYNCED, Flow, from_addr16
 from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
-from cluster.sync.codec import FlowOp
 from cluster.sync.config import SyncConfig
 from cluster.sync.engine import Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine, Warn
+from cluster.sync.pacing import SEND_BATCH, SEND_RATE, Pacer
 from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
+from cluster.sync.records import FlowRows, RecordBuilder, wire_from_events
 
 log = logging.getLogger(__name__)
 
@@ -90,74 +80,11 @@ SOCKET_BUFFER_BYTES = 16 << 20
 RECV_BATCH = 512  # datagrams per wake-up before the flows are written
 RESEND_INTERVAL_S = 0.05
 RESYNC_RETRY_S = 1.0
-# Bulk sends (refresh passes, resync answers) are paced: SEND_RATE datagrams a second in batches
-# of SEND_BATCH, yielding between batches. 20k/s is 460k flows/s (1M flows in ~2.3 s), below
-# what one receiver installs per core, so its socket buffer (16 MB) never overruns.
-SEND_RATE = 20_000
-SEND_BATCH = 32
 MEMBERSHIP_CHECK_S = 1.0
 WARN_INTERVAL_S = 10.0  # at most one WARNING per reason this often (the rest at DEBUG)
 # errnos of a link that is down or an address that is gone: sends fail until it is back
 LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH,
                          errno.ENXIO})
-_OP_NEW = bytes((FlowOp.NEW, 0, 0))
-_OP_CLOSE = bytes((FlowOp.CLOSE, 0, 0))
-_OP_REFRESH = bytes((FlowOp.REFRESH, 0, 0))
-# struct flow (bpf/structs.Flow) as written for a synced flow: backend, service and flags, then
-# last_seen_ns, which is the same stamp for a whole receive batch.
-_LAST_SEEN_OFFSET = Flow.last_seen_ns.offset
-_MISSING = object()
-_WIRE_OP = np.array([FlowOp.REFRESH, FlowOp.CLOSE], dtype=np.uint8)
-
-
-class RecordBuilder:
-    """Wire records (codec.flow_wire: key[:37], op, 0, 0, backend address16) for a whole walk
-    chunk at once, with numpy: a flow whose backend index has no address here is skipped; with
-    `floor_ns`, so is one not seen since then. REFRESH, or CLOSE for a closing flow."""
-
-    def __init__(self, addresses: Mapping[int, Any]) -> None:
-        self.addresses = addresses  # what it was built from (DataPlane publishes a new mapping per apply)
-        size = max(addresses, default=-1) + 1
-        self._table = np.zeros((size, 16), dtype=np.uint8)
-        self._known = np.zeros(size, dtype=bool)
-        if addresses:
-            index = np.fromiter(addresses.keys(), dtype=np.int64, count=len(addresses))
-            v4 = b"\0" * 10 + b"\xff\xff"
-            raw = b"".join(a.packed if a.version == 6 else v4 + a.packed for a in addresses.values())
-            self._table[index] = np.frombuffer(raw, dtype=np.uint8).reshape(len(addresses), 16)
-            self._known[index] = True
-
-    def records(self, chunk: FlowChunk, floor_ns: int | None = None) -> bytes:
-        flows = chunk.flows()
-        backend = flows["backend"].astype(np.int64)
-        ok: npt.NDArray[np.bool_] = backend < len(self._table)
-        if floor_ns is not None:
-            ok &= flows["last_seen_ns"] >= floor_ns
-        ok[ok] &= self._known[backend[ok]]
-        keys = chunk.key_rows()[ok]
-        out = np.zeros((len(keys), codec.FLOW_RECORD_BYTES), dtype=np.uint8)
-        out[:, :codec.KEY_WIRE_BYTES] = keys[:, :codec.KEY_WIRE_BYTES]
-        out[:, codec.OP_OFFSET] = _WIRE_OP[((flows["flags"][ok] & FLOW_F_CLOSING) != 0).astype(np.intp)]
-        out[:, codec.BACKEND_ADDR_OFFSET:codec.FLOW_RECORD_BYTES] = self._table[backend[ok]]
-        return out.tobytes()
-
-
-class Pacer:
-    """A token bucket shared by every bulk send of one FlowSync: `await pace(n)` after n
-    datagrams sleeps until the rate allows them (a burst of `burst` is allowed after idling)."""
-
-    def __init__(self, rate_per_s: float, burst: int = SEND_BATCH) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst_s = burst / rate_per_s
-        self._next = -math.inf
-
-    async def pace(self, n: int) -> None:
-        now = trio.current_time()
-        self._next = max(self._next, now - self.burst_s) + n / self.rate_per_s
-        if self._next > now:
-            await trio.sleep_until(self._next)
-        else:
-            await trio.lowlevel.checkpoint()
 
 
 class SyncError(Exception):
@@ -219,7 +146,7 @@ class FlowSync:
         self._ifindex = 0
         self._dests: list[tuple[str, int]] = []
         self._pending: list[bytes] = []
-        self._xlate: dict[bytes, tuple[bytes, bytes] | None] = {}
+        self._rows = FlowRows(dataplane)  # the receive batch
         self._digest_set = False
         self._resync_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
@@ -227,9 +154,6 @@ class FlowSync:
         self._warn_limits: dict[str, LogLimiter] = {}  # reason -> its rate limit
         self._pacer = Pacer(send_rate)
         self._builder: RecordBuilder | None = None
-        self._keys: list[bytes] = []  # flows of the current receive batch
-        self._values: list[bytes] = []
-        self._stamp = b""
         self._next_membership_check = -math.inf
         # "Seen recently" = within two refresh periods: the data plane rewrites last_seen at most
         # once per its own refresh interval (assumed <= ours), so an active flow always qualifies.
@@ -331,7 +255,7 @@ class FlowSync:
             digest = hashlib.blake2b(digest, digest_size=codec.DIGEST_BYTES).digest()
         self.engine.set_digest(digest)
         self._digest_set = True
-        self._xlate.clear()
+        self._rows.clear()
 
     def ring_pending_bytes(self) -> int:
         """Flow events waiting in the ring (how far the reader is behind the data plane)."""
@@ -501,8 +425,6 @@ class FlowSync:
         batch_s = self.config.batch_ms / 1000
         deadline = math.inf
         pending = self._pending
-        key_end, kind_at = codec.KEY_WIRE_BYTES, codec.EVENT_KIND_OFFSET
-        addr_at, record_end = codec.BACKEND_ADDR_OFFSET, codec.FLOW_RECORD_BYTES
         while True:
             if pending:  # a batch is open: let it fill until its deadline instead of waking per event
                 await trio.sleep_until(deadline)
@@ -513,9 +435,7 @@ class FlowSync:
                 if not pending:
                     deadline = trio.current_time() + batch_s
                 self.counters["events"] += len(raw)
-                for ev in raw:  # codec.flow_wire_from_event, inlined
-                    pending.append(ev[:key_end] + (_OP_CLOSE if ev[kind_at] == EVENT_FLOW_CLOSE else _OP_NEW)
-                                   + ev[addr_at:record_end])
+                wire_from_events(raw, pending)
                 self._flush(full_only=True)
             if pending and trio.current_time() >= deadline:
                 self._flush(full_only=False)
@@ -561,11 +481,20 @@ class FlowSync:
             n += 1
             batch += len(dests)
             if batch >= SEND_BATCH:
-                await self._pacer.pace(batch)
+                await self._pace(batch)
                 batch = 0
         if batch:
-            await self._pacer.pace(batch)
+            await self._pace(batch)
         return n
+
+    async def _pace(self, n: int) -> None:
+        """Wait until the pacer allows `n` more datagrams (a checkpoint if it does now)."""
+        now = trio.current_time()
+        due = self._pacer.due(n, now)
+        if due > now:
+            await trio.sleep_until(due)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _record_builder(self) -> RecordBuilder:
         """The builder for the data plane's current backend addresses: rebuilt (on a worker
@@ -630,9 +559,8 @@ class FlowSync:
         while True:
             await trio.lowlevel.wait_readable(sock)
             now, wall_s = trio.current_time(), time.time()
-            self._keys, self._values = [], []
-            self._stamp = bytes(ctypes.c_uint64(max(0, time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                                                    - self._refresh_window_ns - 2_000_000_000)))
+            rows = self._rows
+            rows.begin(time.clock_gettime_ns(time.CLOCK_MONOTONIC) - self._refresh_window_ns - 2_000_000_000)
             for _ in range(RECV_BATCH):
                 try:
                     data, (addr, _port) = sock.recvfrom(2048)
@@ -644,47 +572,18 @@ class FlowSync:
                     break
                 self.counters["received"] += 1
                 self._act(engine.receive(data, addr, now, wall_s))
-            if self._keys:
-                self._install(self._keys, self._values)
-                self._keys, self._values = [], []
+            if rows.keys:
+                self._install(*rows.take())
             if engine.next_deadline(now) <= now:
                 self._act(engine.poll(now))
 
     def _flows(self, raw: bytes) -> None:
-        """Translate checked records (engine.Install) into this node's indexes, for the batch."""
-        keys, values, stamp = self._keys, self._values, self._stamp
-        xlate, size = self._xlate, codec.FLOW_RECORD_BYTES
-        (dst, dst_end), (port, key_end) = codec.KEY_DST, codec.KEY_DPORT_PROTO
-        addr, op_at, pad = codec.BACKEND_ADDR_OFFSET, codec.OP_OFFSET, codec.KEY_PAD
-        n = unknown = 0
-        for off in range(0, len(raw), size):
-            # (VIP, port, protocol, backend address): what `_translate` turns into local indexes
-            t = raw[off + dst:off + dst_end] + raw[off + port:off + key_end] + raw[off + addr:off + size]
-            prefixes = xlate.get(t, _MISSING)
-            if prefixes is _MISSING:
-                prefixes = xlate[t] = self._translate(t)
-            if prefixes is None:
-                unknown += 1
-                continue
-            keys.append(raw[off:off + key_end] + pad)
-            values.append(prefixes[raw[off + op_at] == FlowOp.CLOSE] + stamp)  # type: ignore[index]
-            n += 1
+        """Checked records (engine.Install) into the receive batch, translated (records.FlowRows)."""
+        n, unknown = self._rows.add(raw)
         self.counters["received_flows"] += n + unknown
         if unknown:
             self.counters["unknown_service"] += unknown
             self._warn("unknown", "flow sync: %d flow(s) for a service or backend unknown here", unknown)
-
-    def _translate(self, t: bytes) -> tuple[bytes, bytes] | None:
-        addr_len = codec.KEY_DST[1] - codec.KEY_DST[0]
-        port_end = addr_len + 2
-        vip, port, proto = from_addr16(t[:addr_len]), int.from_bytes(t[addr_len:port_end], "big"), t[port_end]
-        backend = from_addr16(t[port_end + 1:])
-        service = self.dp.service_index(vip, port, proto)
-        index = self.dp.backend_index(vip, port, proto, backend)
-        if service is None or index is None:
-            return None
-        return (bytes(Flow(index, service, FLOW_F_SYNCED))[:_LAST_SEEN_OFFSET],
-                bytes(Flow(index, service, FLOW_F_SYNCED | FLOW_F_CLOSING))[:_LAST_SEEN_OFFSET])
 
     def _install(self, keys: list[bytes], values: list[bytes]) -> None:
         joined = b"".join(keys)
@@ -721,7 +620,7 @@ class FlowSync:
                 self._check_membership()
                 self._next_membership_check = now + MEMBERSHIP_CHECK_S
             if now >= next_clear:  # forget negative translations: a service may have appeared
-                self._xlate = {k: v for k, v in self._xlate.items() if v is not None}
+                self._rows.forget_unknown()
                 next_clear = now + 1.0
             await trio.sleep_until(min(next_clear, self._next_membership_check,
                                        engine.next_deadline(trio.current_time())))
