@@ -6,6 +6,8 @@
 - `resync`: resync state: start-up and peer resyncs, streamed answers, answer guards (pure).
 - `records`: flow records between the wire and the flow table (pure, numpy).
 - `pacing`: the token bucket of bulk sends (pure, takes `now`).
+- `identity`: node ids and incarnations.
+- `status`: flow sync's section of the status document (pure).
 - `config`: the ``sync:`` configuration.
 - `flowsync`: the one trio module with the socket, the ring reader and the data plane.
 

@@ -22,10 +22,7 @@ ids). A peer resync (a gap no RESEND can fill) is the engine's own decision. Ans
 streams the table like a refresh pass (a peer resync: only the flows carried here), chunk by
 chunk, paced, and ends with the LAST chunk; the engine sends a heartbeat first.
 
-Incarnations are start times in wall-clock seconds, renewed every `INCARNATION_RENEW_S` (15 min;
-peers treat a higher incarnation as a restart and resume tracking at its first number), because
-receivers refuse to adopt an incarnation more than two renewals older than their own clock
-(policy.py: what a replay to a freshly started receiver can use is at most that old).
+Node ids and incarnations: identity.py.
 
 Link down. A send that fails (ENETUNREACH, ENODEV, EADDRNOTAVAIL, ... while the node's link is
 down or its address is gone) is counted and logged at a limited rate; the stream number it took
@@ -69,9 +66,11 @@ from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
 from cluster.sync.config import SyncConfig
 from cluster.sync.engine import Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine, Warn
+from cluster.sync.identity import next_incarnation, node_id_of
 from cluster.sync.pacing import SEND_BATCH, SEND_RATE, Pacer
 from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
 from cluster.sync.records import FlowRows, RecordBuilder, wire_from_events
+from cluster.sync.status import sync_status
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +88,6 @@ LINK_ERRNOS = frozenset({errno.ENETUNREACH, errno.ENETDOWN, errno.ENODEV, errno.
 
 class SyncError(Exception):
     """Flow sync cannot start (socket, interface, address family)."""
-
-
-def node_id_of(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    """IPv4: the address as a number (readable in captures); IPv6: 32 bits of its hash."""
-    if isinstance(address, ipaddress.IPv4Address):
-        return int(address)
-    return int.from_bytes(hashlib.blake2b(address.packed, digest_size=4).digest(), "big")
-
-
-_last_incarnation = 0
-
-
-def _next_incarnation() -> int:
-    """Start time in seconds, but always above the previous one of this process: a sync restarted
-    within the same second (config reload) must not look like a replay of its predecessor."""
-    global _last_incarnation
-    _last_incarnation = max(int(time.time()) & 0xFFFFFFFF, _last_incarnation + 1)
-    return _last_incarnation
 
 
 IO_COUNTERS = ("sent", "send_waits", "sent_flows", "received", "received_flows", "installed", "unknown_service",
@@ -136,7 +117,7 @@ class FlowSync:
                               dead_after_s=3 * config.heartbeat_s, resync_retry_s=RESYNC_RETRY_S,
                               max_incarnation_age_s=MAX_INCARNATION_AGE_S, retransmit_capacity=retransmit_capacity)
         self.engine = SyncEngine(self.keys, self.node_id,
-                                 _next_incarnation() if incarnation is None else incarnation & 0xFFFFFFFF,
+                                 next_incarnation(time.time()) if incarnation is None else incarnation & 0xFFFFFFFF,
                                  timing=timing, configured_addrs=configured,
                                  first_request_id=int.from_bytes(os.urandom(4), "big"))
         self.on_install = on_install  # test/bench hook: concatenated keys of each installed batch
@@ -267,34 +248,8 @@ class FlowSync:
         return self.policy.digest_mismatch(trio.current_time())
 
     def snapshot(self) -> dict[str, Any]:
-        now = trio.current_time()
-        c = self.policy.counters
-        engine = self.engine
-        return {
-            "node_id": self.node_id,
-            "incarnation": self.incarnation,
-            "sequence": engine.seq,
-            "keys": {"current": f"{engine.keys.current_id:08x}",
-                     "next": None if engine.keys.next_id is None else f"{engine.keys.next_id:08x}"},
-            "ready": self.ready,
-            "digest_mismatch": self.policy.digest_mismatch(now),
-            "repairing": engine.repairing(),
-            "gaps_open": engine.gaps_open(),
-            "ring_pending_bytes": self.ring_pending_bytes(),
-            "peers": [{
-                "node_id": v.node_id, "address": engine.peer_addr.get(v.node_id), "alive": v.alive,
-                "last_seen_s": round(v.last_heard_s_ago, 3), "highest_seq": v.highest_seq, "lag": v.missing,
-                "digest_match": v.digest_match, "ready": v.ready, "flows": v.flow_count,
-                "resync_wanted": v.resync_wanted, "resyncing": v.node_id in engine.peer_resyncs,
-            } for v in self.policy.views(now)],
-            "counters": {**self.counters, "replayed": c.replayed, "stale": c.stale, "gaps": c.gaps,
-                         "recovered": c.recovered, "lost": c.lost, "resend_requested": c.resend_requested,
-                         "self_looped": c.self_looped, "retransmit_missed": self.retransmit.missed,
-                         "gap_overflows": c.overflows, "reincarnated": c.reincarnated,
-                         "incarnation_too_old": c.too_old, "unrepairable": c.unrepairable,
-                         "control_replayed": c.control_replayed, "resends_received": c.recovered,
-                         "gaps_open": engine.gaps_open()},
-        }
+        """The status document's "sync" section (status.sync_status)."""
+        return sync_status(self.engine, self.counters, self.ring_pending_bytes(), trio.current_time())
 
     # ---- actions ------------------------------------------------------------------------------
 
@@ -610,7 +565,7 @@ class FlowSync:
                 # Peers refuse to adopt incarnations far older than their clocks: stay young.
                 # The first datagram of the new incarnation is a heartbeat (peers reset on it).
                 old = engine.incarnation
-                engine.renew(_next_incarnation(), now)
+                engine.renew(next_incarnation(time.time()), now)
                 self.counters["incarnation_renewals"] += 1
                 log.info("flow sync %s: incarnation %d -> %d", self.node_ip, old, engine.incarnation)
             self._flow_count(self.dp.flow_count().entries)  # from counters, not a walk
