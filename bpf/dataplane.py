@@ -37,7 +37,7 @@ import mmap
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -62,7 +62,6 @@ from bpf.loader import (
 from bpf.structs import (
     BackendStats,
     Flow,
-    FlowEvent,
     FlowKey,
     IPAddress,
     LbConfig,
@@ -221,7 +220,6 @@ class DataPlane:
         # (walked, NEW_FLOW stat, _written, _deleted, monotonic s) at the last complete pass
         self._counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, -math.inf)
         self._attachments: list[Attachment] = []
-        self._event_callback: Callable[[FlowEvent], None] | None = None
         self._config = LbConfig()
 
     # ---- program -------------------------------------------------------------------------
@@ -622,37 +620,17 @@ class DataPlane:
 
     # ---- flow events ----------------------------------------------------------------------------
 
-    def open_flow_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Deliver ring-buffer flow events to `callback` on each poll (replaces an earlier one)."""
-        first = self._event_callback is None
-        self._event_callback = callback
-        if first:
-            self._ring_handler = self._on_ring_event  # bcc keeps only a C pointer: hold a reference
-            self._map("flow_events").open_ring_buffer(self._ring_handler)
-
-    def _on_ring_event(self, _ctx: Any, data: Any, _size: int) -> int:
-        assert self._event_callback is not None
-        self._event_callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
-        return 0
-
     @property
     def flow_events_fd(self) -> int:
         """The ring buffer's map fd: pollable, readable while events wait (for trio's wait_readable)."""
         return int(self._map("flow_events").map_fd)
 
     def flow_event_reader(self) -> RingReader:
-        """A batch reader of raw `struct flow_event` records (bpf/ringbuf.py), for high event rates.
-        Use it instead of `open_flow_events`, never both: each would consume the other's records."""
+        """A batch reader of raw `struct flow_event` records (bpf/ringbuf.py): the one consumer of
+        the ring (decode a record with `structs.FlowEvent.from_buffer_copy`)."""
         from bpf.ringbuf import RingReader
 
         return RingReader(self.flow_events_fd, self.limits.event_ring_pages * mmap.PAGESIZE)
-
-    def poll_flow_events(self, timeout_ms: int = 0) -> None:
-        """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""
-        if timeout_ms:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.ring_buffer_consume()
 
 
 _Struct = TypeVar("_Struct", bound=ctypes.Structure)
