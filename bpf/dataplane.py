@@ -36,9 +36,8 @@ import math
 import mmap
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,12 +46,13 @@ import numpy as np
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
+from bpf.indexes import Indexes, IndexPool
 from bpf.loader import (
     PROGRAM_SOURCE,
     AttachError,
     Attachment,
-    BpfError,
     Limits,
+    MapError,
     XdpMode,
     attach,
     attached_program_id,
@@ -76,10 +76,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
-class MapError(BpfError):
-    """A map operation failed (full map, bad index, kernel error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,30 +106,6 @@ class ServiceSpec:
     @property
     def key(self) -> tuple[IPAddress, int, int]:
         return (self.vip, self.port, self.proto)
-
-
-@dataclass
-class _IndexPool:
-    """Stable small integers; freed ones (already purged of their old pins) are reused last."""
-
-    size: int
-    what: str
-    next_unused: int = 0
-    freed: deque[int] = field(default_factory=deque)
-
-    def take(self) -> int:
-        if self.next_unused < self.size:
-            self.next_unused += 1
-            return self.next_unused - 1
-        if self.freed:
-            return self.freed.popleft()
-        raise MapError(f"no free {self.what} index (limit {self.size})")
-
-    def give_back(self, index: int) -> None:
-        self.freed.append(index)
-
-    def available(self) -> int:
-        return self.size - self.next_unused + len(self.freed)
 
 
 @dataclass
@@ -205,13 +177,9 @@ class DataPlane:
         self.limits = limits
         self._bpf, self._fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
         self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
-        self._service_pool = _IndexPool(limits.max_services, "service")
-        self._backend_pool = _IndexPool(limits.max_backends, "backend")
-        # Indexes whose stale pinned flows may remain; reusable once a pass has deleted them.
-        self._quarantined_services: set[int] = set()
-        self._quarantined_backends: set[int] = set()
+        self._indexes = Indexes(limits.max_services, limits.max_backends)
         self._published = _EMPTY
-        self._lock = threading.Lock()  # apply, and the quarantine/pools that maintain() touches
+        self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
         self._maintain_lock = threading.Lock()  # one maintenance walk at a time
         self._pass: _Pass | None = None
         self._counts_lock = threading.Lock()
@@ -291,45 +259,22 @@ class DataPlane:
         purge quarantined indexes when every index is taken."""
         wanted = {spec.key: spec for spec in services}
         with self._lock:
-            order = self._plan(wanted)  # raises, before any map is touched, if the change cannot fit
+            # Raises, before any map is touched, if the change cannot fit (bpf/indexes.py).
+            order = self._indexes.plan({k: st.backends.keys() for k, st in self._services.items()},
+                                       {k: {b.address for b in spec.backends} for k, spec in wanted.items()})
             try:
                 for key in [k for k in self._services if k not in wanted]:
                     self._remove_service(key)
-                for spec in order:
-                    self._apply_service(spec)
+                for key in order:
+                    self._apply_service(wanted[key])
                 self._sync_vips()
             finally:
                 self._publish()
 
-    def _plan(self, wanted: Mapping[tuple[IPAddress, int, int], ServiceSpec]) -> list[ServiceSpec]:
-        """Check that the change fits the index pools, and order it so that it does: services
-        that give backend indexes back go before those that need new ones (a reload may move
-        backends from one service to another at the limit). A change that cannot fit is refused
-        here, so that a refused reload leaves the kernel's state exactly as it was."""
-        def delta(spec: ServiceSpec) -> int:  # backend indexes this service needs (< 0: gives back)
-            state = self._services.get(spec.key)
-            addresses = {b.address for b in spec.backends}
-            if state is None:
-                return len(addresses)
-            return len(addresses - set(state.backends)) - len(set(state.backends) - addresses)
-        removed = [state for key, state in self._services.items() if key not in wanted]
-        new_services = sum(1 for key in wanted if key not in self._services)
-        services_free = self._service_pool.available() + len(self._quarantined_services) + len(removed)
-        if new_services > services_free:
-            raise MapError(f"the change needs {new_services} new service indexes, {services_free} are free "
-                           f"(limit {self.limits.max_services})")
-        deltas = {key: delta(spec) for key, spec in wanted.items()}
-        needed = sum(deltas.values()) - sum(len(state.backends) for state in removed)
-        backends_free = self._backend_pool.available() + len(self._quarantined_backends)
-        if needed > backends_free:
-            raise MapError(f"the change needs {needed} more backend indexes than it frees, {backends_free} are "
-                           f"free (limit {self.limits.max_backends})")
-        return sorted(wanted.values(), key=lambda spec: deltas[spec.key])
-
     def _apply_service(self, spec: ServiceSpec) -> None:
         state = self._services.get(spec.key)
         if state is None:
-            index = self._take(self._service_pool, self._quarantined_services)
+            index = self._take(self._indexes.services, self._indexes.quarantined_services)
             self._zero_percpu("service_stats", index)
             state = _ServiceState(index=index, active_half=1, backends={})
             self._services[spec.key] = state
@@ -338,7 +283,7 @@ class DataPlane:
         for address in wanted:
             if address not in state.backends:
                 try:
-                    slot = self._take(self._backend_pool, self._quarantined_backends)
+                    slot = self._take(self._indexes.backends, self._indexes.quarantined_backends)
                 except MapError:
                     if not removed:
                         raise
@@ -381,15 +326,15 @@ class DataPlane:
         del self._map("services")[ServiceKey.make(*key)]
         for index in state.backends.values():
             self._retire_backend(index)
-        self._quarantined_services.add(state.index)
+        self._indexes.quarantined_services.add(state.index)
 
     def _retire_backend(self, index: int, *, quarantine: bool = True) -> None:
         """Invalid backends make their pinned flows re-choose instead of going nowhere."""
         self._map("backends")[ctypes.c_int(index)] = structs.Backend()
         if quarantine:
-            self._quarantined_backends.add(index)
+            self._indexes.quarantined_backends.add(index)
 
-    def _take(self, pool: _IndexPool, quarantine: set[int]) -> int:
+    def _take(self, pool: IndexPool, quarantine: set[int]) -> int:
         """A free index whose old pins are gone; purges the quarantine first if none is left."""
         try:
             return pool.take()
@@ -397,7 +342,7 @@ class DataPlane:
             if not quarantine:
                 raise
         self._publish()  # lookups stop naming what is about to be reused
-        self._purge(frozenset(self._quarantined_services), frozenset(self._quarantined_backends))
+        self._purge(*self._indexes.quarantined())
         return pool.take()
 
     def _purge(self, services: frozenset[int], backends: frozenset[int]) -> None:
@@ -405,15 +350,7 @@ class DataPlane:
         cursor = FlowCursor(self._flows_fd)
         for chunk in cursor:
             self._delete_stale(chunk, services, backends)
-        self._release(services, backends)
-
-    def _release(self, services: frozenset[int], backends: frozenset[int]) -> None:
-        for index in services & self._quarantined_services:
-            self._quarantined_services.discard(index)
-            self._service_pool.give_back(index)
-        for index in backends & self._quarantined_backends:
-            self._quarantined_backends.discard(index)
-            self._backend_pool.give_back(index)
+        self._indexes.release(services, backends)
 
     def _delete_stale(self, chunk: FlowChunk, services: frozenset[int], backends: frozenset[int]) -> int:
         flows = chunk.flows()
@@ -443,7 +380,7 @@ class DataPlane:
     @property
     def sweep_pending(self) -> bool:
         """Indexes wait in quarantine for a maintenance pass."""
-        return bool(self._quarantined_services or self._quarantined_backends)
+        return self._indexes.sweep_pending
 
     def maintain(self, max_entries: int = 16 * DEFAULT_CHUNK_ENTRIES) -> bool:
         """Advance the maintenance walk by about `max_entries` flows (one batch syscall per 4096);
@@ -452,7 +389,7 @@ class DataPlane:
             walk = self._pass
             if walk is None:
                 with self._lock:
-                    services, backends = frozenset(self._quarantined_services), frozenset(self._quarantined_backends)
+                    services, backends = self._indexes.quarantined()
                 with self._counts_lock:
                     written = self._written
                 walk = self._pass = _Pass(FlowCursor(self._flows_fd), services, backends,
@@ -468,7 +405,7 @@ class DataPlane:
                 return False
             self._pass = None
             with self._lock:
-                self._release(walk.services, walk.backends)
+                self._indexes.release(walk.services, walk.backends)
             with self._counts_lock:
                 self._counted = (walk.cursor.seen - walk.deleted, walk.new_flows_at_start, walk.written_at_start,
                                  self._deleted, time.monotonic())
