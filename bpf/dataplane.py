@@ -32,20 +32,20 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import mmap
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
-from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
+from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
+from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys
 from bpf.indexes import Indexes, IndexPool
 from bpf.loader import (
     PROGRAM_SOURCE,
@@ -74,6 +74,9 @@ from bpf.structs import (
 if TYPE_CHECKING:
     from bpf.ringbuf import RingReader
 
+
+# MapError, Counters and FlowCount live in bpf/loader.py and bpf/counters.py; exported here as before.
+__all__ = ["BackendSpec", "Counters", "DataPlane", "FlowCount", "MapError", "ServiceSpec", "monotonic_ns"]
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +120,6 @@ class _ServiceState:
 
 
 @dataclass(frozen=True, slots=True)
-class FlowCount:
-    """Flow-table occupancy without a walk (see `DataPlane.flow_count`)."""
-
-    entries: int  # best estimate now, 0..table_size
-    walked: int  # what the last complete maintenance pass counted (0 before the first)
-    walk_age_s: float  # seconds since that pass completed (inf before the first)
-    table_size: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Published:
     """What lookups from any thread see: replaced whole by apply, never mutated."""
 
@@ -151,19 +144,6 @@ class _Pass:
     deleted: int = 0
 
 
-class Counters:
-    """Every service's and backend's counters, read in one batch per map (`DataPlane.counters`)."""
-
-    def __init__(self, services: Any, backends: Any) -> None:
-        self._services, self._backends = services, backends
-
-    def service(self, index: int) -> ServiceStats:
-        return ServiceStats(*(int(x) for x in self._services[index]))
-
-    def backend(self, index: int) -> BackendStats:
-        return BackendStats(*(int(x) for x in self._backends[index]))
-
-
 def monotonic_ns() -> int:
     """The clock of flow timestamps (the program reads it from lb_config.epoch_ns)."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -182,11 +162,7 @@ class DataPlane:
         self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
         self._maintain_lock = threading.Lock()  # one maintenance walk at a time
         self._pass: _Pass | None = None
-        self._counts_lock = threading.Lock()
-        self._written = 0  # flows written from user space (replacements included)
-        self._deleted = 0  # flows deleted from user space
-        # (walked, NEW_FLOW stat, _written, _deleted, monotonic s) at the last complete pass
-        self._counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, -math.inf)
+        self._tally = FlowTally()  # for flow_count() without a walk (bpf/counters.py)
         self._attachments: list[Attachment] = []
         self._config = LbConfig()
 
@@ -362,8 +338,7 @@ class DataPlane:
         if not stale.any():
             return 0
         n = delete_keys(self._flows_fd, chunk.select(stale).keys)
-        with self._counts_lock:
-            self._deleted += n
+        self._tally.deleted(n)
         return n
 
     def _publish(self) -> None:
@@ -390,10 +365,8 @@ class DataPlane:
             if walk is None:
                 with self._lock:
                     services, backends = self._indexes.quarantined()
-                with self._counts_lock:
-                    written = self._written
                 walk = self._pass = _Pass(FlowCursor(self._flows_fd), services, backends,
-                                          self._stat(Stat.NEW_FLOW), written)
+                                          self._stat(Stat.NEW_FLOW), self._tally.written)
             target = walk.cursor.seen + max_entries
             while walk.cursor.seen < target:
                 chunk = walk.cursor.next()
@@ -406,9 +379,8 @@ class DataPlane:
             self._pass = None
             with self._lock:
                 self._indexes.release(walk.services, walk.backends)
-            with self._counts_lock:
-                self._counted = (walk.cursor.seen - walk.deleted, walk.new_flows_at_start, walk.written_at_start,
-                                 self._deleted, time.monotonic())
+            self._tally.pass_completed(walk.cursor.seen - walk.deleted, walk.new_flows_at_start,
+                                       walk.written_at_start)
             return True
 
     def sweep(self) -> None:
@@ -423,12 +395,7 @@ class DataPlane:
         """Flow-table occupancy without a walk: the last pass's count, plus pins by the program
         and writes from user space since it began, minus deletes since it ended, within 0..size.
         Replacing writes and LRU evictions make it an upper estimate until the next pass."""
-        new_flows = self._stat(Stat.NEW_FLOW)
-        with self._counts_lock:
-            walked, new0, written0, deleted0, when = self._counted
-            estimate = walked + (new_flows - new0) + (self._written - written0) - (self._deleted - deleted0)
-        size = self.limits.flow_table_size
-        return FlowCount(max(0, min(size, estimate)), walked, time.monotonic() - when, size)
+        return self._tally.count(self._stat(Stat.NEW_FLOW), self.limits.flow_table_size)
 
     @property
     def _flows_fd(self) -> int:
@@ -498,8 +465,7 @@ class DataPlane:
                                          (flows.Leaf * n).from_buffer_copy(values))
             except Exception as exc:
                 raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
-            with self._counts_lock:
-                self._written += n
+            self._tally.wrote(n)
         return n
 
     def backend_addresses(self) -> Mapping[int, IPAddress]:
@@ -528,8 +494,7 @@ class DataPlane:
     def delete_flows(self, keys: Sequence[FlowKey]) -> int:
         """Delete these flows in one batch (absent ones are skipped); returns how many went."""
         n = delete_keys(self._flows_fd, b"".join(bytes(k) for k in keys))
-        with self._counts_lock:
-            self._deleted += n
+        self._tally.deleted(n)
         return n
 
     # ---- counters -----------------------------------------------------------------------------
@@ -540,20 +505,14 @@ class DataPlane:
     def counters(self) -> Counters:
         """All per-service and per-backend counters, summed over CPUs: two batch syscalls, where
         `service_stats`/`backend_stats` cost one lookup each (4096 backends: ~40 ms)."""
-        out = []
-        for name, cls, entries in (("service_stats", ServiceStats, self.limits.max_services),
-                                   ("backend_stats", BackendStats, self.limits.max_backends)):
-            fields = len(cls._fields_)
-            ncpus = self._map(name).total_cpu
-            raw = read_array_u64(int(self._map(name).map_fd), entries, ncpus * fields)
-            out.append(raw.reshape(entries, ncpus, fields).sum(axis=1, dtype=np.uint64))
-        return Counters(*out)
+        return read_counters(self._map("service_stats"), self._map("backend_stats"), self.limits.max_services,
+                             self.limits.max_backends)
 
     def service_stats(self, index: int) -> ServiceStats:
-        return _sum_structs(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)
+        return sum_per_cpu(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)
 
     def backend_stats(self, index: int) -> BackendStats:
-        return _sum_structs(self._map("backend_stats").getvalue(ctypes.c_int(index)), BackendStats)
+        return sum_per_cpu(self._map("backend_stats").getvalue(ctypes.c_int(index)), BackendStats)
 
     # ---- flow events ----------------------------------------------------------------------------
 
@@ -569,13 +528,4 @@ class DataPlane:
 
         return RingReader(self.flow_events_fd, self.limits.event_ring_pages * mmap.PAGESIZE)
 
-
-_Struct = TypeVar("_Struct", bound=ctypes.Structure)
-
-
-def _sum_structs(per_cpu: Any, cls: type[_Struct]) -> _Struct:
-    total = cls()
-    for spec in cls._fields_:
-        setattr(total, spec[0], sum(getattr(cpu, spec[0]) for cpu in per_cpu))
-    return total
 
