@@ -6,6 +6,9 @@ into its idle half and then switched in with one map update (a packet sees the o
 the new one, never a mix), and removed backends are marked invalid so their pinned flows are
 re-chosen. Flows are walked in chunks and written in batches (the peer side of flow sync),
 counters are summed over CPUs, and new/closing flows are read from the ring buffer.
+DataPlane owns the maps and the order of writes; the bookkeeping behind it lives apart:
+bpf/indexes.py (index pools, quarantine, planning), bpf/sweep.py (the maintenance walk),
+bpf/counters.py (batch counter reads, the flow tally), bpf/ringbuf.py (the event reader).
 
 Scale (a million flows, thousands of backends) and threads. Nothing here costs time in
 proportion to the flow table on the caller's thread except the explicit walks:
@@ -45,7 +48,7 @@ import numpy as np
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
 from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
-from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys
+from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowCursor, delete_keys
 from bpf.indexes import Indexes, IndexPool
 from bpf.loader import (
     PROGRAM_SOURCE,
@@ -70,6 +73,7 @@ from bpf.structs import (
     ServiceStats,
     Stat,
 )
+from bpf.sweep import Sweeper
 
 if TYPE_CHECKING:
     from bpf.ringbuf import RingReader
@@ -132,18 +136,6 @@ class _Published:
 _EMPTY = _Published(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
-@dataclass
-class _Pass:
-    """One maintenance walk: deletes flows of the indexes quarantined when it started, and counts."""
-
-    cursor: FlowCursor
-    services: frozenset[int]
-    backends: frozenset[int]
-    new_flows_at_start: int
-    written_at_start: int
-    deleted: int = 0
-
-
 def monotonic_ns() -> int:
     """The clock of flow timestamps (the program reads it from lb_config.epoch_ns)."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -160,9 +152,9 @@ class DataPlane:
         self._indexes = Indexes(limits.max_services, limits.max_backends)
         self._published = _EMPTY
         self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
-        self._maintain_lock = threading.Lock()  # one maintenance walk at a time
-        self._pass: _Pass | None = None
         self._tally = FlowTally()  # for flow_count() without a walk (bpf/counters.py)
+        self._sweeper = Sweeper(self._flows_fd, self._indexes, self._lock, self._tally,
+                                lambda: self._stat(Stat.NEW_FLOW))
         self._attachments: list[Attachment] = []
         self._config = LbConfig()
 
@@ -268,7 +260,7 @@ class DataPlane:
                     slot = removed.pop()
                     self._retire_backend(slot, quarantine=False)
                     self._publish()
-                    self._purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
+                    self._sweeper.purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
                 self._zero_percpu("backend_stats", slot)
                 state.backends[address] = slot
         applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
@@ -318,28 +310,8 @@ class DataPlane:
             if not quarantine:
                 raise
         self._publish()  # lookups stop naming what is about to be reused
-        self._purge(*self._indexes.quarantined())
+        self._sweeper.purge(*self._indexes.quarantined())
         return pool.take()
-
-    def _purge(self, services: frozenset[int], backends: frozenset[int]) -> None:
-        """Delete every flow of these indexes now (a whole chunked walk), and free those quarantined."""
-        cursor = FlowCursor(self._flows_fd)
-        for chunk in cursor:
-            self._delete_stale(chunk, services, backends)
-        self._indexes.release(services, backends)
-
-    def _delete_stale(self, chunk: FlowChunk, services: frozenset[int], backends: frozenset[int]) -> int:
-        flows = chunk.flows()
-        stale = np.zeros(len(chunk), dtype=bool)
-        if services:
-            stale |= np.isin(flows["service"], np.fromiter(services, dtype=np.uint16))
-        if backends:
-            stale |= np.isin(flows["backend"], np.fromiter(backends, dtype=np.uint32))
-        if not stale.any():
-            return 0
-        n = delete_keys(self._flows_fd, chunk.select(stale).keys)
-        self._tally.deleted(n)
-        return n
 
     def _publish(self) -> None:
         self._published = _Published(
@@ -360,28 +332,7 @@ class DataPlane:
     def maintain(self, max_entries: int = 16 * DEFAULT_CHUNK_ENTRIES) -> bool:
         """Advance the maintenance walk by about `max_entries` flows (one batch syscall per 4096);
         True when that completed a pass. Meant for a worker thread, called again and again."""
-        with self._maintain_lock:
-            walk = self._pass
-            if walk is None:
-                with self._lock:
-                    services, backends = self._indexes.quarantined()
-                walk = self._pass = _Pass(FlowCursor(self._flows_fd), services, backends,
-                                          self._stat(Stat.NEW_FLOW), self._tally.written)
-            target = walk.cursor.seen + max_entries
-            while walk.cursor.seen < target:
-                chunk = walk.cursor.next()
-                if chunk is None:
-                    break
-                if walk.services or walk.backends:
-                    walk.deleted += self._delete_stale(chunk, walk.services, walk.backends)
-            if not walk.cursor.done:
-                return False
-            self._pass = None
-            with self._lock:
-                self._indexes.release(walk.services, walk.backends)
-            self._tally.pass_completed(walk.cursor.seen - walk.deleted, walk.new_flows_at_start,
-                                       walk.written_at_start)
-            return True
+        return self._sweeper.step(max_entries)
 
     def sweep(self) -> None:
         """Run maintenance passes until no index waits in quarantine (tests, benchmarks)."""
@@ -527,5 +478,3 @@ class DataPlane:
         from bpf.ringbuf import RingReader
 
         return RingReader(self.flow_events_fd, self.limits.event_ring_pages * mmap.PAGESIZE)
-
-
