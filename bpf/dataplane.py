@@ -6,6 +6,9 @@ into its idle half and then switched in with one map update (a packet sees the o
 the new one, never a mix), and removed backends are marked invalid so their pinned flows are
 re-chosen. Flows are walked in chunks and written in batches (the peer side of flow sync),
 counters are summed over CPUs, and new/closing flows are read from the ring buffer.
+DataPlane owns the maps and the order of writes; the bookkeeping behind it lives apart:
+bpf/indexes.py (index pools, quarantine, planning), bpf/sweep.py (the maintenance walk),
+bpf/counters.py (batch counter reads, the flow tally), bpf/ringbuf.py (the event reader).
 
 Scale (a million flows, thousands of backends) and threads. Nothing here costs time in
 proportion to the flow table on the caller's thread except the explicit walks:
@@ -32,27 +35,27 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import mmap
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bpf import structs
 from bpf.consistent_hash import Member, build_table_array
-from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowChunk, FlowCursor, delete_keys, read_array_u64
+from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
+from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowCursor, delete_keys
+from bpf.indexes import Indexes, IndexPool
 from bpf.loader import (
     PROGRAM_SOURCE,
     AttachError,
     Attachment,
-    BpfError,
     Limits,
+    MapError,
     XdpMode,
     attach,
     attached_program_id,
@@ -62,7 +65,6 @@ from bpf.loader import (
 from bpf.structs import (
     BackendStats,
     Flow,
-    FlowEvent,
     FlowKey,
     IPAddress,
     LbConfig,
@@ -71,16 +73,16 @@ from bpf.structs import (
     ServiceStats,
     Stat,
 )
+from bpf.sweep import Sweeper
 
 if TYPE_CHECKING:
     from bpf.ringbuf import RingReader
 
 
+# MapError, Counters and FlowCount live in bpf/loader.py and bpf/counters.py; exported here as before.
+__all__ = ["BackendSpec", "Counters", "DataPlane", "FlowCount", "MapError", "ServiceSpec", "monotonic_ns"]
+
 log = logging.getLogger(__name__)
-
-
-class MapError(BpfError):
-    """A map operation failed (full map, bad index, kernel error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,45 +116,11 @@ class ServiceSpec:
 
 
 @dataclass
-class _IndexPool:
-    """Stable small integers; freed ones (already purged of their old pins) are reused last."""
-
-    size: int
-    what: str
-    next_unused: int = 0
-    freed: deque[int] = field(default_factory=deque)
-
-    def take(self) -> int:
-        if self.next_unused < self.size:
-            self.next_unused += 1
-            return self.next_unused - 1
-        if self.freed:
-            return self.freed.popleft()
-        raise MapError(f"no free {self.what} index (limit {self.size})")
-
-    def give_back(self, index: int) -> None:
-        self.freed.append(index)
-
-    def available(self) -> int:
-        return self.size - self.next_unused + len(self.freed)
-
-
-@dataclass
 class _ServiceState:
     index: int
     active_half: int
     backends: dict[IPAddress, int]  # address -> backend index
     applied: tuple[object, ...] = ()  # what the kernel has now: unchanged services are skipped
-
-
-@dataclass(frozen=True, slots=True)
-class FlowCount:
-    """Flow-table occupancy without a walk (see `DataPlane.flow_count`)."""
-
-    entries: int  # best estimate now, 0..table_size
-    walked: int  # what the last complete maintenance pass counted (0 before the first)
-    walk_age_s: float  # seconds since that pass completed (inf before the first)
-    table_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,31 +136,6 @@ class _Published:
 _EMPTY = _Published(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
-@dataclass
-class _Pass:
-    """One maintenance walk: deletes flows of the indexes quarantined when it started, and counts."""
-
-    cursor: FlowCursor
-    services: frozenset[int]
-    backends: frozenset[int]
-    new_flows_at_start: int
-    written_at_start: int
-    deleted: int = 0
-
-
-class Counters:
-    """Every service's and backend's counters, read in one batch per map (`DataPlane.counters`)."""
-
-    def __init__(self, services: Any, backends: Any) -> None:
-        self._services, self._backends = services, backends
-
-    def service(self, index: int) -> ServiceStats:
-        return ServiceStats(*(int(x) for x in self._services[index]))
-
-    def backend(self, index: int) -> BackendStats:
-        return BackendStats(*(int(x) for x in self._backends[index]))
-
-
 def monotonic_ns() -> int:
     """The clock of flow timestamps (the program reads it from lb_config.epoch_ns)."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -206,22 +149,13 @@ class DataPlane:
         self.limits = limits
         self._bpf, self._fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
         self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
-        self._service_pool = _IndexPool(limits.max_services, "service")
-        self._backend_pool = _IndexPool(limits.max_backends, "backend")
-        # Indexes whose stale pinned flows may remain; reusable once a pass has deleted them.
-        self._quarantined_services: set[int] = set()
-        self._quarantined_backends: set[int] = set()
+        self._indexes = Indexes(limits.max_services, limits.max_backends)
         self._published = _EMPTY
-        self._lock = threading.Lock()  # apply, and the quarantine/pools that maintain() touches
-        self._maintain_lock = threading.Lock()  # one maintenance walk at a time
-        self._pass: _Pass | None = None
-        self._counts_lock = threading.Lock()
-        self._written = 0  # flows written from user space (replacements included)
-        self._deleted = 0  # flows deleted from user space
-        # (walked, NEW_FLOW stat, _written, _deleted, monotonic s) at the last complete pass
-        self._counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, -math.inf)
+        self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
+        self._tally = FlowTally()  # for flow_count() without a walk (bpf/counters.py)
+        self._sweeper = Sweeper(self._flows_fd, self._indexes, self._lock, self._tally,
+                                lambda: self._stat(Stat.NEW_FLOW))
         self._attachments: list[Attachment] = []
-        self._event_callback: Callable[[FlowEvent], None] | None = None
         self._config = LbConfig()
 
     # ---- program -------------------------------------------------------------------------
@@ -293,45 +227,22 @@ class DataPlane:
         purge quarantined indexes when every index is taken."""
         wanted = {spec.key: spec for spec in services}
         with self._lock:
-            order = self._plan(wanted)  # raises, before any map is touched, if the change cannot fit
+            # Raises, before any map is touched, if the change cannot fit (bpf/indexes.py).
+            order = self._indexes.plan({k: st.backends.keys() for k, st in self._services.items()},
+                                       {k: {b.address for b in spec.backends} for k, spec in wanted.items()})
             try:
                 for key in [k for k in self._services if k not in wanted]:
                     self._remove_service(key)
-                for spec in order:
-                    self._apply_service(spec)
+                for key in order:
+                    self._apply_service(wanted[key])
                 self._sync_vips()
             finally:
                 self._publish()
 
-    def _plan(self, wanted: Mapping[tuple[IPAddress, int, int], ServiceSpec]) -> list[ServiceSpec]:
-        """Check that the change fits the index pools, and order it so that it does: services
-        that give backend indexes back go before those that need new ones (a reload may move
-        backends from one service to another at the limit). A change that cannot fit is refused
-        here, so that a refused reload leaves the kernel's state exactly as it was."""
-        def delta(spec: ServiceSpec) -> int:  # backend indexes this service needs (< 0: gives back)
-            state = self._services.get(spec.key)
-            addresses = {b.address for b in spec.backends}
-            if state is None:
-                return len(addresses)
-            return len(addresses - set(state.backends)) - len(set(state.backends) - addresses)
-        removed = [state for key, state in self._services.items() if key not in wanted]
-        new_services = sum(1 for key in wanted if key not in self._services)
-        services_free = self._service_pool.available() + len(self._quarantined_services) + len(removed)
-        if new_services > services_free:
-            raise MapError(f"the change needs {new_services} new service indexes, {services_free} are free "
-                           f"(limit {self.limits.max_services})")
-        deltas = {key: delta(spec) for key, spec in wanted.items()}
-        needed = sum(deltas.values()) - sum(len(state.backends) for state in removed)
-        backends_free = self._backend_pool.available() + len(self._quarantined_backends)
-        if needed > backends_free:
-            raise MapError(f"the change needs {needed} more backend indexes than it frees, {backends_free} are "
-                           f"free (limit {self.limits.max_backends})")
-        return sorted(wanted.values(), key=lambda spec: deltas[spec.key])
-
     def _apply_service(self, spec: ServiceSpec) -> None:
         state = self._services.get(spec.key)
         if state is None:
-            index = self._take(self._service_pool, self._quarantined_services)
+            index = self._take(self._indexes.services, self._indexes.quarantined_services)
             self._zero_percpu("service_stats", index)
             state = _ServiceState(index=index, active_half=1, backends={})
             self._services[spec.key] = state
@@ -340,7 +251,7 @@ class DataPlane:
         for address in wanted:
             if address not in state.backends:
                 try:
-                    slot = self._take(self._backend_pool, self._quarantined_backends)
+                    slot = self._take(self._indexes.backends, self._indexes.quarantined_backends)
                 except MapError:
                     if not removed:
                         raise
@@ -349,7 +260,7 @@ class DataPlane:
                     slot = removed.pop()
                     self._retire_backend(slot, quarantine=False)
                     self._publish()
-                    self._purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
+                    self._sweeper.purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
                 self._zero_percpu("backend_stats", slot)
                 state.backends[address] = slot
         applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
@@ -383,15 +294,15 @@ class DataPlane:
         del self._map("services")[ServiceKey.make(*key)]
         for index in state.backends.values():
             self._retire_backend(index)
-        self._quarantined_services.add(state.index)
+        self._indexes.quarantined_services.add(state.index)
 
     def _retire_backend(self, index: int, *, quarantine: bool = True) -> None:
         """Invalid backends make their pinned flows re-choose instead of going nowhere."""
         self._map("backends")[ctypes.c_int(index)] = structs.Backend()
         if quarantine:
-            self._quarantined_backends.add(index)
+            self._indexes.quarantined_backends.add(index)
 
-    def _take(self, pool: _IndexPool, quarantine: set[int]) -> int:
+    def _take(self, pool: IndexPool, quarantine: set[int]) -> int:
         """A free index whose old pins are gone; purges the quarantine first if none is left."""
         try:
             return pool.take()
@@ -399,37 +310,8 @@ class DataPlane:
             if not quarantine:
                 raise
         self._publish()  # lookups stop naming what is about to be reused
-        self._purge(frozenset(self._quarantined_services), frozenset(self._quarantined_backends))
+        self._sweeper.purge(*self._indexes.quarantined())
         return pool.take()
-
-    def _purge(self, services: frozenset[int], backends: frozenset[int]) -> None:
-        """Delete every flow of these indexes now (a whole chunked walk), and free those quarantined."""
-        cursor = FlowCursor(self._flows_fd)
-        for chunk in cursor:
-            self._delete_stale(chunk, services, backends)
-        self._release(services, backends)
-
-    def _release(self, services: frozenset[int], backends: frozenset[int]) -> None:
-        for index in services & self._quarantined_services:
-            self._quarantined_services.discard(index)
-            self._service_pool.give_back(index)
-        for index in backends & self._quarantined_backends:
-            self._quarantined_backends.discard(index)
-            self._backend_pool.give_back(index)
-
-    def _delete_stale(self, chunk: FlowChunk, services: frozenset[int], backends: frozenset[int]) -> int:
-        flows = chunk.flows()
-        stale = np.zeros(len(chunk), dtype=bool)
-        if services:
-            stale |= np.isin(flows["service"], np.fromiter(services, dtype=np.uint16))
-        if backends:
-            stale |= np.isin(flows["backend"], np.fromiter(backends, dtype=np.uint32))
-        if not stale.any():
-            return 0
-        n = delete_keys(self._flows_fd, chunk.select(stale).keys)
-        with self._counts_lock:
-            self._deleted += n
-        return n
 
     def _publish(self) -> None:
         self._published = _Published(
@@ -445,36 +327,12 @@ class DataPlane:
     @property
     def sweep_pending(self) -> bool:
         """Indexes wait in quarantine for a maintenance pass."""
-        return bool(self._quarantined_services or self._quarantined_backends)
+        return self._indexes.sweep_pending
 
     def maintain(self, max_entries: int = 16 * DEFAULT_CHUNK_ENTRIES) -> bool:
         """Advance the maintenance walk by about `max_entries` flows (one batch syscall per 4096);
         True when that completed a pass. Meant for a worker thread, called again and again."""
-        with self._maintain_lock:
-            walk = self._pass
-            if walk is None:
-                with self._lock:
-                    services, backends = frozenset(self._quarantined_services), frozenset(self._quarantined_backends)
-                with self._counts_lock:
-                    written = self._written
-                walk = self._pass = _Pass(FlowCursor(self._flows_fd), services, backends,
-                                          self._stat(Stat.NEW_FLOW), written)
-            target = walk.cursor.seen + max_entries
-            while walk.cursor.seen < target:
-                chunk = walk.cursor.next()
-                if chunk is None:
-                    break
-                if walk.services or walk.backends:
-                    walk.deleted += self._delete_stale(chunk, walk.services, walk.backends)
-            if not walk.cursor.done:
-                return False
-            self._pass = None
-            with self._lock:
-                self._release(walk.services, walk.backends)
-            with self._counts_lock:
-                self._counted = (walk.cursor.seen - walk.deleted, walk.new_flows_at_start, walk.written_at_start,
-                                 self._deleted, time.monotonic())
-            return True
+        return self._sweeper.step(max_entries)
 
     def sweep(self) -> None:
         """Run maintenance passes until no index waits in quarantine (tests, benchmarks)."""
@@ -488,12 +346,7 @@ class DataPlane:
         """Flow-table occupancy without a walk: the last pass's count, plus pins by the program
         and writes from user space since it began, minus deletes since it ended, within 0..size.
         Replacing writes and LRU evictions make it an upper estimate until the next pass."""
-        new_flows = self._stat(Stat.NEW_FLOW)
-        with self._counts_lock:
-            walked, new0, written0, deleted0, when = self._counted
-            estimate = walked + (new_flows - new0) + (self._written - written0) - (self._deleted - deleted0)
-        size = self.limits.flow_table_size
-        return FlowCount(max(0, min(size, estimate)), walked, time.monotonic() - when, size)
+        return self._tally.count(self._stat(Stat.NEW_FLOW), self.limits.flow_table_size)
 
     @property
     def _flows_fd(self) -> int:
@@ -563,8 +416,7 @@ class DataPlane:
                                          (flows.Leaf * n).from_buffer_copy(values))
             except Exception as exc:
                 raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
-            with self._counts_lock:
-                self._written += n
+            self._tally.wrote(n)
         return n
 
     def backend_addresses(self) -> Mapping[int, IPAddress]:
@@ -593,8 +445,7 @@ class DataPlane:
     def delete_flows(self, keys: Sequence[FlowKey]) -> int:
         """Delete these flows in one batch (absent ones are skipped); returns how many went."""
         n = delete_keys(self._flows_fd, b"".join(bytes(k) for k in keys))
-        with self._counts_lock:
-            self._deleted += n
+        self._tally.deleted(n)
         return n
 
     # ---- counters -----------------------------------------------------------------------------
@@ -605,35 +456,16 @@ class DataPlane:
     def counters(self) -> Counters:
         """All per-service and per-backend counters, summed over CPUs: two batch syscalls, where
         `service_stats`/`backend_stats` cost one lookup each (4096 backends: ~40 ms)."""
-        out = []
-        for name, cls, entries in (("service_stats", ServiceStats, self.limits.max_services),
-                                   ("backend_stats", BackendStats, self.limits.max_backends)):
-            fields = len(cls._fields_)
-            ncpus = self._map(name).total_cpu
-            raw = read_array_u64(int(self._map(name).map_fd), entries, ncpus * fields)
-            out.append(raw.reshape(entries, ncpus, fields).sum(axis=1, dtype=np.uint64))
-        return Counters(*out)
+        return read_counters(self._map("service_stats"), self._map("backend_stats"), self.limits.max_services,
+                             self.limits.max_backends)
 
     def service_stats(self, index: int) -> ServiceStats:
-        return _sum_structs(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)
+        return sum_per_cpu(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)
 
     def backend_stats(self, index: int) -> BackendStats:
-        return _sum_structs(self._map("backend_stats").getvalue(ctypes.c_int(index)), BackendStats)
+        return sum_per_cpu(self._map("backend_stats").getvalue(ctypes.c_int(index)), BackendStats)
 
     # ---- flow events ----------------------------------------------------------------------------
-
-    def open_flow_events(self, callback: Callable[[FlowEvent], None]) -> None:
-        """Deliver ring-buffer flow events to `callback` on each poll (replaces an earlier one)."""
-        first = self._event_callback is None
-        self._event_callback = callback
-        if first:
-            self._ring_handler = self._on_ring_event  # bcc keeps only a C pointer: hold a reference
-            self._map("flow_events").open_ring_buffer(self._ring_handler)
-
-    def _on_ring_event(self, _ctx: Any, data: Any, _size: int) -> int:
-        assert self._event_callback is not None
-        self._event_callback(FlowEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(FlowEvent))))
-        return 0
 
     @property
     def flow_events_fd(self) -> int:
@@ -641,26 +473,8 @@ class DataPlane:
         return int(self._map("flow_events").map_fd)
 
     def flow_event_reader(self) -> RingReader:
-        """A batch reader of raw `struct flow_event` records (bpf/ringbuf.py), for high event rates.
-        Use it instead of `open_flow_events`, never both: each would consume the other's records."""
+        """A batch reader of raw `struct flow_event` records (bpf/ringbuf.py): the one consumer of
+        the ring (decode a record with `structs.FlowEvent.from_buffer_copy`)."""
         from bpf.ringbuf import RingReader
 
         return RingReader(self.flow_events_fd, self.limits.event_ring_pages * mmap.PAGESIZE)
-
-    def poll_flow_events(self, timeout_ms: int = 0) -> None:
-        """Wait up to `timeout_ms` for events and deliver them (0: only what is there)."""
-        if timeout_ms:
-            self._bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self._bpf.ring_buffer_consume()
-
-
-_Struct = TypeVar("_Struct", bound=ctypes.Structure)
-
-
-def _sum_structs(per_cpu: Any, cls: type[_Struct]) -> _Struct:
-    total = cls()
-    for spec in cls._fields_:
-        setattr(total, spec[0], sum(getattr(cpu, spec[0]) for cpu in per_cpu))
-    return total
-

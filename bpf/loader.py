@@ -38,6 +38,10 @@ class AttachError(BpfError):
     """The program could not be attached to, or detached from, an interface."""
 
 
+class MapError(BpfError):
+    """A map operation failed (full map, bad index, kernel error)."""
+
+
 class XdpMode(enum.Enum):
     NATIVE = "native"
     GENERIC = "generic"

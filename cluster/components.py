@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from bgp.rib import RouteAttrs
-from bpf.dataplane import FlowCount, ServiceSpec
+from bpf.counters import FlowCount
+from bpf.dataplane import ServiceSpec
 from bpf.loader import Limits, XdpMode
 from cluster.config import IPAddress
 from cluster.desired import Prefix

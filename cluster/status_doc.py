@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bpf.dataplane import Counters
+from bpf.counters import Counters
 from bpf.structs import Stat
 from cluster.config import IPAddress
 from cluster.desired import Desired

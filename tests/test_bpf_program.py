@@ -32,6 +32,7 @@ from bpf.structs import (
     FlowKey,
     Stat,
 )
+from bpf.ringbuf import RingReader
 from bpf.testrun import XdpAction, run_xdp
 
 pytestmark = pytest.mark.bpf
@@ -72,13 +73,26 @@ def dp(compiled: DataPlane) -> DataPlane:
     return compiled
 
 
+class Events(list[FlowEvent]):
+    """Flow events read so far from the data plane's ring, through the reader flow sync uses."""
+
+    def __init__(self, reader: RingReader) -> None:
+        super().__init__()
+        self.reader = reader
+
+    def poll(self) -> None:
+        """Append every event waiting in the ring (never blocks)."""
+        self.extend(FlowEvent.from_buffer_copy(raw) for raw in self.reader.read())
+
+
 @pytest.fixture
-def events(dp: DataPlane) -> list[FlowEvent]:
-    received: list[FlowEvent] = []
-    dp.open_flow_events(received.append)
-    dp.poll_flow_events()  # drop what earlier tests left
-    received.clear()
-    return received
+def events(dp: DataPlane) -> Iterator[Events]:
+    received = Events(dp.flow_event_reader())
+    received.reader.read()  # drop what earlier tests left
+    try:
+        yield received
+    finally:
+        received.reader.close()
 
 
 def eth() -> Ether:
@@ -245,18 +259,18 @@ def test_verdict_table(dp: DataPlane, description: str, frame: bytes, action: Xd
     assert verdicts == {stat: 1}, "exactly one verdict counter moves"
 
 
-def test_pinning_policy_tcp_pins_at_first_non_syn_packet(dp: DataPlane, events: list[FlowEvent]) -> None:
+def test_pinning_policy_tcp_pins_at_first_non_syn_packet(dp: DataPlane, events: Events) -> None:
     before = dp.stats()
     for sport in range(20000, 22000):  # a SYN flood: forwarded, never pinned, never reported
         assert run_xdp(dp.fd, tcp4("S", sport=sport)).action == XdpAction.TX
-    dp.poll_flow_events()
+    events.poll()
     assert dp.flows() == [] and events == []
     assert stat_delta(dp, before)[Stat.SYN_UNPINNED] == 2000
     assert run_xdp(dp.fd, tcp4("R", sport=30000)).action == XdpAction.TX  # RST of an unknown flow
     assert dp.flows() == []
 
     run_xdp(dp.fd, tcp4("A", sport=20001))  # the handshake's ACK pins
-    dp.poll_flow_events()
+    events.poll()
     [(key, flow)] = dp.flows()
     assert (str(key.src_ip), key.src_port, key.dst_ip, key.dst_port, key.proto) == (CLIENT4, 20001, VIP4, 80, IPPROTO_TCP)
     assert flow.backend == dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
@@ -274,9 +288,9 @@ def test_syn_flood_cannot_evict_established_flows(dp: DataPlane) -> None:
     assert len(dp.flows()) == len(established)
 
 
-def test_udp_pins_at_first_packet(dp: DataPlane, events: list[FlowEvent]) -> None:
+def test_udp_pins_at_first_packet(dp: DataPlane, events: Events) -> None:
     run_xdp(dp.fd, bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=5000, dport=53)))
-    dp.poll_flow_events()
+    events.poll()
     assert len(dp.flows()) == 1 and [e.kind for e in events] == [EVENT_FLOW_NEW]
 
 
@@ -339,12 +353,12 @@ def test_removed_service_passes_and_forgets_its_flows(dp: DataPlane) -> None:
     assert run_xdp(dp.fd, tcp4("A", sport=7000)).action == XdpAction.PASS
 
 
-def test_close_is_reported_once_and_a_reused_tuple_starts_afresh(dp: DataPlane, events: list[FlowEvent]) -> None:
+def test_close_is_reported_once_and_a_reused_tuple_starts_afresh(dp: DataPlane, events: Events) -> None:
     dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))])
     run_xdp(dp.fd, tcp4("A", sport=8000))
     run_xdp(dp.fd, tcp4("FA", sport=8000))
     run_xdp(dp.fd, tcp4("FA", sport=8000))
-    dp.poll_flow_events()
+    events.poll()
     assert [e.kind for e in events] == [EVENT_FLOW_NEW, EVENT_FLOW_CLOSE]
     [(key, flow)] = dp.flows()
     assert flow.flags & FLOW_F_CLOSING
@@ -473,13 +487,13 @@ def test_last_seen_follows_the_control_plane_clock_only_when_stale(dp: DataPlane
     dp.tick()
 
 
-def test_flow_events_fd_is_readable_while_events_wait(dp: DataPlane, events: list[FlowEvent]) -> None:
+def test_flow_events_fd_is_readable_while_events_wait(dp: DataPlane, events: Events) -> None:
     import select
 
     assert select.select([dp.flow_events_fd], [], [], 0)[0] == []
     run_xdp(dp.fd, tcp4("A", sport=14000))
     assert select.select([dp.flow_events_fd], [], [], 1.0)[0] == [dp.flow_events_fd]
-    dp.poll_flow_events()
+    events.poll()
     assert len(events) == 1
     assert select.select([dp.flow_events_fd], [], [], 0)[0] == []
 
@@ -555,7 +569,7 @@ def udp4(sport: int, src: str = "198.18.0.1") -> bytes:
     return bytes(eth() / IP(src=src, dst=str(VIP4)) / UDP(sport=sport, dport=53) / Raw(b"q"))
 
 
-def test_new_pins_above_the_per_cpu_cap_follow_the_table_unpinned(capped: DataPlane, events: list[FlowEvent]) -> None:
+def test_new_pins_above_the_per_cpu_cap_follow_the_table_unpinned(capped: DataPlane, events: Events) -> None:
     """A flood of new flows (spoofed UDP, mid-flow ACKs): with a cap of N pins per window, a burst of
     M > N pins exactly N, reports exactly N, and forwards the rest by the table, counted."""
     dp, cap, burst, t0 = capped, 50, 180, 500 * NEW_PIN_WINDOW_NS
@@ -577,7 +591,7 @@ def test_new_pins_above_the_per_cpu_cap_follow_the_table_unpinned(capped: DataPl
 
     delta = flood(20000)
     assert (delta[Stat.NEW_FLOW], delta[Stat.FLOOD_UNPINNED], delta[Stat.TX]) == (cap, burst - cap, burst)
-    dp.poll_flow_events()
+    events.poll()
     pinned = {bytes(k) for k, _ in dp.flows()}
     assert len(pinned) == cap and len(events) == cap and {bytes(e.key) for e in events} == pinned
 
@@ -594,7 +608,7 @@ def test_new_pins_above_the_per_cpu_cap_follow_the_table_unpinned(capped: DataPl
     dp.tick(now_ns=t0 + NEW_PIN_WINDOW_NS)  # the next window: N more
     delta = flood(40000)
     assert (delta[Stat.NEW_FLOW], delta[Stat.FLOOD_UNPINNED]) == (cap, burst - cap)
-    dp.poll_flow_events()
+    events.poll()
     assert len(dp.flows()) == len(events) == 2 * cap
 
 

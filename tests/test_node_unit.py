@@ -14,7 +14,8 @@ import trio.testing
 
 from bgp.config import SpeakerConfig
 from bgp.rib import RouteAttrs
-from bpf.dataplane import Counters, FlowCount, ServiceSpec
+from bpf.counters import Counters, FlowCount
+from bpf.dataplane import ServiceSpec
 from bpf.loader import Limits, XdpMode
 from bpf.structs import Stat
 from cluster.components import Components
