@@ -242,8 +242,9 @@ class Node:
     async def _switch_config(self, old: NodeConfig, new: NodeConfig) -> None:
         """Make `new` the running config, restarting only the components whose settings changed."""
         self.config = new
-        self._neighbours.set_addresses(self._backend_addresses(new))
-        self._macs = {a: m for a, m in self._macs.items() if a in set(self._backend_addresses(new))}
+        addresses = set(self._backend_addresses(new))
+        self._neighbours.set_addresses(addresses)
+        self._macs = {a: m for a, m in self._macs.items() if a in addresses}
         if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
             await self._restart("health", self._run_health)
         if new.sync is not None and old.sync is not None and new.sync.differs_only_in_keys(old.sync) \
