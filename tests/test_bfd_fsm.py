@@ -10,8 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bgp.bfd.codec import ControlPacket, Diag, DropReason, State, encode
-from bgp.bfd.fsm import (RECV_EVENT, TRANSITIONS, BfdFsmError, Demux, Discard, Event, Session, SessionConfig,
-                         StateChange, Transmit, is_failure, jitter_factor)
+from bgp.bfd.fsm import (
+    RECV_EVENT,
+    TRANSITIONS,
+    BfdFsmError,
+    Demux,
+    Discard,
+    Event,
+    Session,
+    SessionConfig,
+    StateChange,
+    Transmit,
+    is_failure,
+    jitter_factor,
+)
 from bgp.errors import BgpError
 
 pytestmark = pytest.mark.unit

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 import trio.testing
+from test_bgp_speaker import Harness
 
-from bgp.bfd import session as bfd_session
 from bgp import config as bgp_config
+from bgp.bfd import session as bfd_session
 from bgp.bfd.codec import ControlPacket, DropReason, State, encode
 from bgp.bfd.fsm import SessionConfig, StateChange
 from bgp.bfd.session import SOURCE_PORT_MAX, SOURCE_PORT_MIN, BfdEndpoint
@@ -18,7 +19,6 @@ from bgp.codec import Notification
 from bgp.errors import ConfigError
 from bgp.fsm import State as BgpState
 from bgp.speaker import Speaker
-from test_bgp_speaker import Harness
 
 pytestmark = pytest.mark.unit
 

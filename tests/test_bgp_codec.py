@@ -6,8 +6,20 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 import pytest
 
 from bgp.attrs import AS_SEQUENCE, GRACEFUL_SHUTDOWN, AsPathSegment, MpReach, MpUnreach, PathAttributes, RawAttribute
-from bgp.codec import (FourOctetAsCap, Framer, Keepalive, MultiprotocolCap, Notification, Open, RouteRefresh,
-                       RouteRefreshCap, UnknownCap, Update, decode, encode)
+from bgp.codec import (
+    FourOctetAsCap,
+    Framer,
+    Keepalive,
+    MultiprotocolCap,
+    Notification,
+    Open,
+    RouteRefresh,
+    RouteRefreshCap,
+    UnknownCap,
+    Update,
+    decode,
+    encode,
+)
 from bgp.errors import DecodeError
 
 pytestmark = pytest.mark.unit

@@ -7,8 +7,22 @@ import pytest
 
 from bgp.codec import FourOctetAsCap, Keepalive, MultiprotocolCap, Notification, Open, RouteRefresh, Update
 from bgp.errors import DecodeError
-from bgp.fsm import (TRANSITIONS, Close, Connect, Event, EventKind, FailureKind, Fsm, ResendRoutes, Send, SessionDown,
-                     SessionUp, State, Timer, event_for)
+from bgp.fsm import (
+    TRANSITIONS,
+    Close,
+    Connect,
+    Event,
+    EventKind,
+    FailureKind,
+    Fsm,
+    ResendRoutes,
+    Send,
+    SessionDown,
+    SessionUp,
+    State,
+    Timer,
+    event_for,
+)
 from bgp.negotiate import FsmConfig
 from bgp.peering import collision_loser
 

@@ -19,8 +19,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bgp.attrs import AsPathSegment, MpReach, MpUnreach, PathAttributes, RawAttribute
-from bgp.codec import (HEADER_LEN, MARKER, FourOctetAsCap, Framer, Keepalive, MultiprotocolCap, Notification, Open,
-                       RouteRefresh, RouteRefreshCap, UnknownCap, Update, decode, encode)
+from bgp.codec import (
+    HEADER_LEN,
+    MARKER,
+    FourOctetAsCap,
+    Framer,
+    Keepalive,
+    MultiprotocolCap,
+    Notification,
+    Open,
+    RouteRefresh,
+    RouteRefreshCap,
+    UnknownCap,
+    Update,
+    decode,
+    encode,
+)
 from bgp.errors import DecodeError
 
 pytestmark = pytest.mark.unit

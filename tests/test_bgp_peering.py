@@ -8,8 +8,18 @@ import pytest
 from bgp.bfd.codec import State as BfdState
 from bgp.codec import Notification
 from bgp.fsm import Failure, FailureKind, State
-from bgp.peering import (Accept, Resolution, Side, bfd_down_counts, bfd_matters, dump_other_on_established,
-                         on_accept, received_notification, resolve_collision, sent_notification)
+from bgp.peering import (
+    Accept,
+    Resolution,
+    Side,
+    bfd_down_counts,
+    bfd_matters,
+    dump_other_on_established,
+    on_accept,
+    received_notification,
+    resolve_collision,
+    sent_notification,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from ipaddress import IPv4Address, IPv4Network
-
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,13 +12,23 @@ import trio.testing
 
 from bgp import config as bgp_config
 from bgp.attrs import GRACEFUL_SHUTDOWN
-from bgp.codec import (FourOctetAsCap, Framer, Keepalive, Message, MultiprotocolCap, Notification, Open, RouteRefresh,
-                       Update, encode)
+from bgp.codec import (
+    FourOctetAsCap,
+    Framer,
+    Keepalive,
+    Message,
+    MultiprotocolCap,
+    Notification,
+    Open,
+    RouteRefresh,
+    Update,
+    encode,
+)
 from bgp.config import PeerConfig
 from bgp.errors import ConfigError
 from bgp.fsm import State
-from bgp.rib import RouteAttrs
 from bgp.inbox import INBOX_FRAMES
+from bgp.rib import RouteAttrs
 from bgp.speaker import Speaker
 from bgp.transport import md5sig
 

@@ -18,8 +18,9 @@ from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, IPv6ExtHdrFragment, 
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig
 
 from bpf.dataplane import BackendSpec, DataPlane, MapError, ServiceSpec
-from bpf.loader import Limits
 from bpf.flowhash import flow_hash
+from bpf.loader import Limits
+from bpf.ringbuf import RingReader
 from bpf.structs import (
     EVENT_FLOW_CLOSE,
     EVENT_FLOW_NEW,
@@ -32,7 +33,6 @@ from bpf.structs import (
     FlowKey,
     Stat,
 )
-from bpf.ringbuf import RingReader
 from bpf.testrun import XdpAction, run_xdp
 
 pytestmark = pytest.mark.bpf

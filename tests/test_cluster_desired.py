@@ -7,7 +7,8 @@ import pytest
 
 from cluster.config import load_text
 from cluster.desired import View, announcements, backend_key, dataplane_services, decide, digest
-from cluster.status_doc import StatusInputs, services as status_rows
+from cluster.status_doc import StatusInputs
+from cluster.status_doc import services as status_rows
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from examples.lab.ecmp import ECHO_PORT, HTTP_PORT, EcmpLab
+from examples.lab.ecmp import EcmpLab
 from examples.lab.netns import wait_until
 from tests.ecmp_lab import running_ecmp_lab
 

@@ -16,12 +16,12 @@ import trio
 from scapy.all import IP, TCP, Ether  # type: ignore[attr-defined]
 
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
+from bpf.flowtable import synthetic_flows
 from bpf.structs import FLOW_F_CLOSING, FLOW_F_SYNCED, IPPROTO_TCP, FlowKey, addr16
 from bpf.testrun import run_xdp
 from cluster.sync import codec as gossip
-from bpf.flowtable import synthetic_flows
-from cluster.sync.flowsync import FlowSync
 from cluster.sync.config import SyncConfig
+from cluster.sync.flowsync import FlowSync
 from cluster.sync.records import RecordBuilder
 
 pytestmark = pytest.mark.bpf

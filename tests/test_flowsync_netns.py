@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from cluster.sync import codec as gossip
-from examples.lab.sync_runner import HostProcess, SyncLab
 from examples.lab.netns import Lab, wait_until
+from examples.lab.sync_runner import HostProcess, SyncLab
 
 pytestmark = pytest.mark.netns
 

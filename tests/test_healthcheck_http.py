@@ -6,7 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from healthcheck.errors import HttpParseError
-from healthcheck.http import ResponseParser, Response, build_request
+from healthcheck.http import Response, ResponseParser, build_request
 
 pytestmark = pytest.mark.unit
 

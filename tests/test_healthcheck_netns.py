@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 import pytest

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import random
+import re
 from collections import defaultdict
 from typing import Any
 

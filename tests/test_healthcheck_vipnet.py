@@ -5,8 +5,19 @@ from ipaddress import ip_address
 
 import pytest
 
-from healthcheck.vipnet import (ROUTE_PROTO, SteeringEntry, backend_device, by_family, missing_routes, missing_rules,
-                                plan, remove_commands, route_commands, rule_commands, table_commands)
+from healthcheck.vipnet import (
+    ROUTE_PROTO,
+    SteeringEntry,
+    backend_device,
+    by_family,
+    missing_routes,
+    missing_rules,
+    plan,
+    remove_commands,
+    route_commands,
+    rule_commands,
+    table_commands,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,6 @@
 """The lab's own guarantees: unique names, real connectivity, and teardown even on failure."""
 from __future__ import annotations
 
-
 import pytest
 
 from examples.lab.netns import Lab, run
