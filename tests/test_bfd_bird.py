@@ -111,7 +111,7 @@ def test_bird_bfd_up_then_frozen_and_unplugged_nodes_leave_the_route_in_under_a_
         wait_until(lambda: net.bfd_sessions() == {"10.0.0.1": "Up", "10.0.0.2": "Up"}, timeout_s=10,
                    what="BIRD's BFD sessions Up")
         for name in NODES:
-            (peer,) = wait_until(lambda: [p for p in net.status(name)["peers"] if p["bfd"]["remote_state"] == "UP"],
+            (peer,) = wait_until(lambda name=name: [p for p in net.status(name)["peers"] if p["bfd"]["remote_state"] == "UP"],
                                  timeout_s=5, what=f"{name}'s BFD Up")
             assert peer["state"] == "Established" and peer["bfd"]["state"] == "UP"
             assert peer["bfd"]["tx_interval_ms"] == 100 and peer["bfd"]["detection_time_ms"] == 300

@@ -145,7 +145,7 @@ def test_bird_ebgp_four_octet_as_ecmp_withdraw_kill_and_graceful_shutdown(net: N
                     link_local=n1_ll)
         net.speaker("n2", local_as=4200000002, peer={"asn": 65000}, announce=(VIP, VIP6))
         for proto in ("node1", "node2"):
-            wait_until(lambda: bird.state(proto) == "Established", timeout_s=15, what=f"{proto} Established")
+            wait_until(lambda proto=proto: bird.state(proto) == "Established", timeout_s=15, what=f"{proto} Established")
         # Both nodes' routes merged into one multipath kernel route.
         wait_until(lambda: bird.kernel(VIP) == ["10.0.0.1", "10.0.0.2"], timeout_s=10, what="ECMP route")
         routes = bird.routes(VIP)
@@ -277,7 +277,7 @@ def test_gobgp_ebgp_and_ibgp(net: Net) -> None:
                     announce=(VIP, VIP6))
         net.speaker("n2", local_as=65000, peer={"asn": 65000}, announce=(VIP, VIP6))
         for addr in ("10.0.0.1", "10.0.0.2"):
-            wait_until(lambda: gobgp.state(addr) in ("established", "6", "ESTABLISHED"), timeout_s=20,
+            wait_until(lambda addr=addr: gobgp.state(addr) in ("established", "6", "ESTABLISHED"), timeout_s=20,
                        what=f"gobgp {addr} established")
         wait_until(lambda: gobgp.nexthops(VIP) == ["10.0.0.1", "10.0.0.2"], timeout_s=10, what="VIP in gobgp rib")
         wait_until(lambda: gobgp.nexthops(VIP6, "ipv6") == ["2001:db8::1", "2001:db8::2"], timeout_s=10,

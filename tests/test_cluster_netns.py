@@ -138,7 +138,7 @@ def test_keys_rotate_by_sighup_in_place_with_no_datagram_refused(ecmp: EcmpLab) 
             _reload(ecmp, node, edit)
             assert ids(node) == want
             marks = {n: sync_counter(ecmp, n, "installed") for n in ecmp.nodes}
-            wait_until(lambda: installed_on_both_since(marks), timeout_s=10, what="flows still shared")
+            wait_until(lambda marks=marks: installed_on_both_since(marks), timeout_s=10, what="flows still shared")
     # The old key's file rewritten in place (same path, so the same config text): reread.
     old_file.write_bytes(third)
     for node in ecmp.nodes:

@@ -254,13 +254,13 @@ async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_l
             await until(lambda: c["resync_served"] == 1, "the request answered")
             for i in range(3):  # the captured datagram replayed, slower than any duplicate window
                 s.sendto(captured, (str(A_IP), config.port))
-                await until(lambda: sync_a.policy.counters.control_replayed == i + 1, "a replay refused")
+                await until(lambda i=i: sync_a.policy.counters.control_replayed == i + 1, "a replay refused")
             s.sendto(request(500), (str(A_IP), config.port))  # its id under a new control number
             await until(lambda: c["resync_duplicate"] == 1, "an id answered already")
             for i in range(6):  # new ids, one after the other's answer: more than the burst
                 before = outcomes()
                 s.sendto(request(600 + i), (str(A_IP), config.port))
-                await until(lambda: outcomes() == before + 1 and not sync_a.engine._answering, "an outcome")
+                await until(lambda before=before: outcomes() == before + 1 and not sync_a.engine._answering, "an outcome")
         burst = sync_a.engine.timing.resync_answer_burst
         assert c["resync_served"] == burst and c["resync_limited"] == 6 - (burst - 1)
         nursery.cancel_scope.cancel()

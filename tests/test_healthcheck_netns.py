@@ -62,7 +62,7 @@ def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
         for ns in (b1, b2):
             lab.spawn(ns, sys.executable, "-m", "http.server", "80", "--bind", "0.0.0.0", "--directory", str(www))
         for ns in (b1, b2):
-            wait_until(lambda: _listening(lab, ns), timeout_s=10, what=f"http server in {ns}")
+            wait_until(lambda ns=ns: _listening(lab, ns), timeout_s=10, what=f"http server in {ns}")
         yield Topology(lab, chk, b1, b2)
 
 
