@@ -66,7 +66,8 @@ def service_from_dict(data: Any, path: str) -> ServiceHealthConfig:
             raise ConfigError(f"{path}.backends[{i}]", f"duplicate of backends[{seen[b.key]}], got {b.key}")
         seen[b.key] = i
         if b.address.version != vip.version:
-            raise ConfigError(f"{path}.backends[{i}].address", f"must be IPv{vip.version} like the vip, got {b.address}")
+            raise ConfigError(f"{path}.backends[{i}].address",
+                              f"must be IPv{vip.version} like the vip, got {b.address}")
     need = _v.integer(d, "need", path, 1, 1, max(1, len(backends)))
     through_vip = _v.boolean(d, "through_vip", path, True)
     return ServiceHealthConfig(name=name, vip=vip, port=port, checks=checks, backends=backends, need=need,

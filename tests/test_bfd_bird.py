@@ -81,7 +81,8 @@ class BfdLab:
         return sorted(re.findall(r"via (\S+)", out))
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.tmp.glob("*.log")))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.tmp.glob("*.log")))
 
 
 @pytest.fixture
@@ -111,7 +112,8 @@ def test_bird_bfd_up_then_frozen_and_unplugged_nodes_leave_the_route_in_under_a_
         wait_until(lambda: net.bfd_sessions() == {"10.0.0.1": "Up", "10.0.0.2": "Up"}, timeout_s=10,
                    what="BIRD's BFD sessions Up")
         for name in NODES:
-            (peer,) = wait_until(lambda name=name: [p for p in net.status(name)["peers"] if p["bfd"]["remote_state"] == "UP"],
+            (peer,) = wait_until(lambda name=name: [p for p in net.status(name)["peers"]
+                                                    if p["bfd"]["remote_state"] == "UP"],
                                  timeout_s=5, what=f"{name}'s BFD Up")
             assert peer["state"] == "Established" and peer["bfd"]["state"] == "UP"
             assert peer["bfd"]["tx_interval_ms"] == 100 and peer["bfd"]["detection_time_ms"] == 300
@@ -158,7 +160,8 @@ def test_bird_bfd_up_then_frozen_and_unplugged_nodes_leave_the_route_in_under_a_
         new_index = ifindex()
         recreated_s = timed_until(lambda: net.kernel() == both, timeout_s=20, what="n2 back on a new eth0")
         (peer,) = wait_until(lambda: [p for p in net.status("n2")["peers"] if p["bfd"]["state"] == "UP"
-                                      and p["state"] == "Established"], timeout_s=10, what="n2's BFD Up on the new eth0")
+                                      and p["state"] == "Established"],
+                             timeout_s=10, what="n2's BFD Up on the new eth0")
         assert peer["bfd"]["up_transitions"] == 3 and peer["bfd"]["interface"] == "eth0"
         assert peer["bfd"]["interface_changes"] == (1 if new_index != old_index else 0)
         drops = net.status("n2")["bfd_drops"]  # packets that beat the new route's lookup may be dropped

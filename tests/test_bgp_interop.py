@@ -53,14 +53,16 @@ class Net:
 
     def link_local(self, name: str) -> str:
         def find() -> str:
-            out = self.lab.ns_run(self.ns[name], "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").stdout
+            out = self.lab.ns_run(self.ns[name], "ip", "-6", "-o", "addr", "show", "dev", "eth0",
+                                  "scope", "link").stdout
             return out.split()[3].split("/")[0] if out.strip() else ""
         return wait_until(find, timeout_s=5, what=f"{name} link-local address")
 
     def speaker(self, name: str, *, local_as: int, peer: dict, graceful_s: float = 0.0, listen: bool = False,
                 announce: tuple[str, ...] = (VIP,), link_local: str | None = None) -> subprocess.Popen[bytes]:
         ip4, ip6 = NODES[name]
-        cfg = {**({"next_hop_v6_link_local": link_local} if link_local else {}),"local_as": local_as, "router_id": ip4, "next_hop_v4": ip4, "next_hop_v6": ip6,
+        cfg = {**({"next_hop_v6_link_local": link_local} if link_local else {}),
+               "local_as": local_as, "router_id": ip4, "next_hop_v4": ip4, "next_hop_v6": ip6,
                "listen": listen, "graceful_shutdown_wait_s": graceful_s,
                "peers": [{"address": "10.0.0.254", "hold_time_s": 3, "connect_retry_s": 1, **peer}],
                "announce": [{"prefix": p} for p in announce]}
@@ -145,7 +147,8 @@ def test_bird_ebgp_four_octet_as_ecmp_withdraw_kill_and_graceful_shutdown(net: N
                     link_local=n1_ll)
         net.speaker("n2", local_as=4200000002, peer={"asn": 65000}, announce=(VIP, VIP6))
         for proto in ("node1", "node2"):
-            wait_until(lambda proto=proto: bird.state(proto) == "Established", timeout_s=15, what=f"{proto} Established")
+            wait_until(lambda proto=proto: bird.state(proto) == "Established", timeout_s=15,
+                       what=f"{proto} Established")
         # Both nodes' routes merged into one multipath kernel route.
         wait_until(lambda: bird.kernel(VIP) == ["10.0.0.1", "10.0.0.2"], timeout_s=10, what="ECMP route")
         routes = bird.routes(VIP)

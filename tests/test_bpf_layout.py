@@ -108,5 +108,6 @@ def test_flow_sync_record_offsets_come_from_the_mirrors() -> None:
         event.backend_addr.offset, event.backend_addr.offset + event.backend_addr.size)
     assert codec.EVENT_KIND_OFFSET == event.kind.offset
     assert structs.Flow.last_seen_ns.offset + structs.Flow.last_seen_ns.size == ctypes.sizeof(structs.Flow)
-    assert (codec.VERSION, codec.KEY_WIRE_BYTES, codec.BACKEND_ADDR_OFFSET, codec.FLOW_RECORD_BYTES) == (3, 37, 40, 56), \
+    assert (codec.VERSION, codec.KEY_WIRE_BYTES, codec.BACKEND_ADDR_OFFSET,
+            codec.FLOW_RECORD_BYTES) == (3, 37, 40, 56), \
         "the flow record changed: that is a new wire version"

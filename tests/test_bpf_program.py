@@ -137,9 +137,11 @@ def with_byte(frame: bytes, offset: int, value: int) -> bytes:
 TRAILER = b"\x00" * 6  # what a NIC pads a 54-byte bare ACK with to the 60-byte minimum
 TCP4 = tcp4("A")  # 14 + 20 + 20 + 20 bytes of payload: IPv4 total length 60
 UDP4 = bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / UDP(sport=5353, dport=53) / Raw(b"q" * 8))  # total 36
-TCP6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=1234, dport=443, flags="A") / Raw(b"x" * 10))  # payload 30
+# payload 30
+TCP6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=1234, dport=443, flags="A") / Raw(b"x" * 10))
 HBH6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / IPv6ExtHdrHopByHop() / TCP(sport=1234, dport=443, flags="A"))
-TCP_OPTIONS = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 2))]  # 20 bytes: data offset 10
+# 20 bytes: data offset 10
+TCP_OPTIONS = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 2))]
 OPT4 = bytes(eth() / IP(src=CLIENT4, dst=str(VIP4)) / TCP(sport=2, dport=80, flags="A", options=TCP_OPTIONS))
 OPT6 = bytes(eth() / IPv6(src=CLIENT6, dst=str(VIP6)) / TCP(sport=2, dport=443, flags="A", options=TCP_OPTIONS))
 OPT4_CUT, OPT6_CUT = OPT4[:-4], OPT6[:-4]  # the last 4 option bytes are missing
@@ -178,7 +180,8 @@ CASES = [
     ("ARP (broadcast)", bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=ROUTER_MAC) / ARP(pdst=str(VIP4))),
      XdpAction.PASS, None, Stat.PASS_NOT_OURS),
     ("VIP TCP to another node's MAC (flooded by a switch)",
-     bytes(Ether(dst="02:00:00:00:00:02", src=ROUTER_MAC) / IP(src=CLIENT4, dst=str(VIP4)) / TCP(sport=2, dport=80, flags="A")),
+     bytes(Ether(dst="02:00:00:00:00:02", src=ROUTER_MAC) / IP(src=CLIENT4, dst=str(VIP4))
+           / TCP(sport=2, dport=80, flags="A")),
      XdpAction.PASS, None, Stat.PASS_NOT_OURS),
     ("service with no usable backend", tcp4(dst=VIP_EMPTY), XdpAction.DROP, None, Stat.DROP_NO_BACKEND),
     ("first IPv4 fragment to the VIP (MF)",
@@ -196,7 +199,8 @@ CASES = [
     ("IPv4 header cut short", tcp4()[:14 + 12], XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("TCP header cut short", tcp4()[:14 + 20 + 10], XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv4 IHL below 5", tcp4()[:14] + bytes([0x44]) + tcp4()[15:], XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IHL pointing past the frame", tcp4()[:14] + bytes([0x4F]) + tcp4()[15:14 + 40], XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IHL pointing past the frame", tcp4()[:14] + bytes([0x4F]) + tcp4()[15:14 + 40],
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv6 header cut short", bytes(eth() / IPv6(dst=str(VIP6)))[:14 + 30], XdpAction.PASS, None, Stat.PASS_UNPARSED),
     # Length fields against the frame and each other: a datagram that does not fit its own
     # lengths is never forwarded; bytes after a consistent datagram are an Ethernet trailer.
@@ -205,17 +209,23 @@ CASES = [
     ("IPv4 total length smaller than the IP header", with_ip_len(TCP4, 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv4 total length zero", with_ip_len(TCP4, 0), XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv4 total length ending inside the IP options (IHL 6)",
-     with_ip_len(bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), options=b"\x01\x01\x01\x00") / TCP(sport=1, dport=80, flags="PA")), 22),
+     with_ip_len(bytes(eth() / IP(src=CLIENT4, dst=str(VIP4), options=b"\x01\x01\x01\x00")
+                       / TCP(sport=1, dport=80, flags="PA")), 22),
      XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IPv4 total length ending inside the TCP header", with_ip_len(TCP4, 20 + 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IPv4 total length ending inside the UDP header", with_ip_len(UDP4, 20 + 7), XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IPv4 total length ending inside the TCP options", with_ip_len(OPT4, 20 + 36), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the TCP header", with_ip_len(TCP4, 20 + 19),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the UDP header", with_ip_len(UDP4, 20 + 7),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv4 total length ending inside the TCP options", with_ip_len(OPT4, 20 + 36),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv4 total length ending inside an ICMP error's quote", with_ip_len(too_big4(), 20 + 8 + 20 + 3),
      XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv6 payload length larger than the frame", with_ip_len(TCP6, 1400), XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv6 payload length one byte too large", with_ip_len(TCP6, 31), XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IPv6 payload length ending inside the TCP header", with_ip_len(TCP6, 19), XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("IPv6 payload length ending inside a hop-by-hop header", with_ip_len(HBH6, 4), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length ending inside the TCP header", with_ip_len(TCP6, 19),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("IPv6 payload length ending inside a hop-by-hop header", with_ip_len(HBH6, 4),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv6 payload length ending inside an ICMPv6 error's quote", with_ip_len(too_big6(), 8 + 40 + 3),
      XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("TCP options cut off by the end of the frame (IPv4 length says so too)", with_ip_len(OPT4_CUT, len(OPT4_CUT) - 14),
@@ -225,7 +235,8 @@ CASES = [
     ("TCP options cut off by the end of the frame (IPv6 length says so too)", with_ip_len(OPT6_CUT, len(OPT6_CUT) - 54),
      XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("TCP data offset below 5", with_byte(TCP4, 14 + 20 + 12, 0x40), XdpAction.PASS, None, Stat.PASS_UNPARSED),
-    ("UDP length larger than the IP payload", with_byte(UDP4, 14 + 20 + 5, 17), XdpAction.PASS, None, Stat.PASS_UNPARSED),
+    ("UDP length larger than the IP payload", with_byte(UDP4, 14 + 20 + 5, 17),
+     XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("UDP length below the UDP header", with_byte(UDP4, 14 + 20 + 5, 7), XdpAction.PASS, None, Stat.PASS_UNPARSED),
     ("IPv4 TCP with an Ethernet trailer", TCP4 + TRAILER, XdpAction.TX, B1, Stat.TX),
     ("IPv4 total length ending right after the TCP header (the payload becomes trailer)", with_ip_len(TCP4, 40),
@@ -272,7 +283,8 @@ def test_pinning_policy_tcp_pins_at_first_non_syn_packet(dp: DataPlane, events: 
     run_xdp(dp.fd, tcp4("A", sport=20001))  # the handshake's ACK pins
     events.poll()
     [(key, flow)] = dp.flows()
-    assert (str(key.src_ip), key.src_port, key.dst_ip, key.dst_port, key.proto) == (CLIENT4, 20001, VIP4, 80, IPPROTO_TCP)
+    assert (str(key.src_ip), key.src_port, key.dst_ip, key.dst_port, key.proto) == \
+        (CLIENT4, 20001, VIP4, 80, IPPROTO_TCP)
     assert flow.backend == dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
     assert flow.service == dp.service_index(VIP4, 80, IPPROTO_TCP)
     [event] = events
@@ -462,7 +474,8 @@ def test_fuzz_random_frames(dp: DataPlane, to_us: bool, frame: bytes) -> None:
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(VALID_FRAMES), st.integers(14, 200), st.lists(st.tuples(st.integers(0, 199), st.integers(0, 255)), max_size=4))
+@given(st.sampled_from(VALID_FRAMES), st.integers(14, 200),
+       st.lists(st.tuples(st.integers(0, 199), st.integers(0, 255)), max_size=4))
 def test_fuzz_truncated_and_mutated_frames(dp: DataPlane, frame: bytes, cut: int, flips: list[tuple[int, int]]) -> None:
     mutated = bytearray(frame[:cut])
     for position, value in flips:
@@ -512,7 +525,8 @@ def test_a_reused_backend_index_does_not_inherit_old_pins() -> None:
         old = {b.address: dp.backend_index(VIP4, 80, IPPROTO_TCP, b.address) for b in (B1, B2, B3)}
         pinned = next(a for a, i in old.items() if i == flow.backend)
         newcomer = BackendSpec(ip("10.0.0.99"), "02:00:00:00:0b:99")
-        dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(b for b in (B1, B2, B3) if b.address != pinned) + (newcomer,))])
+        dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP,
+                              tuple(b for b in (B1, B2, B3) if b.address != pinned) + (newcomer,))])
         assert dp.backend_index(VIP4, 80, IPPROTO_TCP, newcomer.address) == flow.backend  # the freed index
         assert dp.lookup_flow(key) is None, "the old pin was purged before the index got a new owner"
     finally:

@@ -1,4 +1,5 @@
-"""The lbnode command: the interface lock (one node per interface, also while a node exits as another starts), check-config output."""
+"""The lbnode command: the interface lock (one node per interface, also while a node exits as another starts),
+check-config output."""
 from __future__ import annotations
 
 import os
@@ -56,7 +57,8 @@ def test_a_lock_won_on_a_file_its_owner_just_unlinked_does_not_count(run_dir: Pa
 
 def test_check_config_masks_the_md5_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "node.yaml"
-    config.write_text("bgp:\n  local_as: 65001\n  peers:\n    - {address: 10.0.0.254, asn: 65000, md5_password: s3cret-key}\n"
+    config.write_text("bgp:\n  local_as: 65001\n  peers:\n"
+                      "    - {address: 10.0.0.254, asn: 65000, md5_password: s3cret-key}\n"
                       "services: []\n")
     assert cli.main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out

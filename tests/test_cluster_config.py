@@ -33,7 +33,8 @@ def test_bad_config_is_refused_with_path_and_line(path: Path) -> None:
 
 def test_examples_lbnode_yaml_is_the_example_golden() -> None:
     """The annotated example in examples/ is the one the golden test checks."""
-    assert (DATA / "good" / "example.yaml").read_text() == (Path(__file__).parents[1] / "examples" / "lbnode.yaml").read_text()
+    assert (DATA / "good" / "example.yaml").read_text() == \
+        (Path(__file__).parents[1] / "examples" / "lbnode.yaml").read_text()
 
 
 def test_bgp_defaults_come_from_the_node_ip() -> None:

@@ -91,7 +91,8 @@ services:
     ports: [80]
     backends: [{address: 10.0.0.31, weight: 0}]
 """, ip("10.0.0.5"))
-    desired = decide(View(config, {"api/192.0.2.30:80": frozenset({"10.0.0.31:80"})}, {ip("10.0.0.31"): "02:00:00:00:00:1f"},
+    desired = decide(View(config, {"api/192.0.2.30:80": frozenset({"10.0.0.31:80"})},
+                          {ip("10.0.0.31"): "02:00:00:00:00:1f"},
                           ready=True))
     (state,) = desired.services
     assert (state.usable, state.up, state.backends[0].passing, state.backends[0].usable) == (0, False, True, False)

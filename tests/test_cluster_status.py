@@ -22,7 +22,8 @@ async def test_status_server_survives_early_hangups_and_failing_snapshots(tmp_pa
         calls += 1
         if calls == 2:
             raise RuntimeError("a bug while building the snapshot")
-        return json.dumps({"node": {"state": "serving"}, "blob": "x" * 1_000_000}).encode() + b"\n"  # large: the send blocks
+        # large: the send blocks
+        return json.dumps({"node": {"state": "serving"}, "blob": "x" * 1_000_000}).encode() + b"\n"
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:

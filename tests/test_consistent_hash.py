@@ -93,7 +93,8 @@ def test_numpy_table_is_identical_to_the_reference(seed: int) -> None:
     n = rng.choice([1, 2, 3, 7, 16, 64, 100])
     size = rng.choice([16, 256, 4096])
     identities = rng.sample(range(1 << 24), n)
-    ms = [Member(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:{rng.randrange(1, 65536)}", rng.choice([0, 1, 1, 2, 3, 10, 1000]),
+    ms = [Member(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:{rng.randrange(1, 65536)}",
+                 rng.choice([0, 1, 1, 2, 3, 10, 1000]),
                  rng.randrange(4096)) for i in identities]
     assert build_table_array(ms, size).tolist() == build_table_reference(ms, size)
 

@@ -265,7 +265,8 @@ def test_a_full_million_entry_table(table_size: int) -> None:
         assert seen == filled - small_count
         growth = rss_mb() - rss_before
         assert growth < 60, f"RSS grew {growth:.0f} MB"
-        print(f"1M table: count walk {walk_s:.2f}s, remove {apply_s * 1e3:.1f} ms, sweep {sweep_s:.2f}s, rss +{growth:.0f} MB")
+        print(f"1M table: count walk {walk_s:.2f}s, remove {apply_s * 1e3:.1f} ms, sweep {sweep_s:.2f}s, "
+              f"rss +{growth:.0f} MB")
     finally:
         dp.close()
 

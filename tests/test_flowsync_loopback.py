@@ -214,7 +214,8 @@ async def test_a_resync_request_from_a_spoofed_source_is_not_answered(config: Sy
         nursery.cancel_scope.cancel()
 
 
-async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarnation(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarnation(  # type: ignore[no-untyped-def]
+        config: SyncConfig, clean) -> None:
     dp_a, dp_b = clean
     async with trio.open_nursery() as nursery:
         sync_a = await start(nursery, config, dp_a, A_IP)
@@ -234,7 +235,8 @@ async def test_resync_answers_are_one_at_a_time_per_peer_and_bound_to_its_incarn
         nursery.cancel_scope.cancel()
 
 
-async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_limited(config: SyncConfig, clean) -> None:  # type: ignore[no-untyped-def]
+async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_limited(  # type: ignore[no-untyped-def]
+        config: SyncConfig, clean) -> None:
     dp_a, dp_b = clean
     async with trio.open_nursery() as nursery:
         sync_a = await start(nursery, config, dp_a, A_IP)
@@ -260,7 +262,8 @@ async def test_a_replayed_resync_request_is_answered_once_and_answers_are_rate_l
             for i in range(6):  # new ids, one after the other's answer: more than the burst
                 before = outcomes()
                 s.sendto(request(600 + i), (str(A_IP), config.port))
-                await until(lambda before=before: outcomes() == before + 1 and not sync_a.engine._answering, "an outcome")
+                await until(lambda before=before: outcomes() == before + 1 and not sync_a.engine._answering,
+                            "an outcome")
         burst = sync_a.engine.timing.resync_answer_burst
         assert c["resync_served"] == burst and c["resync_limited"] == 6 - (burst - 1)
         nursery.cancel_scope.cancel()

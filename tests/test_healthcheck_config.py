@@ -52,7 +52,8 @@ def test_ipv6_backend_key() -> None:
 
 
 BAD = [
-    ({"checks": [{"kind": "http", "timeout_ms": 0}]}, "services[0].checks[0].timeout_ms: must be > 0 and < interval_ms, got 0"),
+    ({"checks": [{"kind": "http", "timeout_ms": 0}]},
+     "services[0].checks[0].timeout_ms: must be > 0 and < interval_ms, got 0"),
     ({"checks": [{"kind": "tcp", "interval_ms": 1000, "timeout_ms": 1000}]},
      "services[0].checks[0].timeout_ms: must be > 0 and < interval_ms, got 1000"),
     ({"checks": [{"kind": "icmp"}]}, "services[0].checks[0].kind: must be one of tcp, http, https, got 'icmp'"),
@@ -68,7 +69,8 @@ BAD = [
     ({"checks": [{"kind": "http", "expect_status": [200, "299-200"]}]},
      "services[0].checks[0].expect_status[1]: must be a status 100..599 or a range like '200-299', got '299-200'"),
     ({"checks": [{"kind": "http", "expect_status": 700}]}, "services[0].checks[0].expect_status: must be a status"),
-    ({"checks": [{"kind": "http", "expect_status": []}]}, "services[0].checks[0].expect_status: must list at least one"),
+    ({"checks": [{"kind": "http", "expect_status": []}]},
+     "services[0].checks[0].expect_status: must list at least one"),
     ({"checks": [{"kind": "http", "body_contains": ""}]}, "services[0].checks[0].body_contains: must be a non-empty"),
     ({"checks": []}, "services[0].checks: must list at least one check, got []"),
     ({"checks": {"kind": "tcp"}}, "services[0].checks: must be a list, got dict"),

@@ -313,4 +313,5 @@ print("carried on", flush=True)
         subprocess.run(["ip", "netns", "del", ns], check=False)
     assert proc.returncode == -signal.SIGABRT, (proc.returncode, proc.stdout, proc.stderr)
     assert proc.stdout == ""
-    assert "CRITICAL:healthcheck.vipnet:setns back to the home network namespace failed: Invalid argument" in proc.stderr
+    assert ("CRITICAL:healthcheck.vipnet:setns back to the home network namespace failed: Invalid argument"
+            in proc.stderr)

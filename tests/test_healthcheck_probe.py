@@ -190,7 +190,8 @@ async def test_https_verification(nursery: trio.Nursery, certs: Certs) -> None:
     cases: list[tuple[Backend, dict[str, Any], str | None]] = [
         (good, {"ca_file": ca, "sni": "backend.test"}, None),
         (good, {"ca_file": ca}, None),  # no SNI: the certificate's IP SAN matches 127.0.0.1
-        (good, {"ca_file": ca, "sni": "other.test"}, "TLS verify failed: Hostname mismatch, certificate is not valid for 'other.test'."),
+        (good, {"ca_file": ca, "sni": "other.test"},
+         "TLS verify failed: Hostname mismatch, certificate is not valid for 'other.test'."),
         (expired, {"ca_file": ca, "sni": "backend.test"}, "TLS verify failed: certificate has expired"),
         (self_signed, {"sni": "backend.test"}, "TLS verify failed: self-signed certificate"),
         (self_signed, {"verify": False}, None),
@@ -233,7 +234,8 @@ async def test_tls_context_is_built_once_per_checker_so_a_new_checker_rereads_th
                 n.cancel_scope.cancel()
         return c.last_ok, c.last_error
 
-    assert await run_until(HealthChecker([service()]), 1) == (False, "TLS verify failed: unable to get local issuer certificate")
+    assert await run_until(HealthChecker([service()]), 1) == \
+        (False, "TLS verify failed: unable to get local issuer certificate")
     ca_file.write_bytes(certs.ca.read_bytes())
     checker = HealthChecker([service()])
     ca_file.unlink()

@@ -48,7 +48,8 @@ def test_hysteresis_rejects_zero_rise() -> None:
         Hysteresis(0, 1)
 
 
-def _svc(n: int, need: int = 1, rise: int = 1, fall: int = 1, checks: int = 1, **backend: object) -> ServiceHealthConfig:
+def _svc(n: int, need: int = 1, rise: int = 1, fall: int = 1, checks: int = 1,
+         **backend: object) -> ServiceHealthConfig:
     return service_from_dict({
         "name": "web", "vip": "192.0.2.10", "port": 80, "need": need,
         "checks": [{"kind": "tcp", "rise": rise, "fall": fall}] * checks,
@@ -59,12 +60,14 @@ def _svc(n: int, need: int = 1, rise: int = 1, fall: int = 1, checks: int = 1, *
 def test_need_n_aggregation() -> None:
     sh = ServiceHealth(_svc(3, need=2), now=0.0)
     assert not sh.up and sh.usable_count == 0
-    assert sh.observe("10.0.0.1:80", 0, True, 1.0) == [BackendChanged("web", "10.0.0.1:80", True, True, False, "passed", 1.0)]
+    assert sh.observe("10.0.0.1:80", 0, True, 1.0) == \
+        [BackendChanged("web", "10.0.0.1:80", True, True, False, "passed", 1.0)]
     assert not sh.up
     assert sh.observe("10.0.0.2:80", 0, True, 2.0) == [
         BackendChanged("web", "10.0.0.2:80", True, True, False, "passed", 2.0),
         ServiceChanged("web", True, 2, 2, 2.0)]
-    assert sh.observe("10.0.0.3:80", 0, True, 3.0)[-1] == BackendChanged("web", "10.0.0.3:80", True, True, False, "passed", 3.0)
+    assert sh.observe("10.0.0.3:80", 0, True, 3.0)[-1] == \
+        BackendChanged("web", "10.0.0.3:80", True, True, False, "passed", 3.0)
     assert sh.observe("10.0.0.1:80", 0, False, 4.0, error="refused") == [
         BackendChanged("web", "10.0.0.1:80", False, False, False, "refused", 4.0)]
     assert sh.up  # 2 of need 2 still usable

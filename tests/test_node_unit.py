@@ -365,12 +365,14 @@ async def test_a_refused_reload_leaves_the_config_as_it_was(world: World, servin
     # A file that loads but that the data plane refuses: rolled back, health checks as before.
     assert world.dp is not None
     applied_before = world.dp.applied[-1]
-    config_path.write_text(config_text(need=2).replace("{address: 10.0.0.12}", "{address: 10.0.0.12}, {address: 10.0.0.13}"))
+    config_path.write_text(config_text(need=2).replace("{address: 10.0.0.12}",
+                                                       "{address: 10.0.0.12}, {address: 10.0.0.13}"))
     world.dp.max_backends = 2
     await serving.reload()
     assert serving.reloads == {"ok": 0, "refused": 2} and "too many backends" in (serving.last_reload_error or "")
     assert serving.config == before and announced(world) == [VIP]
-    await until("the old services applied again", lambda: world.dp is not None and world.dp.applied[-1] == applied_before)
+    await until("the old services applied again",
+                lambda: world.dp is not None and world.dp.applied[-1] == applied_before)
     world.dp.max_backends = 3
     await serving.reload()  # the same file, now accepted
     assert serving.reloads == {"ok": 1, "refused": 2} and serving.config.services[0].need == 2
@@ -403,7 +405,8 @@ async def test_sessions_lost_again_while_resyncing_keep_the_node_out(world: Worl
     assert announced(world) == [] and world.log[-1] == "resync"
 
 
-async def test_a_node_that_cannot_forward_withdraws_until_it_can(clock: trio.testing.MockClock, world: World, serving: Node) -> None:
+async def test_a_node_that_cannot_forward_withdraws_until_it_can(clock: trio.testing.MockClock, world: World,
+                                                                 serving: Node) -> None:
     assert world.dp is not None
     world.dp.problem = "fake0: another program is attached"
     await until("withdrawn", lambda: announced(world) == [], timeout_s=3 * ATTACH_CHECK_S)
@@ -412,8 +415,8 @@ async def test_a_node_that_cannot_forward_withdraws_until_it_can(clock: trio.tes
     await until("announced again", lambda: announced(world) == [VIP], timeout_s=3 * ATTACH_CHECK_S)
 
 
-async def test_a_digest_mismatch_holds_the_first_announcement(clock: trio.testing.MockClock, world: World, config_path: Path,
-                                                               nursery: trio.Nursery) -> None:
+async def test_a_digest_mismatch_holds_the_first_announcement(clock: trio.testing.MockClock, world: World,
+                                                               config_path: Path, nursery: trio.Nursery) -> None:
     world.sync_mismatch = True  # a live peer has another view, known by the end of the resync
     node = make_node(world, config_path)
     with trio.fail_after(10):
@@ -437,7 +440,8 @@ async def test_a_component_crash_stops_the_node(clock: trio.testing.MockClock, w
     assert world.dp is not None and world.dp.closed and world.log[-1] == "detach"
 
 
-async def test_a_health_checker_crash_stops_a_serving_node(clock: trio.testing.MockClock, world: World, config_path: Path) -> None:
+async def test_a_health_checker_crash_stops_a_serving_node(clock: trio.testing.MockClock, world: World,
+                                                            config_path: Path) -> None:
     node = make_node(world, config_path)
     with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="health checker bug"), flatten_subgroups=True):
         with trio.fail_after(10):

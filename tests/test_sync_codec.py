@@ -163,7 +163,8 @@ def test_fuzz_authentic_garbage_bodies_never_crash(msg_type: int, count: int, bo
 def test_resync_chunk_golden_bytes_and_the_packed_encoders_agree() -> None:
     rec = g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.REFRESH)
     args = (KEY, 0x0A000005, 1700000000, 12, 0x0A000006, 42, 3, True)
-    assert g.encode_resync_chunk(*args, [rec]) == g.encode_resync_chunk_packed(*args, rec) == sealed(GOLDEN_RESYNC_CHUNK)
+    assert g.encode_resync_chunk(*args, [rec]) == g.encode_resync_chunk_packed(*args, rec) == \
+        sealed(GOLDEN_RESYNC_CHUNK)
     body = g.decode(KEY, sealed(GOLDEN_RESYNC_CHUNK)).body
     assert body == g.ResyncChunk(0x0A000006, 42, 3, True, (g.FlowRecord(FLOW_KEY, BACKEND, g.FlowOp.REFRESH),))
     assert g.encode_flows_packed(KEY, 0x0A000005, 1700000000, 7, g.flow_wire(FLOW_KEY, BACKEND, g.FlowOp.NEW)) \
