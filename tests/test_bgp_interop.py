@@ -126,7 +126,7 @@ def tcp_ext(net: Net, ns: str) -> dict[str, int]:
     """The TcpExt counters of /proc/net/netstat inside `ns`."""
     lines = [ln.split() for ln in net.lab.ns_run(ns, "cat", "/proc/net/netstat").stdout.splitlines()
              if ln.startswith("TcpExt:")]
-    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+    return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True)}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv4Network
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -505,7 +506,7 @@ async def test_a_flooding_peer_is_held_back_by_a_bounded_inbox_and_keeps_its_ses
             (status,) = speaker.snapshot()
             assert status.state == "Established" and status.established_count == 1
             assert status.inbox_peak == INBOX_FRAMES and status.reader_waits > 0
-            gaps = [b - a for a, b in zip([t0, *keepalives], keepalives)]
+            gaps = [b - a for a, b in pairwise([t0, *keepalives])]
             assert len(keepalives) >= 7 and max(gaps) <= 1.0 + 0.006  # late by one UPDATE's processing at most
 
             async def flood_until_notified() -> None:

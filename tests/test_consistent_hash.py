@@ -18,7 +18,7 @@ def members(weights: list[int], first_index: int = 0) -> list[Member]:
 
 
 def moved(before: list[int], after: list[int]) -> list[int]:
-    return [s for s, (a, b) in enumerate(zip(before, after)) if a != b]
+    return [s for s, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10, 33])

@@ -5,6 +5,7 @@ import logging
 import random
 import re
 from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -65,7 +66,7 @@ async def test_no_jitter_ticks_at_the_interval_with_spread_phases(autojump_clock
     assert len(firsts) == 20 and 0 <= firsts[0] and firsts[-1] < 1.0
     assert len({round(t, 6) for t in firsts}) == 20  # no two checks in phase
     for times in fake.calls.values():
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in pairwise(times)]
         assert len(times) in (9, 10, 11)
         assert all(g == pytest.approx(1.0, abs=1e-6) for g in gaps)
 
@@ -79,7 +80,7 @@ async def test_wakeups_share_a_tick_grid(autojump_clock: trio.testing.MockClock)
     assert len(times) >= 200
     assert all(abs(t / 0.01 - round(t / 0.01)) < 1e-6 for t in times)  # everyone wakes on the grid
     assert len({round(ts[0], 6) for ts in fake.calls.values()}) >= 30  # still spread over the interval
-    gaps = [b - a for ts in fake.calls.values() for a, b in zip(ts, ts[1:])]
+    gaps = [b - a for ts in fake.calls.values() for a, b in pairwise(ts)]
     assert all(0.95 - 0.01 - 1e-9 <= g <= 1.05 + 0.01 + 1e-9 for g in gaps)
 
 
@@ -88,7 +89,7 @@ async def test_jitter_bounds_every_gap(autojump_clock: trio.testing.MockClock) -
     checker = HealthChecker(_services(10), probe_fn=fake, jitter=0.1, rng=random.Random(2), tick_s=0)
     with trio.fail_after(120):
         await _run_for(checker, 30.0)
-    gaps = [b - a for times in fake.calls.values() for a, b in zip(times, times[1:])]
+    gaps = [b - a for times in fake.calls.values() for a, b in pairwise(times)]
     assert len(gaps) > 250
     assert all(0.9 - 1e-9 <= g <= 1.1 + 1e-9 for g in gaps)
     assert max(gaps) - min(gaps) > 0.1  # it does jitter

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import pytest
 
@@ -473,7 +474,7 @@ def test_resync_answers_are_rate_limited_per_peer() -> None:
     assert len(served) == timing.resync_answer_burst + int(0.6 * 33 / timing.resync_answer_every_s)
     assert b.engine.counters["resync_limited"] == 34 - len(served)
     assert all(t2 - t1 >= timing.resync_answer_every_s - 0.6
-               for t1, t2 in zip(served[timing.resync_answer_burst:], served[timing.resync_answer_burst + 1:]))
+               for t1, t2 in pairwise(served[timing.resync_answer_burst:]))
     # Another peer has its own budget.
     limited = b.engine.counters["resync_limited"]
     ask(c, 1, 22.0)
