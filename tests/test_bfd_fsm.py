@@ -431,7 +431,7 @@ class Case:
     after: State | None = None  # the session's state afterwards (None: unchanged)
 
 
-D, I, U, A = S.DOWN, S.INIT, S.UP, S.ADMIN_DOWN
+D, I, U, A = S.DOWN, S.INIT, S.UP, S.ADMIN_DOWN  # noqa: E741  # one letter per state keeps the table aligned
 R = DropReason
 DEMUX_CASES = {
     # An on-link spoofer with TTL 255 and the peer's source address, against an Up session.

@@ -304,7 +304,7 @@ async def test_collision_peer_dumps_our_outgoing_connection_first(with_notificat
                 await outgoing.send(Notification(6, 7))
             await outgoing.stream.aclose()
             # The speaker must see the close before the OPEN: wait until it records the failure.
-            while not speaker.snapshot()[0].last_error:
+            while not speaker.snapshot()[0].last_error:  # noqa: ASYNC110  # no event for it; under fail_after(10)
                 await trio.sleep(0.005)
             await incoming.send(PEER_OPEN)
             assert isinstance(await incoming.receive(), Keepalive)
@@ -497,7 +497,7 @@ async def test_a_flooding_peer_is_held_back_by_a_bounded_inbox_and_keeps_its_ses
                 outstanding_peak = max(outstanding_peak, n - ours.received_updates)
                 inbox_peak = max(inbox_peak, ours.inbox_recv.statistics().current_buffer_used)
                 await peer.send(data)
-            while ours.received_updates < len(flood):
+            while ours.received_updates < len(flood):  # noqa: ASYNC110  # a counter; under fail_after(60)
                 await trio.sleep(0.01)
             elapsed = trio.current_time() - t0
             assert elapsed == pytest.approx(len(flood) * 0.005, rel=0.02)  # the loop never waited for the reader
