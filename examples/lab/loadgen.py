@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import trio
 
 PAYLOAD = "x" * 64
+CONNECT_TRIES = 3
+CONNECT_RETRY_S = 0.5
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Long:
     lost: str | None = None
     lost_at: float | None = None
     echoed_at_mark: int = 0
+    connect_retries: int = 0
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Figures:
                 "by_backend": dict(Counter(c.backend for c in self.longs)),
                 "echoed": sum(c.echoed for c in self.longs),
                 "min_echoed_since_mark": min(since_mark, default=0),
+                "connect_retries": sum(c.connect_retries for c in self.longs),
                 "max_stall_ms": round(1000 * stalls[-1]) if stalls else 0,
                 "current_stall_ms": round(1000 * max((now - c.last_ok for c in alive), default=0.0)),
                 "p99_stall_ms": (round(1000 * stalls[min(len(stalls) - 1, math.ceil(0.99 * len(stalls)) - 1)])
@@ -80,11 +84,25 @@ class Figures:
         }
 
 
+async def connect(conn: Long, host: str, port: int) -> trio.SocketStream:
+    """A long connection is checked once it exists: a connect that fails at once (refused,
+    unreachable) is tried again, as a client would, up to CONNECT_TRIES times; counted."""
+    for attempt in range(CONNECT_TRIES):
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError:
+            if attempt == CONNECT_TRIES - 1:
+                raise
+            conn.connect_retries += 1
+            await trio.sleep(CONNECT_RETRY_S)
+    raise AssertionError("unreachable")
+
+
 async def long_conn(conn: Long, host: str, port: int, interval_s: float, stuck_s: float,
                     connected: trio.Semaphore) -> None:
     try:
         with trio.fail_after(stuck_s):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await connect(conn, host, port)
     except (OSError, trio.TooSlowError) as exc:
         conn.lost, conn.lost_at = f"connect: {type(exc).__name__}", time.monotonic()
         connected.release()
