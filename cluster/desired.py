@@ -141,11 +141,5 @@ def announcements(view: View) -> dict[Prefix, RouteAttrs]:
     return dict(decide(view).routes)
 
 
-def plan_announcements(view: View) -> tuple[dict[Prefix, RouteAttrs], dict[Prefix, str]]:
-    """The routes to announce, and why each VIP that is not announced is withheld."""
-    desired = decide(view)
-    return dict(desired.routes), dict(desired.withheld)
-
-
 def digest(view: View) -> bytes:
     return decide(view).digest()

@@ -101,17 +101,23 @@ class Run:
     def hops_without(self, *nodes: str) -> set[str]:
         return self.all_hops - {self.ecmp.node_ip(n) for n in nodes}
 
-    def bfd_fast(self, node: str) -> bool:
+    def bfd_sessions(self, node: str) -> list[dict[str, Any]]:
+        """The node's BFD session per BGP peer; empty if it cannot say, or a peer has none."""
         status = self.ecmp.node_status(node)
         peers = status.get("bgp", {}).get("peers", []) if status else []
-        return bool(peers) and all(
-            (bfd := p.get("bfd")) and str(bfd["state"]).upper() == "UP" and not bfd["poll_active"]
-            and bfd["detection_time_ms"] is not None and bfd["detection_time_ms"] <= 300 for p in peers)
+        sessions = [p.get("bfd") for p in peers]
+        return [s for s in sessions if s] if all(sessions) else []
 
-    def bfd_up(self, node: str) -> bool:
-        status = self.ecmp.node_status(node)
-        peers = status.get("bgp", {}).get("peers", []) if status else []
-        return bool(peers) and all((bfd := p.get("bfd")) and str(bfd["state"]).upper() == "UP" for p in peers)
+    def bfd_up(self, node: str, *, fast: bool = False) -> bool:
+        """Every session Up; `fast`: also at its fast rate (no Poll under way, detection <= 300 ms)."""
+        sessions = self.bfd_sessions(node)
+        return bool(sessions) and all(
+            str(s["state"]).upper() == "UP"
+            and (not fast or (not s["poll_active"] and s["detection_time_ms"] is not None
+                              and s["detection_time_ms"] <= 300)) for s in sessions)
+
+    def bfd_fast(self, node: str) -> bool:
+        return self.bfd_up(node, fast=True)
 
     def entries(self, node: str) -> int:
         status = self.ecmp.node_status(node)
