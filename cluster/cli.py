@@ -3,6 +3,8 @@
     lbnode --ip 10.0.0.5 --if ens192 [--config PATH] [--xdp native|generic] [--status-socket PATH]
     lbnode check-config PATH [--ip IP]     validate, print the normalised config
     lbnode status [--if IF | --socket PATH] [--json]   ask a running node
+    lbnode drain|undrain BACKEND [--service NAME] [--if IF | --socket PATH]   runtime admin state
+    lbnode disable VIP [--grace-s S] | enable VIP [--if IF | --socket PATH]    (root; see README)
 
 Exit codes: 0 ok, 1 the node failed while running, 2 bad command line, interface, address or
 config (with a one-line reason on stderr).
@@ -11,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
 from bpf.loader import XdpMode
 from bpf.structs import IPAddress
-from cluster import status
+from cluster import control, logfmt, status
 from cluster.config import ConfigError, NodeConfig, load_file, normalised
 
 log = logging.getLogger("lbnode")
@@ -43,15 +48,16 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (see examples/lbnode.yaml)")
     parser.add_argument("--xdp", choices=[m.value for m in XdpMode], help="XDP attach mode (overrides the config)")
     parser.add_argument("--status-socket", help="unix socket for `lbnode status` (default /run/lbnode/<if>.sock)")
+    parser.add_argument("--admin-state", help="file keeping `lbnode drain/disable` state across restarts "
+                        "(default /run/lbnode/<netns>-<if>.admin.json: a reboot forgets it)")
+    parser.add_argument("--log-format", choices=logfmt.FORMATS, default="text",
+                        help="text (default), or json: one object per line for log shippers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def parse_ip(text: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise UsageError(f"--ip: not an IP address: {text!r}") from None
+    return parse_address(text, "--ip")
 
 
 def load_config(path: str | None, ip: IPAddress) -> NodeConfig:
@@ -68,8 +74,8 @@ def run_node(argv: list[str]) -> int:
     from cluster.node import Node, NodeArgs
 
     args = run_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logfmt.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO,
+                     {"interface": args.interface, "ip": args.ip})
     ip = parse_ip(args.ip)
     mac = interface_mac(args.interface)
     if mac is None:
@@ -80,7 +86,8 @@ def run_node(argv: list[str]) -> int:
     lock_fd, lock_path = interface_lock(args.interface)  # held (and released by the kernel) for the process's life
     node = Node(NodeArgs(ip=ip, ifname=args.interface, mac=mac, config_path=args.config,
                          status_socket=args.status_socket or status.default_socket(args.interface),
-                         xdp=XdpMode(args.xdp) if args.xdp else None), config)
+                         xdp=XdpMode(args.xdp) if args.xdp else None,
+                         admin_state=args.admin_state or admin_state_path(args.interface)), config)
     try:
         trio.run(node.run)
     finally:
@@ -116,6 +123,11 @@ def interface_lock(ifname: str) -> tuple[int, str]:
     raise UsageError(f"--if: could not lock {path}: it keeps being replaced")
 
 
+def admin_state_path(ifname: str) -> str:
+    """Next to the interface lock, and named the same way (interface names repeat across netns)."""
+    return f"{status.RUN_DIR}/{os.stat('/proc/self/ns/net').st_ino}-{ifname}.admin.json"
+
+
 def check_config(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lbnode check-config", description="Validate a config file and "
                                      "print it normalised (every default filled in) as JSON.")
@@ -139,26 +151,82 @@ def masked(data: object) -> object:
     return data
 
 
-def show_status(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lbnode status", description="Show a running node's state.")
+def socket_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--if", dest="interface", help="the node's interface (its socket is /run/lbnode/<if>.sock)")
     where.add_argument("--socket", help="the node's --status-socket")
-    parser.add_argument("--json", action="store_true", help="the raw JSON document")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="the raw JSON reply")
+    return parser
+
+
+def ask(args: argparse.Namespace, what: str, req: control.Request) -> dict[str, Any]:
+    """One request to the node that --if/--socket names (or the only one on this host)."""
     try:
         path = args.socket or (status.default_socket(args.interface) if args.interface else status.find_socket())
     except OSError as exc:
-        raise UsageError(f"status: {exc}") from None
+        raise UsageError(f"{what}: {exc}") from None
     try:
-        snapshot = status.query(path)
+        return status.request(path, req)
+    except control.ReplyError as exc:
+        raise UsageError(f"{what}: {exc}") from None
     except OSError as exc:
-        raise UsageError(f"status: cannot reach a node at {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"{what}: cannot reach a node at {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{what}: the node at {path} answered something else: {exc}") from None
+
+
+def show_status(argv: list[str]) -> int:
+    args = socket_parser("lbnode status", "Show a running node's state.").parse_args(argv)
+    snapshot = ask(args, "status", control.Status())["status"]
     print(json.dumps(snapshot, indent=2) if args.json else status.render(snapshot))
     return 0
 
 
-COMMANDS = {"check-config": check_config, "status": show_status}
+def admin_command(cmd: str, argv: list[str]) -> int:
+    """drain/undrain BACKEND [--service NAME], disable VIP [--grace-s S], enable VIP."""
+    backend = cmd in ("drain", "undrain")
+    parser = socket_parser(f"lbnode {cmd}", {
+        "drain": "Take a backend out of the hash for new flows (its pinned flows go on), until undrained.",
+        "undrain": "Let a drained backend take new flows again.",
+        "disable": "Withdraw a VIP's route, then (after --grace-s) take no new flows for it; pinned flows go on.",
+        "enable": "Undo `disable`: the VIP takes new flows and is announced again."}[cmd])
+    parser.add_argument("backend" if backend else "vip", help="an IP address")
+    if backend:
+        parser.add_argument("--service", help="only in this config service (default: every service listing it)")
+    if cmd == "disable":
+        parser.add_argument("--grace-s", type=float, default=control.DEFAULT_GRACE_S,
+                            help="keep taking new flows this long after the withdrawal (default %(default)s)")
+    args = parser.parse_args(argv)
+    address = parse_address(args.backend if backend else args.vip, "backend" if backend else "vip")
+    user = os.environ.get("SUDO_USER")  # the operator behind sudo; the node adds uid and pid itself
+    req: control.Request
+    if cmd == "drain":
+        req = control.Drain(address, args.service, user)
+    elif cmd == "undrain":
+        req = control.Undrain(address, args.service, user)
+    elif cmd == "disable":
+        req = control.Disable(address, args.grace_s, user)
+    else:
+        req = control.Enable(address, user)
+    reply = ask(args, cmd, req)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(f"{cmd}: {', '.join(reply['changed'])}" if reply["changed"] else f"{cmd}: nothing to change")
+    return 0
+
+
+def parse_address(text: str, what: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(f"{what}: not an IP address: {text!r}") from None
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "check-config": check_config, "status": show_status,
+    **{cmd: functools.partial(admin_command, cmd) for cmd in ("drain", "undrain", "disable", "enable")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,10 @@ data plane, BGP, flow sync's digest and `lbnode status` all read:
   VIP is up; `withheld` says why each other VIP is not. All nodes send the same attributes, so
   the router's ECMP (BIRD `merge paths on`) merges their routes.
 - `digest()`: a hash of the service/backend/health view that peers compare in their heartbeats.
+- `admin` (cluster.admin): a backend drained at run time is what the config's `disabled: true`
+  is (not passing, so out of the hash, not counted, its pins kept; it changes the digest, so drain
+  it on every node). A disabled VIP is withheld (its route withdrawn) at once and, once its grace
+  has ended, none of its backends takes new flows; pinned flows go on.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 from bgp.rib import RouteAttrs
 from bpf.dataplane import BackendSpec, ServiceSpec
+from cluster.admin import STOPPED, AdminState, Mark, VipMark
 from cluster.config import BackendEntry, IPAddress, NodeConfig
 from healthcheck.config import BackendId
 
@@ -39,6 +44,7 @@ class View:
     healthy: Mapping[str, frozenset[str]] = field(default_factory=dict)
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
+    admin: AdminState = field(default_factory=AdminState)  # drained backends, disabled VIPs
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,7 @@ class BackendState:
     mac: str | None
     disabled: bool
     passing: bool  # its health checks pass and it is not drained (the checker's "usable")
+    admin: Mark | None = None  # drained at run time (`lbnode drain`): by whom, when
 
     @property
     def usable(self) -> bool:
@@ -67,14 +74,21 @@ class ServiceState:
     need: int
     backends: tuple[BackendState, ...]
     usable: int  # backends usable
+    admin: VipMark | None = None  # its VIP disabled at run time (`lbnode disable`)
 
     @property
     def up(self) -> bool:
         return self.usable >= self.need
 
+    @property
+    def takes_new_flows(self) -> bool:
+        """False once a disabled VIP's grace has ended: its backends leave the hash."""
+        return self.admin is None or self.admin.phase != STOPPED
+
     def spec(self) -> ServiceSpec:
         return ServiceSpec(self.vip, self.port, self.proto,
-                           tuple(BackendSpec(b.address, b.mac, weight=b.weight, in_hash=b.passing)
+                           tuple(BackendSpec(b.address, b.mac, weight=b.weight,
+                                             in_hash=b.passing and self.takes_new_flows)
                                  for b in self.backends))
 
 
@@ -103,9 +117,15 @@ def backend_key(address: IPAddress, port: int) -> BackendId:
     return BackendId(address, port)
 
 
-def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str]) -> BackendState:
+def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str],
+                  drained: Mark | None = None) -> BackendState:
     key = BackendId(b.address, port)
-    return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled, passing=key in healthy)
+    return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled or drained is not None,
+                        passing=key in healthy and drained is None, admin=drained)
+
+
+def disabled_reason(vip: IPAddress, mark: VipMark) -> str:
+    return f"{vip} disabled by {mark.by} at {mark.at} (`lbnode enable {vip}` to announce it again)"
 
 
 def decide(view: View) -> Desired:
@@ -118,17 +138,27 @@ def decide(view: View) -> Desired:
             for port in service.ports:
                 name = service.health_name(vip, port)
                 healthy = view.healthy.get(name, frozenset())
-                backends = tuple(backend_state(b, port, healthy, view.macs) for b in service.backends)
+                backends = tuple(backend_state(b, port, healthy, view.macs,
+                                               view.admin.drain_mark(service.name, b.address))
+                                 for b in service.backends)
+                vip_mark = view.admin.vip_mark(vip)
                 state = ServiceState(name, vip, port, service.proto, service.need, backends,
-                                     usable=sum(1 for b in backends if b.usable))
+                                     usable=sum(1 for b in backends if b.usable), admin=vip_mark)
                 states.append(state)
-                if not state.up and prefix not in withheld:
+                if vip_mark is not None:
+                    withheld[prefix] = disabled_reason(vip, vip_mark)  # over any other reason: it is the operator's
+                elif not state.up and prefix not in withheld:
                     withheld[prefix] = (f"{name}: {state.usable} of need {state.need} "
                                         "backends usable (healthy, weight > 0, MAC known)")
             routes.setdefault(prefix, service.route)
     if not view.ready:
-        return Desired(tuple(states), {}, {prefix: NOT_READY for prefix in routes})
+        return Desired(tuple(states), {}, {p: withheld[p] if view.admin.vip_mark(_vip(p)) else NOT_READY
+                                           for p in routes})
     return Desired(tuple(states), {p: a for p, a in routes.items() if p not in withheld}, withheld)
+
+
+def _vip(prefix: Prefix) -> IPAddress:
+    return prefix.network_address
 
 
 # -- the same, one question at a time ------------------------------------------------------------

@@ -45,7 +45,8 @@ import trio
 
 from bgp.rib import RouteAttrs
 from bpf.loader import Limits, XdpMode
-from cluster import feeds, status_doc
+from cluster import control, feeds, status_doc
+from cluster.adminctl import AdminControl
 from cluster.applier import Applier
 from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
@@ -53,7 +54,7 @@ from cluster.desired import NOT_READY, Prefix, View, decide
 from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
 from cluster.lifecycle import Component, Supervisor
 from cluster.loopwatch import LoopWatch, heartbeat
-from cluster.status import DocumentCache
+from cluster.status import DocumentCache, Peer
 from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
 from healthcheck.config import BackendId
@@ -75,6 +76,7 @@ class NodeArgs:
     config_path: str | None
     status_socket: str
     xdp: XdpMode | None = None  # --xdp overrides the config
+    admin_state: str | None = None  # the runtime admin state's file (cluster.admin); None: memory only
 
 
 class Node:
@@ -109,6 +111,7 @@ class Node:
         self._neighbours = components.neighbours(args.ifname, self._backend_addresses(config), self._inbox.sender)
         self._nursery: trio.Nursery | None = None
         self._supervisor = Supervisor()
+        self._admin = AdminControl(args.admin_state)  # drained backends, disabled VIPs: `lbnode drain` ...
         self._desired = decide(self.view())  # of the latest reconcile(): what to apply and announce
         self._applier = Applier(self._desired, lambda: self._route(self._desired.routes))
 
@@ -149,7 +152,8 @@ class Node:
                 await nursery.start(self._neighbours.run)
                 await self._start("health", self._run_health)
                 await self.applied()  # flows resynced from peers need our services' indexes
-                await nursery.start(serve_status, self.args.status_socket, self.status)
+                nursery.start_soon(self._admin.run, self.reconcile)
+                await nursery.start(serve_status, self.args.status_socket, self.status, self._control)
                 if self.config.sync is not None and self.config.sync.enabled:
                     await self._start("sync", self._run_sync)
                     await self._resync()
@@ -422,7 +426,8 @@ class Node:
 
     def view(self) -> View:
         return View(self.config, self._healthy, self._macs,
-                    self._ready and not self._blocked_by_digest() and self._forwarding_problem is None)
+                    self._ready and not self._blocked_by_digest() and self._forwarding_problem is None,
+                    self._admin.state)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
@@ -486,6 +491,7 @@ class Node:
                   "forwarding_problem": self._forwarding_problem,
                   "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
                   "announced": sorted(str(p) for p in self._announced),
+                  "admin": self._admin.state.document(),
                   "withheld": {str(p): self._why_withheld(reason)
                                for p, reason in sorted(self._desired.withheld.items())}},
             flows={"entries": self._dp.flow_count().entries if self._dp is not None else 0,  # counters: no walk
@@ -498,6 +504,14 @@ class Node:
     def snapshot(self) -> dict[str, Any]:
         """The status document, built here and now (tests, benchmarks; the socket uses `status`)."""
         return status_doc.document(self.status_inputs(), self._dp)
+
+    async def _control(self, request: control.Request, peer: Peer) -> dict[str, Any]:
+        """`lbnode drain/undrain/disable/enable` (cluster.adminctl): a change is reconciled at once,
+        so a disabled VIP's route is withdrawn before the reply."""
+        reply = await self._admin.apply(request, peer, self.config)
+        if reply["changed"]:
+            self.reconcile()
+        return reply
 
     async def status(self) -> bytes:
         """The status document as one JSON line: copied on the loop, built on a worker thread,

@@ -1,7 +1,12 @@
-"""`lbnode status`: the running node serves a JSON snapshot on a local unix socket.
+"""The node's local control socket: `lbnode status`, and `lbnode drain/undrain/disable/enable`.
 
-A client connects and reads until EOF: one JSON document, then the server closes. The same
-data renders as text for people (`render`) or goes out as is (`lbnode status --json`).
+One request and one reply per connection, each a JSON line; the protocol (versioned) is in
+cluster.control, the I/O is here. A client that sends nothing gets the bare status document, as
+before the protocol existed. The status document renders as text for people (`render`) or goes
+out as is (`lbnode status --json`).
+
+Access: the socket is created mode 0600 (root only: connecting needs write permission on it),
+and a command that changes state also needs the peer's uid, read from SO_PEERCRED, to be 0.
 """
 from __future__ import annotations
 
@@ -9,14 +14,38 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from cluster import control
+
 log = logging.getLogger(__name__)
 
 RUN_DIR = "/run/lbnode"
+LEGACY_WAIT_S = 0.5  # a client silent this long is an old one that only reads: it gets the document
+REQUEST_TIMEOUT_S = 5.0  # to send a whole request line, and to take the reply
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The client process, as the kernel reports it (SO_PEERCRED): it cannot lie about these."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+# Carries out a control request and returns the reply's fields; raises control.Refused.
+ControlHandler = Callable[[control.Request, Peer], Awaitable[dict[str, Any]]]
+
+
+def peer_of(sock: trio.socket.SocketType) -> Peer:
+    ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", ucred))
 
 
 def default_socket(ifname: str) -> str:
@@ -33,10 +62,10 @@ def find_socket() -> str:
     return f"{RUN_DIR}/{sockets[0]}"
 
 
-async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
+async def serve(path: str, document: Callable[[], Awaitable[bytes]], handler: ControlHandler | None = None, *,
                 task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Send `await document()` (one JSON line) to every connection on the unix socket `path`
-    (replacing a stale one)."""
+    """Answer each connection on the unix socket `path` (replacing a stale one): a status request
+    (or silence) with `await document()` (one JSON line), other commands through `handler`."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.unlink(path)
@@ -44,7 +73,7 @@ async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
         pass
     # The mode comes from the umask at bind time: a chmod afterwards would follow a symlink put
     # at `path` in between. (The umask is process-wide; nothing else creates files meanwhile.)
-    old_umask = os.umask(0o117)
+    old_umask = os.umask(0o177)
     try:
         await sock.bind(path)
     finally:
@@ -56,12 +85,29 @@ async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
         # A client that hangs up early, or a snapshot that fails, must never take the node down.
         try:
             async with stream:
-                with trio.move_on_after(5):
-                    await stream.send_all(await document())
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    line = await read_request(stream)
+                    reply = await document() if line is None else await answer(line, peer_of(stream.socket))
+                    await stream.send_all(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("status client went away: %s", exc)
         except Exception:
             log.exception("status snapshot failed")
+
+    async def answer(line: bytes, peer: Peer) -> bytes:
+        try:
+            request = control.decode_request(line)
+            if isinstance(request, control.Status):
+                return control.encode_status_reply(await document())
+            if handler is None:
+                raise control.Refused("this node takes no control commands")
+            if control.is_mutating(request) and peer.uid != 0:
+                log.warning("control: refused %s from uid %d (pid %d): not root", type(request).__name__.lower(),
+                            peer.uid, peer.pid)
+                raise control.Refused(f"not permitted: changing state needs uid 0 (you are uid {peer.uid})")
+            return control.encode_ok(await handler(request, peer))
+        except control.Refused as exc:
+            return control.encode_error(str(exc))
 
     try:
         await trio.serve_listeners(handle, [listener], task_status=task_status)
@@ -72,15 +118,40 @@ async def serve(path: str, document: Callable[[], Awaitable[bytes]], *,
             pass
 
 
-def query(path: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """Read one snapshot from a running node (blocking; for the CLI)."""
+async def read_request(stream: trio.SocketStream) -> bytes | None:
+    """The client's request line, or None from a client that sends nothing (EOF or silence) and
+    wants the bare document. A line longer than the limit comes back cut, for the codec to refuse."""
+    data = b""
+    with trio.move_on_after(LEGACY_WAIT_S):
+        data = await stream.receive_some(control.MAX_REQUEST_BYTES + 1)
+    if not data:
+        return None
+    while b"\n" not in data and len(data) <= control.MAX_REQUEST_BYTES:
+        chunk = await stream.receive_some(control.MAX_REQUEST_BYTES + 1)
+        if not chunk:
+            break  # a last line without its newline counts
+        data += chunk
+    line, _, _ = data.partition(b"\n")
+    return line if len(line) <= control.MAX_REQUEST_BYTES else data[:control.MAX_REQUEST_BYTES + 1]
+
+
+def request(path: str, req: control.Request, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """Send one request to a running node and return its reply's fields (blocking; for the CLI).
+    OSError: no node there; control.ReplyError: the node refused (its message)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(path)
+        sock.sendall(control.encode_request(req))
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+    return control.decode_reply(b"".join(chunks))
+
+
+def query(path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+    """Read one status document from a running node (blocking; for the CLI, tests and the lab)."""
+    document: dict[str, Any] = request(path, control.Status(), timeout_s)["status"]
+    return document
 
 
 def render(status: dict[str, Any]) -> str:
@@ -88,14 +159,18 @@ def render(status: dict[str, Any]) -> str:
              f"{status['node']['state']}"]
     lines.append("services:")
     for svc in status["services"]:
+        disabled = (f"  DISABLED ({svc.get('admin_phase')}) by {svc.get('admin_by')} at {svc.get('admin_at')}"
+                    if svc.get("admin") else "")
         lines.append(f"  {svc['name']:32} {'UP' if svc['up'] else 'DOWN':4} {svc['usable']}/{svc['need']} needed"
                      f"  packets={svc['packets']} bytes={svc['bytes']} new_flows={svc['new_flows']}"
-                     f" drops={svc['drops']}")
+                     f" drops={svc['drops']}{disabled}")
         for b in svc["backends"]:
-            state = (("in hash" if b["in_hash"] else "no mac") if b["usable"]
+            state = (("in hash" if b["in_hash"] else "no mac" if not b["mac"] else "weight 0" if not b["weight"]
+                      else "no new") if b["usable"]
                      else ("drained" if b["disabled"] else "down"))
+            admin = f"drained by {b.get('admin_by')} at {b.get('admin_at')}  " if b.get("admin") else ""
             lines.append(f"    {b['backend']:28} {state:7} weight={b['weight']} mac={b['mac'] or '?'}"
-                         f"  packets={b['packets']} new_flows={b['new_flows']}  {b['last_error'] or ''}")
+                         f"  packets={b['packets']} new_flows={b['new_flows']}  {admin}{b['last_error'] or ''}")
     bgp = status.get("bgp")
     if bgp:
         lines.append("bgp:")

@@ -61,13 +61,22 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
             bstats = counters.backend(bindex) if counters is not None and bindex is not None else None
             errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
             backends.append({
-                "backend": b.id, "usable": b.passing, "in_hash": b.usable,
+                "backend": b.id, "usable": b.passing, "in_hash": b.usable and svc.takes_new_flows,
                 "disabled": b.disabled, "weight": b.weight, "mac": b.mac,
+                # drained at run time (`lbnode drain`; `disabled` is true then too), by whom, when
+                "admin": "drained" if b.admin else None,
+                "admin_by": b.admin.by if b.admin else None, "admin_at": b.admin.at if b.admin else None,
                 "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
                 "last_error": errors[0] if errors else None,
             })
         rows.append({
             "name": svc.name, "up": svc.up, "usable": svc.usable, "need": svc.need,
+            # its VIP disabled at run time (`lbnode disable`): route withdrawn; new flows taken until
+            # the grace ends (phase "withdrawn"), then not (phase "stopped"); pinned flows go on
+            "disabled": svc.admin is not None, "admin": "disabled" if svc.admin else None,
+            "admin_phase": svc.admin.phase if svc.admin else None,
+            "admin_by": svc.admin.by if svc.admin else None, "admin_at": svc.admin.at if svc.admin else None,
+            "takes_new_flows": svc.takes_new_flows,
             "packets": stats.packets if stats else 0, "bytes": stats.bytes if stats else 0,
             "new_flows": stats.new_flows if stats else 0, "drops": stats.drops if stats else 0,
             "backends": backends,
