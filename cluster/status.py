@@ -89,6 +89,8 @@ async def serve(path: str, document: Callable[[], Awaitable[bytes]], handler: Co
                     line = await read_request(stream)
                     reply = await document() if line is None else await answer(line, peer_of(stream.socket))
                     await stream.send_all(reply)
+                    await stream.send_eof()
+                    await discard(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("status client went away: %s", exc)
         except Exception:
@@ -133,6 +135,13 @@ async def read_request(stream: trio.SocketStream) -> bytes | None:
         data += chunk
     line, _, _ = data.partition(b"\n")
     return line if len(line) <= control.MAX_REQUEST_BYTES else data[:control.MAX_REQUEST_BYTES + 1]
+
+
+async def discard(stream: trio.SocketStream, limit: int = 1 << 20) -> None:
+    """Read what the client still sends (a request over the limit) until it closes: closing a unix
+    socket with unread data resets it, and the client would lose the reply that says why."""
+    while limit > 0 and (chunk := await stream.receive_some(65536)):
+        limit -= len(chunk)
 
 
 def request(path: str, req: control.Request, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
