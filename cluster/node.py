@@ -511,6 +511,7 @@ class Node:
         reply = await self._admin.apply(request, peer, self.config)
         if reply["changed"]:
             self.reconcile()
+            self._status.invalidate()
         return reply
 
     async def status(self) -> bytes:

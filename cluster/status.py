@@ -207,23 +207,30 @@ class DocumentCache:
     def __init__(self, prepare: Callable[[], Callable[[], bytes]], reuse_s: float) -> None:
         self._prepare = prepare
         self._reuse_s = reuse_s
-        self._cache: tuple[float, bytes] | None = None
+        self._cache: tuple[float, int, bytes] | None = None  # built at, from inputs of generation, body
+        self._generation = 0
         self._building: trio.Event | None = None
+
+    def invalidate(self) -> None:
+        """After a change the asker will look for (`lbnode drain` then `lbnode status`): a document
+        from inputs copied before it is not sent again."""
+        self._generation += 1
 
     async def get(self) -> bytes:
         cached = self._cache
-        if cached is not None and trio.current_time() - cached[0] < self._reuse_s:
-            return cached[1]
+        if cached is not None and cached[1] == self._generation and trio.current_time() - cached[0] < self._reuse_s:
+            return cached[2]
         building = self._building
         if building is not None:
             await building.wait()
             if self._cache is None:
                 raise RuntimeError("the status document could not be built")
-            return self._cache[1]
+            return self._cache[2]
         building = self._building = trio.Event()
         try:
+            generation = self._generation
             body = await trio.to_thread.run_sync(self._prepare())
-            self._cache = (trio.current_time(), body)
+            self._cache = (trio.current_time(), generation, body)
             return body
         finally:
             self._building = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 import tests.test_node_unit as fakes
-from cluster import control, status
+from cluster import cli, control, status
 from cluster.config import load_text
 from cluster.node import Node, NodeArgs
 from tests.test_node_unit import NODE_IP, VIP, WEB, World, announced, config_text, until
@@ -130,3 +131,25 @@ async def test_a_restarted_node_takes_its_state_from_the_file(world: World, conf
     await until("announced", lambda: announced(world) == [VIP])
     assert last_apply(world) == "apply 1 services, in hash ['10.0.0.12']"  # b11 still drained
     nursery.cancel_scope.cancel()
+
+
+async def test_the_cli_commands(serving: Node, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = serving.args.status_socket
+
+    async def lbnode(*argv: str) -> tuple[int, str, str]:
+        code = await trio.to_thread.run_sync(cli.main, [*argv, "--socket", sock])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert await lbnode("drain", "10.0.0.11", "--service", "web") == (0, "drain: web 10.0.0.11\n", "")
+    assert await lbnode("drain", "10.0.0.11") == (0, "drain: nothing to change\n", "")
+    code, out, _ = await lbnode("status")
+    assert code == 0 and re.search(r"10\.0\.0\.11:80 +drained .*drained by root \(uid 0, pid \d+\) at 20", out), out
+    assert await lbnode("drain", "10.0.0.99") == (2, "", "lbnode: drain: 10.0.0.99 is not a backend of any service\n")
+    assert await lbnode("disable", "vip1") == (2, "", "lbnode: vip: not an IP address: 'vip1'\n")
+    code, out, _ = await lbnode("disable", "192.0.2.10", "--grace-s", "0", "--json")
+    assert code == 0 and json.loads(out)["changed"] == ["192.0.2.10"]
+    code, out, _ = await lbnode("status")
+    assert "DISABLED (" in out and "disabled by root" in json.dumps(serving.snapshot()["node"]["withheld"])
+    assert await lbnode("enable", "192.0.2.10") == (0, "enable: 192.0.2.10\n", "")
+    assert await lbnode("undrain", "10.0.0.11") == (0, "undrain: web 10.0.0.11\n", "")
