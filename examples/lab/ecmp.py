@@ -142,6 +142,8 @@ class EcmpLab:
         log = open(self.workdir / f"{name}.log", "ab")
         proc = self.lab.spawn(host.ns, sys.executable, "-m", "cluster.cli", "--ip", host.ip4, "--if", "eth0",
                               "--config", str(config), "--status-socket", str(self.status_socket(name)),
+                              # in the lab's directory: the default's netns inode may be reused by a later lab
+                              "--admin-state", str(self.workdir / f"{name}.admin.json"),
                               cwd=REPO, stdout=log, stderr=log)
         log.close()
         self.node_procs[name] = proc
