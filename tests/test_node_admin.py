@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,23 @@ import tests.test_node_unit as fakes
 from cluster import cli, control, status
 from cluster.config import load_text
 from cluster.node import Node, NodeArgs
-from tests.test_node_unit import NODE_IP, VIP, WEB, World, announced, config_text, until
+from tests.test_node_unit import NODE_IP, VIP, WEB, World, announced, until
 
 pytestmark = pytest.mark.unit
 
 ip = ipaddress.ip_address
 B11, VIP_IP = ip("10.0.0.11"), ip("192.0.2.10")
+
+
+def write_config(directory: Path, *, weight: int = 1) -> Path:
+    """tests/test_node_unit.py's config (need 1, b11 and b12, BGP, sync) with its key file here."""
+    key_file = directory / "sync.key"
+    if not key_file.exists():
+        key_file.write_text("a-long-enough-shared-key")
+        key_file.chmod(0o600)  # a key readable by others is refused
+    path = directory / "node.yaml"
+    path.write_text(fakes.CONFIG.format(need=1, weight=weight, key_file=key_file))
+    return path
 
 
 @pytest.fixture
@@ -30,14 +40,8 @@ def world() -> World:
 
 
 @pytest.fixture
-def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    key_file = tmp_path / "sync.key"
-    key_file.write_text("a-long-enough-shared-key")
-    key_file.chmod(0o600)
-    monkeypatch.setattr(fakes, "KEY_FILE", key_file)
-    path = tmp_path / "node.yaml"
-    path.write_text(config_text())
-    return path
+def config_path(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
 
 
 def admin_node(world: World, config_path: Path) -> Node:
@@ -48,14 +52,20 @@ def admin_node(world: World, config_path: Path) -> Node:
     return Node(args, config, world.components())
 
 
-@pytest.fixture
-async def serving(world: World, config_path: Path, nursery: trio.Nursery) -> AsyncIterator[Node]:
+async def start(world: World, config_path: Path, nursery: trio.Nursery) -> Node:
+    """The node started and serving (pytest-trio cancels `nursery` when the test ends)."""
     node = admin_node(world, config_path)
     with trio.fail_after(10):
         await nursery.start(node.run)
+    assert node.state == "serving"
+    return node
+
+
+@pytest.fixture
+async def serving(world: World, config_path: Path, nursery: trio.Nursery) -> Node:
+    node = await start(world, config_path, nursery)
     await until("announced", lambda: announced(world) == [VIP])
-    yield node
-    nursery.cancel_scope.cancel()
+    return node
 
 
 async def ask(node: Node, request: control.Request) -> dict[str, object]:
@@ -86,7 +96,7 @@ async def test_drain_reload_disable_enable_undrain(world: World, serving: Node, 
         await ask(node, control.Drain(ip("10.0.0.99")))
 
     # A reload (SIGHUP) keeps it: the new config's tables still leave b11 out.
-    config_path.write_text(config_text(weight=2))  # noqa: ASYNC240  # a small file in a test
+    write_config(config_path.parent, weight=2)
     await node.reload()
     assert node.reloads["ok"] == 1
     await until("reload applied", lambda: node.config.services[0].backends[0].weight == 2)
@@ -121,16 +131,12 @@ async def test_a_restarted_node_takes_its_state_from_the_file(world: World, conf
     (config_path.parent / "admin.json").write_text(json.dumps({
         "version": 1, "drained": [{"service": "web", "backend": "10.0.0.11", "by": "alice", "at": "t1"}],
         "disabled": [{"vip": "192.0.2.10", "by": "bob", "at": "t2"}]}))
-    node = admin_node(world, config_path)
-    with trio.fail_after(10):
-        await nursery.start(node.run)
-    assert node.state == "serving"
+    node = await start(world, config_path, nursery)
     assert last_apply(world) == "apply 1 services, in hash []"  # disabled VIP: stopped from the start
     assert not any(e.startswith("announce") for e in world.log)
     await trio.to_thread.run_sync(status.request, node.args.status_socket, control.Enable(VIP_IP))
     await until("announced", lambda: announced(world) == [VIP])
     assert last_apply(world) == "apply 1 services, in hash ['10.0.0.12']"  # b11 still drained
-    nursery.cancel_scope.cancel()
 
 
 async def test_the_cli_commands(serving: Node, capsys: pytest.CaptureFixture[str]) -> None:
