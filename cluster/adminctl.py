@@ -45,7 +45,8 @@ class AdminControl:
             new, changed = state.undrain(config, request.backend, request.service)
         elif isinstance(request, control.Disable):
             new, changed = state.disable(config, request.vip, mark, trio.current_time() + request.grace_s)
-            extra["grace_s"] = request.grace_s if changed else 0.0
+            if changed:
+                extra["grace_s"] = request.grace_s
         elif isinstance(request, control.Enable):
             new, changed = state.enable(config, request.vip)
         else:

@@ -187,9 +187,14 @@ class ReplyError(Exception):
     """The node refused the request (`ok: false`); the message is the node's."""
 
 
-def decode_reply(data: bytes) -> dict[str, Any]:
-    """A reply line -> its fields (ok replies), ReplyError (refusals), ValueError (not a reply)."""
+def decode_reply(data: bytes, *, to_status: bool = False) -> dict[str, Any]:
+    """A reply line -> its fields (ok replies), ReplyError (refusals), ValueError (not a reply).
+    `to_status`: the answer to a status request, which a node from before this protocol gives as
+    the bare document (it sends it at once, whatever the request): wrapped as a reply of version 0,
+    so a new `lbnode status` still reads an old node during a rolling upgrade."""
     body = json.loads(data)
+    if to_status and isinstance(body, dict) and "ok" not in body and "node" in body:
+        return {"v": 0, "ok": True, "status": body}
     if not isinstance(body, dict) or "ok" not in body:
         raise ValueError("not a control reply")
     if body.get("v") != VERSION:

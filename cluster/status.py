@@ -10,6 +10,7 @@ and a command that changes state also needs the peer's uid, read from SO_PEERCRE
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -150,11 +151,19 @@ def request(path: str, req: control.Request, timeout_s: float = REQUEST_TIMEOUT_
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
         sock.connect(path)
-        sock.sendall(control.encode_request(req))
         chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return control.decode_reply(b"".join(chunks))
+        try:
+            sock.sendall(control.encode_request(req))
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            # A node from before the protocol sends its document and closes without reading our
+            # request: the send may fail, or the read end in a reset. Linux reports the reset of a
+            # unix socket only once the data queued before it is read: read that, to the end.
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+    return control.decode_reply(b"".join(chunks), to_status=isinstance(req, control.Status))
 
 
 def query(path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:

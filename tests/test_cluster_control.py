@@ -78,8 +78,12 @@ def test_replies() -> None:
     with pytest.raises(control.ReplyError, match="^unknown command 'x'$"):
         control.decode_reply(control.encode_error("unknown command 'x'"))
     assert json.loads(control.encode_error("nope")) == {"v": 1, "ok": False, "error": "nope"}
+    bare = b'{"node": {"state": "serving"}}\n'  # a node from before the protocol: the bare document
     with pytest.raises(ValueError, match="not a control reply"):
-        control.decode_reply(b'{"node": {}}\n')  # a bare status document (a node before versioning)
+        control.decode_reply(bare)
+    assert control.decode_reply(bare, to_status=True) == {"v": 0, "ok": True, "status": {"node": {"state": "serving"}}}
+    with pytest.raises(ValueError, match="not a control reply"):
+        control.decode_reply(b'{"services": []}\n', to_status=True)
     with pytest.raises(ValueError, match="version 2"):
         control.decode_reply(b'{"v": 2, "ok": true}\n')
 

@@ -122,3 +122,27 @@ async def test_a_node_without_a_handler_refuses_commands_and_still_serves_status
                 await trio.to_thread.run_sync(status.request, path, control.Enable(ipaddress.ip_address("192.0.2.1")))
             assert await trio.to_thread.run_sync(status.query, path) == DOCUMENT
             nursery.cancel_scope.cancel()
+
+
+async def test_a_new_client_reads_a_node_from_before_the_protocol(tmp_path: Path) -> None:
+    """Such a node sends its document at once and closes, whatever the client sent (rolling upgrade)."""
+    path = str(tmp_path / "old.sock")
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(4)
+
+    async def old_node() -> None:
+        for i in range(40):
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.send(json.dumps(DOCUMENT).encode() + b"\n")
+                if i % 2:
+                    await trio.sleep(0.05)  # the new client's request arrives, unread; else it may not
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(old_node)
+            for _ in range(40):
+                assert await trio.to_thread.run_sync(status.query, path) == DOCUMENT
+            nursery.cancel_scope.cancel()
+    listener.close()
