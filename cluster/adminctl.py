@@ -33,6 +33,7 @@ class AdminControl:
         self.path = path
         self.state = load(path) if path is not None else AdminState()
         self._changed = trio.Event()  # wakes `run` when a deadline may have moved
+        self._save_lock = trio.Lock()  # one writer at a time, each writing the latest state
 
     async def apply(self, request: control.Request, peer: Peer, config: NodeConfig) -> dict[str, Any]:
         """Carry out one command; the reply's fields. Raises control.Refused (AdminError)."""
@@ -78,7 +79,8 @@ class AdminControl:
         if self.path is None:
             return False
         try:
-            await trio.to_thread.run_sync(save, self.path, self.state)
+            async with self._save_lock:  # two commands at once: the last write has the latest state
+                await trio.to_thread.run_sync(save, self.path, self.state)
             return True
         except OSError as exc:
             # The change holds in this process; only a restart would forget it. Refusing a drain

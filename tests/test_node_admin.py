@@ -159,3 +159,14 @@ async def test_the_cli_commands(serving: Node, capsys: pytest.CaptureFixture[str
     assert "DISABLED (" in out and "disabled by root" in json.dumps(serving.snapshot()["node"]["withheld"])
     assert await lbnode("enable", "192.0.2.10") == (0, "enable: 192.0.2.10\n", "")
     assert await lbnode("undrain", "10.0.0.11") == (0, "undrain: web 10.0.0.11\n", "")
+
+
+async def test_commands_at_once_all_reach_the_state_file(serving: Node, config_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, serving, control.Drain(B11))
+        nursery.start_soon(ask, serving, control.Drain(ip("10.0.0.12")))
+        nursery.start_soon(ask, serving, control.Disable(VIP_IP, 60))
+    saved = json.loads((config_path.parent / "admin.json").read_text())  # noqa: ASYNC230  # a small file
+    assert {d["backend"] for d in saved["drained"]} == {"10.0.0.11", "10.0.0.12"}
+    assert [d["vip"] for d in saved["disabled"]] == ["192.0.2.10"]
+    assert list(config_path.parent.glob("*.tmp")) == []
