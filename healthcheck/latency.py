@@ -3,17 +3,18 @@
 Pure (no clock, no I/O). One `LatencyHistogram` per (backend, check) in `healthcheck.state`;
 its snapshot rides along in `CheckStatus`, and `cluster.metrics` exports it as a Prometheus
 histogram. The buckets are fixed so that every check's histogram, on every node, can be summed
-or compared in PromQL (`histogram_quantile` needs the same `le` everywhere): from 1 ms (a probe
-on the same host) to 5 s (well above a sane check timeout; slower ones land in +Inf).
+or compared in PromQL (`histogram_quantile` needs the same `le` everywhere): from 100 us (a
+connect on a LAN) to 5 s (well above a sane check timeout; slower ones land in +Inf).
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
 
-# Upper bounds in seconds (Prometheus base unit), as in prometheus_client's defaults, with 1 ms
-# at the low end: checks on a LAN take a millisecond or two.
-BUCKETS_S: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Upper bounds in seconds (Prometheus base unit): prometheus_client's default 1-2.5-5 steps, from
+# 100 us (a TCP connect on a LAN takes a fraction of a millisecond) to 5 s. 15 buckets + +Inf.
+BUCKETS_S: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,9 @@ def test_latency_histogram_is_bounded_and_a_bound_belongs_to_its_bucket() -> Non
         h.observe(d)
     snap = h.snapshot()
     assert len(snap.counts) == len(BUCKETS_S) + 1 and snap.count == 6
-    assert snap.counts[0] == 3 and snap.counts[1] == 1  # 0, 0.001 (le 0.001), clamped -1; then 0.0010001
+    le_1ms = BUCKETS_S.index(0.001)
+    assert snap.counts[0] == 2 and snap.counts[le_1ms] == 1  # 0 and the clamped -1; 0.001 is "le 0.001"
+    assert snap.counts[le_1ms + 1] == 1  # 0.0010001
     assert snap.counts[-2] == 1 and snap.counts[-1] == 1  # 5.0 in le 5, 60 in +Inf
     assert snap.cumulative()[-1] == (float("inf"), 6)
 

@@ -12,6 +12,7 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const series = new Map();  // key -> {last: value, at: ms, rates: []}
 let lastOk = 0;
+let polls = 0;
 
 function rate(key, value, at) {
   let s = series.get(key);
@@ -51,6 +52,9 @@ function spark(rates, cls) {
   const max = Math.max(1, ...rates);
   const pts = rates.map((r, i) => `${(w * (i + HISTORY - rates.length) / (HISTORY - 1)).toFixed(1)},` +
                                   `${(h - 1 - (h - 2) * r / max).toFixed(1)}`);
+  const base = document.createElementNS(SVG, "line");  // the whole minute; data fills it from the right
+  base.setAttribute("x1", 0); base.setAttribute("x2", w); base.setAttribute("y1", h - 0.5); base.setAttribute("y2", h - 0.5);
+  svg.append(base);
   const line = document.createElementNS(SVG, "polyline");
   line.setAttribute("points", pts.join(" "));
   svg.append(line);
@@ -109,8 +113,8 @@ function renderServices(doc, at) {
   for (const s of doc.services) {
     const head = el("div", {class: "service-head"},
       el("span", {class: "name", text: s.name}), badge(s.up ? "up" : "down"),
-      el("span", {class: "muted", text: `${s.usable} of need ${s.need} usable · ${s.new_flows} new flows · ` +
-                                        `${s.drops} drops`}));
+      el("span", {class: "muted", text: `${s.usable} of ${s.backends.length} usable, need ${s.need} · ` +
+                                        `${s.new_flows} new flows · ${s.drops} drops`}));
     const pps = rate(`s/${s.name}/p`, s.packets, at), bps = rate(`s/${s.name}/b`, s.bytes * 8, at);
     head.append(el("div", {class: "spark-cell"}, spark(pps), el("span", {text: si(pps.at(-1), "pps")}),
                    spark(bps, "bytes"), el("span", {text: si(bps.at(-1), "bps")})));
@@ -242,7 +246,7 @@ async function poll() {
     render(doc);
     lastOk = Date.now();
     banner.hidden = true;
-    document.body.dataset.updated = String(lastOk);  // tests wait for this
+    document.body.dataset.polls = String(++polls);  // tests wait for this
   } catch (err) {
     banner.textContent = `cannot read the node's status: ${err.message}` +
                          (lastOk ? ` (last update ${Math.round((Date.now() - lastOk) / 1000)} s ago)` : "");
