@@ -252,3 +252,20 @@ async def test_a_node_serves_its_status_document_and_metrics_and_follows_a_reloa
             with pytest.raises(ConnectionRefusedError):
                 await fetch(url, "/healthz")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_node_whose_listener_cannot_bind_stops_and_detaches(tmp_path: Path) -> None:
+    from tests.test_node_unit import World
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = tmp_path / "node.yaml"
+        path.write_text(NODE_CONFIG.format(listen=f"127.0.0.1:{taken.getsockname()[1]}"))
+        world = World()
+        node = Node(NodeArgs(NODE_IP, "fake0", "02:00:00:00:00:05", str(path), str(tmp_path / "status.sock")),
+                    load_text(path.read_text(), NODE_IP, str(path)), world.components())
+        with trio.fail_after(30), pytest.raises(BaseExceptionGroup) as caught:
+            await node.run()
+    assert caught.group_contains(WebError, match="http.listen: cannot listen on 127.0.0.1:")
+    assert world.dp is not None and world.dp.closed and node.state != "serving"
