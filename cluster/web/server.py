@@ -25,7 +25,7 @@ METRICS_REUSE_S = 0.2  # like the status document: scrapers that arrive together
 KEEP_ALIVE_S = 5.0  # the console polls every second over one connection
 GRACEFUL_S = 1.0  # on a reload that moves the listener, requests in flight get this long
 MAX_REQUEST_BYTES = 16 * 1024  # a request line and headers; nothing here takes a body
-READ_TIMEOUT_S = 10.0  # a client that sends nothing for this long is dropped (slow clients hold no socket)
+READ_TIMEOUT_S = 10  # a client that sends nothing for this long is dropped (slow clients hold no socket)
 
 
 class WebError(Exception):
