@@ -73,6 +73,7 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
                 "last_error": errors[0] if errors else None,
             })
         rows.append({
+            # The health name is "<config name>/<vip:port>"; config names have no "/".
             "name": svc.name, "service": svc.name.partition("/")[0], "vip": str(svc.vip), "port": svc.port,
             "protocol": PROTOCOL_NAMES.get(svc.proto, str(svc.proto)),
             "up": svc.up, "usable": svc.usable, "need": svc.need,

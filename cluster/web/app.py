@@ -15,11 +15,14 @@ styles and requests from itself only (Content-Security-Policy).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from importlib import resources
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from bpf.loglimit import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ STATIC = {  # path -> (package file, content type)
 }
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+FAILURE_LOG_PERIOD_S = 60.0  # a build that keeps failing, polled every second, logs once a minute
 COMMON_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
                   (b"referrer-policy", b"no-referrer")]
 
@@ -49,6 +53,7 @@ class App:
         self._status = status
         self._metrics = metrics
         self._static = load_static()
+        self._failure_log = LogLimiter(FAILURE_LOG_PERIOD_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -70,7 +75,10 @@ class App:
             if path == "/metrics":
                 return 200, CONTENT_TYPE_LATEST, await self._metrics(), []
         except Exception as exc:  # a failed build must cost one response, never the listener or the node
-            log.exception("%s: building the response failed", path)
+            held = self._failure_log.allow(time.monotonic())
+            if held is not None:
+                log.error("%s: building the response failed%s", path, f" ({held} more since)" if held else "",
+                          exc_info=True)
             return 503, "text/plain; charset=utf-8", f"unavailable: {exc}\n".encode(), []
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"ok\n", []
