@@ -245,6 +245,15 @@ async def test_a_node_serves_its_status_document_and_metrics_and_follows_a_reloa
             assert [b["backend"] for b in doc["services"][0]["backends"]] == ["10.0.0.11:80", "10.0.0.12:80"]
             code, _, body = await fetch(url, "/metrics")
             assert code == 200 and samples(body, "lbnode_service_up")
+            # A reload onto an address in use is refused; the listener runs again as before.
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                path.write_text(NODE_CONFIG.format(listen=f"127.0.0.1:{taken.getsockname()[1]}"))
+                await node.reload()
+            assert node.reloads["refused"] == 1 and "http.listen: cannot listen on" in str(node.last_reload_error)
+            (url,) = node.snapshot()["node"]["http"]  # port 0 again: a new free port
+            assert (await fetch(url, "/healthz"))[2] == b"ok\n"
             # A reload that turns the listener off closes it; the rest of the node is untouched.
             path.write_text(NODE_CONFIG.format(listen="127.0.0.1:0").replace('"}', '", enabled: false}'))
             await node.reload()
