@@ -27,10 +27,11 @@ from bpf.structs import PROTOCOLS, IPAddress
 from bpf.validate import ConfigError, load_yaml, node_wording
 from cluster.sync.config import SyncConfig
 
-__all__ = ["BackendEntry", "ConfigError", "FlowConfig", "IPAddress", "NodeConfig", "ServiceConfig", "load_file",
-           "load_text", "normalised"]
+__all__ = ["BackendEntry", "ConfigError", "FlowConfig", "HttpConfig", "IPAddress", "NodeConfig", "ServiceConfig",
+           "load_file", "load_text", "normalised"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_LISTEN = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})")  # [v6]:port or v4:port
 _v = node_wording()
 
 
@@ -92,12 +93,30 @@ class FlowConfig:
     max_new_per_s_per_cpu: int = MAX_NEW_PER_S_PER_CPU
 
 
+# The HTTP listener (metrics, JSON API, console). Not node_exporter's 9100: a host that runs both
+# would refuse to start the node. Loopback by default: the listener has no authentication.
+HTTP_PORT = 9473
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    enabled: bool = True
+    address: IPAddress = ipaddress.IPv4Address("127.0.0.1")
+    port: int = HTTP_PORT
+
+    @property
+    def listen(self) -> str:
+        """host:port, as hypercorn binds it (IPv6 in brackets)."""
+        return _hostport(self.address, self.port)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     services: tuple[ServiceConfig, ...]
     bgp: SpeakerConfig | None = None
     sync: SyncConfig | None = None
     flows: FlowConfig = FlowConfig()
+    http: HttpConfig = HttpConfig()
     xdp: XdpMode = XdpMode.NATIVE
     drain_s: float = 5.0  # after withdrawing routes on SIGTERM, keep forwarding this long
     source: str | None = field(default=None, compare=False)
@@ -116,7 +135,7 @@ def _hostport(address: IPAddress, port: int) -> str:
 
 # -- loading ---------------------------------------------------------------------------------------
 
-TOP_KEYS = frozenset({"services", "bgp", "sync", "flows", "xdp", "drain_s"})
+TOP_KEYS = frozenset({"services", "bgp", "sync", "flows", "http", "xdp", "drain_s"})
 SERVICE_KEYS = frozenset({"name", "vips", "ports", "protocol", "backends", "checks", "need", "through_vip", "route"})
 BACKEND_KEYS = frozenset({"address", "weight", "disabled"})
 
@@ -184,6 +203,7 @@ def _node(data: Any, node_ip: IPAddress, check_files: bool) -> NodeConfig:
         bgp=_bgp(d["bgp"], node_ip) if d.get("bgp") is not None else None,
         sync=_sync(d["sync"], check_files) if d.get("sync") is not None else None,
         flows=flows,
+        http=_http(d.get("http") or {}),
         xdp=xdp,
         drain_s=drain_s,
     )
@@ -270,6 +290,21 @@ def _flows(data: Any) -> FlowConfig:
     return FlowConfig(table_size=size, refresh_s=_v.number(d, "refresh_s", "flows", 1.0, 0.1, 60),
                       max_new_per_s_per_cpu=_v.integer(d, "max_new_per_s_per_cpu", "flows", MAX_NEW_PER_S_PER_CPU,
                                                  0, 100_000_000))
+
+
+def _http(data: Any) -> HttpConfig:
+    d = _v.mapping(data, "http")
+    _v.no_unknown(d, frozenset({"enabled", "listen"}), "http")
+    enabled = _v.boolean(d, "enabled", "http", True)
+    listen = d.get("listen", HttpConfig().listen)
+    match = _LISTEN.fullmatch(listen) if isinstance(listen, str) else None
+    if match is None:
+        raise ConfigError("http.listen", f"must be ADDRESS:PORT (IPv6 in brackets: [::1]:{HTTP_PORT}), got {listen!r}")
+    host, port = (match[1], match[2]) if match[1] is not None else (match[3], match[4])
+    address = _address(host, "http.listen")
+    if int(port) > 65535:  # 0: any free port (tests; the status document's node.http names it)
+        raise ConfigError("http.listen", f"port must be 0..65535, got {port}")
+    return HttpConfig(enabled=enabled, address=address, port=int(port))
 
 
 def _check_limits(services: Sequence[ServiceConfig], flows: FlowConfig) -> None:

@@ -45,7 +45,7 @@ import trio
 
 from bgp.rib import RouteAttrs
 from bpf.loader import Limits, XdpMode
-from cluster import control, feeds, status_doc
+from cluster import control, feeds, metrics, status_doc
 from cluster.adminctl import AdminControl
 from cluster.applier import Applier
 from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
@@ -57,6 +57,7 @@ from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.status import DocumentCache, Peer
 from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
+from cluster.web import Listener
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
 
@@ -102,6 +103,7 @@ class Node:
         self._reload_lock = trio.Lock()
         self._forwarding_problem: str | None = None  # why the data plane cannot forward now
         self._status = DocumentCache(self._status_build, STATUS_REUSE_S)
+        self._web = Listener(self.status, self._metrics_build)  # metrics, /api/v1/status, console
         self._loop_watch = LoopWatch()  # the longest the event loop was blocked: BFD allows 300 ms
         self._advertised = False  # has announced a route since start
         self._dp: DataPlaneLike | None = None
@@ -154,6 +156,7 @@ class Node:
                 await self.applied()  # flows resynced from peers need our services' indexes
                 nursery.start_soon(self._admin.run, self.reconcile)
                 await nursery.start(serve_status, self.args.status_socket, self.status, self._control)
+                await self._start("http", self._run_http)
                 if self.config.sync is not None and self.config.sync.enabled:
                     await self._start("sync", self._run_sync)
                     await self._resync()
@@ -258,6 +261,8 @@ class Node:
             await self._stop("sync")
             if new.sync is not None and new.sync.enabled:
                 await self._start("sync", self._run_sync)
+        if new.http != old.http:
+            await self._restart("http", self._run_http)
         if new.bgp != old.bgp:
             await self._shutdown_speaker()  # withdraw and close the sessions; a bare cancel would not
             await self._stop("bgp")
@@ -286,6 +291,9 @@ class Node:
         services = [h for s in self.config.services for h in s.health_configs(usable_now)]
         self._checker = checker = self.components.health(services)
         await feeds.run_health(checker, self._inbox, task_status=task_status)
+
+    async def _run_http(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._web.run(self.config.http, task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
@@ -492,6 +500,7 @@ class Node:
                   "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
                   "announced": sorted(str(p) for p in self._announced),
                   "admin": self._admin.state.document(),
+                  "http": list(self._web.urls),
                   "withheld": {str(p): self._why_withheld(reason)
                                for p, reason in sorted(self._desired.withheld.items())}},
             flows={"entries": self._dp.flow_count().entries if self._dp is not None else 0,  # counters: no walk
@@ -522,3 +531,9 @@ class Node:
     def _status_build(self) -> Callable[[], bytes]:
         inputs, dp = self.status_inputs(), self._dp
         return lambda: status_doc.encode(status_doc.document(inputs, dp))
+
+    def _metrics_build(self) -> Callable[[], bytes]:
+        """/metrics: the same inputs, copied on the loop; the document and the exposition text
+        are built on a worker thread (cluster.metrics)."""
+        inputs, dp = self.status_inputs(), self._dp
+        return lambda: metrics.render(metrics.Snapshot(status_doc.document(inputs, dp), inputs.health))

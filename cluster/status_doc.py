@@ -19,6 +19,11 @@ from cluster.config import IPAddress
 from cluster.desired import Desired
 from healthcheck.state import ServiceStatus
 
+# The document's format: bumped when a field is removed or changes meaning (adding one does not).
+# tests/data/status.schema.json pins it; /api/v1/status and `lbnode status --json` carry it.
+VERSION = 1
+PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
+
 
 class StatusSource(Protocol):
     """The data plane's calls the document makes; each is safe from another thread."""
@@ -61,16 +66,21 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
             bstats = counters.backend(bindex) if counters is not None and bindex is not None else None
             errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
             backends.append({
-                "backend": b.id, "usable": b.passing, "in_hash": b.usable and svc.takes_new_flows,
+                "backend": b.id, "address": str(b.address), "usable": b.passing,
+                "in_hash": b.usable and svc.takes_new_flows,
                 "disabled": b.disabled, "weight": b.weight, "mac": b.mac,
                 # drained at run time (`lbnode drain`; `disabled` is true then too), by whom, when
                 "admin": "drained" if b.admin else None,
                 "admin_by": b.admin.by if b.admin else None, "admin_at": b.admin.at if b.admin else None,
-                "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
+                "packets": bstats.packets if bstats else 0, "bytes": bstats.bytes if bstats else 0,
+                "new_flows": bstats.new_flows if bstats else 0,
                 "last_error": errors[0] if errors else None,
             })
         rows.append({
-            "name": svc.name, "up": svc.up, "usable": svc.usable, "need": svc.need,
+            # The health name is "<config name>/<vip:port>"; config names have no "/".
+            "name": svc.name, "service": svc.name.partition("/")[0], "vip": str(svc.vip), "port": svc.port,
+            "protocol": PROTOCOL_NAMES.get(svc.proto, str(svc.proto)),
+            "up": svc.up, "usable": svc.usable, "need": svc.need,
             # its VIP disabled at run time (`lbnode disable`): route withdrawn; new flows taken until
             # the grace ends (phase "withdrawn"), then not (phase "stopped"); pinned flows go on
             "disabled": svc.admin is not None, "admin": "disabled" if svc.admin else None,
@@ -86,6 +96,7 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
 
 def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
     out: dict[str, Any] = {
+        "version": VERSION,
         "node": dict(inputs.node),
         "services": services(inputs, dp),
         "flows": dict(inputs.flows),

@@ -211,8 +211,8 @@ class HealthChecker:
             if result.error != last_error:
                 log.debug("%s %s #%d: %s", health.config.name, backend.key, index, result.error or "passed")
                 last_error = result.error
-            events = health.observe(backend.key, index, result.ok, now, latency_ms=result.latency_ms,
-                                    error=result.error)
+            events = health.observe(backend.key, index, result.ok, now, error=result.error,
+                                    latency_ms=None if unrouted is not None else result.latency_ms)
             for event in events:
                 if isinstance(event, BackendChanged):
                     log.info("%s: %s -> %s (%s)", event.service, event.backend, "up" if event.usable else "down",

@@ -23,6 +23,7 @@ from typing import cast
 
 from healthcheck.config import BackendConfig, BackendId, CheckKind, InitialState, ServiceHealthConfig
 from healthcheck.errors import HealthCheckError
+from healthcheck.latency import LatencyHistogram, LatencySnapshot
 
 
 class Health(enum.Enum):
@@ -126,6 +127,7 @@ class CheckStatus:
     last_latency_ms: float | None
     last_error: str | None  # text of the most recent failure, kept after later passes
     last_error_at: float | None
+    latency: LatencySnapshot | None = None  # every probe's duration (failures and timeouts included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,8 @@ class ServiceStatus:
 
 
 class _CheckTrack:
-    __slots__ = ("hyst", "kind", "runs", "failures", "last_ok", "last_latency_ms", "last_error", "last_error_at")
+    __slots__ = ("hyst", "kind", "runs", "failures", "last_ok", "last_latency_ms", "last_error", "last_error_at",
+                 "latency")
 
     def __init__(self, hyst: Hysteresis, kind: CheckKind) -> None:
         self.hyst = hyst
@@ -160,6 +163,7 @@ class _CheckTrack:
         self.last_latency_ms: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.latency = LatencyHistogram()
 
 
 class _BackendTrack:
@@ -204,6 +208,8 @@ class ServiceHealth:
         c.runs += 1
         c.last_ok = ok
         c.last_latency_ms = latency_ms
+        if latency_ms is not None:  # None: no probe ran (e.g. a through-VIP check without a route)
+            c.latency.observe(latency_ms / 1000)
         if not ok:
             c.failures += 1
             c.last_error = error or "failed"
@@ -227,7 +233,8 @@ class ServiceHealth:
                 checks=tuple(
                     CheckStatus(index=i, kind=c.kind, state=c.hyst.state, since=c.hyst.since, streak=c.hyst.streak,
                                 runs=c.runs, failures=c.failures, last_ok=c.last_ok, last_latency_ms=c.last_latency_ms,
-                                last_error=c.last_error, last_error_at=c.last_error_at)
+                                last_error=c.last_error, last_error_at=c.last_error_at,
+                                latency=c.latency.snapshot())
                     for i, c in enumerate(b.checks)))
             for key, b in self._backends.items())
         return ServiceStatus(service=self.config.name, up=self.up, usable=self.usable_count, need=self.config.need,

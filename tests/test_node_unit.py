@@ -43,6 +43,7 @@ services:
     ports: [80]
     need: {need}
     backends: [{{address: 10.0.0.11, weight: {weight}}}, {{address: 10.0.0.12}}]
+http: {{listen: "127.0.0.1:0"}}  # any free port: unit tests run side by side
 bgp:
   local_as: 65001
   peers: [{{address: 10.0.0.254, asn: 65000}}]
