@@ -44,6 +44,11 @@ def test_frr_router_installs_the_vip_as_an_ecmp_route_over_three_nodes(tmp_path:
             assert route.count("nexthop via") == 3 and "proto bgp" in route, route
             assert e.bgp_established() == ips
             wait_until(lambda: e.bfd_up() == ips, timeout_s=30, what=f"BFD up to {sorted(ips)} ({e.bfd_up()})")
+            # The README's checks on the router.
+            summary = e.vtysh("-c", "show bgp summary").stdout
+            peers = e.vtysh("-c", "show bfd peers brief").stdout
+            assert all(ip in summary and ip in peers for ip in ips), summary + peers
+            assert peers.count(" up ") >= 3, peers
             spread = e.http_spread(30)
             assert spread["ok"] == 30, spread
 

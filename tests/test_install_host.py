@@ -37,7 +37,7 @@ def offline_venv(root: Path) -> Path:
     """/opt/lbnode made as the script makes it, plus the development venv's dependencies."""
     venv = root / "opt" / "lbnode"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    deps = root.parent / "deps"
+    deps = root.parent / f"{root.name}-deps"
     deps.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
         if not entry.name.startswith(NOT_DEPENDENCIES):
@@ -91,11 +91,16 @@ def test_install_host_into_a_staged_root(tmp_path: Path) -> None:
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants" / "lbnode@eth7.service"
     assert os.readlink(wants) == "/etc/systemd/system/lbnode@.service"
 
-    # Run again: idempotent, and the key (which the cluster may already use) is not replaced.
-    first_key = key.read_bytes()
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    # The next node: the cluster's key copied in first (as the README says), then the same script,
+    # which keeps that key and only gives it to the service user.
+    root2 = tmp_path / "root2"
+    offline_venv(root2)
+    key2 = root2 / "etc" / "lbnode" / "sync.key"
+    subprocess.run(["install", "-D", "-m", "0600", str(key), str(key2)], check=True, timeout=30)
+    again = subprocess.run([*args[:2], str(root2), *args[3:]], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert key.read_bytes() == first_key
+    assert key2.read_bytes() == key.read_bytes() and mode(key2) == 0o600 and key2.stat().st_uid == owner.pw_uid
+    assert mode(key2.parent) == 0o750
 
 
 def test_install_host_refuses_half_an_interface(tmp_path: Path) -> None:

@@ -112,7 +112,12 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         argv = unit.exec_argv("ExecStart", "eth0", env)
         assert argv[0] == VENV_LBNODE and argv[1:] == ["--ip", host.ip4, "--if", "eth0", "--config",
                                                       "/etc/lbnode/eth0.yaml"], argv
-        command = [sys.executable, "-m", "cluster.cli", *(a.replace("/etc/lbnode", str(etc)) for a in argv[1:])]
+        lbnode = [sys.executable, "-m", "cluster.cli"]
+        # The README's check before the first start (as root, with the real key: not --offline).
+        checked = subprocess.run([*lbnode, "check-config", "--ip", host.ip4, str(etc / "eth0.yaml")], cwd=REPO,
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0 and not checked.stderr, checked
+        command = [*lbnode, *(a.replace("/etc/lbnode", str(etc)) for a in argv[1:])]
         log_path = tmp_path / "node1.log"
         with open(log_path, "wb") as log:
             node = e.lab.spawn(host.ns, *unit.sandbox_argv(command, uid=NOBODY, gid=NOBODY, runtime_dir=run_dir),
@@ -139,6 +144,11 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         assert int(st["CapBnd"], 16) == cap_mask(caps["CapabilityBoundingSet"]), st["CapBnd"]
 
         assert attached_program_id("eth0", netns=host.ns) != 0
+        # The README's `lbnode status --if eth0`, seeing /run/lbnode as the node does.
+        shown = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                                f'mount --bind {run_dir} /run/lbnode && exec "$@"', "sh", *lbnode, "status", "--if",
+                                "eth0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0 and "web/192.0.2.10:80" in shown.stdout, shown
         e.wait_next_hops({host.ip4}, timeout_s=30)
         spread = e.http_spread(10)
         assert spread["ok"] == 10, spread
