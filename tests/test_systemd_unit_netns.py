@@ -97,6 +97,7 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         etc, run_dir = world_dir / "etc-lbnode", world_dir / "run-lbnode"
         etc.mkdir(mode=0o750)
         run_dir.mkdir()
+        os.makedirs("/run/lbnode", exist_ok=True)  # the mount point (every node run creates it)
         keygen = subprocess.run([sys.executable, "-m", "cluster.cli", "keygen", str(etc / "sync.key")], cwd=REPO,
                                 capture_output=True, text=True, timeout=30)
         assert keygen.returncode == 0, keygen
