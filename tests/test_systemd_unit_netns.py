@@ -93,7 +93,7 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
     unit = Unit.parse(UNIT)
     with running_ecmp_lab(tmp_path, "lbu", EcmpLab) as e:
         host = e.nodes["node1"]
-        # /etc/lbnode as the README's set-up leaves it, owned by the service user.
+        # /etc/lbnode as the README's set-up leaves it.
         etc, run_dir = world_dir / "etc-lbnode", world_dir / "run-lbnode"
         etc.mkdir(mode=0o750)
         run_dir.mkdir()
@@ -106,8 +106,13 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         text = yaml.safe_dump(config).replace("/etc/lbnode/", f"{etc}/")
         (etc / "eth0.yaml").write_text(text)
         (etc / "eth0.env").write_text(f"# this node's address on eth0\nLBNODE_IP={host.ip4}\n")
-        for path in (etc, run_dir, *etc.iterdir()):
-            os.chown(path, NOBODY, NOBODY)
+        # Owners and modes as .ci/install-host leaves them: the node reads the config as a member
+        # of the directory's group, and only the key is its own.
+        os.chown(etc, 0, NOBODY)
+        os.chown(etc / "eth0.yaml", 0, NOBODY)
+        (etc / "eth0.yaml").chmod(0o640)
+        os.chown(etc / "sync.key", NOBODY, NOBODY)
+        os.chown(run_dir, NOBODY, NOBODY)  # RuntimeDirectory= belongs to User=
 
         env = read_env_file(Path(unit.value("EnvironmentFile").replace("%i", "eth0").replace("/etc/lbnode", str(etc))))
         argv = unit.exec_argv("ExecStart", "eth0", env)
