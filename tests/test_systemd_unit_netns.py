@@ -118,6 +118,14 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         argv = unit.exec_argv("ExecStart", "eth0", env)
         assert argv[0] == VENV_LBNODE and argv[1:] == ["--ip", host.ip4, "--if", "eth0", "--config",
                                                       "/etc/lbnode/eth0.yaml"], argv
+        # A hardened host filters by reverse path; checks through the VIP need it off, so the node
+        # (as uid 65534: CAP_NET_ADMIN is what lets it write net sysctls) turns it off, then back.
+        rp_filter = ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.eth0.rp_filter")
+
+        def rp_filters() -> list[str]:
+            return e.lab.ns_run(host.ns, "sysctl", "-n", *rp_filter).stdout.split()
+
+        e.lab.ns_run(host.ns, "sysctl", "-qw", *(f"{k}=1" for k in rp_filter))
         lbnode = [sys.executable, "-m", "cluster.cli"]
         # The README's check before the first start (as root, with the real key: not --offline).
         checked = subprocess.run([*lbnode, "check-config", "--ip", host.ip4, str(etc / "eth0.yaml")], cwd=REPO,
@@ -150,6 +158,7 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         assert int(st["CapBnd"], 16) == cap_mask(caps["CapabilityBoundingSet"]), st["CapBnd"]
 
         assert attached_program_id("eth0", netns=host.ns) != 0
+        assert rp_filters() == ["0", "0"]
         # The README's `lbnode status --if eth0`, seeing /run/lbnode as the node does.
         shown = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
                                 f'mount --bind {run_dir} /run/lbnode && exec "$@"', "sh", *lbnode, "status", "--if",
@@ -171,4 +180,5 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         node.send_signal(getattr(signal, signal_name))
         assert node.wait(timeout=float(unit.value("TimeoutStopSec"))) == 0, log_text()[-3000:]
         assert attached_program_id("eth0", netns=host.ns) == 0
+        assert rp_filters() == ["1", "1"]
         e.wait_next_hops(set(), timeout_s=10)
