@@ -1,7 +1,8 @@
 """The `lbnode` command.
 
     lbnode --ip 10.0.0.5 --if ens192 [--config PATH] [--xdp native|generic] [--status-socket PATH]
-    lbnode check-config PATH [--ip IP]     validate, print the normalised config
+    lbnode check-config [--offline] PATH [--ip IP]   validate, print the normalised config
+    lbnode keygen PATH                     write a new flow-sync key (mode 0600, never overwrites)
     lbnode status [--if IF | --socket PATH] [--json]   ask a running node
     lbnode drain|undrain BACKEND [--service NAME] [--if IF | --socket PATH]   runtime admin state
     lbnode disable VIP [--grace-s S] | enable VIP [--if IF | --socket PATH]    (root; see README)
@@ -28,6 +29,7 @@ from bpf.loader import XdpMode
 from bpf.structs import IPAddress
 from cluster import control, logfmt, status
 from cluster.config import ConfigError, NodeConfig, load_file, normalised
+from cluster.keygen import keygen
 
 log = logging.getLogger("lbnode")
 
@@ -42,7 +44,8 @@ def run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lbnode",
         description="XDP layer-4 load balancer node (layer-2 direct server return, active/active behind ECMP). "
-                    "Also: `lbnode check-config PATH`, `lbnode status`.")
+                    "Also: `lbnode check-config [--offline] PATH`, `lbnode status`, `lbnode keygen PATH`, "
+                    "`lbnode drain|undrain BACKEND`, `lbnode disable|enable VIP`.")
     parser.add_argument("--ip", required=True, help="this node's address: BGP router id, next hop and sync source")
     parser.add_argument("--if", dest="interface", required=True, help="interface to attach the XDP program to")
     parser.add_argument("--config", help="YAML config file (see examples/lbnode.yaml)")
@@ -133,8 +136,17 @@ def check_config(argv: list[str]) -> int:
                                      "print it normalised (every default filled in) as JSON.")
     parser.add_argument("path")
     parser.add_argument("--ip", default="192.0.2.1", help="the node's --ip (BGP defaults); default %(default)s")
+    parser.add_argument("--offline", action="store_true", help="validating before deployment: key files "
+                        "missing or unreadable on this machine are warnings on stderr, not errors")
     args = parser.parse_args(argv)
-    config = load_config(args.path, parse_ip(args.ip))
+    if args.offline:
+        try:
+            config = load_file(args.path, parse_ip(args.ip), warn=lambda err: print(
+                f"lbnode: warning: config: {err} (not on this machine: --offline)", file=sys.stderr))
+        except ConfigError as err:
+            raise UsageError(f"config: {err}") from None
+    else:
+        config = load_config(args.path, parse_ip(args.ip))
     print(json.dumps(masked(normalised(config)), indent=2, sort_keys=True))
     return 0
 
@@ -225,7 +237,7 @@ def parse_address(text: str, what: str) -> IPAddress:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "check-config": check_config, "status": show_status,
+    "check-config": check_config, "status": show_status, "keygen": keygen,
     **{cmd: functools.partial(admin_command, cmd) for cmd in ("drain", "undrain", "disable", "enable")}}
 
 

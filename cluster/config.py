@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,22 +140,29 @@ SERVICE_KEYS = frozenset({"name", "vips", "ports", "protocol", "backends", "chec
 BACKEND_KEYS = frozenset({"address", "weight", "disabled"})
 
 
-def load_file(path: str | Path, node_ip: IPAddress, *, check_files: bool = True) -> NodeConfig:
+def load_file(path: str | Path, node_ip: IPAddress, *, check_files: bool = True,
+              warn: Callable[[ConfigError], None] | None = None) -> NodeConfig:
     """Read and validate a config file; every error is a ConfigError with path and line.
 
-    `check_files`: also read the files the config names (the sync key), as the node will."""
+    `check_files`: also read the files the config names (the sync key), as the node will.
+    `warn` (`lbnode check-config --offline`): a key file that cannot be read on this machine is
+    handed to it, with its line, instead of failing the load; the config then holds no keys."""
     source = str(path)
     try:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError("(file)", f"cannot read: {exc.strerror or exc}", source) from None
-    return load_text(text, node_ip, source, check_files=check_files)
+    return load_text(text, node_ip, source, check_files=check_files, warn=warn)
 
 
-def load_text(text: str, node_ip: IPAddress, source: str | None = None, *, check_files: bool = True) -> NodeConfig:
+def load_text(text: str, node_ip: IPAddress, source: str | None = None, *, check_files: bool = True,
+              warn: Callable[[ConfigError], None] | None = None) -> NodeConfig:
     data, lines = load_yaml(text, source)
     try:
-        config = _node(data if data is not None else {}, node_ip, check_files)
+        config = _node(data if data is not None else {}, node_ip, check_files and warn is None)
+        if check_files and warn is not None and config.sync is not None and config.sync.enabled:
+            for unreadable in config.sync.unreadable_keys():
+                warn(unreadable.at(source, lines))
     except ConfigError as err:  # this package's, or healthcheck's, bgp's or sync's (subclasses)
         raise err.at(source, lines) from None
     return _replace_source(config, source)

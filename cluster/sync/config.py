@@ -117,6 +117,21 @@ class SyncConfig:
         except ValueError as exc:
             raise ConfigError(f"{path}.next_key_file", f"{exc} ({self.next_key_file} and {self.key_file})") from None
 
+    def unreadable_keys(self, path: str = "sync") -> list[KeyFileUnreadable]:
+        """`lbnode check-config --offline`: each key file checked as `load_keys` reads it, but the
+        ones that cannot be read on this machine (they live on the target host) are returned
+        instead of raised. A key that can be read and is bad (too open, too short) still raises."""
+        unreadable: list[KeyFileUnreadable] = []
+        for key, file in (("key_file", self.key_file), ("next_key_file", self.next_key_file)):
+            if file is not None:
+                try:
+                    read_key(file, f"{path}.{key}")
+                except KeyFileUnreadable as err:
+                    unreadable.append(err)
+        if not unreadable:
+            self.load_keys(path)  # both readable: also the checks across the two keys
+        return unreadable
+
     def differs_only_in_keys(self, other: SyncConfig) -> bool:
         """True if `other` is this config but for its key files or their contents (a key
         rotation step: applied to a running FlowSync with `set_keys`, no restart)."""
@@ -128,13 +143,18 @@ class SyncConfig:
         return dataclasses.replace(self, _keyring=self.load_keys(path))
 
 
+class KeyFileUnreadable(ConfigError):
+    """A key file that cannot be opened or read here (missing, no permission): on the node an
+    error like any other, a warning for `lbnode check-config --offline`."""
+
+
 def read_key(file: str, path: str) -> bytes:
     """A key file's bytes (surrounding whitespace stripped; >= MIN_KEY_BYTES). Like ssh with a
     private key, a file that group or others can access is refused: the key signs for the cluster."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+        raise KeyFileUnreadable(path, f"cannot read {file}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)  # of the file opened, not of the path (which may change meanwhile)
         if not stat.S_ISREG(st.st_mode):
@@ -145,7 +165,7 @@ def read_key(file: str, path: str) -> bytes:
                                         f"accessible by group or others (chmod 600 {file})")
         raw = os.read(fd, MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+        raise KeyFileUnreadable(path, f"cannot read {file}: {exc.strerror}") from None
     finally:
         os.close(fd)
     if len(raw) > MAX_KEY_FILE_BYTES:
