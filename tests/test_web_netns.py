@@ -180,9 +180,27 @@ def check_console(e: EcmpLab, tmp_path: Path) -> None:
     shutil.copy(tmp_path / "metrics.txt", ARTIFACTS / "metrics.txt")
 
 
-def test_the_console_draws_loads_and_weights_and_shows_a_drained_backend(tmp_path: Path) -> None:
+def check_admin_shown(browser: Browser) -> None:
+    """tests/web_fixtures.py admin_state: 10.0.0.12 drained in web, the dns VIP disabled (withdrawn)."""
+    badge = "document.querySelector('tr[data-backend=\"10.0.0.12:80\"] .badge')"
+    assert browser.evaluate(f"{badge}.textContent") == "drained"
+    assert browser.evaluate(f"{badge}.title").startswith("drained by alice (uid 0, pid 4242) at 2026-12-01T20:15:02Z")
+    service = "document.querySelector('div.service[data-service=\"dns/[2001:db8::53]:53\"]')"
+    assert browser.evaluate(f"[{service}.dataset.admin, {service}.dataset.adminPhase]") == ["disabled", "withdrawn"]
+    head = f"{service}.querySelector('.service-head .badge.disabled')"
+    assert browser.evaluate(f"{head}.textContent") == "disabled · withdrawn"
+    assert browser.evaluate(f"{head}.title").startswith("VIP disabled by bob (uid 0, pid 4343) at 2026-12-01T20:16:40Z")
+    vip = "document.querySelector('li[data-vip=\"2001:db8::53/128\"]')"
+    assert browser.evaluate(f"[{vip}.dataset.admin, {vip}.dataset.adminPhase, {vip}.dataset.announced]") == [
+        "disabled", "withdrawn", "false"]
+    assert "lbnode enable 2001:db8::53" in browser.evaluate(f"{vip}.textContent")  # the reason says how to undo
+    assert browser.evaluate("document.querySelector('li[data-vip=\"192.0.2.10/32\"]').dataset.announced") == "true"
+
+
+def test_the_console_draws_loads_and_weights_and_shows_drained_backends_and_disabled_vips(tmp_path: Path) -> None:
     """The console's spot for load-aware weights, fed a document that has them (and a backend
-    drained by the runtime controls), served by the real listener in a namespace of its own."""
+    drained and a VIP disabled by the runtime controls), served by the real listener in a
+    namespace of its own."""
     ARTIFACTS.mkdir(exist_ok=True)
     with Lab(prefix="lbw") as lab:
         ns = lab.netns("ui")
@@ -200,8 +218,9 @@ def test_the_console_draws_loads_and_weights_and_shows_a_drained_backend(tmp_pat
                                       "r.getAttribute('width'))")
             assert widths[:3] == ["25.0%", "50.0%", "66.7%"]  # 10.0.0.11: observed, configured, effective shares
             row = "document.querySelector('tr[data-backend=\"10.0.0.13:80\"]')"
-            assert browser.evaluate(f"{row}.dataset.state") == "drained"
+            assert browser.evaluate(f"{row}.dataset.state") == "disabled"  # in the config
             assert browser.evaluate(f"{row}.querySelector('td:nth-child(4)').textContent") == "1"  # effective
+            check_admin_shown(browser)
             wait_for(browser, "Number(document.body.dataset.polls) >= 5", timeout_s=20, what="five polls")
             shot = browser.screenshot(ARTIFACTS / "console-weights.png")
         lab.stop(server)
