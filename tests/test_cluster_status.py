@@ -159,7 +159,8 @@ def test_the_text_render_shows_the_http_listener_and_the_runtime_admin_state() -
     assert rows["10.0.0.13:80"].split()[1] == "disabled"  # in the config: no who or when
     assert " by " not in rows["10.0.0.13:80"]
     assert rows["10.0.0.11:80"].split()[1:3] == ["in", "hash"]
-    assert rows["dns/[2001:db8::53]:53"].endswith("DISABLED (withdrawn) by bob (uid 0, pid 4343) at 2026-12-01T20:16:40Z")
+    assert rows["dns/[2001:db8::53]:53"].endswith(
+        "DISABLED (withdrawn) by bob (uid 0, pid 4343) at 2026-12-01T20:16:40Z")
     assert "DISABLED" not in rows["web/192.0.2.10:80"]
     doc["node"]["http"] = []
     assert status.render(doc).splitlines()[1] == "http: off"
