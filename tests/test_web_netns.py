@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from examples.lab.ecmp import HTTP_PORT, VIP, EcmpLab, Load
 from examples.lab.netns import Lab, wait_until
 from tests.cdp import Browser, wait_for
-from tests.ecmp_lab import running_ecmp_lab
+from tests.ecmp_lab import NODE_URL, running_ecmp_lab
+from tests.ecmp_lab import http_get as fetch
+from tests.ecmp_lab import metric_values as values
 from tests.web_fixtures import schema_errors
 
 pytestmark = pytest.mark.netns
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.netns
 REPO = Path(__file__).parents[1]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 SCHEMA = json.loads((Path(__file__).parent / "data" / "status.schema.json").read_text())
-URL = "http://127.0.0.1:9473"  # the default listener, on the node namespace's own loopback
+URL = NODE_URL
 NODES = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
 # The lab's checks (EcmpLab.node_config): tcp, every 500 ms, timeout 300 ms, fall 2.
 CHECK_INTERVAL_S, CHECK_TIMEOUT_S, FALL = 0.5, 0.3, 2
@@ -45,20 +46,6 @@ class ThreeNodes(EcmpLab):
 def ecmp(tmp_path: Path) -> Iterator[ThreeNodes]:
     with running_ecmp_lab(tmp_path, "lbw", ThreeNodes) as e:
         yield e
-
-
-def fetch(e: EcmpLab, node: str, path: str) -> bytes:
-    """GET from inside the node's namespace (the listener is on its loopback)."""
-    code = ("import sys, urllib.request; "
-            f"sys.stdout.buffer.write(urllib.request.urlopen({URL + path!r}, timeout=10).read())")
-    proc = subprocess.run(["ip", "netns", "exec", e.nodes[node].ns, sys.executable, "-c", code],
-                          capture_output=True, timeout=30, check=True)
-    return proc.stdout
-
-
-def values(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {tuple(sorted(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples if s.name == name}
 
 
 def alive_sync_peers(e: EcmpLab, node: str) -> int:
