@@ -188,7 +188,7 @@ def render(status: dict[str, Any]) -> str:
             state = (("in hash" if b["in_hash"] else "no mac" if not b["mac"] else "weight 0" if not b["weight"]
                       else "no new") if b["usable"]
                      else "drained" if b.get("admin") else "disabled" if b["disabled"] else "down")
-            admin = f"by {b.get('admin_by')} at {b.get('admin_at')}  " if b.get("admin") else ""
+            admin = f"drained by {b.get('admin_by')} at {b.get('admin_at')}  " if b.get("admin") else ""
             lines.append(f"    {b['backend']:28} {state:8} weight={b['weight']} mac={b['mac'] or '?'}"
                          f"  packets={b['packets']} new_flows={b['new_flows']}  {admin}{b['last_error'] or ''}")
     bgp = status.get("bgp")

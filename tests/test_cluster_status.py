@@ -155,7 +155,7 @@ def test_the_text_render_shows_the_http_listener_and_the_runtime_admin_state() -
     assert lines[1] == "http: http://127.0.0.1:9473"
     rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
     assert rows["10.0.0.12:80"].split()[1] == "drained"
-    assert "by alice (uid 0, pid 4242) at 2026-12-01T20:15:02Z" in rows["10.0.0.12:80"]
+    assert "drained by alice (uid 0, pid 4242) at 2026-12-01T20:15:02Z" in rows["10.0.0.12:80"]
     assert rows["10.0.0.13:80"].split()[1] == "disabled"  # in the config: no who or when
     assert " by " not in rows["10.0.0.13:80"]
     assert rows["10.0.0.11:80"].split()[1:3] == ["in", "hash"]
