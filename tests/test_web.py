@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import ipaddress
 import json
 import socket
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpf.structs import Stat
-from cluster import metrics
+from cluster import control, metrics, status
 from cluster.config import HttpConfig, load_text
 from cluster.node import Node, NodeArgs
 from cluster.web import Listener, WebError
@@ -289,6 +290,11 @@ async def test_a_node_serves_its_status_document_and_metrics_and_follows_a_reloa
             assert [b["backend"] for b in doc["services"][0]["backends"]] == ["10.0.0.11:80", "10.0.0.12:80"]
             code, _, body = await fetch(url, "/metrics")
             assert code == 200 and samples(body, "lbnode_service_up")
+            # A runtime change is in the very next scrape (not one reused from the last 0.2 s).
+            drain = control.Drain(ipaddress.ip_address("10.0.0.12"))
+            assert (await trio.to_thread.run_sync(status.request, node.args.status_socket, drain))["changed"]
+            drained = samples((await fetch(url, "/metrics"))[2], "lbnode_backend_drained")
+            assert {dict(k)["backend"]: v for k, v in drained.items()} == {"10.0.0.11": 0, "10.0.0.12": 1}
             # A reload onto an address in use is refused; the listener runs again as before.
             with socket.socket() as taken:
                 taken.bind(("127.0.0.1", 0))
