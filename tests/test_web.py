@@ -7,7 +7,9 @@ import dataclasses
 import http.client
 import ipaddress
 import json
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,14 @@ def test_runtime_admin_state_is_exported_drained_backends_and_disabled_vips_with
         assert {dict(k)["state"]: v for k, v in states.items() if dict(k)["vip"] == "2001:db8::53"} == {
             s: float(s == dns_state) for s in ("enabled", "withdrawn", "stopped")}
         assert states[(("state", "enabled"), ("vip", "192.0.2.10"))] == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_metrics_with_runtime_admin_state() -> None:
+    """The netns test lints a real node's page, which has nothing drained; this one has both."""
+    lint = subprocess.run(["promtool", "check", "metrics"], input=metrics.render(unit_snapshot(admin_state())),
+                          capture_output=True, timeout=30)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
 
 
 def test_a_stopped_vip_is_in_the_stopped_state() -> None:
