@@ -212,3 +212,29 @@ def test_the_console_draws_loads_and_weights_and_shows_drained_backends_and_disa
             shot = browser.screenshot(ARTIFACTS / "console-weights.png")
         lab.stop(server)
     print(f"\nscreenshot: {shot}")
+
+
+def test_a_real_node_whose_listener_cannot_bind_exits_2_with_one_line_and_detaches(tmp_path: Path) -> None:
+    """`lbnode` itself (bcc, XDP on the lab's veth) with the listener's port already taken in its
+    namespace: the address is known bad only at start-up, after the attach; the node detaches and
+    the command exits with the bad-config code and the one-line reason, not a traceback."""
+    with Lab(prefix="lbw") as lab:
+        e = EcmpLab(lab, tmp_path, nodes=2)
+        try:
+            ns = e.nodes["node1"].ns
+            holder = lab.spawn(ns, sys.executable, "-c",
+                               "import signal, socket\ns = socket.socket()\ns.bind(('127.0.0.1', 9473))\n"
+                               "s.listen()\nprint('ready', flush=True)\nsignal.pause()", stdout=subprocess.PIPE)
+            assert holder.stdout is not None and holder.stdout.readline().strip() == b"ready"
+            code = e.start_node("node1").wait(timeout=120)
+            log = e.node_log("node1")
+            assert code == 2, log
+            in_use = "lbnode: http.listen: cannot listen on 127.0.0.1:9473: Address already in use"
+            assert log.splitlines()[-1] == in_use, log
+            assert "Traceback" not in log, log
+            assert "prog/xdp" not in lab.ns_run(ns, "ip", "-d", "link", "show", "eth0").stdout  # detached
+            assert not e.status_socket("node1").exists()
+            lab.stop(holder)
+            print(f"\nnode1's output:\n{log}")
+        finally:
+            e.close()
