@@ -159,10 +159,13 @@ def test_drain_and_undrain_on_every_node_with_live_connections(run: Run) -> None
 def test_disable_withdraws_then_stops_new_flows_and_survives_reload_and_crash(run: Run) -> None:
     ecmp, lab = run.ecmp, run.ecmp.lab
     run.start_load()
-    # The router's own connections from PROBE_PORTS go through node1, whatever BGP says.
+    # The router's own connections from PROBE_PORTS go through node1, whatever BGP says. Its own
+    # only (iif lo): a client connection forwarded from one of those ports must follow BGP, or
+    # its SYN would reach node1 while it takes no new flows (and time out the short load).
     node1 = ecmp.node_ip("node1")
     lab.ns_run(ecmp.router, "ip", "route", "add", PREFIX, "via", node1, "dev", "br0", "table", "100")
-    lab.ns_run(ecmp.router, "ip", "rule", "add", "ipproto", "tcp", "sport", PROBE_PORTS, "lookup", "100")
+    lab.ns_run(ecmp.router, "ip", "rule", "add", "iif", "lo", "ipproto", "tcp", "sport", PROBE_PORTS, "lookup",
+               "100")
     lab.ns_run(ecmp.router, "ethtool", "-K", "br0", "tx", "off")  # full checksums, as a real client sends
     probe = Probe(lab, ecmp.router)
     assert probe.ask("open 40001")["ok"] and probe.ask("echo 40001")["ok"]  # pinned on node1 (and synced)
