@@ -93,10 +93,29 @@ def run_node(argv: list[str]) -> int:
                          admin_state=args.admin_state or admin_state_path(args.interface)), config)
     try:
         trio.run(node.run)
+    except BaseExceptionGroup as group:
+        if (error := start_error(group)) is not None:
+            raise error from None
+        raise
     finally:
         os.unlink(lock_path)  # while still held: a node starting now locks a new file
         os.close(lock_fd)
     return 0
+
+
+def start_error(group: BaseExceptionGroup[BaseException]) -> UsageError | None:
+    """The config cannot run on this host, found only once the node starts (the HTTP listener's
+    address is taken or not local): bad config, so exit 2 with its one line. The node has
+    stopped and detached by then. Anything else in the group is a failure: None."""
+    from cluster.web import WebError
+
+    web, rest = group.split(WebError)
+    if web is None or rest is not None:
+        return None
+    first: BaseException = web
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return UsageError(str(first))
 
 
 def interface_lock(ifname: str) -> tuple[int, str]:

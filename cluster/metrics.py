@@ -9,6 +9,9 @@ write. `render()` does all of it and runs in `trio.to_thread` (cluster.web).
 Naming follows Prometheus's conventions: the `lbnode_` prefix, `_total` on counters, base units
 (`_bytes`, `_seconds`), and the same label names everywhere: `service` (the config's name),
 `vip`, `port`, `proto`, `backend` (its address); `peer` for BGP, BFD and flow-sync peers.
+The operator's runtime controls are gauges: `lbnode_backend_drained` (0/1 per backend row) and,
+per VIP, `lbnode_vip_disabled` (0/1) with `lbnode_vip_admin_state{state}` (enabled, withdrawn,
+stopped) as a state set, like `lbnode_node_state`.
 Counters come from counters in the document (the data plane's, BGP's, flow sync's): they only
 reset when the node restarts, which Prometheus's `rate()` handles.
 
@@ -37,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from bgp.bfd.codec import State as BfdState
 from bgp.fsm import State as BgpState
+from cluster.admin import STOPPED, WITHDRAWN
 from healthcheck.state import ServiceStatus
 
 # Data plane stats that are verdicts: every packet the program sees is counted in exactly one.
@@ -52,6 +56,7 @@ XDP_EVENTS: dict[str, tuple[str, str]] = {
     "flood_unpinned": ("xdp_flood_unpinned_total", "New flows over the per-CPU pin cap, forwarded unpinned."),
 }
 NODE_STATES = ("starting", "resyncing", "serving", "out of route", "draining")
+VIP_ADMIN_STATES = ("enabled", WITHDRAWN, STOPPED)  # a VIP's runtime state (cluster.admin)
 BGP_STATES = tuple(s.value for s in BgpState)
 BFD_STATES = tuple(s.name for s in BfdState)
 
@@ -190,8 +195,10 @@ def _services(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
                      BACKEND_LABELS)
     in_hash = _gauge("backend_in_hash", "1 while the backend takes new flows (healthy, weight > 0, MAC known).",
                      BACKEND_LABELS)
-    disabled = _gauge("backend_disabled", "1 while the backend is drained or disabled by the operator.",
+    disabled = _gauge("backend_disabled", "1 while the backend is disabled in the config or drained at run time.",
                       BACKEND_LABELS)
+    drained = _gauge("backend_drained", "1 while the backend is drained at run time (`lbnode drain`), until undrained.",
+                     BACKEND_LABELS)
     weight = _gauge("backend_weight", "The backend's weight: configured, and others where the node computes them.",
                     [*BACKEND_LABELS, "kind"])
     b_counts = {key: _counter(f"backend_{key}_total", f"{text} sent to the backend by the XDP program.",
@@ -208,12 +215,36 @@ def _services(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
             blabels = [*labels, str(b.get("address", b["backend"]))]
             healthy.add_metric(blabels, 1.0 if b.get("usable") else 0.0)
             in_hash.add_metric(blabels, 1.0 if b.get("in_hash") else 0.0)
-            disabled.add_metric(blabels, 1.0 if b.get("disabled") or b.get("drained") else 0.0)
+            disabled.add_metric(blabels, 1.0 if b.get("disabled") or b.get("admin") else 0.0)
+            drained.add_metric(blabels, 1.0 if b.get("admin") == "drained" else 0.0)
             for kind, value in _weights(b.get("weight")):
                 weight.add_metric([*blabels, kind], value)
             for key, family in b_counts.items():
                 family.add_metric(blabels, b.get(key, 0))
-    yield from (up, usable, need, *s_counts.values(), healthy, in_hash, disabled, weight, *b_counts.values())
+    yield from (up, usable, need, *s_counts.values(), healthy, in_hash, disabled, drained, weight,
+                *b_counts.values())
+    yield from _vip_admin(rows)
+
+
+def _vip_admin(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+    """`lbnode disable VIP`, per VIP of the config: a 0/1 gauge to alert on, and the phase as a
+    state set (enabled; withdrawn: route withdrawn, new flows still taken for the grace; stopped)."""
+    phases: dict[str, str] = {}
+    for row in rows:  # a VIP's rows (its ports, its services) share one mark
+        vip = str(row.get("vip", ""))
+        if row.get("admin") == "disabled":
+            phases[vip] = str(row.get("admin_phase"))
+        else:
+            phases.setdefault(vip, "enabled")
+    disabled = _gauge("vip_disabled", "1 while the VIP is disabled at run time (`lbnode disable`), until enabled.",
+                      ["vip"])
+    state = _gauge("vip_admin_state", "1 for the VIP's runtime admin state (enabled, or disabled and withdrawn "
+                   "or stopped), 0 for the others.", ["vip", "state"])
+    for vip, phase in sorted(phases.items()):
+        disabled.add_metric([vip], 0.0 if phase == "enabled" else 1.0)
+        for s in sorted({*VIP_ADMIN_STATES, phase}):
+            state.add_metric([vip, s], 1.0 if s == phase else 0.0)
+    yield from (disabled, state)
 
 
 def _weights(weight: Any) -> Iterator[tuple[str, float]]:

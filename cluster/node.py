@@ -521,6 +521,7 @@ class Node:
         if reply["changed"]:
             self.reconcile()
             self._status.invalidate()
+            self._web.invalidate()  # /metrics too
         return reply
 
     async def status(self) -> bytes:

@@ -173,8 +173,10 @@ def query(path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = [f"node {status['node']['ip']} on {status['node']['interface']} ({status['node']['xdp']}): "
-             f"{status['node']['state']}"]
+    node = status["node"]
+    lines = [f"node {node['ip']} on {node['interface']} ({node['xdp']}): {node['state']}"]
+    if "http" in node:  # not from a node older than the listener
+        lines.append(f"http: {', '.join(node['http']) or 'off'}")
     lines.append("services:")
     for svc in status["services"]:
         disabled = (f"  DISABLED ({svc.get('admin_phase')}) by {svc.get('admin_by')} at {svc.get('admin_at')}"
@@ -185,9 +187,9 @@ def render(status: dict[str, Any]) -> str:
         for b in svc["backends"]:
             state = (("in hash" if b["in_hash"] else "no mac" if not b["mac"] else "weight 0" if not b["weight"]
                       else "no new") if b["usable"]
-                     else ("drained" if b["disabled"] else "down"))
+                     else "drained" if b.get("admin") else "disabled" if b["disabled"] else "down")
             admin = f"drained by {b.get('admin_by')} at {b.get('admin_at')}  " if b.get("admin") else ""
-            lines.append(f"    {b['backend']:28} {state:7} weight={b['weight']} mac={b['mac'] or '?'}"
+            lines.append(f"    {b['backend']:28} {state:8} weight={b['weight']} mac={b['mac'] or '?'}"
                          f"  packets={b['packets']} new_flows={b['new_flows']}  {admin}{b['last_error'] or ''}")
     bgp = status.get("bgp")
     if bgp:

@@ -1,7 +1,8 @@
 """`python -m tests.console_server PORT`: the node's HTTP listener over a unit-built status
 document (tests/web_fixtures.py) whose counters grow with every request, with load-aware
-weights ({configured, observed, effective}) and a drained backend, for the console's browser
-test. Prints "ready" once listening on 127.0.0.1:PORT (run it in a lab namespace)."""
+weights ({configured, observed, effective}), a backend disabled in the config, one drained and a
+VIP disabled at run time (tests/web_fixtures.py admin_state), for the console's browser test.
+Prints "ready" once listening on 127.0.0.1:PORT (run it in a lab namespace)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from cluster import metrics
 from cluster.config import HttpConfig
 from cluster.status_doc import document
 from cluster.web import Listener
-from tests.web_fixtures import FakeSource, unit_inputs
+from tests.web_fixtures import FakeSource, admin_state, unit_inputs
 
 WEIGHTS = {"10.0.0.11:80": {"configured": 2, "observed": 0.25, "effective": 3},
            "10.0.0.12:80": {"configured": 1, "observed": 0.6, "effective": 0.5},
@@ -23,10 +24,9 @@ WEIGHTS = {"10.0.0.11:80": {"configured": 2, "observed": 0.25, "effective": 3},
 
 
 def build(source: FakeSource) -> dict[str, Any]:
-    doc = document(unit_inputs(), source)
+    doc = document(unit_inputs(admin_state()), source)  # 10.0.0.12 drained, the dns VIP disabled
     for b in doc["services"][0]["backends"]:
         b["weight"] = WEIGHTS[b["backend"]]
-    doc["services"][0]["backends"][2]["drained"] = True  # as the runtime controls will report it
     return doc
 
 

@@ -21,10 +21,11 @@ import pytest
 import trio
 
 from cluster import control, status
-from examples.lab.ecmp import ECHO_PORT, VIP, EcmpLab
+from examples.lab.ecmp import ECHO_PORT, HTTP_PORT, VIP, EcmpLab
 from examples.lab.faults import Run
 from examples.lab.hosts import REPO
 from examples.lab.netns import Lab, read_line, wait_until
+from tests.ecmp_lab import http_get, metric_values
 
 pytestmark = pytest.mark.netns
 
@@ -48,6 +49,25 @@ def backends(ecmp: EcmpLab, node: str) -> list[dict[str, Any]]:
 def rows(ecmp: EcmpLab, node: str) -> list[dict[str, Any]]:
     snap = ecmp.node_status(node)
     return snap["services"] if snap else []
+
+
+def drained_gauges(ecmp: EcmpLab, node: str, address: str) -> dict[str, float]:
+    """The node's /metrics: lbnode_backend_drained of `address`'s rows (one per port), by port."""
+    text = http_get(ecmp, node, "/metrics").decode()
+    return {dict(k)["port"]: v for k, v in metric_values(text, "lbnode_backend_drained").items()
+            if dict(k)["backend"] == address}
+
+
+def vip_admin_state(ecmp: EcmpLab, node: str) -> str:
+    """The node's /metrics: the VIP's lbnode_vip_admin_state at 1 (enabled, withdrawn, stopped),
+    checked against lbnode_vip_disabled."""
+    text = http_get(ecmp, node, "/metrics").decode()
+    vip = (("vip", str(VIP)),)
+    states = [dict(k)["state"] for k, v in metric_values(text, "lbnode_vip_admin_state").items()
+              if k[1:] == vip and v == 1]
+    disabled = metric_values(text, "lbnode_vip_disabled").get(vip)
+    assert len(states) == 1 and disabled == float(states[0] != "enabled"), (states, disabled)
+    return states[0]
 
 
 def in_hash_everywhere(ecmp: EcmpLab, address: str, wanted: bool) -> bool:
@@ -99,6 +119,10 @@ def test_drain_and_undrain_on_every_node_with_live_connections(run: Run) -> None
     for node in ecmp.nodes:
         assert lbnode(ecmp, node, "drain", b1) == f"drain: web {b1}\n"
     wait_until(lambda: in_hash_everywhere(ecmp, b1, False), timeout_s=10, what="b1 drained on every node")
+    # and in a node's metrics, per port (a scrape may be served from the last 0.2 s: a short wait)
+    wait_until(lambda: drained_gauges(ecmp, "node3", b1) == {str(HTTP_PORT): 1.0, str(ECHO_PORT): 1.0}, timeout_s=5,
+               what="lbnode_backend_drained 1 for b1 on node3")
+    assert drained_gauges(ecmp, "node3", b2) == {str(HTTP_PORT): 0.0, str(ECHO_PORT): 0.0}
     before = run.load.report("mark")["long"]["by_backend"]
     assert before.get("b1", 0) > 0, before
     after = run.load.report("open 30")["long"]["by_backend"]
@@ -111,6 +135,8 @@ def test_drain_and_undrain_on_every_node_with_live_connections(run: Run) -> None
     for node in ecmp.nodes:
         assert lbnode(ecmp, node, "undrain", b1) == f"undrain: web {b1}\n"
     wait_until(lambda: in_hash_everywhere(ecmp, b1, True), timeout_s=10, what="b1 back on every node")
+    wait_until(lambda: drained_gauges(ecmp, "node3", b1) == {str(HTTP_PORT): 0.0, str(ECHO_PORT): 0.0}, timeout_s=5,
+               what="lbnode_backend_drained 0 for b1 on node3")
     later = run.load.report("open 30")["long"]["by_backend"]
     assert later.get("b1", 0) > after["b1"], (after, later)  # 30 new flows over 3 backends: P(none) ~ 5e-6
 
@@ -133,10 +159,13 @@ def test_drain_and_undrain_on_every_node_with_live_connections(run: Run) -> None
 def test_disable_withdraws_then_stops_new_flows_and_survives_reload_and_crash(run: Run) -> None:
     ecmp, lab = run.ecmp, run.ecmp.lab
     run.start_load()
-    # The router's own connections from PROBE_PORTS go through node1, whatever BGP says.
+    # The router's own connections from PROBE_PORTS go through node1, whatever BGP says. Its own
+    # only (iif lo): a client connection forwarded from one of those ports must follow BGP, or
+    # its SYN would reach node1 while it takes no new flows (and time out the short load).
     node1 = ecmp.node_ip("node1")
     lab.ns_run(ecmp.router, "ip", "route", "add", PREFIX, "via", node1, "dev", "br0", "table", "100")
-    lab.ns_run(ecmp.router, "ip", "rule", "add", "ipproto", "tcp", "sport", PROBE_PORTS, "lookup", "100")
+    lab.ns_run(ecmp.router, "ip", "rule", "add", "iif", "lo", "ipproto", "tcp", "sport", PROBE_PORTS, "lookup",
+               "100")
     lab.ns_run(ecmp.router, "ethtool", "-K", "br0", "tx", "off")  # full checksums, as a real client sends
     probe = Probe(lab, ecmp.router)
     assert probe.ask("open 40001")["ok"] and probe.ask("echo 40001")["ok"]  # pinned on node1 (and synced)
@@ -158,6 +187,8 @@ def test_disable_withdraws_then_stops_new_flows_and_survives_reload_and_crash(ru
                what="node1 stops new flows for the VIP")
     stopped_s = time.monotonic() - t0
     assert stopped_s >= 4.5, stopped_s
+    wait_until(lambda: vip_admin_state(ecmp, "node1") == "stopped", timeout_s=5, what="the metrics say stopped")
+    assert vip_admin_state(ecmp, "node2") == "enabled"  # disabled on node1 only
     assert not any(b["in_hash"] for b in backends(ecmp, "node1"))
     drops = ecmp.node_status("node1")["counters"]["drop_no_backend"]  # type: ignore[index]
     refused = probe.ask("open 40003")
@@ -182,9 +213,11 @@ def test_disable_withdraws_then_stops_new_flows_and_survives_reload_and_crash(ru
     assert snap is not None and [d["vip"] for d in snap["node"]["admin"]["disabled"]] == [str(VIP)]
     assert {r["admin_phase"] for r in snap["services"]} == {"stopped"}
     assert snap["node"]["announced"] == [] and ecmp.next_hops() == run.hops_without("node1")
+    assert vip_admin_state(ecmp, "node1") == "stopped"  # a new process: nothing cached
 
     assert lbnode(ecmp, "node1", "enable", str(VIP)) == f"enable: {VIP}\n"
     ecmp.wait_next_hops(run.all_hops, timeout_s=15)
+    assert vip_admin_state(ecmp, "node1") == "enabled"
     assert probe.ask("open 40004")["ok"]
     print(f"\nroute withdrawn {withdrawn_s:.2f}s after `lbnode disable`, new flows stopped after {stopped_s:.2f}s"
           f" (a new flow within the grace {'checked' if grace_checked else 'not checked: the grace was over'})")

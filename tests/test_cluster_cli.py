@@ -1,13 +1,16 @@
 """The lbnode command: the interface lock (one node per interface, also while a node exits as another starts),
-check-config output."""
+check-config output, the exit code of a node whose config cannot run here."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from cluster import cli, status
+from cluster import cli, components, logfmt, node, status
+from tests.test_node_unit import World
 
 pytestmark = pytest.mark.unit
 
@@ -63,3 +66,32 @@ def test_check_config_masks_the_md5_password(tmp_path: Path, capsys: pytest.Capt
     assert cli.main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "s3cret-key" not in out and '"md5_password": "********"' in out
+
+
+def test_a_node_whose_http_listener_cannot_bind_exits_2_with_the_one_line_reason(
+        run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`lbnode` itself, started with the node's fakes (tests/test_node_unit.py World): the
+    address is taken, found only at start-up; the node stops and detaches, and the command
+    says so on one line with the bad-config exit code, not a traceback."""
+    world = World()
+    real_node = node.Node
+    monkeypatch.setattr(node, "Node", lambda args, config: real_node(args, config, world.components()))
+    monkeypatch.setattr(components, "interface_mac", lambda ifname: "02:00:00:00:00:05")
+    monkeypatch.setattr(components, "local_addresses", lambda: {cli.parse_ip("10.0.0.5")})
+    monkeypatch.setattr(logfmt, "configure", lambda *args: None)  # pytest's handlers stay
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "node.yaml"
+        config.write_text(f'http: {{listen: "127.0.0.1:{port}"}}\n')
+        with caplog.at_level(logging.INFO):
+            code = cli.main(["--ip", "10.0.0.5", "--if", "fake0", "--config", str(config),
+                             "--status-socket", str(tmp_path / "status.sock")])
+    assert code == 2
+    in_use = f"lbnode: http.listen: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    assert capsys.readouterr().err == in_use
+    assert world.dp is not None and world.dp.closed
+    assert not [r for r in caplog.records if r.exc_info], "no traceback logged"
+    assert sorted(os.listdir(run_dir)) == ["node.yaml"], "the interface lock and the status socket are gone"

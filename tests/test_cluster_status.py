@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from cluster import control, status
+from tests.web_fixtures import admin_state, unit_document
 
 pytestmark = pytest.mark.unit
 T = TypeVar("T")
@@ -146,3 +147,22 @@ async def test_a_new_client_reads_a_node_from_before_the_protocol(tmp_path: Path
                 assert await trio.to_thread.run_sync(status.query, path) == DOCUMENT
             nursery.cancel_scope.cancel()
     listener.close()
+
+
+def test_the_text_render_shows_the_http_listener_and_the_runtime_admin_state() -> None:
+    doc = json.loads(json.dumps(unit_document(admin_state()), default=str))
+    lines = status.render(doc).splitlines()
+    assert lines[1] == "http: http://127.0.0.1:9473"
+    rows = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert rows["10.0.0.12:80"].split()[1] == "drained"
+    assert "drained by alice (uid 0, pid 4242) at 2026-12-01T20:15:02Z" in rows["10.0.0.12:80"]
+    assert rows["10.0.0.13:80"].split()[1] == "disabled"  # in the config: no who or when
+    assert " by " not in rows["10.0.0.13:80"]
+    assert rows["10.0.0.11:80"].split()[1:3] == ["in", "hash"]
+    assert rows["dns/[2001:db8::53]:53"].endswith(
+        "DISABLED (withdrawn) by bob (uid 0, pid 4343) at 2026-12-01T20:16:40Z")
+    assert "DISABLED" not in rows["web/192.0.2.10:80"]
+    doc["node"]["http"] = []
+    assert status.render(doc).splitlines()[1] == "http: off"
+    del doc["node"]["http"]  # a node from before the listener
+    assert status.render(doc).splitlines()[1] == "services:"

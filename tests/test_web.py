@@ -3,9 +3,13 @@ code from fake inputs, the latency histogram, the ASGI routes through a real hyp
 on a loopback port, the status schema, and a node (with fake components) serving all of it."""
 from __future__ import annotations
 
+import dataclasses
 import http.client
+import ipaddress
 import json
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +19,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpf.structs import Stat
-from cluster import metrics
+from cluster import control, metrics, status
 from cluster.config import HttpConfig, load_text
 from cluster.node import Node, NodeArgs
 from cluster.web import Listener, WebError
 from healthcheck.latency import BUCKETS_S, LatencyHistogram
-from tests.web_fixtures import NODE_IP, schema_errors, unit_document, unit_snapshot
+from tests.web_fixtures import NODE_IP, admin_state, schema_errors, unit_document, unit_snapshot
 
 pytestmark = pytest.mark.unit
 
@@ -68,6 +72,42 @@ def test_metrics_cover_services_backends_verdicts_health_bgp_bfd_sync_and_the_lo
     assert samples(text, "lbnode_loop_max_stall_seconds")[()] == 0.0125
     assert samples(text, "lbnode_flow_table_capacity")[()] == 262144
     assert samples(text, "lbnode_vip_announced")[(("vip", "2001:db8::53"),)] == 1
+
+
+def test_runtime_admin_state_is_exported_drained_backends_and_disabled_vips_with_their_phase() -> None:
+    for admin, drained_12, dns_state in ((None, 0, "enabled"), (admin_state(), 1, "withdrawn")):
+        text = metrics.render(unit_snapshot(admin))
+        assert families(text)["lbnode_backend_drained"].type == "gauge"
+        drained = {dict(k)["backend"]: v for k, v in samples(text, "lbnode_backend_drained").items()
+                   if dict(k)["service"] == "web"}
+        # 10.0.0.13 is disabled in the config: not drained, but disabled (as is a drained one)
+        assert drained == {"10.0.0.11": 0, "10.0.0.12": drained_12, "10.0.0.13": 0}
+        disabled = {dict(k)["backend"]: v for k, v in samples(text, "lbnode_backend_disabled").items()
+                    if dict(k)["service"] == "web"}
+        assert disabled == {"10.0.0.11": 0, "10.0.0.12": drained_12, "10.0.0.13": 1}
+        assert samples(text, "lbnode_vip_disabled") == {(("vip", "192.0.2.10"),): 0,
+                                                        (("vip", "2001:db8::53"),): float(dns_state != "enabled")}
+        states = samples(text, "lbnode_vip_admin_state")
+        assert {dict(k)["state"]: v for k, v in states.items() if dict(k)["vip"] == "2001:db8::53"} == {
+            s: float(s == dns_state) for s in ("enabled", "withdrawn", "stopped")}
+        assert states[(("state", "enabled"), ("vip", "192.0.2.10"))] == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_metrics_with_runtime_admin_state() -> None:
+    """The netns test lints a real node's page, which has nothing drained; this one has both."""
+    lint = subprocess.run(["promtool", "check", "metrics"], input=metrics.render(unit_snapshot(admin_state())),
+                          capture_output=True, timeout=30)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
+
+
+def test_a_stopped_vip_is_in_the_stopped_state() -> None:
+    admin = admin_state()
+    admin = dataclasses.replace(admin, disabled={v: dataclasses.replace(m, stop_new_at=None)
+                                                 for v, m in admin.disabled.items()})
+    states = samples(metrics.render(unit_snapshot(admin)), "lbnode_vip_admin_state")
+    assert states[(("state", "stopped"), ("vip", "2001:db8::53"))] == 1
+    assert states[(("state", "withdrawn"), ("vip", "2001:db8::53"))] == 0
 
 
 def test_every_data_plane_stat_has_a_metric_of_its_own() -> None:
@@ -128,6 +168,21 @@ def test_the_unit_built_document_matches_the_schema_and_carries_its_version() ->
     assert schema_errors(doc, SCHEMA) == ["$.node.state: must be one of ['starting', 'resyncing', 'serving', "
                                           "'out of route', 'draining'], got 'dancing'",
                                           "$.services[0].backends[0]: missing 'in_hash'"]
+
+
+def test_a_document_with_runtime_admin_state_matches_the_schema() -> None:
+    doc = json.loads(json.dumps(unit_document(admin_state()), default=str))
+    assert schema_errors(doc, SCHEMA) == []
+    web, dns = doc["services"]
+    assert web["backends"][1] | {"admin": "drained", "admin_by": "alice (uid 0, pid 4242)", "disabled": True} \
+        == web["backends"][1]
+    assert (dns["admin"], dns["admin_phase"], dns["takes_new_flows"]) == ("disabled", "withdrawn", True)
+    assert [d["vip"] for d in doc["node"]["admin"]["disabled"]] == ["2001:db8::53"]
+    dns["admin_phase"] = "paused"
+    del doc["node"]["admin"]["drained"][0]["by"]
+    assert schema_errors(doc, SCHEMA) == ["$.node.admin.drained[0]: missing 'by'",
+                                          "$.services[1].admin_phase: must be one of ['withdrawn', 'stopped', None], "
+                                          "got 'paused'"]
 
 
 # ---- the listener and its routes ---------------------------------------------------------------------------
@@ -245,6 +300,11 @@ async def test_a_node_serves_its_status_document_and_metrics_and_follows_a_reloa
             assert [b["backend"] for b in doc["services"][0]["backends"]] == ["10.0.0.11:80", "10.0.0.12:80"]
             code, _, body = await fetch(url, "/metrics")
             assert code == 200 and samples(body, "lbnode_service_up")
+            # A runtime change is in the very next scrape (not one reused from the last 0.2 s).
+            drain = control.Drain(ipaddress.ip_address("10.0.0.12"))
+            assert (await trio.to_thread.run_sync(status.request, node.args.status_socket, drain))["changed"]
+            drained = samples((await fetch(url, "/metrics"))[2], "lbnode_backend_drained")
+            assert {dict(k)["backend"]: v for k, v in drained.items()} == {"10.0.0.11": 0, "10.0.0.12": 1}
             # A reload onto an address in use is refused; the listener runs again as before.
             with socket.socket() as taken:
                 taken.bind(("127.0.0.1", 0))

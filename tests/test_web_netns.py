@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from examples.lab.ecmp import HTTP_PORT, VIP, EcmpLab, Load
 from examples.lab.netns import Lab, wait_until
 from tests.cdp import Browser, wait_for
-from tests.ecmp_lab import running_ecmp_lab
+from tests.ecmp_lab import NODE_URL, running_ecmp_lab
+from tests.ecmp_lab import http_get as fetch
+from tests.ecmp_lab import metric_values as values
 from tests.web_fixtures import schema_errors
 
 pytestmark = pytest.mark.netns
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.netns
 REPO = Path(__file__).parents[1]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 SCHEMA = json.loads((Path(__file__).parent / "data" / "status.schema.json").read_text())
-URL = "http://127.0.0.1:9473"  # the default listener, on the node namespace's own loopback
+URL = NODE_URL
 NODES = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
 # The lab's checks (EcmpLab.node_config): tcp, every 500 ms, timeout 300 ms, fall 2.
 CHECK_INTERVAL_S, CHECK_TIMEOUT_S, FALL = 0.5, 0.3, 2
@@ -45,20 +46,6 @@ class ThreeNodes(EcmpLab):
 def ecmp(tmp_path: Path) -> Iterator[ThreeNodes]:
     with running_ecmp_lab(tmp_path, "lbw", ThreeNodes) as e:
         yield e
-
-
-def fetch(e: EcmpLab, node: str, path: str) -> bytes:
-    """GET from inside the node's namespace (the listener is on its loopback)."""
-    code = ("import sys, urllib.request; "
-            f"sys.stdout.buffer.write(urllib.request.urlopen({URL + path!r}, timeout=10).read())")
-    proc = subprocess.run(["ip", "netns", "exec", e.nodes[node].ns, sys.executable, "-c", code],
-                          capture_output=True, timeout=30, check=True)
-    return proc.stdout
-
-
-def values(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {tuple(sorted(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples if s.name == name}
 
 
 def alive_sync_peers(e: EcmpLab, node: str) -> int:
@@ -180,9 +167,27 @@ def check_console(e: EcmpLab, tmp_path: Path) -> None:
     shutil.copy(tmp_path / "metrics.txt", ARTIFACTS / "metrics.txt")
 
 
-def test_the_console_draws_loads_and_weights_and_shows_a_drained_backend(tmp_path: Path) -> None:
+def check_admin_shown(browser: Browser) -> None:
+    """tests/web_fixtures.py admin_state: 10.0.0.12 drained in web, the dns VIP disabled (withdrawn)."""
+    badge = "document.querySelector('tr[data-backend=\"10.0.0.12:80\"] .badge')"
+    assert browser.evaluate(f"{badge}.textContent") == "drained"
+    assert browser.evaluate(f"{badge}.title").startswith("drained by alice (uid 0, pid 4242) at 2026-12-01T20:15:02Z")
+    service = "document.querySelector('div.service[data-service=\"dns/[2001:db8::53]:53\"]')"
+    assert browser.evaluate(f"[{service}.dataset.admin, {service}.dataset.adminPhase]") == ["disabled", "withdrawn"]
+    head = f"{service}.querySelector('.service-head .badge.disabled')"
+    assert browser.evaluate(f"{head}.textContent") == "disabled · withdrawn"
+    assert browser.evaluate(f"{head}.title").startswith("VIP disabled by bob (uid 0, pid 4343) at 2026-12-01T20:16:40Z")
+    vip = "document.querySelector('li[data-vip=\"2001:db8::53/128\"]')"
+    assert browser.evaluate(f"[{vip}.dataset.admin, {vip}.dataset.adminPhase, {vip}.dataset.announced]") == [
+        "disabled", "withdrawn", "false"]
+    assert "lbnode enable 2001:db8::53" in browser.evaluate(f"{vip}.textContent")  # the reason says how to undo
+    assert browser.evaluate("document.querySelector('li[data-vip=\"192.0.2.10/32\"]').dataset.announced") == "true"
+
+
+def test_the_console_draws_loads_and_weights_and_shows_drained_backends_and_disabled_vips(tmp_path: Path) -> None:
     """The console's spot for load-aware weights, fed a document that has them (and a backend
-    drained by the runtime controls), served by the real listener in a namespace of its own."""
+    drained and a VIP disabled by the runtime controls), served by the real listener in a
+    namespace of its own."""
     ARTIFACTS.mkdir(exist_ok=True)
     with Lab(prefix="lbw") as lab:
         ns = lab.netns("ui")
@@ -200,9 +205,36 @@ def test_the_console_draws_loads_and_weights_and_shows_a_drained_backend(tmp_pat
                                       "r.getAttribute('width'))")
             assert widths[:3] == ["25.0%", "50.0%", "66.7%"]  # 10.0.0.11: observed, configured, effective shares
             row = "document.querySelector('tr[data-backend=\"10.0.0.13:80\"]')"
-            assert browser.evaluate(f"{row}.dataset.state") == "drained"
+            assert browser.evaluate(f"{row}.dataset.state") == "disabled"  # in the config
             assert browser.evaluate(f"{row}.querySelector('td:nth-child(4)').textContent") == "1"  # effective
+            check_admin_shown(browser)
             wait_for(browser, "Number(document.body.dataset.polls) >= 5", timeout_s=20, what="five polls")
             shot = browser.screenshot(ARTIFACTS / "console-weights.png")
         lab.stop(server)
     print(f"\nscreenshot: {shot}")
+
+
+def test_a_real_node_whose_listener_cannot_bind_exits_2_with_one_line_and_detaches(tmp_path: Path) -> None:
+    """`lbnode` itself (bcc, XDP on the lab's veth) with the listener's port already taken in its
+    namespace: the address is known bad only at start-up, after the attach; the node detaches and
+    the command exits with the bad-config code and the one-line reason, not a traceback."""
+    with Lab(prefix="lbw") as lab:
+        e = EcmpLab(lab, tmp_path, nodes=2)
+        try:
+            ns = e.nodes["node1"].ns
+            holder = lab.spawn(ns, sys.executable, "-c",
+                               "import signal, socket\ns = socket.socket()\ns.bind(('127.0.0.1', 9473))\n"
+                               "s.listen()\nprint('ready', flush=True)\nsignal.pause()", stdout=subprocess.PIPE)
+            assert holder.stdout is not None and holder.stdout.readline().strip() == b"ready"
+            code = e.start_node("node1").wait(timeout=120)
+            log = e.node_log("node1")
+            assert code == 2, log
+            in_use = "lbnode: http.listen: cannot listen on 127.0.0.1:9473: Address already in use"
+            assert log.splitlines()[-1] == in_use, log
+            assert "Traceback" not in log, log
+            assert "prog/xdp" not in lab.ns_run(ns, "ip", "-d", "link", "show", "eth0").stdout  # detached
+            assert not e.status_socket("node1").exists()
+            lab.stop(holder)
+            print(f"\nnode1's output:\n{log}")
+        finally:
+            e.close()

@@ -14,6 +14,7 @@ from bgp.bfd.session import BfdStatus
 from bgp.peer import PeerStatus
 from bpf.counters import Counters
 from bpf.structs import BackendStats, ServiceStats, Stat
+from cluster.admin import AdminState, Mark, VipMark
 from cluster.config import IPAddress, load_text
 from cluster.desired import View, decide
 from cluster.metrics import Snapshot
@@ -67,7 +68,18 @@ class FakeSource:
         return self.index.setdefault(("b", vip, port, proto, address), len(self.index))
 
 
-def unit_inputs() -> StatusInputs:
+def admin_state() -> AdminState:
+    """What `lbnode drain 10.0.0.12 --service web` and `lbnode disable 2001:db8::53` leave (the
+    VIP still in its grace: withdrawn)."""
+    return AdminState(
+        drained={("web", ipaddress.ip_address("10.0.0.12")): Mark("alice (uid 0, pid 4242)", "2026-12-01T20:15:02Z")},
+        disabled={ipaddress.ip_address("2001:db8::53"): VipMark("bob (uid 0, pid 4343)", "2026-12-01T20:16:40Z",
+                                                                stop_new_at=1e9)})
+
+
+def unit_inputs(admin: AdminState | None = None) -> StatusInputs:
+    """`admin`: runtime admin state (default: none)."""
+    admin = admin if admin is not None else AdminState()
     config = load_text(CONFIG, NODE_IP)
     healths = [ServiceHealth(h, 0.0) for s in config.services for h in s.health_configs()]
     for health in healths:
@@ -78,7 +90,7 @@ def unit_inputs() -> StatusInputs:
                                error=None if ok else "timeout after 500 ms connecting")
     healthy = {h.config.name: frozenset(h.usable_backends()) for h in healths}
     macs = {b.address: f"02:00:00:00:00:{i:02x}" for s in config.services for i, b in enumerate(s.backends)}
-    desired = decide(View(config, healthy, macs, ready=True))
+    desired = decide(View(config, healthy, macs, ready=True, admin=admin))
     bfd = BfdStatus(peer="10.0.0.254", state="UP", remote_state="UP", local_diag="NONE", remote_diag=0,
                     local_discriminator=1, remote_discriminator=2, tx_interval_ms=100.0, detection_time_ms=300.0,
                     poll_active=False, packets_sent=50, packets_received=49, send_errors=0, up_transitions=1,
@@ -93,6 +105,7 @@ def unit_inputs() -> StatusInputs:
         node={"ip": str(NODE_IP), "interface": "eth0", "xdp": "native", "state": "serving", "config": None,
               "reloads": {"ok": 1, "refused": 0}, "last_reload_error": None, "forwarding_problem": None,
               "xdp_reattached": 0, "announced": [str(p) for p in desired.routes],
+              "admin": admin.document(),
               "http": ["http://127.0.0.1:9473"], "withheld": {str(p): r for p, r in desired.withheld.items()}},
         flows={"entries": 12, "table_size": 262144},
         loop={"max_stall_ms": 12.5, "window_stall_ms": 3.0, "window_s": 10.0, "max_step_ms": 12.5,
@@ -102,12 +115,12 @@ def unit_inputs() -> StatusInputs:
     )
 
 
-def unit_document() -> dict[str, Any]:
-    return document(unit_inputs(), FakeSource())
+def unit_document(admin: AdminState | None = None) -> dict[str, Any]:
+    return document(unit_inputs(admin), FakeSource())
 
 
-def unit_snapshot() -> Snapshot:
-    inputs = unit_inputs()
+def unit_snapshot(admin: AdminState | None = None) -> Snapshot:
+    inputs = unit_inputs(admin)
     return Snapshot(document(inputs, FakeSource()), inputs.health)
 
 

@@ -72,9 +72,15 @@ function weightOf(w) {
   return {configured: w};
 }
 
+// The runtime controls (`lbnode drain`, `lbnode disable`): who and when, for a tooltip.
+function adminNote(what, o) { return `${what} by ${o.admin_by || "?"} at ${o.admin_at || "?"}`; }
+
+const PHASES = {withdrawn: "route withdrawn; new flows still taken until the grace ends",
+                stopped: "no new flows; pinned flows go on"};
+
 function backendState(b) {
-  if (b.drained) return ["drained", "drained"];
-  if (b.disabled) return ["disabled", "disabled"];
+  if (b.admin === "drained") return ["drained", "drained"];  // at run time; `disabled` is true then too
+  if (b.disabled) return ["disabled", "disabled"];  // in the config
   if (!b.usable) return ["down", "down"];
   if (!b.in_hash) return [b.mac ? "out of hash" : "no MAC", "nomac"];
   return ["up", "up"];
@@ -100,10 +106,15 @@ function renderHeader(doc) {
 function renderVips(doc) {
   const list = document.getElementById("vip-list");
   list.replaceChildren();
+  const disabled = new Map(((doc.node.admin || {}).disabled || []).map(d => [d.vip, d]));
   for (const p of doc.node.announced) list.append(el("li", {"data-vip": p, "data-announced": "true"}, p + " ",
                                                       badge("announced")));
   for (const [p, why] of Object.entries(doc.node.withheld)) {
-    list.append(el("li", {"data-vip": p, "data-announced": "false"}, p + " ", badge("withheld"),
+    const d = disabled.get(p.split("/")[0]);
+    const state = d ? Object.assign(badge(`disabled · ${d.phase}`, "disabled"), {title: PHASES[d.phase] || ""})
+                    : badge("withheld");
+    list.append(el("li", {"data-vip": p, "data-announced": "false", "data-admin": d ? "disabled" : "",
+                          "data-admin-phase": d ? d.phase : ""}, p + " ", state,
                    el("span", {class: "reason", text: why})));
   }
 }
@@ -111,8 +122,12 @@ function renderVips(doc) {
 function renderServices(doc, at) {
   const out = [];
   for (const s of doc.services) {
+    const admin = s.admin === "disabled"
+      ? Object.assign(badge(`disabled · ${s.admin_phase}`, "disabled"),
+                      {title: `${adminNote("VIP disabled", s)}: ${PHASES[s.admin_phase] || s.admin_phase}`})
+      : null;
     const head = el("div", {class: "service-head"},
-      el("span", {class: "name", text: s.name}), badge(s.up ? "up" : "down"),
+      el("span", {class: "name", text: s.name}), badge(s.up ? "up" : "down"), admin,
       el("span", {class: "muted", text: `${s.usable} of ${s.backends.length} usable, need ${s.need} · ` +
                                         `${s.new_flows} new flows · ${s.drops} drops`}));
     const pps = rate(`s/${s.name}/p`, s.packets, at), bps = rate(`s/${s.name}/b`, s.bytes * 8, at);
@@ -121,11 +136,13 @@ function renderServices(doc, at) {
     const body = el("tbody");
     for (const b of s.backends) {
       const [label, cls] = backendState(b);
+      const state = badge(label, cls);
+      if (b.admin === "drained") state.title = adminNote("drained", b) + "; pinned flows go on";
       const w = weightOf(b.weight);
       const bp = rate(`b/${s.name}/${b.backend}/p`, b.packets, at);
       const bb = rate(`b/${s.name}/${b.backend}/b`, (b.bytes || 0) * 8, at);
       body.append(el("tr", {"data-service": s.name, "data-backend": b.backend, "data-state": cls},
-        el("td", {text: b.backend}), el("td", {}, badge(label, cls)),
+        el("td", {text: b.backend}), el("td", {}, state),
         el("td", {class: "num", text: String(w.configured ?? "–")}),
         el("td", {class: "num", text: w.effective === undefined ? "–" : String(w.effective)}),
         el("td", {class: "num", text: String(b.new_flows)}),
@@ -135,7 +152,8 @@ function renderServices(doc, at) {
     const table = el("table", {class: "backends"},
       el("thead", {}, el("tr", {}, ...["backend", "state", "weight", "effective", "new flows", "packets/s",
                                        "bits/s", "last error"].map(t => el("th", {text: t})))), body);
-    out.push(el("div", {class: "service", "data-service": s.name}, head, table));
+    out.push(el("div", {class: "service", "data-service": s.name, "data-admin": s.admin || "",
+                        "data-admin-phase": s.admin_phase || ""}, head, table));
   }
   document.getElementById("service-list").replaceChildren(...out);
 }

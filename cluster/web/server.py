@@ -40,6 +40,10 @@ class Listener:
         self.app = App(status, self._metrics.get)
         self.urls: tuple[str, ...] = ()  # where it listens now (empty: not listening)
 
+    def invalidate(self) -> None:
+        """After a change a scraper will look for (`lbnode drain`): the next scrape is built anew."""
+        self._metrics.invalidate()
+
     async def run(self, config: HttpConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if not config.enabled:
             task_status.started()
