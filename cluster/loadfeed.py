@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,6 +65,9 @@ class LoadFeed:
         self._dirty: set[str] = set(self.shares)  # the first relay reports every service's state
         self._wake = trio.Event()
         self._wake.set()
+        # name -> (leader, epoch, wall-clock s) of the publication hashed with, and when it came:
+        # nodes share a clock in the lab, so status readers measure how far apart nodes adopt one.
+        self._adopted: dict[str, tuple[int, int, float]] = {}
 
     def receive(self, node_id: int, load: Load) -> None:
         """Flow sync's `load_sink`: on the loop, never blocks."""
@@ -73,9 +77,12 @@ class LoadFeed:
 
     def snapshot(self) -> dict[str, Any]:
         """For the status document: leader and counters per service."""
-        return {name: {"leader": share.leader, "epoch": share.published.epoch if share.published else 0,
-                       "counters": dict(share.counters)}
-                for name, share in self.shares.items()}
+        out = {}
+        for name, share in self.shares.items():
+            leader, epoch, at = self._adopted.get(name, (0, 0, 0.0))
+            out[name] = {"leader": share.leader, "published_by": leader, "epoch": epoch, "adopted_at": at,
+                         "counters": dict(share.counters)}
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -164,6 +171,9 @@ class LoadFeed:
     # ---- to the inbox --------------------------------------------------------------------------
 
     def _changed(self, name: str) -> None:
+        p = self.shares[name].published
+        if p is not None and self._adopted.get(name, (0, 0))[:2] != (p.leader, p.epoch):
+            self._adopted[name] = (p.leader, p.epoch, time.time())
         self._dirty.add(name)
         self._wake.set()
 
