@@ -25,7 +25,7 @@ import trio
 from bpf.structs import IPAddress
 from cluster.config import ServiceConfig
 from cluster.events import Inbox, WeightsPublished
-from cluster.loadshare import Reading, ServiceShare, service_id, shares_for
+from cluster.loadshare import Reading, ServiceShare, leader, service_id, shares_for
 from cluster.status_doc import StatusSource
 from cluster.sync.codec import Load, LoadState
 from cluster.weighting import WeightingMode
@@ -72,7 +72,14 @@ class LoadFeed:
     def receive(self, node_id: int, load: Load) -> None:
         """Flow sync's `load_sink`: on the loop, never blocks."""
         share = self._by_id.get(load.service_id)
-        if share is not None and share.receive(node_id, load, trio.current_time()):
+        if share is None:
+            return
+        transport = self._transport()
+        if transport is not None:
+            # The leader as of now, not as of our last tick: at a failover the new leader's first
+            # publication is taken as soon as we too see the old one dead, not up to an interval later.
+            share.leader = leader(self.node_id, transport.ready, transport.members())
+        if share.receive(node_id, load, trio.current_time()):
             self._changed(share.config.name)
 
     def snapshot(self) -> dict[str, Any]:
