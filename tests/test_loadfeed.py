@@ -101,7 +101,7 @@ async def test_three_feeds_publish_the_same_weights_to_every_inbox() -> None:
             nursery.start_soon(consume, n)
             await nursery.start(net.feeds[n].run)
         with trio.fail_after(10):
-            while not all(seen[n] and seen[n][-1].published is not None
+            while not all(seen[n] and seen[n][-1].published is not None  # noqa: ASYNC110  # no event; under fail_after
                           and seen[n][-1].published.backends[ip("10.1.0.1")].observed == 90.0 for n in NODES):
                 await trio.sleep(0.05)
         last = {n: seen[n][-1].published for n in NODES}
@@ -114,7 +114,8 @@ async def test_three_feeds_publish_the_same_weights_to_every_inbox() -> None:
 
         net.down.add(NODES[0])  # the leader dies: the others no longer count it a member, node 2 leads
         with trio.fail_after(10):
-            while not all(net.feeds[n].snapshot()["web"]["published_by"] == NODES[1] for n in NODES[1:]):
+            while not all(net.feeds[n].snapshot()["web"]["published_by"] == NODES[1]  # noqa: ASYNC110  # as above
+                          for n in NODES[1:]):
                 await trio.sleep(0.05)
         assert all(net.feeds[n].snapshot()["web"]["leader"] == NODES[1] for n in NODES[1:])
 
