@@ -134,12 +134,12 @@ class LoadFeed:
                 if w.mode is WeightingMode.AGENT:
                     assert w.agent_port is not None
                     memory = self._agents.setdefault((service.name, address), AgentMemory())
-                    agent = await agent_reading(memory, str(address), w.agent_port, w.timeout_s)
+                    agent = await agent_reading(memory, str(address), w.agent_port, w.timeout_ms / 1000)
                     out[address] = Reading(agent.value, LoadState[agent.state.upper()]) if agent else Reading()
                 else:
                     check = next(c for c in service.checks if c.http is not None)
                     value = await http_load(check, str(address), service.ports[0], w.http_header,
-                                            w.http_json_field, w.timeout_s, context)
+                                            w.http_json_field, w.timeout_ms / 1000, context)
                     out[address] = Reading(value, LoadState.OK) if value is not None else Reading()
 
         async with trio.open_nursery() as nursery:
