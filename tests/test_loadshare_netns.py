@@ -32,7 +32,11 @@ HEARTBEAT_S = 1.0  # sync.heartbeat_s (the default)
 
 
 class WeightLab(EcmpLab):
-    """Three nodes; the service is weighted by agents whose replies change every second."""
+    """Three nodes; the service is weighted by agents whose replies change every second (or,
+    with `weighting` set, as that says)."""
+
+    weighting: dict[str, Any] = {"mode": "agent", "agent_port": AGENT_PORT, "interval_ms": 500, "timeout_ms": 200,
+                                 "max_step": 4.0}
 
     def __init__(self, lab: Lab, workdir: Path) -> None:
         super().__init__(lab, workdir, nodes=3, backends=3)
@@ -40,8 +44,7 @@ class WeightLab(EcmpLab):
 
     def node_config(self, name: str, *, sync: bool = True) -> dict[str, Any]:
         cfg = super().node_config(name, sync=sync)
-        cfg["services"][0]["weighting"] = {"mode": "agent", "agent_port": AGENT_PORT, "interval_ms": 500,
-                                           "timeout_ms": 200, "max_step": 4.0}
+        cfg["services"][0]["weighting"] = dict(self.weighting)
         return cfg
 
     def start_agents(self) -> None:
@@ -55,12 +58,16 @@ class WeightLab(EcmpLab):
 
 
 @pytest.fixture
-def weight_lab(tmp_path: Path) -> Iterator[WeightLab]:
+def weight_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[WeightLab]:
     with Lab(prefix="lbw") as lab:
         e = WeightLab(lab, tmp_path)
+        weighting = getattr(request, "param", None)
+        if weighting is not None:
+            e.weighting = weighting
         try:
             e.start_backends()
-            e.start_agents()
+            if e.weighting["mode"] == "agent":
+                e.start_agents()
             e.start_router()
             yield e
         finally:
@@ -138,3 +145,35 @@ def test_weights_change_every_second_agree_on_every_node_and_never_move_a_pinned
     assert mismatches <= samples // 50, "the view digests match while the weights change"
     for node in survivors:
         assert "Traceback" not in e.node_log(node)
+
+
+def observed_connections(e: WeightLab, node: str) -> tuple[float, ...] | None:
+    """The cluster's active connections per backend as `node` shows them (echo port row)."""
+    status = e.node_status(node)
+    if not status:
+        return None
+    row = next(r for r in status["services"] if r["name"].endswith(":9000"))
+    observed = tuple(b["weight"]["observed"] for b in row["backends"])
+    return None if any(o is None for o in observed) else observed
+
+
+@pytest.mark.parametrize("weight_lab", [{"mode": "leastconn", "interval_ms": 500}], indirect=True)
+def test_leastconn_every_node_sees_the_clusters_connection_counts(weight_lab: WeightLab) -> None:
+    """Each node counts the flows it pinned minus the ones it saw close; the leader's sum is the
+    cluster's count, the same on every node: the long connections, up and after they close."""
+    e = weight_lab
+    for node in e.nodes:
+        e.start_node(node)
+    e.wait_next_hops(NODES, timeout_s=60)
+    load = Load(e, long=LONG, short_rate=1)
+
+    def counted(total: int) -> bool:
+        seen = [observed_connections(e, n) for n in e.nodes]
+        return all(s is not None and abs(sum(s) - total) <= 2 for s in seen) and len(set(seen)) == 1
+
+    wait_until(lambda: counted(LONG), timeout_s=20, what=f"{LONG} connections counted on every node")
+    counts = observed_connections(e, "node1")
+    report = load.stop()
+    assert report["long"]["lost"] == {}, report
+    assert counts is not None and all(c > 0 for c in counts), counts  # spread over the three backends
+    wait_until(lambda: counted(0), timeout_s=20, what="the closed connections uncounted on every node")
