@@ -19,13 +19,14 @@ pytestmark = pytest.mark.unit
 
 ip = ipaddress.ip_address
 NODES = (0x0A000001, 0x0A000002, 0x0A000003)
-CONFIG = load_text("""services:
+CONFIG_TEXT = """services:
   - name: web
     vips: [192.0.2.10]
     ports: [80]
     weighting: {mode: leastconn, interval_ms: 100}
     backends: [{address: 10.1.0.1, capacity: 1}, {address: 10.1.0.2, capacity: 4}]
-""", ip("10.0.0.1"))
+"""
+CONFIG = load_text(CONFIG_TEXT, ip("10.0.0.1"))
 
 
 @dataclass
@@ -119,8 +120,17 @@ async def test_three_feeds_publish_the_same_weights_to_every_inbox() -> None:
                 await trio.sleep(0.05)
         assert all(net.feeds[n].snapshot()["web"]["leader"] == NODES[1] for n in NODES[1:])
 
-        # A reload with the same service keeps the published weights for the inbox.
+        # A reload: the same service keeps its share; a changed one its weights if its backends
+        # and load settings are the same; a removed one is reported as None.
         feed = net.feeds[NODES[2]]
-        again = LoadFeed(CONFIG.services, NODES[2], inboxes[NODES[2]], lambda: None, lambda: None, previous=feed)
-        assert again.shares["web"].published == feed.shares["web"].published
+        share = feed.shares["web"]
+        feed.reconfigure(CONFIG.services)
+        assert feed.shares["web"] is share
+        moved = load_text(CONFIG_TEXT.replace("vips: [192.0.2.10]", "vips: [192.0.2.11]"), ip("10.0.0.1"))
+        feed.reconfigure(moved.services)
+        assert feed.shares["web"] is not share and feed.shares["web"].published == share.published
+        feed.reconfigure(())
+        with trio.fail_after(5):
+            while not (seen[NODES[2]] and seen[NODES[2]][-1].published is None):  # noqa: ASYNC110  # no event
+                await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
