@@ -205,9 +205,9 @@ class SyncEngine:
         accept the new current and next. Numbering and peer state go on unchanged."""
         self.keys = keys
 
-    def set_digest(self, digest: bytes) -> None:
+    def set_digest(self, digest: bytes, now: float = -math.inf) -> None:
         self.digest = digest
-        self.policy.our_digest = digest
+        self.policy.set_our_digest(digest, now)
 
     def digest_heartbeat(self, now: float) -> list[Action]:
         """After our digest changed: a heartbeat now (at most one per PROMPT_HEARTBEAT_S, else at
@@ -266,7 +266,7 @@ class SyncEngine:
             return [Install(codec.check_flow_records(body), node, False)] if header.count else []
         hb = codec.heartbeat(body)
         was = self.policy.peers[node].digest
-        self.policy.heartbeat(node, hb)
+        self.policy.heartbeat(node, hb, now)
         self.heard[node] = header.incarnation
         out: list[Action] = self._check_resync(now)
         # Warned once per differing digest, and only when two heartbeats in a row carry it: views

@@ -236,10 +236,11 @@ class FlowSync:
         `dataplane.apply()`: it also drops cached index translations."""
         if len(digest) != codec.DIGEST_BYTES:
             digest = hashlib.blake2b(digest, digest_size=codec.DIGEST_BYTES).digest()
-        self.engine.set_digest(digest)
+        running = self._sock is not None
+        self.engine.set_digest(digest, trio.current_time() if running else -math.inf)
         self._digest_set = True
         self._rows.clear()
-        if self._sock is not None:  # running: peers hear the new digest now (engine.digest_heartbeat)
+        if running:  # peers hear the new digest now (engine.digest_heartbeat)
             self._act(self.engine.digest_heartbeat(trio.current_time()))
 
     def ring_pending_bytes(self) -> int:
