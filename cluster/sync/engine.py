@@ -215,12 +215,16 @@ class SyncEngine:
         heartbeat later. Load-aware weights change the digest every few intervals on every node
         at once (cluster/loadshare.py); without this a peer's heartbeat sent just before its
         change would read as a mismatch for a whole heartbeat interval."""
-        if self.digest == self._heartbeat_digest:
+        at = self.digest_heartbeat_at()
+        if at is None or now < at:
             return []
-        if now - self._last_heartbeat >= PROMPT_HEARTBEAT_S:
-            return [self.heartbeat(now)]
-        self._next_heartbeat = min(self._next_heartbeat, self._last_heartbeat + PROMPT_HEARTBEAT_S)
-        return []
+        return [self.heartbeat(now)]
+
+    def digest_heartbeat_at(self) -> float | None:
+        """When `digest_heartbeat` will send (None: the last heartbeat carried our digest)."""
+        if self.digest == self._heartbeat_digest:
+            return None
+        return self._last_heartbeat + PROMPT_HEARTBEAT_S
 
     def start(self, now: float, wall_s: float | None = None) -> None:
         """We listen from `now` (see policy.ReceivePolicy.start)."""
