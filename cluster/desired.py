@@ -19,6 +19,10 @@ data plane, BGP, flow sync's digest and `lbnode status` all read:
   is (not passing, so out of the hash, not counted, its pins kept; it changes the digest, so drain
   it on every node). A disabled VIP is withheld (its route withdrawn) at once and, once its grace
   has ended, none of its backends takes new flows; pinned flows go on.
+- load-aware weights (`weights`: the cluster's published weights per service, cluster/loadshare.py)
+  replace a backend's configured weight in the hash and the digest; an agent's `drain` or
+  `maint` makes it disabled (drained: pinned flows go on), `down` makes it fail like a check.
+  Every node hashes with the same publication, so the digest still matches.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from bgp.rib import RouteAttrs
 from bpf.dataplane import BackendSpec, ServiceSpec
 from cluster.admin import STOPPED, AdminState, Mark, VipMark
 from cluster.config import BackendEntry, IPAddress, NodeConfig
+from cluster.loadshare import BackendWeight, Published
+from cluster.sync.codec import LoadState
 from healthcheck.config import BackendId
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -45,6 +51,8 @@ class View:
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
     admin: AdminState = field(default_factory=AdminState)  # drained backends, disabled VIPs
+    # service name -> the published load-aware weights (services with `weighting:` only)
+    weights: Mapping[str, Published] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +66,7 @@ class BackendState:
     disabled: bool
     passing: bool  # its health checks pass and it is not drained (the checker's "usable")
     admin: Mark | None = None  # drained at run time (`lbnode drain`): by whom, when
+    configured_weight: int | None = None  # from the config, when `weight` is a published load-aware one
 
     @property
     def usable(self) -> bool:
@@ -118,10 +127,16 @@ def backend_key(address: IPAddress, port: int) -> BackendId:
 
 
 def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str],
-                  drained: Mark | None = None) -> BackendState:
+                  drained: Mark | None = None, published: BackendWeight | None = None) -> BackendState:
     key = BackendId(b.address, port)
-    return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled or drained is not None,
-                        passing=key in healthy and drained is None, admin=drained)
+    if published is None:
+        return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled or drained is not None,
+                            passing=key in healthy and drained is None, admin=drained)
+    disabled = b.disabled or drained is not None or published.state in (LoadState.DRAIN, LoadState.MAINT)
+    passing = (key in healthy and drained is None
+               and published.state not in (LoadState.DRAIN, LoadState.MAINT, LoadState.DOWN))
+    return BackendState(key, b.address, published.weight, macs.get(b.address), disabled, passing=passing,
+                        admin=drained, configured_weight=b.weight)
 
 
 def disabled_reason(vip: IPAddress, mark: VipMark) -> str:
@@ -138,8 +153,10 @@ def decide(view: View) -> Desired:
             for port in service.ports:
                 name = service.health_name(vip, port)
                 healthy = view.healthy.get(name, frozenset())
+                published = view.weights.get(service.name)
                 backends = tuple(backend_state(b, port, healthy, view.macs,
-                                               view.admin.drain_mark(service.name, b.address))
+                                               view.admin.drain_mark(service.name, b.address),
+                                               published.backends.get(b.address) if published else None)
                                  for b in service.backends)
                 vip_mark = view.admin.vip_mark(vip)
                 state = ServiceState(name, vip, port, service.proto, service.need, backends,

@@ -51,12 +51,15 @@ from cluster.applier import Applier
 from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
 from cluster.desired import NOT_READY, Prefix, View, decide
-from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
+from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged, WeightsPublished
 from cluster.lifecycle import Component, Supervisor
+from cluster.loadfeed import LoadFeed, LoadTransport
+from cluster.loadshare import Published, changes_hash
 from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.status import DocumentCache, Peer
 from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
+from cluster.sync.identity import node_id_of
 from cluster.web import Listener
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
@@ -95,6 +98,8 @@ class Node:
         self._macs: dict[IPAddress, str] = {}
         self._digest_mismatch = False
         self._established = 0
+        self._weights: dict[str, Published] = {}  # load-aware weights the cluster published, per service
+        self._load: LoadFeed | None = None
         self._inbox = Inbox()
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._mac = args.mac
@@ -153,6 +158,7 @@ class Node:
                 nursery.start_soon(self._maintain_flows)
                 await nursery.start(self._neighbours.run)
                 await self._start("health", self._run_health)
+                await self._start("load", self._run_load)
                 await self.applied()  # flows resynced from peers need our services' indexes
                 nursery.start_soon(self._admin.run, self.reconcile)
                 await nursery.start(serve_status, self.args.status_socket, self.status, self._control)
@@ -263,6 +269,8 @@ class Node:
                 await self._start("sync", self._run_sync)
         if new.http != old.http:
             await self._restart("http", self._run_http)
+        if self._load is not None:
+            self._load.reconfigure(new.services)  # synchronous: unchanged services keep their weights
         if new.bgp != old.bgp:
             await self._shutdown_speaker()  # withdraw and close the sessions; a bare cancel would not
             await self._stop("bgp")
@@ -294,6 +302,12 @@ class Node:
 
     async def _run_http(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._web.run(self.config.http, task_status=task_status)
+
+    async def _run_load(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._load = feed = LoadFeed(self.config.services, node_id_of(self.args.ip), self._inbox,
+                                     lambda: self._sync if isinstance(self._sync, LoadTransport) else None,
+                                     lambda: self._dp)
+        await feed.run(task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
@@ -337,6 +351,11 @@ class Node:
         elif isinstance(event, SessionsChanged):
             self._established = event.established
             return self._sessions_changed()
+        elif isinstance(event, WeightsPublished):
+            old = self._weights.pop(event.service, None)
+            if event.published is not None:
+                self._weights[event.service] = event.published
+            return changes_hash(old, event.published)
         else:
             return False
         return True
@@ -435,7 +454,7 @@ class Node:
     def view(self) -> View:
         return View(self.config, self._healthy, self._macs,
                     self._ready and not self._blocked_by_digest() and self._forwarding_problem is None,
-                    self._admin.state)
+                    self._admin.state, weights=self._weights)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
@@ -508,6 +527,8 @@ class Node:
             loop=self._loop_watch.snapshot(),
             bgp=bgp,
             sync=self._sync.snapshot() if self._sync is not None else None,
+            weights=dict(self._weights),
+            load=self._load.snapshot() if self._load is not None else None,
         )
 
     def snapshot(self) -> dict[str, Any]:

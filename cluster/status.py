@@ -172,6 +172,17 @@ def query(path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
     return document
 
 
+def _weight(w: Any) -> str:
+    """`2` (static), or configured/observed->effective for load-aware weights: `1/0.73->12`."""
+    if not isinstance(w, dict):
+        return str(w)
+    if w.get("multiplier") is None:
+        return str(w["effective"])
+    observed = "-" if w["observed"] is None else f"{w['observed']:g}"
+    agent = f" agent={w['agent']}" if w.get("agent") else ""
+    return f"{w['configured']}/{observed}->{w['effective']}{agent}"
+
+
 def render(status: dict[str, Any]) -> str:
     node = status["node"]
     lines = [f"node {node['ip']} on {node['interface']} ({node['xdp']}): {node['state']}"]
@@ -189,7 +200,7 @@ def render(status: dict[str, Any]) -> str:
                       else "no new") if b["usable"]
                      else "drained" if b.get("admin") else "disabled" if b["disabled"] else "down")
             admin = f"drained by {b.get('admin_by')} at {b.get('admin_at')}  " if b.get("admin") else ""
-            lines.append(f"    {b['backend']:28} {state:8} weight={b['weight']} mac={b['mac'] or '?'}"
+            lines.append(f"    {b['backend']:28} {state:8} weight={_weight(b['weight'])} mac={b['mac'] or '?'}"
                          f"  packets={b['packets']} new_flows={b['new_flows']}  {admin}{b['last_error'] or ''}")
     bgp = status.get("bgp")
     if bgp:
@@ -200,6 +211,9 @@ def render(status: dict[str, Any]) -> str:
             error = f"  last error: {peer['last_error']}" if peer.get("last_error") else ""
             lines.append(f"  peer {peer['address']:24} {peer['state']}{bfd_text}{error}")
         lines.append(f"  announced: {', '.join(bgp['announced']) or '(none)'}")
+    for name, share in (status.get("load") or {}).items():
+        lines.append(f"load {name}: leader node {share['leader']:#x}, weights of node {share['published_by']:#x} "
+                     f"epoch {share['epoch']}")
     sync = status.get("sync")
     if sync:
         lines.append(f"sync: {json.dumps(sync, default=str)}")

@@ -53,7 +53,7 @@ class FakeSource:
         n = 64  # more than the indexes handed out
         services = np.array([[10 * self.step * (i + 1), 1500 * self.step * (i + 1), self.step, i]
                              for i in range(n)], dtype=np.uint64)
-        backends = np.array([[7 * self.step * (i + 1), 900 * self.step * (i + 1), self.step] for i in range(n)],
+        backends = np.array([[7 * self.step * (i + 1), 900 * self.step * (i + 1), self.step, 0] for i in range(n)],
                             dtype=np.uint64)
         assert services.shape[1] == len(ServiceStats._fields_) and backends.shape[1] == len(BackendStats._fields_)
         return Counters(services, backends)
