@@ -1,0 +1,153 @@
+"""The load lab's measurements, pure: occupancy meters, the agent's reply, spread and settle time.
+
+Theory of operation. A simulated backend (examples/lab/loadsim.py) serves at most `capacity`
+requests at once, each for a fixed service time; further requests wait in a queue. Two step
+functions of time describe it: `busy` (requests in service, 0..capacity) and `load` (in service
+plus waiting, like a Unix load average counts runnable tasks). `Occupancy` keeps the integral of
+such a step function, so the average over any interval is a difference of two integrals divided
+by the interval: exact, with no sampling error, whatever the request rate.
+
+    utilisation = mean busy / capacity      (0..1; what the plot shows and the spread compares)
+    load        = mean (busy + waiting)     (capacity units; can exceed capacity when queueing)
+
+The agent reports over a trailing window (`Window`, `AgentReply`); the lab's sampler reads the
+raw integrals and computes its own intervals. Spread and settle time are computed from the
+sampler's series, after the run.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+_MIN_UTILISATION = 1e-3  # a backend that served nothing makes the spread large, not infinite
+
+
+@dataclass(slots=True)
+class Occupancy:
+    """The integral over time of a step function (requests in service, say)."""
+
+    value: int = 0
+    integral: float = 0.0  # value-seconds up to `since_s`
+    since_s: float = 0.0
+
+    def set(self, now_s: float, value: int) -> None:
+        self.integral = self.integral_at(now_s)
+        self.since_s = now_s
+        self.value = value
+
+    def integral_at(self, now_s: float) -> float:
+        return self.integral + self.value * max(0.0, now_s - self.since_s)
+
+
+@dataclass(slots=True)
+class Window:
+    """A trailing average of an `Occupancy` over about `window_s`, from snapshots taken every
+    `tick_s` (bounded: window_s / tick_s + 2 snapshots)."""
+
+    window_s: float
+    tick_s: float
+    _snapshots: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def snapshot(self, now_s: float, meter: Occupancy) -> None:
+        self._snapshots.append((now_s, meter.integral_at(now_s)))
+        while len(self._snapshots) > 2 and self._snapshots[1][0] <= now_s - self.window_s:
+            self._snapshots.popleft()
+
+    def mean(self, now_s: float, meter: Occupancy) -> float:
+        """The average value since the oldest snapshot still in the window (the current value
+        before the first snapshot)."""
+        if not self._snapshots or now_s <= self._snapshots[0][0]:
+            return float(meter.value)
+        t0, i0 = self._snapshots[0]
+        return (meter.integral_at(now_s) - i0) / (now_s - t0)
+
+
+class AgentStyle(enum.Enum):
+    """What the simulated backend's agent-check port writes (one line, then it closes)."""
+
+    IDLE = "idle"  # "NN%": the idle percentage, 100 * (1 - utilisation), as HAProxy agents commonly do
+    LOAD = "load"  # "load:X.XX": mean load in capacity units over the window (can exceed capacity)
+    UTIL = "util"  # "util:X.XXX": utilisation 0..1
+
+
+def agent_reply(style: AgentStyle, *, utilisation: float, load: float) -> str:
+    """The agent's line for the current window, newline included (HAProxy requires a line end)."""
+    if style is AgentStyle.IDLE:
+        idle = min(100, max(0, math.floor(100 * (1 - utilisation) + 0.5)))
+        return f"up {idle}%\n"
+    if style is AgentStyle.LOAD:
+        return f"up load:{max(0.0, load):.3f}\n"
+    return f"up util:{min(1.0, max(0.0, utilisation)):.4f}\n"
+
+
+def spread(utilisations: Sequence[float]) -> float:
+    """Highest utilisation over lowest (1.0 = perfectly even)."""
+    if not utilisations:
+        raise ValueError("spread of no backends")
+    return max(utilisations) / max(min(utilisations), _MIN_UTILISATION)
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """Between two consecutive samples: each backend's utilisation and the node's weights."""
+
+    start_s: float
+    end_s: float
+    busy_s: Mapping[str, float]  # slot-seconds in service during the interval, per backend
+    capacity: Mapping[str, int]
+    weights: Mapping[str, int]  # effective weights in force at the interval's end (empty if unknown)
+
+    def utilisation(self, name: str) -> float:
+        return self.busy_s[name] / (self.capacity[name] * (self.end_s - self.start_s))
+
+
+def phase_utilisation(intervals: Sequence[Interval], start_s: float, end_s: float) -> dict[str, float]:
+    """Each backend's utilisation over [start_s, end_s], from the intervals that lie inside it:
+    total busy time over total capacity-time, so a long interval counts for its length."""
+    inside = [iv for iv in intervals if iv.start_s >= start_s - 1e-9 and iv.end_s <= end_s + 1e-9]
+    if not inside:
+        raise ValueError(f"no samples between {start_s:.3f} and {end_s:.3f}")
+    names = sorted(inside[0].busy_s)
+    duration = math.fsum(iv.end_s - iv.start_s for iv in inside)
+    return {n: math.fsum(iv.busy_s[n] for iv in inside) / (inside[0].capacity[n] * duration) for n in names}
+
+
+def phase_spread(intervals: Sequence[Interval], start_s: float, end_s: float) -> float:
+    """The spread of a phase: each backend's utilisation averaged over the phase's second half,
+    then the highest over the lowest. Averaging before dividing keeps request-count noise (a
+    small backend serves few requests in a short interval) from inflating the ratio."""
+    mid = (start_s + end_s) / 2
+    return spread(list(phase_utilisation(intervals, mid, end_s).values()))
+
+
+def weight_shares(weights: Mapping[str, int]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {n: (w / total if total else 0.0) for n, w in weights.items()}
+
+
+def settle_time(intervals: Sequence[Interval], start_s: float, end_s: float, *, tolerance: float = 0.2) -> float:
+    """Seconds from `start_s` until every backend's weight share stays within `tolerance`
+    (relative) of its mean over the phase's second half, for the rest of the phase.
+
+    Measured on the weights rather than on utilisation: the weights are the controller's output,
+    free of the request-count noise of short utilisation intervals, and they are what moves
+    traffic. Returns the phase's length if the weights never settle (or never reported).
+    """
+    inside = [iv for iv in intervals if iv.end_s > start_s and iv.end_s <= end_s and iv.weights]
+    if not inside:
+        return end_s - start_s
+    mid = (start_s + end_s) / 2
+    late = [weight_shares(iv.weights) for iv in inside if iv.end_s >= mid]
+    if not late:
+        return end_s - start_s
+    names = sorted(late[0])
+    final = {n: math.fsum(s.get(n, 0.0) for s in late) / len(late) for n in names}
+    settled_at = start_s
+    for iv in inside:
+        shares = weight_shares(iv.weights)
+        if any(abs(shares.get(n, 0.0) - final[n]) > tolerance * final[n] for n in names):
+            settled_at = iv.end_s
+    return settled_at - start_s
