@@ -26,6 +26,9 @@ from bpf.loader import Limits, XdpMode
 from bpf.structs import PROTOCOLS, IPAddress
 from bpf.validate import ConfigError, load_yaml, node_wording
 from cluster.sync.config import SyncConfig
+from cluster.weighting import WeightingConfig
+from cluster.weighting import capacity as _capacity
+from cluster.weighting import from_config as _weighting
 
 __all__ = ["BackendEntry", "ConfigError", "FlowConfig", "IPAddress", "NodeConfig", "ServiceConfig", "load_file",
            "load_text", "normalised"]
@@ -39,6 +42,7 @@ class BackendEntry:
     address: IPAddress
     weight: int = 1
     disabled: bool = False  # drained: out of the hash for new flows, pinned flows continue
+    capacity: float | None = None  # load-aware weighting: utilisation = load / capacity (None: 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class ServiceConfig:
     need: int = 1
     through_vip: bool = True
     route: RouteAttrs = RouteAttrs()  # BGP attributes of this service's VIP routes
+    weighting: WeightingConfig = WeightingConfig()  # where load comes from (cluster.weighting)
 
     @property
     def proto(self) -> int:
@@ -117,8 +122,9 @@ def _hostport(address: IPAddress, port: int) -> str:
 # -- loading ---------------------------------------------------------------------------------------
 
 TOP_KEYS = frozenset({"services", "bgp", "sync", "flows", "xdp", "drain_s"})
-SERVICE_KEYS = frozenset({"name", "vips", "ports", "protocol", "backends", "checks", "need", "through_vip", "route"})
-BACKEND_KEYS = frozenset({"address", "weight", "disabled"})
+SERVICE_KEYS = frozenset({"name", "vips", "ports", "protocol", "backends", "checks", "need", "through_vip", "route",
+                          "weighting"})
+BACKEND_KEYS = frozenset({"address", "weight", "disabled", "capacity"})
 
 
 def load_file(path: str | Path, node_ip: IPAddress, *, check_files: bool = True) -> NodeConfig:
@@ -222,8 +228,10 @@ def _service(data: Any, path: str) -> ServiceConfig:
                    for i, c in enumerate(_v.sequence(checks_raw, f"{path}.checks")))
     need = _v.integer(d, "need", path, 1, 1, max(1, len(backends)))
     route = _route(d.get("route") or {}, f"{path}.route")
+    weighting = _weighting(d.get("weighting"), f"{path}.weighting", any(c.http is not None for c in checks))
     return ServiceConfig(name=name, vips=vips, ports=ports, protocol=protocol, backends=backends, checks=checks,
-                         need=need, through_vip=_v.boolean(d, "through_vip", path, protocol == "tcp"), route=route)
+                         need=need, through_vip=_v.boolean(d, "through_vip", path, protocol == "tcp"), route=route,
+                         weighting=weighting)
 
 
 def _backend(data: Any, path: str, families: set[int]) -> BackendEntry:
@@ -233,7 +241,7 @@ def _backend(data: Any, path: str, families: set[int]) -> BackendEntry:
     if address.version not in families:
         raise ConfigError(f"{path}.address", f"must be IPv{min(families)} like the service's VIPs, got {address}")
     return BackendEntry(address=address, weight=_v.integer(d, "weight", path, 1, 0, 1000),
-                        disabled=_v.boolean(d, "disabled", path, False))
+                        disabled=_v.boolean(d, "disabled", path, False), capacity=_capacity(d, path))
 
 
 def _route(d: Any, path: str) -> RouteAttrs:
