@@ -97,11 +97,11 @@ class Interval:
     start_s: float
     end_s: float
     busy_s: Mapping[str, float]  # slot-seconds in service during the interval, per backend
-    capacity: Mapping[str, int]
+    slots: Mapping[str, int]  # how many requests each backend serves at once
     weights: Mapping[str, int]  # effective weights in force at the interval's end (empty if unknown)
 
     def utilisation(self, name: str) -> float:
-        return self.busy_s[name] / (self.capacity[name] * (self.end_s - self.start_s))
+        return self.busy_s[name] / (self.slots[name] * (self.end_s - self.start_s))
 
 
 def phase_utilisation(intervals: Sequence[Interval], start_s: float, end_s: float) -> dict[str, float]:
@@ -112,7 +112,7 @@ def phase_utilisation(intervals: Sequence[Interval], start_s: float, end_s: floa
         raise ValueError(f"no samples between {start_s:.3f} and {end_s:.3f}")
     names = sorted(inside[0].busy_s)
     duration = math.fsum(iv.end_s - iv.start_s for iv in inside)
-    return {n: math.fsum(iv.busy_s[n] for iv in inside) / (inside[0].capacity[n] * duration) for n in names}
+    return {n: math.fsum(iv.busy_s[n] for iv in inside) / (inside[0].slots[n] * duration) for n in names}
 
 
 def phase_spread(intervals: Sequence[Interval], start_s: float, end_s: float) -> float:
