@@ -54,6 +54,7 @@ class LoadParams:
     reply_bytes: int = 200
     sample_s: float = 0.25
     aware: str = "http"  # phase 2's weighting mode: http (X-Load, the controller) or agent (HAProxy agent-check)
+    agent_style: str = "idle-capacity"  # what the agent port says (loadstats.AgentStyle)
     interval_ms: int = 500  # the node's weighting interval (and its check interval)
     window_ms: int = 1000  # what the backends' X-Load and agent reply average over
     settle_tolerance: float = 0.2
@@ -217,13 +218,12 @@ class LoadLab:
 
     def start_backends(self) -> None:
         p = self.params
-        agent_style = "idle"  # HAProxy agents commonly report idle capacity as their weight percentage
         for b in self.backends:
             proc = self.owner.spawn(
                 b.ns, sys.executable, "-m", "examples.lab.loadsim", "serve", "--name", b.name,
                 "--capacity", str(self.capacity[b.name]), "--slots-per-unit", str(p.slots_per_unit),
                 "--service-ms", str(p.service_ms), "--port", str(WORK_PORT), "--agent-port", str(AGENT_PORT),
-                "--agent-style", agent_style, "--agent-window-ms", str(p.window_ms),
+                "--agent-style", p.agent_style, "--agent-window-ms", str(p.window_ms),
                 "--stats-socket", str(self.stats_socket(b.name)), cwd=REPO, stdout=subprocess.PIPE)
             if read_line(proc, timeout_s=20) != "ready":
                 raise LabError(f"backend {b.name} did not start")

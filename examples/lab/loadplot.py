@@ -31,8 +31,11 @@ def plot(result: LoadResult, path: Path) -> Path:
     for i, name in enumerate(names):
         label = f"{name} (capacity {result.backends[name]})"
         times, utils = [], []
-        for k, iv in enumerate(intervals):
-            window = [w for w in intervals[:k + 1] if w.end_s > iv.end_s - SMOOTH_S]
+        first = 0  # the oldest interval inside the trailing window
+        for iv in intervals:
+            while intervals[first].end_s <= iv.end_s - SMOOTH_S:
+                first += 1
+            window = intervals[first:intervals.index(iv, first) + 1]
             duration = sum(w.end_s - w.start_s for w in window)
             times.append(iv.end_s - t0)
             utils.append(100 * sum(w.busy_s[name] for w in window) / (iv.slots[name] * duration))
@@ -61,9 +64,10 @@ def plot(result: LoadResult, path: Path) -> Path:
     ax_w.set_xlabel("seconds since phase 1 started")
     ax_w.set_ylim(bottom=0)
     p = result.params
-    fig.suptitle(f"lbnode load-aware weights: {p.rate:.0f} new connections/s, {p.service_ms:.0f} ms per request, "
-                 f"{p.slots_per_unit} slots per capacity unit; spread = max/min utilisation over each "
-                 "phase's second half (after the dashed line)", fontsize=9)
+    fig.suptitle(f"lbnode, four backends of capacity {', '.join(str(result.backends[n]) for n in names)}: "
+                 f"{p.rate:.0f} new connections/s, {p.service_ms:.0f} ms per request, {p.slots_per_unit} requests "
+                 "at once per capacity unit\nspread = highest / lowest utilisation over each phase's second half "
+                 "(after the dashed line)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

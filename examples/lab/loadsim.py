@@ -208,7 +208,8 @@ async def serve(args: argparse.Namespace) -> None:
     async def agent(stream: trio.SocketStream) -> None:
         backend.agent_reads += 1
         utilisation, load = backend.recent()
-        await _send_and_close(stream, agent_reply(style, utilisation=utilisation, load=load).encode())
+        line = agent_reply(style, utilisation=utilisation, load=load, capacity=backend.capacity)
+        await _send_and_close(stream, line.encode())
 
     async def stats(stream: trio.SocketStream) -> None:
         await _send_and_close(stream, json.dumps(backend.stats()).encode() + b"\n")
@@ -359,7 +360,7 @@ def main() -> int:
     s.add_argument("--service-ms", type=float, default=80.0)
     s.add_argument("--port", type=int, default=80)
     s.add_argument("--agent-port", type=int, default=9777)
-    s.add_argument("--agent-style", choices=[a.value for a in AgentStyle], default=AgentStyle.IDLE.value)
+    s.add_argument("--agent-style", choices=[a.value for a in AgentStyle], default=AgentStyle.IDLE_CAPACITY.value)
     s.add_argument("--agent-window-ms", type=int, default=1000)
     s.add_argument("--stats-socket", required=True)
     c = sub.add_parser("client")

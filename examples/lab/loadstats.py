@@ -66,21 +66,36 @@ class Window:
 
 
 class AgentStyle(enum.Enum):
-    """What the simulated backend's agent-check port writes (one line, then it closes)."""
+    """What the simulated backend's agent-check port writes (one line, then it closes).
 
-    IDLE = "idle"  # "NN%": the idle percentage, 100 * (1 - utilisation), as HAProxy agents commonly do
-    LOAD = "load"  # "load:X.XX": mean load in capacity units over the window (can exceed capacity)
-    UTIL = "util"  # "util:X.XXX": utilisation 0..1
+    HAProxy reads an agent's `NN%` as a percentage of the configured weight, and so does lbnode's
+    agent mode: the agent's own policy sets the weight. Which policy balances depends on it:
+
+    - IDLE, the machine's idle percentage, is what agents commonly report. With equal configured
+      weights it only narrows the gap: the weights follow idle fractions, not capacities.
+    - IDLE_CAPACITY, idle capacity units (CPUs x idle fraction) as a percentage of one unit, has
+      its fixed point at equal utilisation: with shares s_i and L requests' worth of work over
+      total capacity C, weight_i = c_i - L s_i, and s_i = c_i / C solves s = w / sum(w). It is
+      the naive law, though: one interval's error comes back multiplied by -L / (C - L), so it
+      converges (alternating) below 50% mean utilisation and oscillates above it.
+    - LOAD, `load:X.XXX` (mean requests in service or waiting, in capacity units), is a word
+      HAProxy and lbnode's agent parser ignore; it is here for a node that feeds agent loads to
+      its controller instead.
+    """
+
+    IDLE = "idle"
+    IDLE_CAPACITY = "idle-capacity"
+    LOAD = "load"
 
 
-def agent_reply(style: AgentStyle, *, utilisation: float, load: float) -> str:
+def agent_reply(style: AgentStyle, *, utilisation: float, load: float, capacity: float) -> str:
     """The agent's line for the current window, newline included (HAProxy requires a line end)."""
+    idle = 1 - min(1.0, max(0.0, utilisation))
     if style is AgentStyle.IDLE:
-        idle = min(100, max(0, math.floor(100 * (1 - utilisation) + 0.5)))
-        return f"up {idle}%\n"
-    if style is AgentStyle.LOAD:
-        return f"up load:{max(0.0, load):.3f}\n"
-    return f"up util:{min(1.0, max(0.0, utilisation)):.4f}\n"
+        return f"up {math.floor(100 * idle + 0.5)}%\n"
+    if style is AgentStyle.IDLE_CAPACITY:
+        return f"up {math.floor(100 * capacity * idle + 0.5)}%\n"
+    return f"up load:{max(0.0, load):.3f}\n"
 
 
 def spread(utilisations: Sequence[float]) -> float:
