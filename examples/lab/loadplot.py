@@ -32,10 +32,10 @@ def plot(result: LoadResult, path: Path) -> Path:
         label = f"{name} (capacity {result.backends[name]})"
         times, utils = [], []
         first = 0  # the oldest interval inside the trailing window
-        for iv in intervals:
+        for k, iv in enumerate(intervals):
             while intervals[first].end_s <= iv.end_s - SMOOTH_S:
                 first += 1
-            window = intervals[first:intervals.index(iv, first) + 1]
+            window = intervals[first:k + 1]
             duration = sum(w.end_s - w.start_s for w in window)
             times.append(iv.end_s - t0)
             utils.append(100 * sum(w.busy_s[name] for w in window) / (iv.slots[name] * duration))
