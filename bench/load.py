@@ -4,7 +4,7 @@ Four backends of capacity 1, 2, 4 and 8 behind one real lbnode (examples/lab/loa
 open-loop client; phases static, load-aware, least connections, switched by SIGHUP.
 
     make bench-load
-    .venv/bin/python bench/load.py [--phase-s 20] [--rate 150] [--aware http|agent] [--out PNG]
+    .venv/bin/python bench/load.py [--phase-s 20] [--rate 150] [--aware http|agent] [--nodes 1|3] [--out PNG]
 
 The last line is `static_spread=<x> aware_spread=<y> leastconn_spread=<z> settle_s=<s>
 broken=<n> plot=<png>`. A spread is the highest backend utilisation divided by the lowest, each
@@ -32,10 +32,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=150.0)
     ap.add_argument("--service-ms", type=float, default=80.0)
     ap.add_argument("--aware", choices=["http", "agent"], default="http")
+    ap.add_argument("--nodes", type=int, choices=[1, 3], default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     params = LoadParams(phase_s=args.phase_s, rate=args.rate, service_ms=args.service_ms, aware=args.aware)
-    result = run(params, args.out or default_plot("bench"), prefix="lbbl", verbose=False)
+    result = run(params, args.out or default_plot("bench"), prefix="lbbl", nodes=args.nodes, verbose=False)
     report(result)
     static, aware = result.spread(result.phase("static")), result.spread(result.phase("aware"))
     met = static >= 2 and aware <= 1.3 and result.settle_s(result.phase("aware")) <= 10 and result.broken == 0

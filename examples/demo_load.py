@@ -9,7 +9,8 @@ node's config and SIGHUP. Prints each phase's load spread (the highest backend u
 the lowest, over the phase's second half) and writes a PNG of utilisation and weights over time.
 Tears everything down, also on Ctrl-C or failure. Needs root; about two minutes by default.
 
-    .venv/bin/python -m examples.demo_load [--phase-s 30] [--rate 150] [--aware http|agent] [--out PNG]
+    .venv/bin/python -m examples.demo_load [--phase-s 30] [--rate 150] [--aware http|agent] [--nodes 1|3]
+                                           [--out PNG]
 """
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ def default_plot(kind: str) -> Path:
     return Path(tempfile.gettempdir()) / "lbnode-load" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.png"
 
 
-def run(params: LoadParams, out: Path, *, prefix: str, verbose: bool = True) -> LoadResult:
-    """Build the lab, run the phases, tear down; plot into `out` (also after a partial run)."""
+def run(params: LoadParams, out: Path, *, prefix: str, nodes: int = 1, verbose: bool = True) -> LoadResult:
+    """Build the lab, run the phases, tear down; plot into `out`."""
     progress = (lambda text: print(f"   {text}", flush=True)) if verbose else (lambda text: None)
     with tempfile.TemporaryDirectory(prefix=f"{prefix}-") as workdir, Lab(prefix=prefix) as owner:
-        lab = LoadLab(owner, Path(workdir), params)
+        lab = LoadLab(owner, Path(workdir), params, nodes=nodes)
         try:
             if verbose:
-                say("the lab: client -> node (lbnode, XDP, L2 DSR) -> b1..b4; the VIP lives on the backends' loopback")
+                front = "node (lbnode" if nodes == 1 else f"router (BIRD, ECMP) -> {nodes} nodes (lbnode, flow sync"
+                say(f"the lab: client -> {front}, XDP, L2 DSR) -> b1..b4; the VIP lives on the backends' loopback")
                 for b in lab.backends:
                     print(f"   {b.name} {b.ip4:12} capacity {lab.capacity[b.name]} "
                           f"({lab.capacity[b.name] * params.slots_per_unit} requests at once, "
@@ -63,6 +65,10 @@ def report(result: LoadResult) -> None:
         utils = "  ".join(f"{n} {100 * u:4.1f}%" for n, u in sorted(result.utilisation(phase).items()))
         print(f"   {phase.name:10} {phase.mode:10} {result.spread(phase):7.2f}   {utils}  "
               f"{phase.ok:6d} {phase.broken:5d}")
+    gaps = [(p.name, gap) for p in result.phases if (gap := result.disagreement(p)) is not None]
+    if gaps:
+        print("   nodes' largest disagreement in weight share: "
+              + ", ".join(f"{name} {100 * gap:.1f} points" for name, gap in gaps))
     print(f"   load-aware weights settled in {result.settle_s(result.phase('aware')):.1f}s "
           f"(every weight share within {100 * result.params.settle_tolerance:.0f}% of its final value)")
     if result.errors:
@@ -76,10 +82,12 @@ def main() -> int:
     ap.add_argument("--service-ms", type=float, default=80.0)
     ap.add_argument("--aware", choices=["http", "agent"], default="http",
                     help="phase 2: http (X-Load into the node's controller) or agent (HAProxy agent-check)")
+    ap.add_argument("--nodes", type=int, choices=[1, 3], default=1,
+                    help="1: one node; 3: the ECMP lab (BIRD, BGP, flow sync), which also shows the nodes agree")
     ap.add_argument("--out", type=Path, default=None, help="where the PNG goes")
     args = ap.parse_args()
     params = LoadParams(phase_s=args.phase_s, rate=args.rate, service_ms=args.service_ms, aware=args.aware)
-    result = run(params, args.out or default_plot("demo"), prefix="lbload")
+    result = run(params, args.out or default_plot("demo"), prefix="lbload", nodes=args.nodes)
     say("load spread per phase (1.00 = every backend equally busy)")
     report(result)
     print(f"\nplot: {result.plot}")

@@ -13,6 +13,7 @@ from examples.lab.loadstats import (
     Occupancy,
     Window,
     agent_reply,
+    disagreement,
     phase_spread,
     phase_utilisation,
     settle_time,
@@ -138,3 +139,13 @@ def test_effective_weight_reads_either_status_shape() -> None:
     assert effective_weight({"weight": {"configured": 1, "observed": 0.4, "effective": 7}, "in_hash": True}) == 7
     assert effective_weight({"weight": {"configured": 2}}) == 2
     assert effective_weight({"weight": 3, "in_hash": False}) == 0
+
+
+def test_disagreement_is_the_largest_share_gap_between_nodes() -> None:
+    busy = {"a": 0.0, "b": 0.0}
+    same = Interval(0, 1, busy, SLOTS, {"a": 1, "b": 3}, {"node2": {"a": 2, "b": 6}})
+    apart = Interval(1, 2, busy, SLOTS, {"a": 1, "b": 3}, {"node2": {"a": 1, "b": 1}, "node3": {"a": 1, "b": 3}})
+    missing = Interval(2, 3, busy, SLOTS, {"a": 1, "b": 3}, {"node2": {}})  # a node did not answer: skipped
+    assert disagreement([same], 0, 10) == 0.0
+    assert disagreement([same, apart, missing], 0, 10) == pytest.approx(0.25)
+    assert disagreement([iv(0, busy, {"a": 1, "b": 1})], 0, 10) is None  # one node

@@ -19,6 +19,7 @@ two more lbnode processes, BIRD and BGP to a machine whose 2 cores are shared.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import subprocess
@@ -33,8 +34,10 @@ from typing import Any
 import yaml
 
 from cluster import status
+from examples.lab.ecmp import VIP as ECMP_VIP
+from examples.lab.ecmp import EcmpLab
 from examples.lab.hosts import REPO, Host
-from examples.lab.loadstats import Interval, phase_spread, phase_utilisation, settle_time
+from examples.lab.loadstats import Interval, disagreement, phase_spread, phase_utilisation, settle_time
 from examples.lab.netns import Lab, LabError, read_line, wait_until
 from examples.lab.single_node import VIP4, SingleNodeLab
 
@@ -95,6 +98,10 @@ class LoadResult:
     def settle_s(self, phase: Phase) -> float:
         return settle_time(self.intervals, phase.start_s, phase.end_s, tolerance=self.params.settle_tolerance)
 
+    def disagreement(self, phase: Phase) -> float | None:
+        """The nodes' largest gap in weight share during the phase (None with one node)."""
+        return disagreement(self.intervals, phase.start_s, phase.end_s)
+
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
 
@@ -105,13 +112,21 @@ class LoadResult:
                 f"plot={self.plot}")
 
 
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    host: Host
+    config: Path
+    status_socket: Path
+
+
 class Sampler:
-    """Reads every backend's integrals and the node's weights every `period_s`, on a thread
+    """Reads every backend's integrals and every node's weights every `period_s`, on a thread
     (the reads block; the main thread switches phases meanwhile)."""
 
-    def __init__(self, stats_sockets: dict[str, Path], status_socket: Path, addresses: dict[str, str],
+    def __init__(self, stats_sockets: dict[str, Path], nodes: Sequence[Node], addresses: dict[str, str],
                  period_s: float) -> None:
-        self.stats_sockets, self.status_socket, self.addresses = stats_sockets, status_socket, addresses
+        self.stats_sockets, self.nodes, self.addresses = stats_sockets, list(nodes), addresses
         self.period_s = period_s
         self.intervals: list[Interval] = []
         self.errors = 0
@@ -139,15 +154,17 @@ class Sampler:
                 previous = None
             else:
                 if previous is not None:
-                    self.intervals.append(_interval(previous, (now, stats), self._weights()))
+                    first, *others = (self._weights(node) for node in self.nodes)
+                    peers = {node.name: w for node, w in zip(self.nodes[1:], others, strict=True)}
+                    self.intervals.append(_interval(previous, (now, stats), first, peers))
                 previous = (now, stats)
             next_at += self.period_s
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def _weights(self) -> dict[str, int]:
-        """The node's effective weights by backend name; {} when the node does not answer."""
+    def _weights(self, node: Node) -> dict[str, int]:
+        """A node's effective weights by backend name; {} when the node does not answer."""
         try:
-            doc = status.query(str(self.status_socket), timeout_s=2)
+            doc = status.query(str(node.status_socket), timeout_s=2)
         except (OSError, ValueError):
             return {}
         by_address = {addr: name for name, addr in self.addresses.items()}
@@ -169,14 +186,14 @@ def effective_weight(row: dict[str, Any]) -> int:
 
 
 def _interval(previous: tuple[float, dict[str, dict[str, Any]]], current: tuple[float, dict[str, dict[str, Any]]],
-              weights: dict[str, int]) -> Interval:
+              weights: dict[str, int], peers: dict[str, dict[str, int]]) -> Interval:
     (t0, s0), (t1, s1) = previous, current
     busy: dict[str, float] = {}
     for name, now in s1.items():
         # Each backend stamps its own integral; rescale its busy time onto the sampler's interval.
         own = now["t"] - s0[name]["t"]
         busy[name] = (now["busy_s"] - s0[name]["busy_s"]) * ((t1 - t0) / own if own > 0 else 0.0)
-    return Interval(t0, t1, busy, {name: int(s["slots"]) for name, s in s1.items()}, weights)
+    return Interval(t0, t1, busy, {name: int(s["slots"]) for name, s in s1.items()}, weights, peers)
 
 
 def _read_json_line(path: Path, timeout_s: float = 2.0) -> dict[str, Any]:
@@ -193,23 +210,35 @@ def _read_json_line(path: Path, timeout_s: float = 2.0) -> dict[str, Any]:
 
 
 class LoadLab:
-    """The topology, its processes and the phases; teardown belongs to the `Lab` it is built in."""
+    """The topology, its processes and the phases; teardown belongs to the `Lab` it is built in.
 
-    def __init__(self, owner: Lab, workdir: Path, params: LoadParams) -> None:
+    `nodes=1`: the single-node lab (the client routes the VIP via the node). `nodes=3`: the
+    ECMP lab (examples/lab/ecmp.py): BIRD in front of three nodes with BGP, BFD and flow sync,
+    so the plot can show that the nodes agree on the weights."""
+
+    def __init__(self, owner: Lab, workdir: Path, params: LoadParams, *, nodes: int = 1) -> None:
         self.owner, self.workdir, self.params = owner, workdir, params
-        self.single = SingleNodeLab(owner, backends=len(CAPACITIES))
-        self.capacity = {b.name: c for b, c in zip(self.single.backends, CAPACITIES, strict=True)}
-        self.config = workdir / "node.yaml"
-        self.status_socket = workdir / "node.sock"
-        self.node: subprocess.Popen[bytes] | None = None
+        self.ecmp: EcmpLab | None = None
+        self.single: SingleNodeLab | None = None
+        if nodes == 1:
+            self.single = SingleNodeLab(owner, backends=len(CAPACITIES))
+            self.backends, self.client_ns, self.vip = self.single.backends, self.single.client.ns, VIP4
+            hosts = {"node": self.single.node}
+        else:
+            self.ecmp = EcmpLab(owner, workdir, nodes=nodes, backends=len(CAPACITIES))
+            self.backends, self.client_ns, self.vip = self.ecmp.backends, self.ecmp.client, ECMP_VIP
+            hosts = dict(self.ecmp.nodes)
+        self.nodes = [Node(name, host, workdir / f"{name}.yaml", workdir / f"{name}.sock")
+                      for name, host in hosts.items()]
+        self.capacity = {b.name: c for b, c in zip(self.backends, CAPACITIES, strict=True)}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.client: subprocess.Popen[bytes] | None = None
 
-    @property
-    def backends(self) -> list[Host]:
-        return self.single.backends
-
     def close(self) -> None:
-        self.single.stop_dataplane()
+        if self.single is not None:
+            self.single.stop_dataplane()
+        if self.ecmp is not None:
+            self.ecmp.close()
 
     # ---- processes ------------------------------------------------------------------------------
 
@@ -228,7 +257,7 @@ class LoadLab:
             if read_line(proc, timeout_s=20) != "ready":
                 raise LabError(f"backend {b.name} did not start")
 
-    def node_config(self, mode: str) -> dict[str, Any]:
+    def service(self, mode: str) -> dict[str, Any]:
         p = self.params
         weighting: dict[str, Any] = {"mode": mode}
         if mode != "static":
@@ -238,78 +267,96 @@ class LoadLab:
         if mode == "http":
             weighting["http_header"] = "X-Load"
         return {
-            "xdp": "native",
-            "drain_s": 0.5,
-            "services": [{
-                "name": "web", "vips": [str(VIP4)], "ports": [WORK_PORT], "need": 1,
-                # The check reads /load, which answers at once (never queued behind work), and
-                # in http mode carries the load the node's controller takes (X-Load).
-                "checks": [{"kind": "http", "path": "/load", "interval_ms": p.interval_ms,
-                            "timeout_ms": min(300, p.interval_ms // 2), "rise": 1, "fall": 3}],
-                "weighting": weighting,
-                "backends": [{"address": b.ip4, "weight": 1, "capacity": self.capacity[b.name]}
-                             for b in self.backends],
-            }],
+            "name": "web", "vips": [str(self.vip)], "ports": [WORK_PORT], "need": 1,
+            # The check reads /load, which answers at once (never queued behind work), and in
+            # http mode carries the load the node's controller takes (X-Load).
+            "checks": [{"kind": "http", "path": "/load", "interval_ms": p.interval_ms,
+                        "timeout_ms": min(300, p.interval_ms // 2), "rise": 1, "fall": 3}],
+            "weighting": weighting,
+            "backends": [{"address": b.ip4, "weight": 1, "capacity": self.capacity[b.name]} for b in self.backends],
         }
 
-    def write_config(self, mode: str) -> None:
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(self.node_config(mode), sort_keys=False))
-        tmp.replace(self.config)  # a reload never reads a half-written file
+    def node_config(self, node: Node, mode: str) -> dict[str, Any]:
+        base: dict[str, Any] = {"xdp": "native", "drain_s": 0.5}
+        if self.ecmp is not None:
+            base = self.ecmp.node_config(node.name)  # BGP to the router, flow sync
+        return {**base, "services": [self.service(mode)]}
 
-    def start_node(self, mode: str) -> None:
-        self.write_config(mode)
-        self.single.attach_peer_pass()
-        log_file = open(self.workdir / "node.log", "ab")
-        self.node = self.owner.spawn(self.single.node.ns, sys.executable, "-m", "cluster.cli", "--ip",
-                                     self.single.node.ip4, "--if", "eth0", "--config", str(self.config),
-                                     "--status-socket", str(self.status_socket), cwd=REPO,
-                                     stdout=log_file, stderr=log_file)
-        log_file.close()
+    def write_config(self, node: Node, mode: str) -> None:
+        tmp = node.config.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.node_config(node, mode), sort_keys=False))
+        tmp.replace(node.config)  # a reload never reads a half-written file
+
+    def start_nodes(self, mode: str) -> None:
+        if self.single is not None:
+            self.single.attach_peer_pass()
+        if self.ecmp is not None:
+            self.ecmp.start_router()
+        for node in self.nodes:
+            self.write_config(node, mode)
+            log_file = open(self.workdir / f"{node.name}.log", "ab")
+            self.procs[node.name] = self.owner.spawn(
+                node.host.ns, sys.executable, "-m", "cluster.cli", "--ip", node.host.ip4, "--if", "eth0",
+                "--config", str(node.config), "--status-socket", str(node.status_socket), cwd=REPO,
+                stdout=log_file, stderr=log_file)
+            log_file.close()
         everyone = {f"{b.ip4}:{WORK_PORT}" for b in self.backends}
-        wait_until(lambda: self._usable() == everyone, timeout_s=60, interval_s=0.2, what="all backends usable")
+        for node in self.nodes:
+            wait_until(functools.partial(self._all_usable, node, everyone), timeout_s=60, interval_s=0.2,
+                       what=f"all backends usable on {node.name}")
+        if self.ecmp is not None:
+            self.ecmp.wait_next_hops({n.host.ip4 for n in self.nodes}, timeout_s=60)
 
     def node_log(self) -> str:
-        return (self.workdir / "node.log").read_text(errors="replace")[-4000:]
+        return "".join(f"--- {n.name}\n" + (self.workdir / f"{n.name}.log").read_text(errors="replace")[-3000:]
+                       for n in self.nodes if (self.workdir / f"{n.name}.log").exists())
 
-    def _status(self) -> dict[str, Any] | None:
+    def _status(self, node: Node) -> dict[str, Any] | None:
         try:
-            return status.query(str(self.status_socket))
+            return status.query(str(node.status_socket))
         except (OSError, ValueError):
             return None
 
-    def _usable(self) -> set[str]:
-        self._check_node()
-        snap = self._status()
+    def _usable(self, node: Node) -> set[str]:
+        self._check_nodes()
+        snap = self._status(node)
         if snap is None or snap["node"]["state"] != "serving":
             return set()
         return {b["backend"] for s in snap["services"] for b in s["backends"] if b["usable"]}
 
-    def _check_node(self) -> None:
-        if self.node is not None and self.node.poll() is not None:
-            raise LabError(f"lbnode exited with {self.node.returncode}:\n{self.node_log()}")
+    def _all_usable(self, node: Node, everyone: set[str]) -> bool:
+        return self._usable(node) == everyone
+
+    def _check_nodes(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise LabError(f"lbnode {name} exited with {proc.returncode}:\n{self.node_log()}")
 
     def reload(self, mode: str) -> None:
-        """Rewrite the config for `mode`, SIGHUP, and return once the node applied it."""
-        assert self.node is not None
-        snap = self._status()
-        before = snap["node"]["reloads"]["ok"] if snap else 0
-        self.write_config(mode)
-        self.node.send_signal(signal.SIGHUP)
+        """Rewrite every node's config for `mode`, SIGHUP them, and return once all applied it."""
+        before = {}
+        for node in self.nodes:
+            snap = self._status(node)
+            before[node.name] = snap["node"]["reloads"]["ok"] if snap else 0
+            self.write_config(node, mode)
+        for node in self.nodes:
+            self.procs[node.name].send_signal(signal.SIGHUP)
 
-        def applied() -> bool:
-            self._check_node()
-            s = self._status()
+        def applied(node: Node) -> bool:
+            self._check_nodes()
+            s = self._status(node)
             if s and s["node"]["reloads"].get("refused", 0) and s["node"].get("last_reload_error"):
-                raise LabError(f"reload to {mode} refused: {s['node']['last_reload_error']}")
-            return bool(s and s["node"]["reloads"]["ok"] > before)
+                raise LabError(f"{node.name}: reload to {mode} refused: {s['node']['last_reload_error']}")
+            return bool(s and s["node"]["reloads"]["ok"] > before[node.name])
 
-        wait_until(applied, timeout_s=20, interval_s=0.05, what=f"reload to weighting {mode}")
+        for node in self.nodes:
+            wait_until(functools.partial(applied, node), timeout_s=20, interval_s=0.05,
+                       what=f"{node.name}: reload to weighting {mode}")
 
     def start_client(self) -> None:
         p = self.params
         self.client = self.owner.spawn(
-            self.single.client.ns, sys.executable, "-m", "examples.lab.loadsim", "client", str(VIP4),
+            self.client_ns, sys.executable, "-m", "examples.lab.loadsim", "client", str(self.vip),
             "--port", str(WORK_PORT), "--rate", str(p.rate), "--bytes", str(p.reply_bytes),
             "--max-s", str(4 * p.phase_s + 120), cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         if read_line(self.client, timeout_s=20) != "ready":
@@ -331,8 +378,8 @@ class LoadLab:
         modes = {"static": "static", "aware": p.aware, "leastconn": "leastconn"}
         result = LoadResult(p, dict(self.capacity))
         self.start_backends()
-        self.start_node(modes[phases[0]])
-        sampler = Sampler({b.name: self.stats_socket(b.name) for b in self.backends}, self.status_socket,
+        self.start_nodes(modes[phases[0]])
+        sampler = Sampler({b.name: self.stats_socket(b.name) for b in self.backends}, self.nodes,
                           {b.name: b.ip4 for b in self.backends}, p.sample_s)
         self.start_client()
         sampler.start()
@@ -346,7 +393,7 @@ class LoadLab:
                 deadline = start + p.phase_s
                 while (left := deadline - time.monotonic()) > 0:
                     time.sleep(min(1.0, left))
-                    self._check_node()
+                    self._check_nodes()
                 end = time.monotonic()
                 report = self.client_report()
                 result.phases.append(Phase(name, modes[name], start, end, report["broken"] - last["broken"],

@@ -44,6 +44,12 @@ def plot(result: LoadResult, path: Path) -> Path:
         if shares:
             ax_w.step([t for t, _ in shares], [s for _, s in shares], where="post",
                       color=colours[i % len(colours)], label=label, linewidth=1.2)
+        for peer in sorted({p for iv in intervals for p in iv.peers}):
+            # The other nodes' shares, thin: where they are visible at all, the nodes disagree.
+            theirs = [(iv.end_s - t0, 100 * weight_shares(iv.peers[peer]).get(name, 0.0))
+                      for iv in intervals if iv.peers.get(peer)]
+            ax_w.step([t for t, _ in theirs], [s for _, s in theirs], where="post",
+                      color=colours[i % len(colours)], linewidth=0.6, alpha=0.6, linestyle="--")
         ideal = 100 * result.backends[name] / total_capacity
         ax_w.axhline(ideal, color=colours[i % len(colours)], linestyle=":", linewidth=0.8)
 
@@ -60,7 +66,9 @@ def plot(result: LoadResult, path: Path) -> Path:
     ax_u.set_ylabel(f"utilisation, % (trailing {SMOOTH_S:.0f} s)")
     ax_u.set_ylim(0, 105)
     ax_u.legend(loc="center right", fontsize=8)
-    ax_w.set_ylabel("share of the node's weight, %\n(dotted: capacity share)")
+    peers = sorted({p for iv in intervals for p in iv.peers})
+    ax_w.set_ylabel("share of the node's weight, %\n(dotted: capacity share)" if not peers else
+                    f"share of the weights, %: first node solid,\n{', '.join(peers)} dashed; dotted: capacity share")
     ax_w.set_xlabel("seconds since phase 1 started")
     ax_w.set_ylim(bottom=0)
     p = result.params

@@ -113,7 +113,8 @@ class Interval:
     end_s: float
     busy_s: Mapping[str, float]  # slot-seconds in service during the interval, per backend
     slots: Mapping[str, int]  # how many requests each backend serves at once
-    weights: Mapping[str, int]  # effective weights in force at the interval's end (empty if unknown)
+    weights: Mapping[str, int]  # the (first) node's effective weights at the interval's end; {} if unknown
+    peers: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # other nodes' weights, by node
 
     def utilisation(self, name: str) -> float:
         return self.busy_s[name] / (self.slots[name] * (self.end_s - self.start_s))
@@ -141,6 +142,23 @@ def phase_spread(intervals: Sequence[Interval], start_s: float, end_s: float) ->
 def weight_shares(weights: Mapping[str, int]) -> dict[str, float]:
     total = sum(weights.values())
     return {n: (w / total if total else 0.0) for n, w in weights.items()}
+
+
+def disagreement(intervals: Sequence[Interval], start_s: float, end_s: float) -> float | None:
+    """The largest difference, in share of the weights, between any node's weights and the first
+    node's, over the intervals in [start_s, end_s] where every node answered; None without peers."""
+    worst: float | None = None
+    for iv in intervals:
+        if not (start_s <= iv.end_s <= end_s) or not iv.peers or not iv.weights:
+            continue
+        if any(not w for w in iv.peers.values()):
+            continue
+        ref = weight_shares(iv.weights)
+        for weights in iv.peers.values():
+            shares = weight_shares(weights)
+            gap = max(abs(shares.get(n, 0.0) - ref[n]) for n in ref)
+            worst = gap if worst is None else max(worst, gap)
+    return worst
 
 
 def settle_time(intervals: Sequence[Interval], start_s: float, end_s: float, *, tolerance: float = 0.2) -> float:
