@@ -382,6 +382,9 @@ int xdp_main(struct xdp_md *ctx)
 				flow->last_seen_ns = now;
 			if (closing && !(flow->flags & FLOW_F_CLOSING)) {
 				flow->flags |= FLOW_F_CLOSING;
+				struct backend_stats *bs_closed = backend_stats.lookup(&backend_idx);
+				if (bs_closed)
+					bs_closed->closed += 1;
 				emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_CLOSE);
 			}
 			goto forward;
@@ -426,8 +429,11 @@ int xdp_main(struct xdp_md *ctx)
 		if (ss_new)
 			ss_new->new_flows += 1;
 		struct backend_stats *bs_new = backend_stats.lookup(&backend_idx);
-		if (bs_new)
+		if (bs_new) {
 			bs_new->new_flows += 1;
+			if (closing)
+				bs_new->closed += 1; /* pinned at its FIN: opened and closed at once */
+		}
 		emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_NEW);
 	}
 

@@ -134,11 +134,15 @@ struct service_stats {
 	__u64 drops;
 };
 
-/* Per-CPU counters of one backend. */
+/* Per-CPU counters of one backend. new_flows - closed is what this node adds to the backend's
+ * active connections (weighting: leastconn sums it over the cluster): closed counts a pinned
+ * flow's first FIN or RST from the client (FLOW_F_CLOSING marks it, so once), here, whichever
+ * node pinned it. */
 struct backend_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 new_flows;
+	__u64 closed;
 };
 
 /* Global verdict counters; every verdict lands in exactly one of the first six. */

@@ -207,7 +207,14 @@ class ServiceStats(ctypes.Structure):
 class BackendStats(ctypes.Structure):
     """struct backend_stats (one CPU's share)."""
 
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("new_flows", ctypes.c_uint64)]
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("new_flows", ctypes.c_uint64),
+                ("closed", ctypes.c_uint64)]
+
+    @property
+    def active(self) -> int:
+        """What this node adds to the backend's active connections (may be < 0: flows pinned
+        elsewhere closed here); weighting leastconn sums it over the cluster."""
+        return int(self.new_flows) - int(self.closed)
 
 
 def backend_value(address: str | IPAddress, mac: str | None, *, valid: bool = True) -> Backend:

@@ -15,6 +15,10 @@ data plane, BGP, flow sync's digest and `lbnode status` all read:
   VIP is up; `withheld` says why each other VIP is not. All nodes send the same attributes, so
   the router's ECMP (BIRD `merge paths on`) merges their routes.
 - `digest()`: a hash of the service/backend/health view that peers compare in their heartbeats.
+- load-aware weights (`weights`: the cluster's published weights per service, cluster/loadshare.py)
+  replace a backend's configured weight in the hash and the digest; an agent's `drain` or
+  `maint` makes it disabled (drained: pinned flows go on), `down` makes it fail like a check.
+  Every node hashes with the same publication, so the digest still matches.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from dataclasses import dataclass, field
 from bgp.rib import RouteAttrs
 from bpf.dataplane import BackendSpec, ServiceSpec
 from cluster.config import BackendEntry, IPAddress, NodeConfig
+from cluster.loadshare import BackendWeight, Published
+from cluster.sync.codec import LoadState
 from healthcheck.config import BackendId
 
 Prefix = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -39,6 +45,8 @@ class View:
     healthy: Mapping[str, frozenset[str]] = field(default_factory=dict)
     macs: Mapping[IPAddress, str] = field(default_factory=dict)
     ready: bool = False
+    # service name -> the published load-aware weights (services with `weighting:` only)
+    weights: Mapping[str, Published] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,7 @@ class BackendState:
     mac: str | None
     disabled: bool
     passing: bool  # its health checks pass and it is not drained (the checker's "usable")
+    configured_weight: int | None = None  # from the config, when `weight` is a published load-aware one
 
     @property
     def usable(self) -> bool:
@@ -103,9 +112,15 @@ def backend_key(address: IPAddress, port: int) -> BackendId:
     return BackendId(address, port)
 
 
-def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str]) -> BackendState:
+def backend_state(b: BackendEntry, port: int, healthy: frozenset[str], macs: Mapping[IPAddress, str],
+                  published: BackendWeight | None = None) -> BackendState:
     key = BackendId(b.address, port)
-    return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled, passing=key in healthy)
+    if published is None:
+        return BackendState(key, b.address, b.weight, macs.get(b.address), b.disabled, passing=key in healthy)
+    disabled = b.disabled or published.state in (LoadState.DRAIN, LoadState.MAINT)
+    passing = key in healthy and published.state not in (LoadState.DRAIN, LoadState.MAINT, LoadState.DOWN)
+    return BackendState(key, b.address, published.weight, macs.get(b.address), disabled, passing=passing,
+                        configured_weight=b.weight)
 
 
 def decide(view: View) -> Desired:
@@ -118,7 +133,10 @@ def decide(view: View) -> Desired:
             for port in service.ports:
                 name = service.health_name(vip, port)
                 healthy = view.healthy.get(name, frozenset())
-                backends = tuple(backend_state(b, port, healthy, view.macs) for b in service.backends)
+                published = view.weights.get(service.name)
+                backends = tuple(backend_state(b, port, healthy, view.macs,
+                                               published.backends.get(b.address) if published else None)
+                                 for b in service.backends)
                 state = ServiceState(name, vip, port, service.proto, service.need, backends,
                                      usable=sum(1 for b in backends if b.usable))
                 states.append(state)

@@ -45,13 +45,16 @@ starts again from m = 1.
 
 Determinism. Backends are processed in name order and all arithmetic is IEEE double in a fixed
 order, so two controllers fed the same inputs at the same times return the same weights. Nodes
-that probe on their own see different inputs; agreeing on inputs (or exchanging the quantised
-output) is left to the caller.
+that probe on their own see different inputs; cluster/loadshare.py makes them agree: one leader
+runs the controller on the combined inputs and publishes the quantised output.
+
+Failover. A new leader `resume`s from the last published multipliers and weights, so its first
+output continues where the old leader stopped instead of restarting from m = 1.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 MAX_WEIGHT = 1000
@@ -119,6 +122,15 @@ class WeightController:
     _tracks: dict[str, _Track] = field(default_factory=dict)
     _last: dict[str, int] = field(default_factory=dict)
     _last_live: frozenset[str] = frozenset()
+    _seed: dict[str, float] = field(default_factory=dict)  # name -> x_i for a track not yet started
+
+    def resume(self, multipliers: Mapping[str, float], weights: Mapping[str, int]) -> None:
+        """Continue from another controller's output (a leader failover): the next tracks start
+        at these multipliers, and `weights` is the output the hysteresis compares with."""
+        self._seed = {n: math.log(min(max(m, self.params.floor), self.params.ceiling))
+                      for n, m in multipliers.items() if m > 0}
+        self._last = dict(weights)
+        self._last_live = frozenset()
 
     def update(self, inputs: Mapping[str, BackendInput], now: float) -> dict[str, int]:
         """The effective integer weights (name -> 0..MAX_WEIGHT, in name order) after this interval."""
@@ -140,7 +152,8 @@ class WeightController:
             util = max(sample.load / (inp.capacity or 1.0), _MIN_UTILISATION)
             track = self._tracks.get(name)
             if track is None:
-                self._tracks[name] = _Track(smoothed=util, seen_at_s=sample.observed_at_s)
+                self._tracks[name] = _Track(smoothed=util, seen_at_s=sample.observed_at_s,
+                                            log_m=self._seed.pop(name, 0.0))
                 stepped.append(name)
             elif sample.observed_at_s > track.seen_at_s:
                 track.smoothed = p.smoothing * util + (1 - p.smoothing) * track.smoothed
@@ -153,8 +166,7 @@ class WeightController:
         elif len(live) == 1:
             self._tracks[live[0]].log_m = 0.0  # alone, a multiplier means nothing
 
-        max_w = max((inputs[n].configured_weight for n in names), default=0)
-        scale = max(1, MAX_WEIGHT // max(1, math.ceil(max_w * p.ceiling)))
+        scale = scale_for((inputs[n].configured_weight for n in names), p.ceiling)
         candidate = {n: self._quantise(n, inputs[n].configured_weight, scale) for n in names}
 
         live_set = frozenset(live)
@@ -191,6 +203,11 @@ class WeightController:
         track = self._tracks.get(name)
         weight = configured * scale * (math.exp(track.log_m) if track is not None else 1.0)
         return min(MAX_WEIGHT, max(1, math.floor(weight + 0.5)))
+
+
+def scale_for(configured: Iterable[int], ceiling: float) -> int:
+    """K: integer weights are configured x K x multiplier, and a multiplier at the ceiling fits."""
+    return max(1, MAX_WEIGHT // max(1, math.ceil(max(configured, default=0) * ceiling)))
 
 
 def _validate(name: str, inp: BackendInput) -> None:

@@ -423,6 +423,47 @@ def test_counters_per_service_and_backend(dp: DataPlane) -> None:
     assert dp.service_stats(empty).drops == d0 + 1
 
 
+def test_active_connections_count_opened_minus_closed_once_per_flow(dp: DataPlane) -> None:
+    """weighting: leastconn reads new_flows - closed per backend (BackendStats.active): a FIN or
+    RST is counted once per pinned flow, a flow pinned at its FIN is opened and closed at once,
+    and a tuple reused after a close counts as a new connection."""
+    backend = dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
+    assert backend is not None
+    a0 = dp.backend_stats(backend).active
+    for sport in range(7000, 7010):  # ten connections: pinned at the handshake's ACK
+        run_xdp(dp.fd, tcp4("S", sport=sport))
+        run_xdp(dp.fd, tcp4("A", sport=sport))
+    assert dp.backend_stats(backend).active - a0 == 10
+    for flags, sport in (("FA", 7000), ("FA", 7000), ("A", 7000), ("R", 7001), ("FA", 7001), ("RA", 7002)):
+        run_xdp(dp.fd, tcp4(flags, sport=sport))  # repeats and a FIN after the RST count nothing more
+    assert dp.backend_stats(backend).active - a0 == 7
+    run_xdp(dp.fd, tcp4("FA", sport=7100))  # a flow whose first packet here is its FIN
+    assert dp.backend_stats(backend).active - a0 == 7
+    run_xdp(dp.fd, tcp4("S", sport=7000))  # the tuple reused: a new connection
+    run_xdp(dp.fd, tcp4("A", sport=7000))
+    stats = dp.backend_stats(backend)
+    assert stats.active - a0 == 8 and stats.closed >= 4
+
+
+def test_weight_changes_never_move_a_pinned_flow(dp: DataPlane) -> None:
+    """Load-aware weights rebuild the table every interval; pinned flows keep their backend while
+    new ones follow the new weights."""
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1, B2, B3))])
+    frames = [tcp4("A", sport=p) for p in range(8000, 8300)]
+    first = {f: Ether(run_xdp(dp.fd, f).packet).dst for f in frames}
+    rng = random.Random(13)
+    for _ in range(10):
+        weights = [rng.randint(1, 1000) for _ in range(3)]
+        dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(BackendSpec(b.address, b.mac, weight=w)
+                                                           for b, w in zip((B1, B2, B3), weights, strict=True)))])
+        assert all(Ether(run_xdp(dp.fd, f).packet).dst == mac for f, mac in first.items())
+    dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (BackendSpec(B1.address, B1.mac, weight=1000),
+                                                  BackendSpec(B2.address, B2.mac, weight=1),
+                                                  BackendSpec(B3.address, B3.mac, weight=1)))])
+    fresh = Counter(Ether(run_xdp(dp.fd, tcp4("A", sport=p)).packet).dst for p in range(9000, 9400))
+    assert fresh[B1.mac] > 380, fresh  # new flows follow the new weights (1000:1:1)
+
+
 def test_weighted_distribution_of_10k_flows_matches_the_table(dp: DataPlane) -> None:
     weights = {B1: 1, B2: 2, B3: 3}
     dp.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, tuple(BackendSpec(b.address, b.mac, w) for b, w in weights.items()))])

@@ -150,7 +150,7 @@ def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
 
 
 @settings(max_examples=300, derandomize=True)
-@given(st.integers(1, 5), st.integers(0, 60), st.binary(max_size=1400 - 40))
+@given(st.integers(1, 6), st.integers(0, 60), st.binary(max_size=1400 - 40))
 def test_fuzz_authentic_garbage_bodies_never_crash(msg_type: int, count: int, body: bytes) -> None:
     """Even a peer holding the key cannot crash a receiver with a malformed body."""
     data = sealed(g.HEADER.pack(g.MAGIC, g.VERSION, msg_type, count, KEY.current_id, 1, 1, 1) + body)
@@ -202,3 +202,54 @@ def test_a_receiver_accepts_current_and_next_keys_and_a_sender_signs_with_its_cu
     assert g.Keyring(SECRET, NEXT) == added != switched
     with pytest.raises(ValueError, match="same key"):
         g.Keyring(SECRET, SECRET)
+
+
+# LOAD WEIGHTS for service id 0102..08, epoch 5, one part of one, 2 backends in the service (one
+# record here), control number 13: backend 10.0.0.11, observed 0.5, multiplier 1.25, weight 250, OK.
+GOLDEN_LOAD = bytes.fromhex(
+    "4c424653" "03" "06" "0001" "8d83760b" "0a000005" "6553f100" "000000000000000d"
+    "02" "00" "01" "00" "00000002" "0102030405060708" "0000000000000005"  # kind, part, parts, 0, total, id, epoch
+    "00000000000000000000ffff0a00000b" "3fe0000000000000" "3fa00000" "00fa" "01" "00"
+)
+
+
+def test_load_golden_bytes_round_trip() -> None:
+    load = g.Load(g.LoadKind.WEIGHTS, bytes(range(1, 9)), 5, 2,
+                  (g.LoadRecord(BACKEND, 0.5, g.LoadState.OK, 1.25, 250),))
+    assert g.encode_load(KEY, 0x0A000005, 1700000000, 13, load) == sealed(GOLDEN_LOAD)
+    msg = g.decode(KEY, sealed(GOLDEN_LOAD))
+    assert msg.header == g.Header(g.MsgType.LOAD, 0x0A000005, 1700000000, 13, 1) and msg.body == load
+    assert g.MsgType.LOAD not in g.SEQUENCED  # a control datagram: a loss opens no gap anywhere
+    full = g.Load(g.LoadKind.OBSERVE, bytes(8), 1, g.MAX_LOAD_RECORDS,
+                  tuple(g.LoadRecord(BACKEND, float(i)) for i in range(g.MAX_LOAD_RECORDS)))
+    assert len(g.encode_load(KEY, 1, 1, 1, full)) <= g.MAX_DATAGRAM
+
+
+@pytest.mark.parametrize(("offset", "value", "what"), [  # header 28 bytes, preamble 24, then the record
+    (28, 3, "kind 3"),
+    (29, 1, "part 1 of parts 1"),
+    (31, 1, "reserved preamble byte"),
+    (82, 5, "state 5"),
+    (83, 1, "reserved record byte"),
+    (80, 0x04, "weight 0x04fa > 1000"),
+    (68, 0x7F, "value NaN (exponent all ones)"),
+    (76, 0xBF, "negative multiplier"),
+])
+def test_bad_load_records_are_refused(offset: int, value: int, what: str) -> None:
+    raw = bytearray(GOLDEN_LOAD)
+    raw[offset] = value
+    if what.startswith("value NaN"):
+        raw[offset + 1] = 0xF8
+    with pytest.raises(g.DecodeError) as err:
+        g.decode(KEY, sealed(bytes(raw)))
+    assert err.value.reason == "record", what
+
+
+def test_bad_loads_are_not_encoded() -> None:
+    for load in (g.Load(g.LoadKind.OBSERVE, bytes(7), 1, 1, ()),
+                 g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 1, (g.LoadRecord(BACKEND, float("inf")),)),
+                 g.Load(g.LoadKind.WEIGHTS, bytes(8), 1, 1, (g.LoadRecord(BACKEND, 1.0, weight=1001),)),
+                 g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 1, (), part=1, parts=1),
+                 g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 99, (g.LoadRecord(BACKEND, 0.0),) * 42)):
+        with pytest.raises(g.EncodeError):
+            g.encode_load(KEY, 1, 1, 1, load)

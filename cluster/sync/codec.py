@@ -71,6 +71,27 @@ Types:
   arrived. The answerer streams its table (it never knows the count in advance): it holds back
   the last few records of each walk chunk until it knows whether more follow.
 
+- LOAD (cluster/loadshare.py): load-aware weighting, a control datagram sent to every peer
+  (a periodic report that the next one supersedes: a loss is not repaired, so it is outside the
+  stream). Preamble (kind, part, parts, the service's backend count, service id, epoch), then
+  records (backend address, value, multiplier, weight, state). Kind OBSERVE: what the sender's
+  probes read (value: the load, an agent's percentage / 100, or its active connections); kind
+  WEIGHTS: the leader's weights for one service, `parts` datagrams under one epoch.
+
+        +---------------+---------------+---------------+---------------+
+        |     kind      |     part      |     parts     |   reserved    |
+        +---------------+---------------+---------------+---------------+
+        |                backends in the service (32)                   |
+        +---------------------------------------------------------------+
+        |          service id (8 bytes: BLAKE2b-64 of its name)         |
+        +---------------------------------------------------------------+
+        |                          epoch (64)                           |
+        +---------------------------------------------------------------+
+        record: backend address16 | value (f64) | multiplier (f32) | weight (16) | state (8) | 0
+
+  Version 3 gained this type compatibly: a node without it refuses the datagram as an unknown
+  type (counted as malformed), and as a control datagram it opens no gap in any stream.
+
 Decoding raises `DecodeError` with a reason; it never raises anything else on any input.
 """
 from __future__ import annotations
@@ -79,6 +100,7 @@ import ctypes
 import enum
 import hashlib
 import hmac
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -96,6 +118,9 @@ HEARTBEAT = struct.Struct("!16sIHHQ")  # digest, flow count, flags, reserved, ol
 RESEND = struct.Struct("!IIQQ")  # node id, incarnation, first seq, last seq (inclusive)
 RESYNC_REQUEST = struct.Struct("!II")  # request id, target node (0: every peer)
 CHUNK_PREAMBLE = struct.Struct("!IIIHH")  # target node, request id, chunk index, flags, reserved
+LOAD_PREAMBLE = struct.Struct("!BBBBI8sQ")  # kind, part, parts, reserved, backends in the service, service id, epoch
+LOAD_RECORD = struct.Struct("!16sdfHBB")  # backend address16, value, multiplier, weight, state, reserved
+MAX_LOAD_WEIGHT = 1000  # cluster.weights.MAX_WEIGHT
 
 
 
@@ -124,6 +149,7 @@ BODY_BYTES = MAX_DATAGRAM - HEADER.size - TAG_BYTES
 MAX_FLOWS = BODY_BYTES // FLOW_RECORD_BYTES  # 24
 MAX_CHUNK_FLOWS = (BODY_BYTES - CHUNK_PREAMBLE.size) // FLOW_RECORD_BYTES  # 23
 MAX_RESENDS = BODY_BYTES // RESEND.size
+MAX_LOAD_RECORDS = (BODY_BYTES - LOAD_PREAMBLE.size) // LOAD_RECORD.size  # 41
 
 HEARTBEAT_F_READY = 0x1
 CHUNK_F_LAST = 0x1
@@ -135,6 +161,7 @@ class MsgType(enum.IntEnum):
     RESEND = 3
     RESYNC_REQUEST = 4
     RESYNC_CHUNK = 5
+    LOAD = 6
 
 
 SEQUENCED = frozenset({MsgType.FLOWS, MsgType.HEARTBEAT})  # numbered in the stream, sent to every peer
@@ -272,7 +299,42 @@ class ResyncChunk:
     records: tuple[FlowRecord, ...]
 
 
-Body = Flows | Heartbeat | Resend | ResyncRequest | ResyncChunk
+class LoadKind(enum.IntEnum):
+    OBSERVE = 1  # one node's probe readings
+    WEIGHTS = 2  # the leader's weights
+
+
+class LoadState(enum.IntEnum):
+    """What a load source said of a backend besides its number (agent words, healthcheck/agent.py)."""
+
+    NONE = 0  # no report: the source is dead or silent
+    OK = 1
+    DRAIN = 2  # agent `drain` or `0%`: no new flows, pinned ones go on
+    DOWN = 3  # agent `down`, `stopped`, `fail`: like a failing check
+    MAINT = 4  # agent `maint`: disabled
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRecord:
+    backend_addr: bytes  # 16 bytes (IPv4-mapped for IPv4)
+    value: float  # finite
+    state: LoadState = LoadState.OK
+    multiplier: float = 1.0  # WEIGHTS: the controller's multiplier on the configured weight
+    weight: int = 0  # WEIGHTS: the weight to hash with, 0..MAX_LOAD_WEIGHT
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    kind: LoadKind
+    service_id: bytes  # 8 bytes
+    epoch: int
+    total: int  # backends in the service (all parts together)
+    records: tuple[LoadRecord, ...]
+    part: int = 0
+    parts: int = 1
+
+
+Body = Flows | Heartbeat | Resend | ResyncRequest | ResyncChunk | Load
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +434,42 @@ def encode_resync_chunk_packed(keys: Keyring, node_id: int, incarnation: int, se
     return encode(keys, _header(MsgType.RESYNC_CHUNK, node_id, incarnation, seq, n), pre + packed)
 
 
+def encode_load(keys: Keyring, node_id: int, incarnation: int, seq: int, load: Load) -> bytes:
+    """A LOAD datagram (a control number: `seq`) of up to MAX_LOAD_RECORDS records."""
+    if len(load.records) > MAX_LOAD_RECORDS:
+        raise EncodeError(f"{len(load.records)} load records exceed {MAX_LOAD_RECORDS}")
+    if len(load.service_id) != 8 or not (0 <= load.part < load.parts <= 255 and 0 <= load.total < 2**32
+                                         and 0 <= load.epoch < 2**64):
+        raise EncodeError(f"load preamble out of range: {load.kind!r} part {load.part}/{load.parts} "
+                          f"total {load.total} epoch {load.epoch}")
+    body = [LOAD_PREAMBLE.pack(load.kind, load.part, load.parts, 0, load.total, load.service_id, load.epoch)]
+    for r in load.records:
+        if len(r.backend_addr) != 16 or not _load_values_ok(r.value, r.multiplier, r.weight):
+            raise EncodeError(f"bad load record {r!r}")
+        body.append(LOAD_RECORD.pack(r.backend_addr, r.value, r.multiplier, r.weight, r.state, 0))
+    return encode(keys, _header(MsgType.LOAD, node_id, incarnation, seq, len(load.records)), b"".join(body))
+
+
+def _load_values_ok(value: float, multiplier: float, weight: int) -> bool:
+    # A value may be negative: a node's active-connection count is the flows it pinned minus
+    # those it saw close, and a flow pinned on one node may close on another (only the sum is >= 0).
+    return math.isfinite(value) and math.isfinite(multiplier) and multiplier >= 0 and 0 <= weight <= MAX_LOAD_WEIGHT
+
+
+def load(body: memoryview | bytes) -> Load:
+    """A LOAD's body (as `decode_header` returned it); a bad kind, part or record raises."""
+    kind, part, parts, reserved, total, service_id, epoch = LOAD_PREAMBLE.unpack_from(body)
+    if kind not in (LoadKind.OBSERVE, LoadKind.WEIGHTS) or not part < parts or reserved:
+        raise DecodeError("record", f"load preamble: kind {kind} part {part}/{parts}")
+    records = []
+    for addr, value, multiplier, weight, state, pad in LOAD_RECORD.iter_unpack(body[LOAD_PREAMBLE.size:]):
+        if pad or state > max(LoadState) or not _load_values_ok(value, multiplier, weight):
+            raise DecodeError("record", f"load record: value {value} multiplier {multiplier} weight {weight} "
+                                        f"state {state}")
+        records.append(LoadRecord(bytes(addr), value, LoadState(state), multiplier, weight))
+    return Load(LoadKind(kind), bytes(service_id), epoch, total, tuple(records), part, parts)
+
+
 # ---- decoding ---------------------------------------------------------------------------------
 
 _FIXED = {
@@ -380,6 +478,7 @@ _FIXED = {
     MsgType.RESEND: (0, RESEND.size),
     MsgType.RESYNC_REQUEST: (RESYNC_REQUEST.size, 0),
     MsgType.RESYNC_CHUNK: (CHUNK_PREAMBLE.size, FLOW_RECORD_BYTES),
+    MsgType.LOAD: (LOAD_PREAMBLE.size, LOAD_RECORD.size),
 }
 
 
@@ -424,6 +523,8 @@ def decode(keys: Keyring, data: bytes) -> Message:
     if t is MsgType.RESYNC_REQUEST:
         request_id, target = RESYNC_REQUEST.unpack(body)
         return Message(header, ResyncRequest(request_id, target))
+    if t is MsgType.LOAD:
+        return Message(header, load(body))
     target, request_id, index, flags, _ = CHUNK_PREAMBLE.unpack_from(body)
     records = tuple(_flow_record(r) for r in flow_records(body[CHUNK_PREAMBLE.size:]))
     return Message(header, ResyncChunk(target, request_id, index, bool(flags & CHUNK_F_LAST), records))

@@ -79,12 +79,20 @@ class ResyncComplete:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadIn:
+    """A LOAD datagram from `node_id` (cluster/loadshare.py takes it)."""
+
+    node_id: int
+    load: codec.Load
+
+
+@dataclass(frozen=True, slots=True)
 class Warn:
     reason: str  # the rate limit's key
     message: str
 
 
-Action = Send | Install | Serve | ResyncComplete | Warn
+Action = Send | Install | Serve | ResyncComplete | LoadIn | Warn
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +117,11 @@ COUNTERS = (
     "resync_chunks", "resync_ignored", "resync_misdirected", "resync_stale", "resync_busy", "resync_duplicate",
     "resync_limited", "resync_chunks_sent",
     "peer_resyncs", "peer_resyncs_done", "peer_resyncs_failed", "peer_resyncs_abandoned", "heartbeats",
+    "loads_sent", "loads_received",
 )
+
+
+PROMPT_HEARTBEAT_S = 0.05  # digest_heartbeat: the closest two heartbeats get
 
 
 class SyncEngine:
@@ -140,6 +152,9 @@ class SyncEngine:
         self._guards = AnswerGuards(timing.resync_answer_burst, timing.resync_answer_every_s)
         self._next_request_id = first_request_id & 0xFFFFFFFF or 1
         self._next_heartbeat = -math.inf
+        self._last_heartbeat = -math.inf
+        self._heartbeat_digest = self.digest  # the digest the last heartbeat carried
+        self._digest_warned: dict[int, bytes] = {}  # peer -> the differing digest last warned of
 
     # ---- sending ------------------------------------------------------------------------------
 
@@ -172,8 +187,18 @@ class SyncEngine:
         oldest = max(1, self.seq - self.retransmit.capacity + 1)
         hb = codec.Heartbeat(self.digest, self.flow_count, self.ready, oldest)
         self._next_heartbeat = now + self.timing.heartbeat_s
+        self._last_heartbeat, self._heartbeat_digest = now, self.digest
         self.counters["heartbeats"] += 1
         return self._stream(codec.encode_heartbeat(self.keys, self.node_id, self.incarnation, self.seq, hb))
+
+    def load(self, load: codec.Load) -> Send:
+        """A LOAD datagram to every peer: a control number, outside the stream (codec.py)."""
+        self.counters["loads_sent"] += 1
+        return Send(codec.encode_load(self.keys, self.node_id, self.incarnation, self._control(), load), None)
+
+    def members(self, now: float) -> dict[int, bool]:
+        """The live peers (heard in their stream within dead_after_s) and whether each is ready."""
+        return {p.node_id: p.ready for p in self.policy.peers.values() if self.policy.alive(p.node_id, now)}
 
     def set_keys(self, keys: codec.Keyring) -> None:
         """New keys (a rotation step): sign with the new current key from the next datagram on,
@@ -183,6 +208,19 @@ class SyncEngine:
     def set_digest(self, digest: bytes) -> None:
         self.digest = digest
         self.policy.our_digest = digest
+
+    def digest_heartbeat(self, now: float) -> list[Action]:
+        """After our digest changed: a heartbeat now (at most one per PROMPT_HEARTBEAT_S, else at
+        that spacing), so peers compare the new digest within milliseconds rather than up to a
+        heartbeat later. Load-aware weights change the digest every few intervals on every node
+        at once (cluster/loadshare.py); without this a peer's heartbeat sent just before its
+        change would read as a mismatch for a whole heartbeat interval."""
+        if self.digest == self._heartbeat_digest:
+            return []
+        if now - self._last_heartbeat >= PROMPT_HEARTBEAT_S:
+            return [self.heartbeat(now)]
+        self._next_heartbeat = min(self._next_heartbeat, self._last_heartbeat + PROMPT_HEARTBEAT_S)
+        return []
 
     def start(self, now: float, wall_s: float | None = None) -> None:
         """We listen from `now` (see policy.ReceivePolicy.start)."""
@@ -231,7 +269,12 @@ class SyncEngine:
         self.policy.heartbeat(node, hb)
         self.heard[node] = header.incarnation
         out: list[Action] = self._check_resync(now)
-        if self.policy.our_digest is not None and any(hb.digest) and hb.digest != self.digest and was != hb.digest:
+        # Warned once per differing digest, and only when two heartbeats in a row carry it: views
+        # change on every node within milliseconds (a weight publication, a health verdict), and
+        # one heartbeat sent across that instant is a peer a moment behind, not another view.
+        if self.policy.our_digest is not None and any(hb.digest) and hb.digest != self.digest \
+                and was == hb.digest and self._digest_warned.get(node) != hb.digest:
+            self._digest_warned[node] = hb.digest
             out.append(Warn("digest", f"node {node:#x} ({addr}) has another service/backend view"))
         return out
 
@@ -254,6 +297,9 @@ class SyncEngine:
             datagrams = self.retransmit.lookup(ranges, self.node_id, self.incarnation)
             self.counters["resends"] += len(datagrams)
             return [Send(d, dest) for d in datagrams]
+        if t is MsgType.LOAD:
+            self.counters["loads_received"] += 1
+            return [LoadIn(node, codec.load(body))]
         if t is MsgType.RESYNC_REQUEST:
             request_id, target = codec.RESYNC_REQUEST.unpack(body)
             return self._resync_request(node, header.incarnation, request_id, target, addr, now)

@@ -65,7 +65,7 @@ from bpf.loglimit import LogLimiter
 from cluster.flowwalk import flow_chunks
 from cluster.sync import codec
 from cluster.sync.config import SyncConfig
-from cluster.sync.engine import Action, EngineTiming, Install, ResyncComplete, Send, Serve, SyncEngine, Warn
+from cluster.sync.engine import Action, EngineTiming, Install, LoadIn, ResyncComplete, Send, Serve, SyncEngine, Warn
 from cluster.sync.identity import next_incarnation, node_id_of
 from cluster.sync.pacing import SEND_BATCH, SEND_RATE, Pacer
 from cluster.sync.policy import INCARNATION_RENEW_S, MAX_INCARNATION_AGE_S, ReceivePolicy, RetransmitBuffer
@@ -121,6 +121,8 @@ class FlowSync:
                                  timing=timing, configured_addrs=configured,
                                  first_request_id=int.from_bytes(os.urandom(4), "big"))
         self.on_install = on_install  # test/bench hook: concatenated keys of each installed batch
+        # Where LOAD datagrams go (cluster/loadshare.py sets it): called on the loop, must not block.
+        self.load_sink: Callable[[int, codec.Load], None] | None = None
         self.counters = self.engine.counters  # one dict: the engine's protocol counters and ours
         self.counters.update(dict.fromkeys(IO_COUNTERS, 0))
         self._sock: socket.socket | None = None
@@ -237,11 +239,22 @@ class FlowSync:
         self.engine.set_digest(digest)
         self._digest_set = True
         self._rows.clear()
+        if self._sock is not None:  # running: peers hear the new digest now (engine.digest_heartbeat)
+            self._act(self.engine.digest_heartbeat(trio.current_time()))
 
     def ring_pending_bytes(self) -> int:
         """Flow events waiting in the ring (how far the reader is behind the data plane)."""
         reader = self._reader
         return reader.pending_bytes() if reader is not None else 0
+
+    def send_load(self, load: codec.Load) -> None:
+        """A LOAD datagram to every peer (load-aware weighting, cluster/loadshare.py)."""
+        if self._sock is not None:
+            self._act([self.engine.load(load)])
+
+    def members(self) -> dict[int, bool]:
+        """Live peers by node id, and whether each is ready (its heartbeats say so)."""
+        return self.engine.members(trio.current_time())
 
     @property
     def digest_mismatch(self) -> bool:
@@ -277,6 +290,9 @@ class FlowSync:
             elif isinstance(a, ResyncComplete):
                 if self._resync_done is not None:
                     self._resync_done.set()
+            elif isinstance(a, LoadIn):
+                if self.load_sink is not None:
+                    self.load_sink(a.node_id, a.load)
             elif isinstance(a, Warn):
                 self._warn(a.reason, "flow sync: %s", a.message)
 
