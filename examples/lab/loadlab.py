@@ -147,7 +147,8 @@ class Sampler:
         while not self._stop.is_set():
             now = time.monotonic()
             try:
-                stats = {name: _read_json_line(path) for name, path in self.stats_sockets.items()}
+                # The backends' stats sockets speak the status socket's protocol: one JSON document, then EOF.
+                stats = {name: status.query(str(path), timeout_s=2) for name, path in self.stats_sockets.items()}
             except (OSError, ValueError) as exc:
                 self.errors += 1
                 log.warning("load sampler: %s", exc)
@@ -194,19 +195,6 @@ def _interval(previous: tuple[float, dict[str, dict[str, Any]]], current: tuple[
         own = now["t"] - s0[name]["t"]
         busy[name] = (now["busy_s"] - s0[name]["busy_s"]) * ((t1 - t0) / own if own > 0 else 0.0)
     return Interval(t0, t1, busy, {name: int(s["slots"]) for name, s in s1.items()}, weights, peers)
-
-
-def _read_json_line(path: Path, timeout_s: float = 2.0) -> dict[str, Any]:
-    import json
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(str(path))
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
 
 
 class LoadLab:
