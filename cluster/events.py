@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import trio
 
 from cluster.config import IPAddress
+from cluster.loadshare import Published
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
 
@@ -48,13 +49,22 @@ class SessionsChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class WeightsPublished:
+    """The cluster's load-aware weights of one service changed (cluster/loadshare.py); None: none
+    are published (the configured weights apply)."""
+
+    service: str
+    published: Published | None
+
+
+@dataclass(frozen=True, slots=True)
 class Flush:
     """Set `done` once every event sent before this one has been applied."""
 
     done: trio.Event
 
 
-NodeEvent = BackendChanged | HealthReset | MacsLearned | DigestVerdict | SessionsChanged | Flush
+NodeEvent = BackendChanged | HealthReset | MacsLearned | DigestVerdict | SessionsChanged | WeightsPublished | Flush
 
 
 class Inbox:

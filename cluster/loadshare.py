@@ -314,6 +314,13 @@ def same_weights(a: Mapping[IPAddress, BackendWeight], b: Mapping[IPAddress, Bac
     return a.keys() == b.keys() and all((a[k].weight, a[k].state) == (b[k].weight, b[k].state) for k in a)
 
 
+def changes_hash(old: Published | None, new: Published | None) -> bool:
+    """Whether going from `old` to `new` changes what the data plane and the digest see."""
+    if old is None or new is None:
+        return (old is None) != (new is None)
+    return not same_weights(old.backends, new.backends)
+
+
 def leader(node_id: int, self_ready: bool, members: Mapping[int, bool]) -> int:
     """The lowest node id among the live, ready members (us included if we are ready); among all
     live ones if none is ready (a cold start), so even then the nodes pick the same one."""

@@ -50,12 +50,15 @@ from cluster.applier import Applier
 from cluster.components import Components, DataPlaneLike, HealthLike, SpeakerLike, SyncLike
 from cluster.config import ConfigError, IPAddress, NodeConfig, load_file
 from cluster.desired import NOT_READY, Prefix, View, decide
-from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged
+from cluster.events import DigestVerdict, HealthReset, Inbox, MacsLearned, NodeEvent, SessionsChanged, WeightsPublished
 from cluster.lifecycle import Component, Supervisor
+from cluster.loadfeed import LoadFeed, LoadTransport
+from cluster.loadshare import Published, changes_hash
 from cluster.loopwatch import LoopWatch, heartbeat
 from cluster.status import DocumentCache
 from cluster.status import serve as serve_status
 from cluster.status_doc import StatusInputs
+from cluster.sync.identity import node_id_of
 from healthcheck.config import BackendId
 from healthcheck.state import BackendChanged
 
@@ -92,6 +95,8 @@ class Node:
         self._macs: dict[IPAddress, str] = {}
         self._digest_mismatch = False
         self._established = 0
+        self._weights: dict[str, Published] = {}  # load-aware weights the cluster published, per service
+        self._load: LoadFeed | None = None
         self._inbox = Inbox()
         self._announced: dict[Prefix, RouteAttrs] = {}
         self._mac = args.mac
@@ -148,6 +153,7 @@ class Node:
                 nursery.start_soon(self._maintain_flows)
                 await nursery.start(self._neighbours.run)
                 await self._start("health", self._run_health)
+                await self._start("load", self._run_load)
                 await self.applied()  # flows resynced from peers need our services' indexes
                 await nursery.start(serve_status, self.args.status_socket, self.status)
                 if self.config.sync is not None and self.config.sync.enabled:
@@ -254,6 +260,8 @@ class Node:
             await self._stop("sync")
             if new.sync is not None and new.sync.enabled:
                 await self._start("sync", self._run_sync)
+        if new.services != old.services:
+            await self._restart("load", self._run_load)  # unchanged services keep their weights
         if new.bgp != old.bgp:
             await self._shutdown_speaker()  # withdraw and close the sessions; a bare cancel would not
             await self._stop("bgp")
@@ -282,6 +290,13 @@ class Node:
         services = [h for s in self.config.services for h in s.health_configs(usable_now)]
         self._checker = checker = self.components.health(services)
         await feeds.run_health(checker, self._inbox, task_status=task_status)
+
+    async def _run_load(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._load = feed = LoadFeed(self.config.services, node_id_of(self.args.ip), self._inbox,
+                                     lambda: self._sync if isinstance(self._sync, LoadTransport) else None,
+                                     lambda: self._dp, previous=self._load)
+        self._weights = {n: p for n, p in self._weights.items() if n in feed.shares}
+        await feed.run(task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.config.bgp is not None
@@ -325,6 +340,11 @@ class Node:
         elif isinstance(event, SessionsChanged):
             self._established = event.established
             return self._sessions_changed()
+        elif isinstance(event, WeightsPublished):
+            old = self._weights.pop(event.service, None)
+            if event.published is not None:
+                self._weights[event.service] = event.published
+            return changes_hash(old, event.published)
         else:
             return False
         return True
@@ -422,7 +442,8 @@ class Node:
 
     def view(self) -> View:
         return View(self.config, self._healthy, self._macs,
-                    self._ready and not self._blocked_by_digest() and self._forwarding_problem is None)
+                    self._ready and not self._blocked_by_digest() and self._forwarding_problem is None,
+                    weights=self._weights)
 
     def reconcile(self) -> None:
         """Make the data plane, BGP and the sync digest match the current view. Synchronous:
@@ -493,6 +514,8 @@ class Node:
             loop=self._loop_watch.snapshot(),
             bgp=bgp,
             sync=self._sync.snapshot() if self._sync is not None else None,
+            weights=dict(self._weights),
+            load=self._load.snapshot() if self._load is not None else None,
         )
 
     def snapshot(self) -> dict[str, Any]:

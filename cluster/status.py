@@ -83,6 +83,17 @@ def query(path: str, timeout_s: float = 5.0) -> dict[str, Any]:
     return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
 
 
+def _weight(w: Any) -> str:
+    """`2` (static), or configured/observed->effective for load-aware weights: `1/0.73->12`."""
+    if not isinstance(w, dict):
+        return str(w)
+    if w.get("multiplier") is None:
+        return str(w["effective"])
+    observed = "-" if w["observed"] is None else f"{w['observed']:g}"
+    agent = f" agent={w['agent']}" if w.get("agent") else ""
+    return f"{w['configured']}/{observed}->{w['effective']}{agent}"
+
+
 def render(status: dict[str, Any]) -> str:
     lines = [f"node {status['node']['ip']} on {status['node']['interface']} ({status['node']['xdp']}): "
              f"{status['node']['state']}"]
@@ -94,7 +105,7 @@ def render(status: dict[str, Any]) -> str:
         for b in svc["backends"]:
             state = (("in hash" if b["in_hash"] else "no mac") if b["usable"]
                      else ("drained" if b["disabled"] else "down"))
-            lines.append(f"    {b['backend']:28} {state:7} weight={b['weight']} mac={b['mac'] or '?'}"
+            lines.append(f"    {b['backend']:28} {state:7} weight={_weight(b['weight'])} mac={b['mac'] or '?'}"
                          f"  packets={b['packets']} new_flows={b['new_flows']}  {b['last_error'] or ''}")
     bgp = status.get("bgp")
     if bgp:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bpf.counters import Counters
 from bpf.structs import Stat
 from cluster.config import IPAddress
-from cluster.desired import Desired
+from cluster.desired import BackendState, Desired
+from cluster.loadshare import Published
+from cluster.sync.codec import LoadState
 from healthcheck.state import ServiceStatus
 
 
@@ -40,6 +42,8 @@ class StatusInputs:
     loop: Mapping[str, Any]
     bgp: Mapping[str, Any] | None
     sync: Mapping[str, Any] | None
+    weights: Mapping[str, Published] = field(default_factory=dict)  # load-aware, per service name
+    load: Mapping[str, Any] | None = None  # the load-aware weighting component's leaders and counters
 
 
 def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, Any]]:
@@ -54,6 +58,8 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
         by_key = {b.backend: b for b in status.backends} if status else {}
         index = dp.service_index(svc.vip, svc.port, svc.proto) if dp else None
         stats = counters.service(index) if counters is not None and index is not None else None
+        # A row's name is the health checker's "web/192.0.2.10:80"; service names have no "/".
+        published = inputs.weights.get(svc.name.split("/", 1)[0])
         backends = []
         for b in svc.backends:
             bstatus = by_key.get(b.id)
@@ -62,7 +68,7 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
             errors = [c.last_error for c in bstatus.checks if c.last_error and not c.last_ok] if bstatus else []
             backends.append({
                 "backend": b.id, "usable": b.passing, "in_hash": b.usable,
-                "disabled": b.disabled, "weight": b.weight, "mac": b.mac,
+                "disabled": b.disabled, "weight": weight_doc(b, published), "mac": b.mac,
                 "packets": bstats.packets if bstats else 0, "new_flows": bstats.new_flows if bstats else 0,
                 "last_error": errors[0] if errors else None,
             })
@@ -73,6 +79,20 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
             "backends": backends,
         })
     return rows
+
+
+def weight_doc(b: BackendState, published: Published | None) -> dict[str, Any]:
+    """A backend's weights: configured, observed (the cluster's combined load reading, None without
+    one or under static weighting) and effective (what the hash uses). An agent's drain, down or
+    maint shows as `agent`."""
+    entry = published.backends.get(b.address) if published is not None else None
+    doc: dict[str, Any] = {"configured": b.configured_weight if b.configured_weight is not None else b.weight,
+                           "observed": None if entry is None or entry.observed is None else round(entry.observed, 4),
+                           "effective": b.weight}
+    if entry is not None:
+        doc["multiplier"] = round(entry.multiplier, 4)
+        doc["agent"] = entry.state.name.lower() if entry.state not in (LoadState.OK, LoadState.NONE) else None
+    return doc
 
 
 def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
@@ -87,6 +107,8 @@ def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
         out["bgp"] = dict(inputs.bgp)
     if inputs.sync is not None:
         out["sync"] = dict(inputs.sync)
+    if inputs.load:
+        out["load"] = dict(inputs.load)
     return out
 
 

@@ -351,7 +351,7 @@ async def test_a_weight_0_backend_is_down_and_not_announced_consistently(world: 
     row = doc["services"][0]
     assert (row["up"], row["usable"], row["need"]) == (False, 0, 1)
     assert [(b["backend"], b["usable"], b["in_hash"], b["weight"]) for b in row["backends"]] == [
-        ("10.0.0.11:80", True, False, 0)]
+        ("10.0.0.11:80", True, False, {"configured": 0, "observed": None, "effective": 0})]
     assert doc["node"]["announced"] == [] and announced(world) == []
     assert doc["node"]["withheld"] == {VIP: f"{WEB}: 0 of need 1 backends usable (healthy, weight > 0, MAC known)"}
     nursery.cancel_scope.cancel()
