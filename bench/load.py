@@ -22,21 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.demo_load import default_plot, report, run  # noqa: E402
-from examples.lab.loadlab import LoadParams  # noqa: E402
+from examples.demo_load import arguments, default_plot, params, report, run  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase-s", type=float, default=20.0)
-    ap.add_argument("--rate", type=float, default=150.0)
-    ap.add_argument("--service-ms", type=float, default=80.0)
-    ap.add_argument("--aware", choices=["http", "agent"], default="http")
-    ap.add_argument("--nodes", type=int, choices=[1, 3], default=1)
-    ap.add_argument("--out", type=Path, default=None)
+    arguments(ap, phase_s=25.0)
     args = ap.parse_args()
-    params = LoadParams(phase_s=args.phase_s, rate=args.rate, service_ms=args.service_ms, aware=args.aware)
-    result = run(params, args.out or default_plot("bench"), prefix="lbbl", nodes=args.nodes, verbose=False)
+    result = run(params(args), args.out or default_plot("bench"), prefix="lbbl", nodes=args.nodes, verbose=False)
     report(result)
     static, aware = result.spread(result.phase("static")), result.spread(result.phase("aware"))
     met = static >= 2 and aware <= 1.3 and result.settle_s(result.phase("aware")) <= 10 and result.broken == 0

@@ -75,19 +75,31 @@ def report(result: LoadResult) -> None:
         print(f"   errors: {result.errors}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase-s", type=float, default=30.0)
-    ap.add_argument("--rate", type=float, default=150.0, help="new connections per second (keep it modest)")
-    ap.add_argument("--service-ms", type=float, default=80.0)
-    ap.add_argument("--aware", choices=["http", "agent"], default="http",
+def arguments(ap: argparse.ArgumentParser, *, phase_s: float) -> None:
+    """The options demo-load and bench-load share."""
+    defaults = LoadParams()
+    ap.add_argument("--phase-s", type=float, default=phase_s)
+    ap.add_argument("--rate", type=float, default=defaults.rate, help="new connections per second (keep it modest)")
+    ap.add_argument("--service-ms", type=float, default=defaults.service_ms)
+    ap.add_argument("--aware", choices=["http", "agent"], default=defaults.aware,
                     help="phase 2: http (X-Load into the node's controller) or agent (HAProxy agent-check)")
+    ap.add_argument("--window-ms", type=int, default=defaults.window_ms,
+                    help="what the backends' load reports average over")
     ap.add_argument("--nodes", type=int, choices=[1, 3], default=1,
                     help="1: one node; 3: the ECMP lab (BIRD, BGP, flow sync), which also shows the nodes agree")
     ap.add_argument("--out", type=Path, default=None, help="where the PNG goes")
+
+
+def params(args: argparse.Namespace) -> LoadParams:
+    return LoadParams(phase_s=args.phase_s, rate=args.rate, service_ms=args.service_ms, aware=args.aware,
+                      window_ms=args.window_ms)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments(ap, phase_s=40.0)
     args = ap.parse_args()
-    params = LoadParams(phase_s=args.phase_s, rate=args.rate, service_ms=args.service_ms, aware=args.aware)
-    result = run(params, args.out or default_plot("demo"), prefix="lbload", nodes=args.nodes)
+    result = run(params(args), args.out or default_plot("demo"), prefix="lbload", nodes=args.nodes)
     say("load spread per phase (1.00 = every backend equally busy)")
     report(result)
     print(f"\nplot: {result.plot}")

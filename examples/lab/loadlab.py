@@ -50,9 +50,9 @@ PHASES = ("static", "aware", "leastconn")
 
 @dataclass(frozen=True, slots=True)
 class LoadParams:
-    phase_s: float = 30.0  # each phase's length, from the node's reload
-    rate: float = 150.0  # new connections per second, open loop
-    service_ms: float = 80.0  # fixed service time of one request
+    phase_s: float = 40.0  # each phase's length, from the node's reload
+    rate: float = 200.0  # new connections per second, open loop
+    service_ms: float = 60.0  # fixed service time of one request
     slots_per_unit: int = 4  # requests one capacity unit serves at once
     reply_bytes: int = 200
     sample_s: float = 0.25
