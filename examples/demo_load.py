@@ -70,7 +70,7 @@ def report(result: LoadResult) -> None:
         print("   nodes' largest disagreement in weight share: "
               + ", ".join(f"{name} {100 * gap:.1f} points" for name, gap in gaps))
     print(f"   load-aware weights settled in {result.settle_s(result.phase('aware')):.1f}s "
-          f"(every weight share within {100 * result.params.settle_tolerance:.0f}% of its final value)")
+          f"(every weight share within {100 * result.params.settle_tolerance:.0f}% of the step of its final value)")
     if result.errors:
         print(f"   errors: {result.errors}")
 
@@ -82,7 +82,8 @@ def arguments(ap: argparse.ArgumentParser, *, phase_s: float) -> None:
     ap.add_argument("--rate", type=float, default=defaults.rate, help="new connections per second (keep it modest)")
     ap.add_argument("--service-ms", type=float, default=defaults.service_ms)
     ap.add_argument("--aware", choices=["http", "agent"], default=defaults.aware,
-                    help="phase 2: http (X-Load into the node's controller) or agent (HAProxy agent-check)")
+                    help="phase 2: agent (HAProxy agent-check, idle capacity as the weight percentage) or http "
+                         "(X-Load into the node's controller)")
     ap.add_argument("--window-ms", type=int, default=defaults.window_ms,
                     help="what the backends' load reports average over")
     ap.add_argument("--nodes", type=int, choices=[1, 3], default=1,

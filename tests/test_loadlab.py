@@ -107,13 +107,20 @@ def test_phase_spread_uses_the_second_half_and_averages_before_dividing() -> Non
 
 def test_settle_time_is_when_the_weight_shares_last_leave_the_band() -> None:
     busy = {"a": 0.0, "b": 0.0}
-    weights = [{"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 3}, {"a": 1, "b": 7}, {"a": 1, "b": 4}]
+    before = [iv(-1, busy, {"a": 1, "b": 1})]  # the previous phase: shares 0.5 / 0.5
+    weights = [{"a": 1, "b": 1}, {"a": 1, "b": 2}, {"a": 1, "b": 3}, {"a": 1, "b": 99}, {"a": 1, "b": 4}]
     weights += [{"a": 10, "b": 41}, {"a": 10, "b": 39}] * 4  # settled around a = 0.2, b = 0.8
-    intervals = [iv(t, busy, w) for t, w in enumerate(weights)]
-    # Shares of a: 0.5, 0.33, 0.25, 0.125, 0.2, ...: the last out of band (20% of 0.2) ends at t=4.
+    intervals = before + [iv(t, busy, w) for t, w in enumerate(weights)]
+    # The step is 0.5 -> 0.2 = 0.3; a's shares 0.5, 0.33, 0.25, 0.01, 0.2, ...: with a band of
+    # 20% of the step (0.06) the last one out ends at t=4; with 50% (0.15) it is 0.01 too.
     assert settle_time(intervals, 0, len(weights), tolerance=0.2) == 4.0
-    assert settle_time(intervals, 0, len(weights), tolerance=0.05) == 4.0
+    assert settle_time(intervals, 0, len(weights), tolerance=0.5) == 4.0
+    assert settle_time(intervals, 0, len(weights), tolerance=0.7) == 1.0  # 0.33 is within 0.21
+    # Without the previous phase the step starts from the first weights inside (the same here).
+    assert settle_time(intervals[1:], 0, len(weights), tolerance=0.2) == 4.0
     assert settle_time([iv(t, busy) for t in range(4)], 0, 4) == 4.0  # no weights reported: never settled
+    steady = [iv(t, busy, {"a": 1, "b": 1}) for t in range(4)]
+    assert settle_time(steady, 0, 4) == 0.0  # no step at all
 
 
 def test_payload_and_answers_are_checked_byte_for_byte() -> None:

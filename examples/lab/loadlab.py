@@ -56,7 +56,7 @@ class LoadParams:
     slots_per_unit: int = 4  # requests one capacity unit serves at once
     reply_bytes: int = 200
     sample_s: float = 0.25
-    aware: str = "http"  # phase 2's weighting mode: http (X-Load, the controller) or agent (HAProxy agent-check)
+    aware: str = "agent"  # phase 2's weighting mode: agent (HAProxy agent-check) or http (X-Load, the controller)
     agent_style: str = "idle-capacity"  # what the agent port says (loadstats.AgentStyle)
     interval_ms: int = 500  # the node's weighting interval (and its check interval)
     window_ms: int = 1000  # what the backends' X-Load and agent reply average over

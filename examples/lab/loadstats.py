@@ -162,25 +162,31 @@ def disagreement(intervals: Sequence[Interval], start_s: float, end_s: float) ->
 
 
 def settle_time(intervals: Sequence[Interval], start_s: float, end_s: float, *, tolerance: float = 0.2) -> float:
-    """Seconds from `start_s` until every backend's weight share stays within `tolerance`
-    (relative) of its mean over the phase's second half, for the rest of the phase.
+    """Seconds from `start_s` until the weights stay settled for the rest of the phase: every
+    backend's weight share within `tolerance` of the step from its final value, where the final
+    value is its mean share over the phase's second half and the step is the largest change of
+    any backend's share, from the last weights before `start_s` (or the first after) to final.
 
-    Measured on the weights rather than on utilisation: the weights are the controller's output,
-    free of the request-count noise of short utilisation intervals, and they are what moves
-    traffic. Returns the phase's length if the weights never settle (or never reported).
+    A step-relative band, as in a step response's settling time: a band relative to each share
+    would be too tight for a small backend's share (a 1-capacity backend of 15 holds ~7% of the
+    weight, and a controller's normal wander of one point would count as unsettled). Measured on
+    the weights rather than on utilisation: they are the controller's output, free of the
+    request-count noise of short utilisation intervals, and they are what moves traffic.
+    Returns the phase's length if the weights were never reported.
     """
-    inside = [iv for iv in intervals if iv.end_s > start_s and iv.end_s <= end_s and iv.weights]
-    if not inside:
-        return end_s - start_s
+    before = [iv for iv in intervals if iv.end_s <= start_s and iv.weights]
+    inside = [iv for iv in intervals if start_s < iv.end_s <= end_s and iv.weights]
     mid = (start_s + end_s) / 2
     late = [weight_shares(iv.weights) for iv in inside if iv.end_s >= mid]
-    if not late:
+    if not inside or not late:
         return end_s - start_s
     names = sorted(late[0])
     final = {n: math.fsum(s.get(n, 0.0) for s in late) / len(late) for n in names}
+    initial = weight_shares((before[-1] if before else inside[0]).weights)
+    band = tolerance * max(abs(final[n] - initial.get(n, 0.0)) for n in names)
     settled_at = start_s
     for iv in inside:
         shares = weight_shares(iv.weights)
-        if any(abs(shares.get(n, 0.0) - final[n]) > tolerance * final[n] for n in names):
+        if any(abs(shares.get(n, 0.0) - final[n]) > band for n in names):
             settled_at = iv.end_s
     return settled_at - start_s
