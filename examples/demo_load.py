@@ -7,9 +7,9 @@ backend runs hot and the big one idles. Phase 2 turns on load-aware weights (the
 controller, fed each backend's load); phase 3 least connections. Phases switch by rewriting the
 node's config and SIGHUP. Prints each phase's load spread (the highest backend utilisation over
 the lowest, over the phase's second half) and writes a PNG of utilisation and weights over time.
-Tears everything down, also on Ctrl-C or failure. Needs root; about two minutes by default.
+Tears everything down, also on Ctrl-C or failure. Needs root; about 2.5 minutes by default.
 
-    .venv/bin/python -m examples.demo_load [--phase-s 30] [--rate 150] [--aware http|agent] [--nodes 1|3]
+    .venv/bin/python -m examples.demo_load [--phase-s 40] [--rate 200] [--aware agent|http] [--nodes 1|3]
                                            [--out PNG]
 """
 from __future__ import annotations
