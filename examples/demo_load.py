@@ -65,10 +65,11 @@ def report(result: LoadResult) -> None:
         utils = "  ".join(f"{n} {100 * u:4.1f}%" for n, u in sorted(result.utilisation(phase).items()))
         print(f"   {phase.name:10} {phase.mode:10} {result.spread(phase):7.2f}   {utils}  "
               f"{phase.ok:6d} {phase.broken:5d}")
-    gaps = [(p.name, gap) for p in result.phases if (gap := result.disagreement(p)) is not None]
-    if gaps:
-        print("   nodes' largest disagreement in weight share: "
-              + ", ".join(f"{name} {100 * gap:.1f} points" for name, gap in gaps))
+    for phase in result.phases:
+        gap, late = result.disagreement(phase), result.disagreement(phase, second_half=True)
+        if gap is not None and late is not None:
+            print(f"   {phase.name}: the nodes' weight shares differed by at most {100 * gap:.1f} points "
+                  f"(the switch included), {100 * late:.1f} in the second half")
     print(f"   load-aware weights settled in {result.settle_s(result.phase('aware')):.1f}s "
           f"(every weight share within {100 * result.params.settle_tolerance:.0f}% of the step of its final value)")
     if result.errors:

@@ -98,9 +98,11 @@ class LoadResult:
     def settle_s(self, phase: Phase) -> float:
         return settle_time(self.intervals, phase.start_s, phase.end_s, tolerance=self.params.settle_tolerance)
 
-    def disagreement(self, phase: Phase) -> float | None:
-        """The nodes' largest gap in weight share during the phase (None with one node)."""
-        return disagreement(self.intervals, phase.start_s, phase.end_s)
+    def disagreement(self, phase: Phase, *, second_half: bool = False) -> float | None:
+        """The nodes' largest gap in weight share during the phase, or its second half (None
+        with one node). The whole phase includes the switch, when the nodes reload one by one."""
+        start = (phase.start_s + phase.end_s) / 2 if second_half else phase.start_s
+        return disagreement(self.intervals, start, phase.end_s)
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)

@@ -68,7 +68,7 @@ def plot(result: LoadResult, path: Path) -> Path:
     ax_u.legend(loc="center right", fontsize=8)
     peers = sorted({p for iv in intervals for p in iv.peers})
     ax_w.set_ylabel("share of the node's weight, %\n(dotted: capacity share)" if not peers else
-                    f"share of the weights, %: first node solid,\n{', '.join(peers)} dashed; dotted: capacity share")
+                    f"weight share, % (dashed: {', '.join(peers)};\ndotted: capacity share)")
     ax_w.set_xlabel("seconds since phase 1 started")
     ax_w.set_ylim(bottom=0)
     p = result.params
