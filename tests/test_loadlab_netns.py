@@ -32,8 +32,12 @@ def test_short_simulation_measures_every_phase_and_writes_the_plot(tmp_path: Pat
     # eighth of the slots, so it is several times busier.
     static = result.utilisation(result.phase("static"))
     assert static["b1"] > 2 * static["b4"], static
-    # The sampler read the node's weights for every backend.
+    # The sampler read the node's weights for every backend, and in the load-aware phase they
+    # moved towards capacity (the agent reports idle capacity: 8 units against 1).
     assert any(set(iv.weights) == {"b1", "b2", "b3", "b4"} for iv in result.intervals)
+    aware = result.phase("aware")
+    last = [iv.weights for iv in result.intervals if aware.start_s < iv.end_s <= aware.end_s and iv.weights][-1]
+    assert last["b4"] > 2 * last["b1"], last
     assert result.settle_s(result.phase("aware")) <= params.phase_s
     assert result.summary().startswith("static_spread=") and f"plot={tmp_path / 'load.png'}" in result.summary()
     png = (tmp_path / "load.png").read_bytes()
