@@ -11,11 +11,17 @@ go the same way. Without flow sync (one node) the node is its own leader.
 
 The inbox gets the newest publication per service, never a backlog: a relay task sends what
 changed since it last ran, so a slow inbox costs at most one event per service.
+
+A reload calls `reconfigure` (synchronous: the node's reload must not yield between switching
+the config and waiting for it to be applied): a service whose config is unchanged keeps its
+task, readings and controller; a changed one starts afresh (keeping the published weights if
+its load settings and backends are the same); a removed one is reported as None.
 """
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,7 +30,7 @@ import trio
 from bpf.structs import IPAddress
 from cluster.config import ServiceConfig
 from cluster.events import Inbox, WeightsPublished
-from cluster.loadshare import Reading, ServiceShare, service_id, shares_for
+from cluster.loadshare import Reading, ServiceShare, leader, service_id, shares_for
 from cluster.status_doc import StatusSource
 from cluster.sync.codec import Load, LoadState
 from cluster.weighting import WeightingMode
@@ -50,13 +56,13 @@ class LoadTransport(Protocol):
 
 class LoadFeed:
     def __init__(self, services: Sequence[ServiceConfig], node_id: int, inbox: Inbox,
-                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None],
-                 previous: LoadFeed | None = None) -> None:
+                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None]) -> None:
         self.services = {s.name: s for s in services if s.weighting.dynamic}
         self.node_id = node_id
-        self.shares: dict[str, ServiceShare] = shares_for(self.services.values(), node_id,
-                                                          previous.shares if previous else None)
+        self.shares: dict[str, ServiceShare] = shares_for(self.services.values(), node_id)
         self._by_id = {service_id(name): share for name, share in self.shares.items()}
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}  # each service's task
         self._inbox = inbox
         self._transport = transport
         self._dataplane = dataplane
@@ -64,30 +70,74 @@ class LoadFeed:
         self._dirty: set[str] = set(self.shares)  # the first relay reports every service's state
         self._wake = trio.Event()
         self._wake.set()
+        # name -> (leader, epoch, wall-clock s) of the publication hashed with, and when it came:
+        # nodes share a clock in the lab, so status readers measure how far apart nodes adopt one.
+        self._adopted: dict[str, tuple[int, int, float]] = {}
 
     def receive(self, node_id: int, load: Load) -> None:
         """Flow sync's `load_sink`: on the loop, never blocks."""
         share = self._by_id.get(load.service_id)
-        if share is not None and share.receive(node_id, load, trio.current_time()):
+        if share is None:
+            return
+        transport = self._transport()
+        if transport is not None:
+            # The leader as of now, not as of our last tick: at a failover the new leader's first
+            # publication is taken as soon as we too see the old one dead, not up to an interval later.
+            share.leader = leader(self.node_id, transport.ready, transport.members())
+        if share.receive(node_id, load, trio.current_time()):
             self._changed(share.config.name)
 
     def snapshot(self) -> dict[str, Any]:
         """For the status document: leader and counters per service."""
-        return {name: {"leader": share.leader, "epoch": share.published.epoch if share.published else 0,
-                       "counters": dict(share.counters)}
-                for name, share in self.shares.items()}
+        out = {}
+        for name, share in self.shares.items():
+            leader, epoch, at = self._adopted.get(name, (0, 0, 0.0))
+            out[name] = {"leader": share.leader, "published_by": leader, "epoch": epoch, "adopted_at": at,
+                         "counters": dict(share.counters)}
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._relay)
             for name in self.shares:
-                nursery.start_soon(self._service_loop, name)
+                self._start_service(name)
             task_status.started()
+
+    def reconfigure(self, services: Sequence[ServiceConfig]) -> None:
+        """The services of a new config (see the module docstring). Synchronous."""
+        wanted = {s.name: s for s in services if s.weighting.dynamic}
+        fresh = shares_for(wanted.values(), self.node_id, self.shares)
+        for name in list(self.shares):
+            if name in wanted and wanted[name] == self.services[name]:
+                fresh[name] = self.shares[name]  # unchanged: keeps its readings and controller
+            else:
+                scope = self._scopes.pop(name, None)
+                if scope is not None:
+                    scope.cancel()
+                self._dirty.add(name)  # changed or gone: its weights are reported again (None if gone)
+        self.services, self.shares = wanted, fresh
+        self._by_id = {service_id(name): share for name, share in fresh.items()}
+        for name in fresh:
+            if name not in self._scopes:
+                self._dirty.add(name)
+                if self._nursery is not None:
+                    self._start_service(name)
+        self._wake.set()
+
+    def _start_service(self, name: str) -> None:
+        assert self._nursery is not None
+        scope = self._scopes[name] = trio.CancelScope()
+        self._nursery.start_soon(self._service_loop, self.services[name], self.shares[name], scope)
 
     # ---- per service ---------------------------------------------------------------------------
 
-    async def _service_loop(self, name: str) -> None:
-        service, share = self.services[name], self.shares[name]
+    async def _service_loop(self, service: ServiceConfig, share: ServiceShare, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._serve_service(service, share)
+
+    async def _serve_service(self, service: ServiceConfig, share: ServiceShare) -> None:
+        name = service.name
         interval_s = service.weighting.interval_s
         context = await self._ssl_context(service)
         next_at = trio.current_time()
@@ -120,12 +170,12 @@ class LoadFeed:
                 if w.mode is WeightingMode.AGENT:
                     assert w.agent_port is not None
                     memory = self._agents.setdefault((service.name, address), AgentMemory())
-                    agent = await agent_reading(memory, str(address), w.agent_port, w.timeout_s)
+                    agent = await agent_reading(memory, str(address), w.agent_port, w.timeout_ms / 1000)
                     out[address] = Reading(agent.value, LoadState[agent.state.upper()]) if agent else Reading()
                 else:
                     check = next(c for c in service.checks if c.http is not None)
                     value = await http_load(check, str(address), service.ports[0], w.http_header,
-                                            w.http_json_field, w.timeout_s, context)
+                                            w.http_json_field, w.timeout_ms / 1000, context)
                     out[address] = Reading(value, LoadState.OK) if value is not None else Reading()
 
         async with trio.open_nursery() as nursery:
@@ -164,6 +214,9 @@ class LoadFeed:
     # ---- to the inbox --------------------------------------------------------------------------
 
     def _changed(self, name: str) -> None:
+        p = self.shares[name].published if name in self.shares else None
+        if p is not None and self._adopted.get(name, (0, 0))[:2] != (p.leader, p.epoch):
+            self._adopted[name] = (p.leader, p.epoch, time.time())
         self._dirty.add(name)
         self._wake.set()
 
@@ -173,5 +226,6 @@ class LoadFeed:
             self._wake = trio.Event()
             while self._dirty:
                 name = self._dirty.pop()
-                await self._inbox.send(WeightsPublished(name, self.shares[name].published))
+                share = self.shares.get(name)
+                await self._inbox.send(WeightsPublished(name, share.published if share is not None else None))
 

@@ -260,8 +260,8 @@ class Node:
             await self._stop("sync")
             if new.sync is not None and new.sync.enabled:
                 await self._start("sync", self._run_sync)
-        if new.services != old.services:
-            await self._restart("load", self._run_load)  # unchanged services keep their weights
+        if self._load is not None:
+            self._load.reconfigure(new.services)  # synchronous: unchanged services keep their weights
         if new.bgp != old.bgp:
             await self._shutdown_speaker()  # withdraw and close the sessions; a bare cancel would not
             await self._stop("bgp")
@@ -294,8 +294,7 @@ class Node:
     async def _run_load(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._load = feed = LoadFeed(self.config.services, node_id_of(self.args.ip), self._inbox,
                                      lambda: self._sync if isinstance(self._sync, LoadTransport) else None,
-                                     lambda: self._dp, previous=self._load)
-        self._weights = {n: p for n, p in self._weights.items() if n in feed.shares}
+                                     lambda: self._dp)
         await feed.run(task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -116,6 +116,9 @@ def render(status: dict[str, Any]) -> str:
             error = f"  last error: {peer['last_error']}" if peer.get("last_error") else ""
             lines.append(f"  peer {peer['address']:24} {peer['state']}{bfd_text}{error}")
         lines.append(f"  announced: {', '.join(bgp['announced']) or '(none)'}")
+    for name, share in (status.get("load") or {}).items():
+        lines.append(f"load {name}: leader node {share['leader']:#x}, weights of node {share['published_by']:#x} "
+                     f"epoch {share['epoch']}")
     sync = status.get("sync")
     if sync:
         lines.append(f"sync: {json.dumps(sync, default=str)}")

@@ -69,10 +69,6 @@ class WeightingConfig:
         return self.interval_ms / 1000
 
     @property
-    def timeout_s(self) -> float:
-        return self.timeout_ms / 1000
-
-    @property
     def dynamic(self) -> bool:
         return self.mode is not WeightingMode.STATIC
 

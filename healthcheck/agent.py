@@ -1,4 +1,6 @@
-"""HAProxy's agent-check: a pure reply parser and a trio probe. Not wired into the runner yet.
+"""HAProxy's agent-check: a pure reply parser and a trio probe, read by load-aware weighting
+(`weighting: {mode: agent}`, healthcheck/loadprobe.py and cluster/loadfeed.py), not by the
+health checker: an agent's verdict reaches the view through the cluster's published weights.
 
 Theory of operation (HAProxy's `agent-check`, configuration manual section 5.2, and
 `tcpcheck_agent_expect_reply` in its src/tcpcheck.c). The checker opens a TCP connection to the
@@ -19,8 +21,9 @@ parser, keeping the ignored words in `AgentReport.ignored`. A weight word that s
 and has a '%' but is not a plain `N%` ("7x%") is ignored the same way, with a warning. HAProxy
 caps the scaled weight at its maximum (256); `scaled_weight` caps it at lbnode's (1000).
 
-A mapping onto lbnode's states (for the next step): down/stopped/fail -> check failing,
-up -> check passing, drain or 0% -> drained, maint -> disabled, ready -> neither.
+The mapping onto lbnode's states (cluster/desired.py): down/stopped/fail -> out of the hash like
+a failing check (until `up`), drain or 0% -> drained (until `ready` or a percentage above 0),
+maint -> disabled (until `ready`); healthcheck/loadprobe.py keeps each word until changed.
 """
 from __future__ import annotations
 

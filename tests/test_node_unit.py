@@ -456,3 +456,25 @@ async def test_a_health_checker_crash_stops_a_serving_node(clock: trio.testing.M
                 await until("announced", lambda: announced(world) == [VIP])
                 world.health[-1].crash.set()
     assert world.dp is not None and world.dp.closed
+
+
+async def test_load_aware_weights_reach_the_data_plane_the_digest_and_the_status(world: World, config_path: Path,
+                                                                                  nursery: trio.Nursery) -> None:
+    """weighting: leastconn (no probes: the fake data plane's counters): the node, its own leader
+    without a sync peer, publishes K x configured weights; they reach the data plane, the digest
+    and `lbnode status`. A reload that changes nothing else keeps them."""
+    # noqa below: as above, the test's own config file, written before the call under test.
+    config_path.write_text(config_text().replace("    need: 1\n", "    need: 1\n    weighting: leastconn\n"))  # noqa: ASYNC240
+    node = make_node(world, config_path)
+    with trio.fail_after(10):
+        await nursery.start(node.run)
+    await until("weights applied", lambda: bool(world.dp and world.dp.applied) and all(
+        b.weight == 125 for b in world.dp.applied[-1][0].backends))
+    row = node.snapshot()["services"][0]
+    assert [b["weight"] for b in row["backends"]] == [{"configured": 1, "observed": 0.0, "effective": 125,
+                                                       "multiplier": 1.0, "agent": None}] * 2
+    assert node.snapshot()["load"]["web"]["published_by"] == int(NODE_IP)
+    assert world.sync is not None and world.sync.digests[-1] == node._desired.digest()
+    await node.reload()
+    assert node.reloads["ok"] == 1 and all(b.weight == 125 for b in world.dp.applied[-1][0].backends)
+    nursery.cancel_scope.cancel()

@@ -189,3 +189,19 @@ def test_bad_params_are_refused(kwargs: dict[str, float], field: str) -> None:
 def test_bad_inputs_are_refused(inp: BackendInput) -> None:
     with pytest.raises(WeightsError, match="b1"):
         WeightController().update({"b1": inp}, 0.0)
+
+
+def test_a_resumed_controller_continues_where_the_other_stopped() -> None:
+    """A leader failover (cluster/loadshare.py): the new leader's controller starts from the
+    published multipliers and output, and its next output is within the hysteresis of the last."""
+    sim = Sim()
+    sim.run(30)
+    last, multipliers = sim.outputs[-1], sim.controller.multipliers()
+    fresh = WeightController(ControllerParams())
+    fresh.resume(multipliers, last)
+    sim.controller = fresh
+    out = sim.step()
+    assert all(abs(out[n] - last[n]) <= 0.05 * last[n] + 1 for n in last), (last, out)
+    cold = Sim()
+    cold.run(1)
+    assert cold.outputs[0] != last  # without it, the new leader would start from m = 1
