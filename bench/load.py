@@ -9,7 +9,7 @@ open-loop client; phases static, load-aware, least connections, switched by SIGH
 The last line is `static_spread=<x> aware_spread=<y> leastconn_spread=<z> settle_s=<s>
 broken=<n> plot=<png>`. A spread is the highest backend utilisation divided by the lowest, each
 averaged over the phase's second half; settle_s is how long after the switch to load-aware
-weights every backend's weight share stays within 20% of the step of its final value (the
+weights every backend's weight share stays within 10% of the step of its final value (the
 mean over the phase's second half; the step is the largest change of any share); broken
 counts requests that failed or returned wrong bytes, over the whole run. Targets:
 aware_spread <= 1.3 while static_spread >= 2, settle_s <= 10, broken = 0. Exits 1 if a target

@@ -60,7 +60,7 @@ class LoadParams:
     agent_style: str = "idle-capacity"  # what the agent port says (loadstats.AgentStyle)
     interval_ms: int = 500  # the node's weighting interval (and its check interval)
     window_ms: int = 1000  # what the backends' X-Load and agent reply average over
-    settle_tolerance: float = 0.2
+    settle_tolerance: float = 0.1  # settle_s: within this fraction of the step (loadstats.settle_time)
 
     def offered_slots(self) -> float:
         """Requests in service on average (Little's law, without queueing)."""

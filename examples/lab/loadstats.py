@@ -161,7 +161,7 @@ def disagreement(intervals: Sequence[Interval], start_s: float, end_s: float) ->
     return worst
 
 
-def settle_time(intervals: Sequence[Interval], start_s: float, end_s: float, *, tolerance: float = 0.2) -> float:
+def settle_time(intervals: Sequence[Interval], start_s: float, end_s: float, *, tolerance: float = 0.1) -> float:
     """Seconds from `start_s` until the weights stay settled for the rest of the phase: every
     backend's weight share within `tolerance` of the step from its final value, where the final
     value is its mean share over the phase's second half and the step is the largest change of
