@@ -8,6 +8,7 @@ import pytest
 from bpf.structs import addr16
 from cluster.sync import codec
 from cluster.sync.engine import PROMPT_HEARTBEAT_S, LoadIn, Send, SyncEngine, Warn
+from cluster.sync.policy import DIGEST_SETTLE_S
 
 pytestmark = pytest.mark.unit
 
@@ -50,8 +51,10 @@ def test_a_changed_digest_is_heartbeated_at_once_but_not_more_often_than_the_pro
     [hb] = a.digest_heartbeat(1.0)
     assert isinstance(hb, Send) and codec.decode(KEY, hb.datagram).body.digest == b"\x01" * 16  # type: ignore[union-attr]
     a.set_digest(b"\x02" * 16)
-    assert a.digest_heartbeat(1.0 + PROMPT_HEARTBEAT_S / 2) == []  # too soon: the next one is moved up
-    assert a.next_deadline(1.0) <= 1.0 + PROMPT_HEARTBEAT_S
+    assert a.digest_heartbeat(1.0 + PROMPT_HEARTBEAT_S / 2) == []  # too soon: flowsync.py waits for this
+    assert a.digest_heartbeat_at() == 1.0 + PROMPT_HEARTBEAT_S
+    [hb] = a.digest_heartbeat(1.0 + PROMPT_HEARTBEAT_S)
+    assert a.digest_heartbeat_at() is None
 
 
 def test_a_digest_is_warned_of_only_when_two_heartbeats_in_a_row_carry_it() -> None:
@@ -64,3 +67,22 @@ def test_a_digest_is_warned_of_only_when_two_heartbeats_in_a_row_carry_it() -> N
     assert [w.reason for w in warned] == ["digest"]
     warned = [x for x in a.receive(b.heartbeat(2.0).datagram, "10.0.0.2", 2.0) if isinstance(x, Warn)]
     assert warned == []  # once per differing digest
+
+
+def test_a_digest_differs_only_once_both_have_stood_for_the_settle_time() -> None:
+    """Nodes adopt a weight publication milliseconds apart: a peer just behind or ahead has the
+    same view. A difference that stands for DIGEST_SETTLE_S is a mismatch."""
+    a, b = engines()
+    a.set_digest(b"\x01" * 16, 0.0)
+    b.set_digest(b"\x01" * 16, 0.0)
+    a.receive(b.heartbeat(0.0).datagram, "10.0.0.2", 0.0)
+    assert not a.policy.digest_mismatch(1.0)
+    b.set_digest(b"\x02" * 16, 1.0)  # b adopted first; its prompt heartbeat reaches a
+    a.receive(b.digest_heartbeat(1.0)[0].datagram, "10.0.0.2", 1.001)  # type: ignore[union-attr]
+    assert not a.policy.digest_mismatch(1.01)
+    a.set_digest(b"\x02" * 16, 1.01)  # ... and a 9 ms later
+    assert not a.policy.digest_mismatch(1.5)
+    a.set_digest(b"\x03" * 16, 2.0)  # a moves on alone
+    assert not a.policy.digest_mismatch(2.0 + DIGEST_SETTLE_S / 2)
+    assert a.policy.digest_mismatch(2.0 + DIGEST_SETTLE_S)
+    assert [v.digest_match for v in a.policy.views(2.0 + DIGEST_SETTLE_S)] == [False]

@@ -205,9 +205,9 @@ class SyncEngine:
         accept the new current and next. Numbering and peer state go on unchanged."""
         self.keys = keys
 
-    def set_digest(self, digest: bytes) -> None:
+    def set_digest(self, digest: bytes, now: float = -math.inf) -> None:
         self.digest = digest
-        self.policy.our_digest = digest
+        self.policy.set_our_digest(digest, now)
 
     def digest_heartbeat(self, now: float) -> list[Action]:
         """After our digest changed: a heartbeat now (at most one per PROMPT_HEARTBEAT_S, else at
@@ -215,12 +215,16 @@ class SyncEngine:
         heartbeat later. Load-aware weights change the digest every few intervals on every node
         at once (cluster/loadshare.py); without this a peer's heartbeat sent just before its
         change would read as a mismatch for a whole heartbeat interval."""
-        if self.digest == self._heartbeat_digest:
+        at = self.digest_heartbeat_at()
+        if at is None or now < at:
             return []
-        if now - self._last_heartbeat >= PROMPT_HEARTBEAT_S:
-            return [self.heartbeat(now)]
-        self._next_heartbeat = min(self._next_heartbeat, self._last_heartbeat + PROMPT_HEARTBEAT_S)
-        return []
+        return [self.heartbeat(now)]
+
+    def digest_heartbeat_at(self) -> float | None:
+        """When `digest_heartbeat` will send (None: the last heartbeat carried our digest)."""
+        if self.digest == self._heartbeat_digest:
+            return None
+        return self._last_heartbeat + PROMPT_HEARTBEAT_S
 
     def start(self, now: float, wall_s: float | None = None) -> None:
         """We listen from `now` (see policy.ReceivePolicy.start)."""
@@ -266,7 +270,7 @@ class SyncEngine:
             return [Install(codec.check_flow_records(body), node, False)] if header.count else []
         hb = codec.heartbeat(body)
         was = self.policy.peers[node].digest
-        self.policy.heartbeat(node, hb)
+        self.policy.heartbeat(node, hb, now)
         self.heard[node] = header.incarnation
         out: list[Action] = self._check_resync(now)
         # Warned once per differing digest, and only when two heartbeats in a row carry it: views

@@ -131,6 +131,7 @@ class FlowSync:
         self._pending: list[bytes] = []
         self._rows = FlowRows(dataplane)  # the receive batch
         self._digest_set = False
+        self._prompt_pending = False  # a _prompt_heartbeat task waits
         self._resync_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._reader: Any = None
@@ -236,11 +237,26 @@ class FlowSync:
         `dataplane.apply()`: it also drops cached index translations."""
         if len(digest) != codec.DIGEST_BYTES:
             digest = hashlib.blake2b(digest, digest_size=codec.DIGEST_BYTES).digest()
-        self.engine.set_digest(digest)
+        running = self._sock is not None
+        self.engine.set_digest(digest, trio.current_time() if running else -math.inf)
         self._digest_set = True
         self._rows.clear()
-        if self._sock is not None:  # running: peers hear the new digest now (engine.digest_heartbeat)
+        if running:  # peers hear the new digest now, or once the prompt spacing allows (engine.digest_heartbeat)
             self._act(self.engine.digest_heartbeat(trio.current_time()))
+            if self.engine.digest_heartbeat_at() is not None and not self._prompt_pending \
+                    and self._nursery is not None:
+                self._prompt_pending = True
+                self._nursery.start_soon(self._prompt_heartbeat)
+
+    async def _prompt_heartbeat(self) -> None:
+        """The heartbeat of a digest changed too soon after the last one (at most one waits)."""
+        try:
+            at = self.engine.digest_heartbeat_at()
+            if at is not None:
+                await trio.sleep_until(at)
+                self._act(self.engine.digest_heartbeat(trio.current_time()))
+        finally:
+            self._prompt_pending = False
 
     def ring_pending_bytes(self) -> int:
         """Flow events waiting in the ring (how far the reader is behind the data plane)."""

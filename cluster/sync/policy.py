@@ -32,7 +32,10 @@ When the engine starts a peer resync, `resync_started` forgets that peer's missi
 table it is about to receive covers them); gaps opening later are tracked as usual.
 
 Heartbeats carry the sender's view digest: a live peer whose digest differs from ours is a
-*mismatch*. A peer unheard (in its stream) for `dead_after_s` is dead.
+*mismatch*, once both digests have stood for `DIGEST_SETTLE_S`: views change on every node
+within milliseconds of each other (a load-aware weight publication, cluster/loadshare.py), and
+a peer a few milliseconds behind or ahead has the same view, not another one. A peer unheard
+(in its stream) for `dead_after_s` is dead.
 
 Incarnations are wall-clock seconds, so they are only as good as the clocks:
 
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,6 +73,7 @@ from cluster.sync.codec import Header, Heartbeat, ResendRange
 INCARNATION_RENEW_S = 900.0  # senders take a new incarnation this often (flowsync.py)
 MAX_INCARNATION_AGE_S = 2 * INCARNATION_RENEW_S  # older incarnations are not adopted: one renewal + skew
 MAX_RETIRED = 64  # incarnations remembered per peer as left (more only by restarting 64 times in 30 min)
+DIGEST_SETTLE_S = 0.2  # a differing digest counts once both have stood this long (nodes adopt within ~20 ms)
 
 
 class Verdict(enum.Enum):
@@ -92,6 +97,7 @@ class PeerState:
     resync_wanted: bool = False  # a number that no RESEND can repair: ask this peer for its table
     oldest_seq: int = 0  # the oldest number the peer said it can resend (its last heartbeat)
     digest: bytes | None = None
+    digest_since: float = -math.inf  # when its current digest was first heard
     ready: bool = False
     flow_count: int = 0
     received: int = 0
@@ -179,6 +185,7 @@ class ReceivePolicy:
         self.started_wall_s: float | None = None
         self.counters = Counters()
         self.our_digest: bytes | None = None
+        self.our_digest_since = -math.inf  # see `set_our_digest`
         # (next request at, node id, incarnation, seq); an entry is live only while it matches
         # the peer's current incarnation and missing[seq][2] (lazy deletion)
         self._due: list[tuple[float, int, int, int]] = []
@@ -308,13 +315,20 @@ class ReceivePolicy:
         self.counters.control_accepted += 1
         return Verdict.ACCEPT
 
-    def heartbeat(self, node_id: int, hb: Heartbeat) -> None:
+    def set_our_digest(self, digest: bytes, now: float = -math.inf) -> None:
+        if digest != self.our_digest:
+            self.our_digest, self.our_digest_since = digest, now
+
+    def heartbeat(self, node_id: int, hb: Heartbeat, now: float = -math.inf) -> None:
         """Record an accepted heartbeat's view of the peer; numbers older than the oldest it can
         resend are unrepairable by RESEND (the peer wants a resync)."""
         peer = self.peers.get(node_id)
         if peer is not None:
             # An all-zero digest means "no view yet" (a node that is still starting).
-            peer.digest = hb.digest if any(hb.digest) else None
+            digest = hb.digest if any(hb.digest) else None
+            if digest != peer.digest:
+                peer.digest_since = now
+            peer.digest = digest
             peer.ready, peer.flow_count = hb.ready, hb.flow_count
             peer.oldest_seq = max(peer.oldest_seq, hb.oldest_seq)
             missing = peer.missing
@@ -402,13 +416,17 @@ class ReceivePolicy:
         """True while a live peer's last heartbeat digest differs from ours."""
         if self.our_digest is None:
             return False
-        return any(p.digest is not None and p.digest != self.our_digest and self.alive(p.node_id, now)
-                   for p in self.peers.values())
+        return any(self._differs(p, now) and self.alive(p.node_id, now) for p in self.peers.values())
+
+    def _differs(self, p: PeerState, now: float) -> bool:
+        """The peer's digest differs from ours and both have stood for DIGEST_SETTLE_S."""
+        return p.digest is not None and p.digest != self.our_digest \
+            and now - max(p.digest_since, self.our_digest_since) >= DIGEST_SETTLE_S
 
     def views(self, now: float) -> list[PeerView]:
         return [PeerView(p.node_id, p.incarnation, self.alive(p.node_id, now), now - p.last_heard, p.highest,
                          len(p.missing), p.resync_wanted,
-                         None if p.digest is None or self.our_digest is None else p.digest == self.our_digest,
+                         None if p.digest is None or self.our_digest is None else not self._differs(p, now),
                          p.ready, p.flow_count)
                 for p in sorted(self.peers.values(), key=lambda p: p.node_id)]
 
