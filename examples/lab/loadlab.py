@@ -1,21 +1,23 @@
-"""The load-aware weighting lab: one real `lbnode` in front of four backends of capacity 1, 2, 4, 8.
+"""The load-aware weighting lab: real `lbnode`s in front of four backends of capacity 1, 2, 4, 8.
 
     client 10.99.0.2 --- sw (bridge) --- node 10.99.0.5 (lbnode, XDP native, L2 DSR)
                                      +-- b1..b4 10.99.0.11-14, capacities 1, 2, 4, 8
 
-Built on examples/lab/single_node.py. Each backend runs `examples.lab.loadsim serve`: it serves
-at most capacity * slots_per_unit requests at once, each for a fixed service time, and queues
-the rest, so its utilisation grows with the requests it is given. The client sends new
+Built on examples/lab/single_node.py (one node, above, the default) or examples/lab/ecmp.py
+(`nodes=3`: BIRD in front of three nodes with BGP, BFD and flow sync). Each backend runs
+`examples.lab.loadsim serve`: it serves at most capacity * slots_per_unit requests at once,
+each for a fixed service time, and queues the rest, so its utilisation grows with the
+requests it is given. The client sends new
 connections at a fixed rate (open loop) to the VIP; the node forwards them by MAC rewrite and
 the backends answer the client directly. A sampler thread in this process reads every backend's
 integrals (unix sockets in the work directory, so no address in the lab namespaces is needed)
-and the node's effective weights (its status socket) every `sample_s`.
+and every node's effective weights (their status sockets) every `sample_s`.
 
 The run goes through phases, switched by rewriting the node's config and SIGHUP (the phase
 starts when the node confirms the reload): static equal weights, load-aware, least connections.
-One node, not the three-node ECMP lab: every node of a cluster computes and agrees on the same
-weights (flow sync), so one node shows the controller and the data plane; a cluster would add
-two more lbnode processes, BIRD and BGP to a machine whose 2 cores are shared.
+One node by default: the nodes of a cluster hash with the same published weights (flow sync),
+so one node shows the load sources, the controller and the data plane; three add two lbnode
+processes, BIRD and BGP on a machine whose 2 cores are shared, and show that the nodes agree.
 """
 from __future__ import annotations
 

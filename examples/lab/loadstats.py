@@ -1,14 +1,15 @@
 """The load lab's measurements, pure: occupancy meters, the agent's reply, spread and settle time.
 
-Theory of operation. A simulated backend (examples/lab/loadsim.py) serves at most `capacity`
-requests at once, each for a fixed service time; further requests wait in a queue. Two step
-functions of time describe it: `busy` (requests in service, 0..capacity) and `load` (in service
-plus waiting, like a Unix load average counts runnable tasks). `Occupancy` keeps the integral of
-such a step function, so the average over any interval is a difference of two integrals divided
-by the interval: exact, with no sampling error, whatever the request rate.
+Theory of operation. A simulated backend (examples/lab/loadsim.py) serves at most `slots`
+requests at once (capacity units x slots per unit), each for a fixed service time; further
+requests wait in a queue. Two step functions of time describe it: `busy` (requests in service,
+0..slots) and `load` (in service plus waiting, like a Unix load average counts runnable tasks).
+`Occupancy` keeps the integral of such a step function, so the average over any interval is a
+difference of two integrals divided by the interval: exact, with no sampling error, whatever
+the request rate.
 
-    utilisation = mean busy / capacity      (0..1; what the plot shows and the spread compares)
-    load        = mean (busy + waiting)     (capacity units; can exceed capacity when queueing)
+    utilisation = mean busy / slots                        (0..1; what the plot and the spread use)
+    load        = mean (busy + waiting) / slots per unit   (capacity units; above capacity when queueing)
 
 The agent reports over a trailing window (`Window`, `AgentReply`); the lab's sampler reads the
 raw integrals and computes its own intervals. Spread and settle time are computed from the
