@@ -176,7 +176,7 @@ class Backend:
 
 async def _read_request_target(stream: trio.SocketStream) -> str | None:
     """The request-target of the request line once the whole head is in; None on EOF before
-    a request; ValueError-free: a garbage head yields a target that parse_work refuses."""
+    a request. Never raises for a garbage head: it yields a target that parse_work refuses."""
     buf = bytearray()
     while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
         data = await stream.receive_some(MAX_HEAD_BYTES)

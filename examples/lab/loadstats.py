@@ -11,7 +11,7 @@ the request rate.
     utilisation = mean busy / slots                        (0..1; what the plot and the spread use)
     load        = mean (busy + waiting) / slots per unit   (capacity units; above capacity when queueing)
 
-The agent reports over a trailing window (`Window`, `AgentReply`); the lab's sampler reads the
+The agent reports over a trailing window (`Window`, `agent_reply`); the lab's sampler reads the
 raw integrals and computes its own intervals. Spread and settle time are computed from the
 sampler's series, after the run.
 """
