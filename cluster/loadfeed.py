@@ -30,7 +30,7 @@ import trio
 from bpf.structs import IPAddress
 from cluster.config import ServiceConfig
 from cluster.events import Inbox, WeightsPublished
-from cluster.loadshare import Reading, ServiceShare, leader, service_id, shares_for
+from cluster.loadshare import Reading, ServiceShare, service_id, shares_for
 from cluster.status_doc import StatusSource
 from cluster.sync.codec import Load, LoadState
 from cluster.weighting import WeightingMode
@@ -83,7 +83,7 @@ class LoadFeed:
         if transport is not None:
             # The leader as of now, not as of our last tick: at a failover the new leader's first
             # publication is taken as soon as we too see the old one dead, not up to an interval later.
-            share.leader = leader(self.node_id, transport.ready, transport.members())
+            share.elect(transport.members(), transport.ready, trio.current_time())
         if share.receive(node_id, load, trio.current_time()):
             self._changed(share.config.name)
 

@@ -20,8 +20,12 @@ pinned (its SYN reached node A, its next packet node B) picks another backend. S
    is repaired by the next one).
 3. Every node, the leader included, hashes with the last complete publication of the node it
    considers the leader, and with the configured weights before the first one. A publication
-   from any other node is ignored (counted): two nodes that both think they lead during a
-   membership change cannot make a third flip between them.
+   from a node with a higher id is ignored (counted): two nodes that both think they lead
+   during a membership change cannot make a third flip between them. One from a lower id is
+   taken, and its sender counts as ready for two intervals: a node that has just become ready
+   (its start-up resync done) leads at once, and the others learn it from its first
+   publication instead of its next heartbeat (up to a heartbeat later), so a hand-over at
+   start-up is as quick as any publication.
 
 Agreement. A publication reaches all nodes within one network delay, so the tables agree a few
 milliseconds after each change (the view digest includes the weights; a node sends a heartbeat
@@ -127,6 +131,7 @@ class ServiceShare:
         self._by_addr16 = {addr16(a): a for a, _, _ in config.backends}
         self._observed: dict[int, tuple[float, dict[IPAddress, Reading]]] = {}  # node -> (heard at, readings)
         self._assembly: _Assembly | None = None
+        self._publishers: dict[int, float] = {}  # peer -> when its last publication came (it is ready)
         self._controller: WeightController | None = None  # while leading
         self._agent_m: dict[IPAddress, float] = {}  # agent mode, while leading
 
@@ -145,7 +150,7 @@ class ServiceShare:
             return False
         if load.kind is LoadKind.OBSERVE:
             return self._observation(node_id, load, now)
-        return self._publication(node_id, load)
+        return self._publication(node_id, load, now)
 
     def _observation(self, node_id: int, load: Load, now: float) -> bool:
         entry = self._observed.get(node_id)
@@ -163,7 +168,13 @@ class ServiceShare:
         self.counters["observations"] += 1
         return False
 
-    def _publication(self, node_id: int, load: Load) -> bool:
+    def _publication(self, node_id: int, load: Load, now: float) -> bool:
+        if node_id not in self._publishers and len(self._publishers) >= MAX_NODES:
+            self.counters["mismatched"] += 1
+            return False
+        self._publishers[node_id] = now
+        if node_id < self.leader:
+            self.leader = node_id  # a lower node that leads: it is ready, whatever its last heartbeat said
         if node_id != self.leader:
             self.counters["not_leader"] += 1
             return False
@@ -208,7 +219,7 @@ class ServiceShare:
         `published` changed. `members`: live peers and whether each is ready."""
         for node in [n for n, (at, _) in self._observed.items() if now - at > self.config.stale_s]:
             del self._observed[node]
-        self.leader = leader(self.node_id, self_ready, members)
+        self.elect(members, self_ready, now)
         out = self._observation_loads()
         if self.leader != self.node_id:
             self._controller = None
@@ -217,6 +228,15 @@ class ServiceShare:
         changed = self._lead(now)
         out.extend(self._weight_loads())
         return out, changed
+
+    def elect(self, members: Mapping[int, bool], self_ready: bool, now: float) -> int:
+        """The leader now (`leader`), counting a live node that published within two intervals as ready."""
+        recent = 2 * self.config.interval_s
+        for node in [n for n, at in self._publishers.items() if now - at > recent]:
+            del self._publishers[node]
+        self.leader = leader(self.node_id, self_ready,
+                             {n: ready or n in self._publishers for n, ready in members.items()})
+        return self.leader
 
     def _lead(self, now: float) -> bool:
         if self._controller is None:  # we just became the leader: continue from the last publication

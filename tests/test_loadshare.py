@@ -46,6 +46,8 @@ class Cluster:
         self.read = read
         self.shares = {n: ServiceShare(config, n) for n in NODES}
         self.alive = set(NODES)
+        self.ready = set(NODES)  # what each node knows of itself
+        self.heard_ready = set(NODES)  # what the others' heartbeats have told them
         self.now = 0.0
         self.control = 0
 
@@ -54,8 +56,8 @@ class Cluster:
         for n in sorted(self.alive):
             share = self.shares[n]
             share.observe(self.read(n, share), self.now)
-            members = {m: True for m in self.alive if m != n}
-            loads, _ = share.tick(members, True, self.now)
+            members = {m: m in self.heard_ready for m in self.alive if m != n}
+            loads, _ = share.tick(members, n in self.ready, self.now)
             for load in loads:
                 self.control += 1
                 sent.append((n, codec.encode_load(KEYS, n, 1, self.control, load)))
@@ -310,3 +312,23 @@ def test_drain_and_down_from_the_agent_reach_the_view() -> None:
     assert [(str(b.address), b.passing, b.disabled, b.weight, b.configured_weight) for b in svc.backends] == [
         ("10.1.0.1", False, True, 125, 1), ("10.1.0.2", False, False, 125, 1), ("10.1.0.3", True, False, 125, 1)]
     assert svc.usable == 1
+
+
+def test_a_node_that_becomes_ready_leads_at_once_and_the_others_follow_its_first_publication() -> None:
+    """Start-up: node 1 resyncs (not ready), node 2 leads. Once node 1 is ready it leads; the
+    others take its first publication though its heartbeat saying so has not come yet, and node 2
+    stops publishing: no interval in which two leaders' weights are hashed with."""
+    cluster = Cluster(config_of(WeightingMode.HTTP), http_servers(3.5, noise=0.0))  # type: ignore[arg-type]
+    cluster.ready.discard(NODES[0])
+    cluster.heard_ready.discard(NODES[0])
+    for _ in range(10):
+        cluster.round()
+        assert cluster.agreed() and cluster.shares[NODES[0]].published.leader == NODES[1]  # type: ignore[union-attr]
+    epoch = cluster.shares[NODES[2]].published.epoch  # type: ignore[union-attr]
+    cluster.ready.add(NODES[0])  # its heartbeat saying so is still to come
+    for _ in range(3):
+        cluster.round()
+        assert cluster.agreed()
+        p = cluster.shares[NODES[2]].published
+        assert p is not None and p.leader == NODES[0] and p.epoch > epoch
+    assert all(cluster.shares[n].leader == NODES[0] for n in NODES)

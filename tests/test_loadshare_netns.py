@@ -91,8 +91,9 @@ def test_weights_change_every_second_agree_on_every_node_and_never_move_a_pinned
     for node in e.nodes:
         e.start_node(node)
     e.wait_next_hops(NODES, timeout_s=60)
-    wait_until(lambda: all((s := load_section(e, n)) is not None and s["epoch"] > 0 for n in e.nodes),
-               timeout_s=30, what="published weights on every node")
+    # node1 leads once its start-up resync is done (another may lead while it is not ready).
+    wait_until(lambda: all((s := load_section(e, n)) is not None and s["published_by"] == 0x0A000001
+                           for n in e.nodes), timeout_s=30, what="node1's weights on every node")
     load = Load(e, long=LONG, short_rate=5)
 
     adopted: dict[tuple[int, int], dict[str, float]] = {}  # (leader, epoch) -> node -> adopted at
