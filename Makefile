@@ -55,3 +55,11 @@ faults: setup
 .PHONY: bench-scale
 bench-scale: setup
 	$(PY) bench/scale.py
+
+# Load-aware weights in the namespace lab: static, load-aware, least connections (examples/lab/loadlab.py).
+.PHONY: demo-load bench-load
+demo-load: setup
+	$(PY) -m examples.demo_load
+
+bench-load: setup
+	$(PY) bench/load.py
