@@ -36,6 +36,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bpf import structs
+from bpf import structs, syscall
 from bpf.consistent_hash import Member, build_table_array
 from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowCursor, delete_keys
@@ -59,8 +61,21 @@ from bpf.loader import (
     XdpMode,
     attach,
     attached_program_id,
+    bcc_table_fd,
     compile_program,
     detach,
+)
+from bpf.maps import MAP_SPECS, OPTIONAL_MAPS, BpfMap, MapSpec
+from bpf.pinned import (
+    INDEX_FREE,
+    INDEX_RETIRED,
+    INDEX_STATE_PIN,
+    PROG_PIN,
+    SERVICE_IN_USE,
+    BuildReport,
+    Leave,
+    PinDir,
+    build_pinned,
 )
 from bpf.structs import (
     BackendStats,
@@ -141,28 +156,63 @@ def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+_INDEX_STATE_SPEC = MapSpec(ctypes.c_uint32, ctypes.c_uint32)
+
+
 class DataPlane:
     """A compiled lbnode XDP program and its maps. `apply` and `maintain` may run on worker
-    threads (see the module docstring); everything else belongs to one owner thread."""
+    threads (see the module docstring); everything else belongs to one owner thread.
 
-    def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = ()) -> None:
+    Two ways to get one. `DataPlane(limits)` compiles in this process with bcc (tests, tools:
+    nothing is pinned, everything goes with the process). `DataPlane(limits, pins=PinDir...)`,
+    the node's, never imports bcc: a child compiles and pins (bpf/pinned.py), this process opens
+    the pins, and if the child adopted the previous run's forwarding state, rebuilds its index
+    bookkeeping from the maps (`_adopt`), so pinned flows keep their backends."""
+
+    def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = (), *,
+                 pins: PinDir | None = None) -> None:
         self.limits = limits
-        self._bpf, self._fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
+        self.pins = pins
+        self.build: BuildReport | None = None  # what the compile child did (pinned only)
+        self._module: Any = None  # the bcc module (in-process only): owns the program and map fds
+        self._maps: dict[str, BpfMap] = {}
+        if pins is None:
+            self._module, fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
+            self._prog_fd = int(fn.fd)
+            for name, spec in {**MAP_SPECS, **OPTIONAL_MAPS}.items():
+                fd = bcc_table_fd(self._module, name)
+                if fd >= 0:
+                    self._maps[name] = BpfMap(fd, name, spec, owned=False)
+            fd = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, limits.max_services + limits.max_backends,
+                                    INDEX_STATE_PIN)
+            self._maps[INDEX_STATE_PIN] = BpfMap(fd, INDEX_STATE_PIN, _INDEX_STATE_SPEC)
+        else:
+            self.build = build_pinned(pins, limits, extra_cflags)
+            self._prog_fd = syscall.obj_get(pins.pin(PROG_PIN))
+            specs = {**MAP_SPECS, **OPTIONAL_MAPS, INDEX_STATE_PIN: _INDEX_STATE_SPEC}
+            for name in (*self.build.reused, *self.build.fresh):
+                if name in specs:
+                    self._maps[name] = BpfMap(syscall.obj_get(pins.pin(name)), name, specs[name])
+        for m in self._maps.values():
+            m.check()
         self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
         self._indexes = Indexes(limits.max_services, limits.max_backends)
         self._published = _EMPTY
         self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
-        self._tally = FlowTally()  # for flow_count() without a walk (bpf/counters.py)
+        self._tally = FlowTally(self._stat(Stat.NEW_FLOW))  # for flow_count() without a walk (bpf/counters.py)
         self._sweeper = Sweeper(self._flows_fd, self._indexes, self._lock, self._tally,
                                 lambda: self._stat(Stat.NEW_FLOW))
         self._attachments: list[Attachment] = []
         self._config = LbConfig()
+        self.adopted = 0  # flows found in the pinned table at start (0 when started empty)
+        if self.build is not None and self.build.adopted_flows:
+            self._adopt()
 
     # ---- program -------------------------------------------------------------------------
 
     @property
     def fd(self) -> int:
-        return int(self._fn.fd)
+        return self._prog_fd
 
     reattached = 0  # times `keep_attached` found the program gone and attached it again
 
@@ -195,14 +245,80 @@ class DataPlane:
         while self._attachments:
             detach(self._attachments.pop())
 
-    def close(self) -> None:
+    def close(self, leave: Leave = Leave.NOTHING) -> None:
+        """Detach (unless `leave` is FORWARDING) and close; with NOTHING, also remove the pins
+        (bpf/pinned.py says which state each choice leaves behind)."""
         try:
-            self.detach_all()
+            if leave is not Leave.FORWARDING:
+                self.detach_all()
+            else:
+                for a in self._attachments:
+                    log.info("%s: XDP program id %d left attached, forwarding with the maps pinned in %s",
+                             a.ifname, a.prog_id, self.pins.path if self.pins else "(nowhere: not pinned)")
         finally:
-            self._bpf.cleanup()
+            for m in self._maps.values():
+                m.close()
+            if self._module is not None:
+                self._module.cleanup()
+            elif self._prog_fd >= 0:
+                os.close(self._prog_fd)
+            self._prog_fd = -1
+            if self.pins is not None and leave is Leave.NOTHING:
+                self.pins.remove()
+                log.info("%s: pins removed", self.pins.path)
 
-    def _map(self, name: str) -> Any:
-        return self._bpf[name.encode()]
+    def _map(self, name: str) -> BpfMap:
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise MapError(f"this build has no map {name!r}") from None
+
+    # ---- adopting a previous run's state --------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Rebuild the index bookkeeping from pinned maps the previous run left: services from
+        `services` and `service_slots`, backends from `index_state` and `backends`. Indexes it
+        marked retired, or that no live service owns any more, wait in quarantine for the
+        first maintenance pass; never-used ones are free. The next apply() rewrites every
+        table into its idle half (nothing is skipped as unchanged) and flips."""
+        max_services = self.limits.max_services
+        size = self.limits.ch_table_size
+        state_map = self._map(INDEX_STATE_PIN)
+        states = [int(state_map[ctypes.c_uint32(i)].value) for i in range(max_services + self.limits.max_backends)]
+        live: dict[int, tuple[IPAddress, int, int]] = {}
+        for key in self._map("services").keys():
+            index = int(self._map("services")[key].value)
+            slot = self._map("service_slots")[ctypes.c_uint32(index)]
+            half = slot.table_base // size - 2 * index
+            if index >= max_services or not slot.flags & structs.SERVICE_F_ACTIVE or half not in (0, 1):
+                continue
+            spec_key = (structs.from_addr16(bytes(key.vip)), socket.ntohs(key.port), int(key.proto))
+            live[index] = spec_key
+            self._services[spec_key] = _ServiceState(index=index, active_half=half, backends={})
+        used_backends: set[int] = set()
+        for slot in range(self.limits.max_backends):
+            owner = states[max_services + slot]
+            if owner in (INDEX_FREE, INDEX_RETIRED) or owner - 1 not in live:
+                continue
+            backend = self._map("backends")[ctypes.c_uint32(slot)]
+            if backend.flags & structs.BACKEND_F_VALID:
+                self._services[live[owner - 1]].backends[structs.from_addr16(bytes(backend.addr))] = slot
+                used_backends.add(slot)
+        self._indexes.adopt(
+            used_services=set(live), used_backends=used_backends,
+            never_used_services={i for i in range(max_services) if states[i] == INDEX_FREE and i not in live},
+            never_used_backends={i for i in range(self.limits.max_backends)
+                                 if states[max_services + i] == INDEX_FREE and i not in used_backends})
+        self._publish()
+        while not self.maintain(1 << 30):  # one pass: counts the adopted flows, deletes stale ones
+            pass
+        self.adopted = self.flow_count().walked
+        log.info("%s: adopted %d services, %d backends and the flow table from the previous run",
+                 self.pins.path if self.pins else "?", len(live), len(used_backends))
+
+    def _mark(self, index: int, value: int) -> None:
+        """Record an index's state in `index_state` (read back by `_adopt` after a restart)."""
+        self._map(INDEX_STATE_PIN)[ctypes.c_uint32(index)] = ctypes.c_uint32(value)
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -244,6 +360,7 @@ class DataPlane:
         if state is None:
             index = self._take(self._indexes.services, self._indexes.quarantined_services)
             self._zero_percpu("service_stats", index)
+            self._mark(index, SERVICE_IN_USE)
             state = _ServiceState(index=index, active_half=1, backends={})
             self._services[spec.key] = state
         wanted = {b.address: b for b in spec.backends}
@@ -262,6 +379,7 @@ class DataPlane:
                     self._publish()
                     self._sweeper.purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
                 self._zero_percpu("backend_stats", slot)
+                self._mark(self.limits.max_services + slot, state.index + 1)
                 state.backends[address] = slot
         applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
         if applied == state.applied and not removed:
@@ -294,11 +412,13 @@ class DataPlane:
         del self._map("services")[ServiceKey.make(*key)]
         for index in state.backends.values():
             self._retire_backend(index)
+        self._mark(state.index, INDEX_RETIRED)
         self._indexes.quarantined_services.add(state.index)
 
     def _retire_backend(self, index: int, *, quarantine: bool = True) -> None:
         """Invalid backends make their pinned flows re-choose instead of going nowhere."""
         self._map("backends")[ctypes.c_int(index)] = structs.Backend()
+        self._mark(self.limits.max_services + index, INDEX_RETIRED)
         if quarantine:
             self._indexes.quarantined_backends.add(index)
 
@@ -378,8 +498,7 @@ class DataPlane:
             raise MapError(f"{name}: batch write of {len(values)} entries at {first}: {exc}") from exc
 
     def _zero_percpu(self, name: str, index: int) -> None:
-        table = self._map(name)
-        table[ctypes.c_int(index)] = table.Leaf()
+        self._map(name).zero(ctypes.c_int(index))
 
     # ---- lookups for callers ------------------------------------------------------------------
 

@@ -92,15 +92,34 @@ def _captured_stderr() -> Iterator[list[str]]:
 
 
 def compile_program(source: Path, function: str, cflags: Sequence[str] = ()) -> tuple[Any, Any]:
-    """Compile `source` and load `function` as an XDP program; returns (bcc.BPF, loaded function)."""
+    """Compile `source` and load `function` as an XDP program; returns (bcc.BPF, loaded function).
+    In-process: for tests and tools. The node compiles in a child (bpf/compile_child.py)."""
+    return _compile(source, cflags, function)
+
+
+def compile_module(source: Path, cflags: Sequence[str] = ()) -> Any:
+    """Compile `source` with bcc (which creates its maps) without loading a program: bcc.BPF."""
+    return _compile(source, cflags, None)[0]
+
+
+def bcc_table_fd(module: Any, name: str) -> int:
+    """The fd of map `name` of a bcc module, -1 if the build declares none."""
+    import bcc
+
+    return int(bcc.lib.bpf_table_fd(module.module, name.encode()))  # type: ignore[attr-defined]
+
+
+def _compile(source: Path, cflags: Sequence[str], function: str | None) -> tuple[Any, Any]:
     import bcc  # Debian's python3-bpfcc; imported here so pure modules never need it
 
     flags = [f"-I{BPF_DIR}", *cflags]
     failure: Exception | None = None
+    fn = None
     with _captured_stderr() as output:
         try:
             bpf = bcc.BPF(src_file=str(source).encode(), cflags=flags)
-            fn = bpf.load_func(function.encode(), bcc.BPF.XDP)
+            if function is not None:
+                fn = bpf.load_func(function.encode(), bcc.BPF.XDP)
         except Exception as exc:
             failure = exc
     if failure is not None:

@@ -1,0 +1,172 @@
+"""The compile child: compile with bcc, load, pin the program and every map, print a report, exit.
+
+    python -m bpf.compile_child --pin-dir DIR --ifname IF --limits JSON [--cflag=-DX ...]
+
+Run by bpf/pinned.py's `build_pinned` so that bcc and its LLVM never live in the node's
+process. bcc compiles lbnode.c and creates fresh maps; then, for every map whose pinned
+predecessor has the same signature (bpf/pinned.py), the program is pointed at the pinned map
+instead: its instructions name maps by fd (BPF_LD_IMM64 with src_reg BPF_PSEUDO_MAP_FD), so
+the fds of bcc's fresh maps are rewritten to those of the pins before the program is loaded
+through bpf(2). Fresh maps are pinned in place of old ones, the program is pinned as `prog`,
+and the `layout` record is written last (removed first), so a child that dies half-way leaves
+a directory the next one treats as unknown: it starts empty rather than adopting a mix.
+
+Exit status 0 with one JSON line (`BuildReport`) on stdout; otherwise the reason on stderr
+(the verifier's log for a refused program), which the node puts in its error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+from bpf import syscall
+from bpf.loader import BPF_DIR, PROGRAM_SOURCE, BpfError, Limits, bcc_table_fd, compile_module
+from bpf.maps import MAP_SPECS, OPTIONAL_MAPS
+from bpf.pinned import (
+    FORWARDING_GROUP,
+    INDEX_STATE_PIN,
+    LAYOUT_PIN,
+    LAYOUT_VALUE_SIZE,
+    LAYOUT_VERSION,
+    PROG_PIN,
+    BuildReport,
+    Layout,
+    PinError,
+    limits_dict,
+    map_signature,
+    netns_cookie,
+)
+
+_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD = 1
+
+
+def _open_layout(pin_dir: Path) -> tuple[Layout | None, str]:
+    """The previous run's layout record, or None and why there is none to adopt."""
+    path = pin_dir / LAYOUT_PIN
+    if not path.exists():
+        return None, ("no pinned state" if not (pin_dir / PROG_PIN).exists()
+                      else "pins without a layout record (a compile was interrupted)")
+    fd = syscall.obj_get(str(path))
+    try:
+        value = ctypes.create_string_buffer(LAYOUT_VALUE_SIZE)
+        if not syscall.lookup(fd, ctypes.create_string_buffer(4), value):
+            return None, "an empty layout record"
+        return Layout.decode(value.raw), ""
+    except (ValueError, KeyError) as exc:
+        return None, f"an unreadable layout record ({exc})"
+    finally:
+        os.close(fd)
+
+
+def _rewrite(insns: bytes, fds: dict[int, int]) -> bytes:
+    """The instructions with each map fd in `fds` replaced by its value."""
+    out = bytearray(insns)
+    for off in range(0, len(out), 8):
+        code, regs, _, imm = struct.unpack_from("<BBhi", out, off)
+        if code == _LD_IMM64 and regs >> 4 == _PSEUDO_MAP_FD:
+            if imm not in fds:
+                raise BpfError(f"instruction {off // 8} names map fd {imm}, which is no map of lbnode.h")
+            struct.pack_into("<i", out, off + 4, fds[imm])
+    return bytes(out)
+
+
+def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> BuildReport:
+    header = (BPF_DIR / "lbnode.h").read_text()
+    module = compile_module(PROGRAM_SOURCE, [*limits.cflags(), *cflags])
+    fresh: dict[str, int] = {}
+    for name in [*MAP_SPECS, *OPTIONAL_MAPS]:
+        fd = bcc_table_fd(module, name)
+        if fd >= 0:
+            fresh[name] = fd
+        elif name in MAP_SPECS:
+            raise BpfError(f"lbnode.c declares no map {name!r} (bpf/maps.py MAP_SPECS names it)")
+    shapes = {name: syscall.map_info(fd).shape() for name, fd in fresh.items()}
+    index_entries = limits.max_services + limits.max_backends
+    shapes[INDEX_STATE_PIN] = (syscall.BPF_MAP_TYPE_ARRAY, 4, 4, index_entries, 0)
+    signatures = {name: map_signature(name, shape, header) for name, shape in shapes.items()}
+    signatures[INDEX_STATE_PIN] = hashlib.sha256(f"{INDEX_STATE_PIN} {shapes[INDEX_STATE_PIN]} {LAYOUT_VERSION}"
+                                                 .encode()).hexdigest()[:32]
+    cookie = netns_cookie()
+
+    old: Layout | None
+    old, note = _open_layout(pin_dir) if pin_dir.exists() else (None, "no pinned state")
+    if old is not None and old.version != LAYOUT_VERSION:
+        note = f"pinned layout version {old.version}, this node's is {LAYOUT_VERSION}"
+        old = None
+    elif old is not None and (old.netns_cookie, old.ifname) != (cookie, ifname):
+        old, note = None, "pins of another network namespace that had the same inode number (deleted since)"
+    pinned: dict[str, int] = {}  # reused map -> fd of its pin
+    if old is not None:
+        for name, sig in signatures.items():
+            path = pin_dir / name
+            if old.maps.get(name) != sig or not path.exists():
+                continue
+            fd = syscall.obj_get(str(path))
+            if syscall.map_info(fd).shape() != shapes[name]:
+                os.close(fd)
+                continue
+            pinned[name] = fd
+        missing = [m for m in FORWARDING_GROUP if m not in pinned]
+        if missing:
+            note = f"the layout of {', '.join(missing)} changed (lbnode.h or the limits): flows start empty"
+            for name in FORWARDING_GROUP:
+                if name in pinned:
+                    os.close(pinned.pop(name))
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pin_dir / LAYOUT_PIN)  # from here until the new record, the directory is "unknown"
+
+    if INDEX_STATE_PIN not in pinned:
+        fresh[INDEX_STATE_PIN] = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, index_entries,
+                                                    INDEX_STATE_PIN)
+    insns = _rewrite(module.dump_func(b"xdp_main"), {fd: pinned.get(name, fd) for name, fd in fresh.items()})
+    prog_fd = syscall.prog_load_xdp(insns, "xdp_main")
+
+    for name, fd in fresh.items():
+        if name in pinned:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin_dir / name)
+        syscall.obj_pin(fd, str(pin_dir / name))
+    # (bpffs refuses rename: unpin, pin. The old program stays attached meanwhile: its
+    # attachment, not its pin, keeps it alive, until the node attaches this one over it.)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pin_dir / PROG_PIN)
+    syscall.obj_pin(prog_fd, str(pin_dir / PROG_PIN))
+
+    layout = Layout(LAYOUT_VERSION, cookie, ifname, signatures, limits_dict(limits))
+    layout_fd = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, LAYOUT_VALUE_SIZE, 1, LAYOUT_PIN)
+    raw = layout.encode()
+    syscall.update(layout_fd, ctypes.create_string_buffer(4), ctypes.create_string_buffer(raw, len(raw)))
+    syscall.obj_pin(layout_fd, str(pin_dir / LAYOUT_PIN))
+    reused = tuple(sorted(pinned))
+    return BuildReport(str(pin_dir), syscall.prog_id(prog_fd), reused,
+                       tuple(sorted(n for n in signatures if n not in pinned)), "" if "flows" in pinned else note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bpf.compile_child", description=__doc__.splitlines()[0])
+    parser.add_argument("--pin-dir", required=True, type=Path)
+    parser.add_argument("--ifname", required=True)
+    parser.add_argument("--limits", required=True, help="JSON object of bpf.loader.Limits fields")
+    parser.add_argument("--cflag", action="append", default=[])
+    args = parser.parse_args(argv)
+    try:
+        report = build(args.pin_dir, args.ifname, Limits(**json.loads(args.limits)), args.cflag)
+    except (BpfError, PinError, OSError) as exc:
+        print(f"{args.pin_dir}: {exc}", file=sys.stderr)
+        return 1
+    print(report.to_json(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
