@@ -267,6 +267,13 @@ class DataPlane:
                 self.pins.remove()
                 log.info("%s: pins removed", self.pins.path)
 
+    def pin_status(self) -> dict[str, Any] | None:
+        """For `lbnode status`: where the maps are pinned and what start-up adopted (None: not pinned)."""
+        if self.pins is None or self.build is None:
+            return None
+        return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "reused": list(self.build.reused),
+                "fresh": list(self.build.fresh), "note": self.build.note or None}
+
     def _map(self, name: str) -> BpfMap:
         try:
             return self._maps[name]

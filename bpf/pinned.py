@@ -189,7 +189,11 @@ class PinDir:
 
 def remove_netns_pins(netns_inode: int, root: Path | None = None) -> list[Path]:
     """Remove the pin directories of every interface of one namespace (a lab being torn down)."""
-    base = (root or bpffs_root()) / "lbnode"
+    if root is None:  # only where bpffs is mounted already: nothing can be pinned elsewhere
+        mounted = [Path(HOST_BPFFS)] if _mounted_bpffs("/proc/1/mountinfo") else []
+        mounted += [Path(BPFFS_MOUNT)] if _mounted_bpffs("/proc/self/mountinfo") else []
+        return [d for r in mounted for d in remove_netns_pins(netns_inode, r)]
+    base = root / "lbnode"
     gone = []
     for d in sorted(base.glob(f"{netns_inode}-*")) if base.is_dir() else []:
         shutil.rmtree(d, ignore_errors=True)

@@ -3,6 +3,8 @@
     lbnode --ip 10.0.0.5 --if ens192 [--config PATH] [--xdp native|generic] [--status-socket PATH]
     lbnode check-config PATH [--ip IP]     validate, print the normalised config
     lbnode status [--if IF | --socket PATH] [--json]   ask a running node
+    lbnode stop --if IF [--keep-forwarding]   stop a node (SIGTERM; SIGUSR2 leaves it forwarding)
+    lbnode cleanup [--if IF]                  detach and unpin what stopped nodes left (bpffs)
 
 Exit codes: 0 ok, 1 the node failed while running, 2 bad command line, interface, address or
 config (with a one-line reason on stderr).
@@ -96,9 +98,8 @@ def interface_lock(ifname: str) -> tuple[int, str]:
     A node that exits unlinks the file while it still holds the lock. So a lock won on a file
     that is no longer at `path` (opened just before that unlink) is worth nothing: another node
     may lock the new file. Only a lock on the file that `path` names now counts."""
-    netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
     os.makedirs(status.RUN_DIR, mode=0o750, exist_ok=True)
-    path = f"{status.RUN_DIR}/{netns}-{ifname}.lock"
+    path = lock_path(ifname)
     for _ in range(LOCK_ATTEMPTS):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -109,11 +110,18 @@ def interface_lock(ifname: str) -> tuple[int, str]:
                              f"({path})") from None
         try:
             if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for `lbnode stop`
                 return fd, path
         except FileNotFoundError:
             pass
         os.close(fd)  # we locked a file the previous owner had just unlinked: try the new one
     raise UsageError(f"--if: could not lock {path}: it keeps being replaced")
+
+
+def lock_path(ifname: str) -> str:
+    netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
+    return f"{status.RUN_DIR}/{netns}-{ifname}.lock"
 
 
 def check_config(argv: list[str]) -> int:
@@ -158,7 +166,19 @@ def show_status(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"check-config": check_config, "status": show_status}
+def stop_node(argv: list[str]) -> int:
+    from cluster.stopctl import stop
+
+    return stop(argv)
+
+
+def cleanup(argv: list[str]) -> int:
+    from cluster.stopctl import cleanup
+
+    return cleanup(argv)
+
+
+COMMANDS = {"check-config": check_config, "status": show_status, "stop": stop_node, "cleanup": cleanup}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,8 +84,13 @@ def query(path: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 def render(status: dict[str, Any]) -> str:
+    process = status.get("process") or {}
     lines = [f"node {status['node']['ip']} on {status['node']['interface']} ({status['node']['xdp']}): "
-             f"{status['node']['state']}"]
+             f"{status['node']['state']}  rss={process.get('rss_bytes', 0) / 2**20:.0f} MB"]
+    pins = status["node"].get("pins")
+    if pins:
+        lines.append(f"pins: {pins['dir']}  adopted {pins['adopted_flows']} flows"
+                     + (f"  ({pins['note']})" if pins.get("note") else ""))
     lines.append("services:")
     for svc in status["services"]:
         lines.append(f"  {svc['name']:32} {'UP' if svc['up'] else 'DOWN':4} {svc['usable']}/{svc['need']} needed"

@@ -120,12 +120,24 @@ class Lab:
         self.processes.clear()
         for ns in reversed(self.namespaces):
             _kill_namespace_pids(ns)
+            _remove_pins(ns)
             deleted = run(["ip", "netns", "delete", ns], check=False)
             if deleted.returncode != 0:
                 errors.append(f"netns {ns}: {deleted.stderr.strip()}")
         self.namespaces.clear()
         if errors:
             raise LabError("lab teardown: " + "; ".join(errors))
+
+
+def _remove_pins(ns: str) -> None:
+    """What a killed node of this namespace left pinned in bpffs (the host's: it outlives the
+    namespace, and a flow table holds tens of MB)."""
+    from bpf.pinned import remove_netns_pins
+
+    try:
+        remove_netns_pins(os.stat(f"/run/netns/{ns}").st_ino)
+    except OSError:
+        pass
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
