@@ -12,11 +12,12 @@ Where. bpffs is per *mount*, not per network namespace, so the directory is keye
 `eth0` in two namespaces never see each other's pins. An inode number can be reused by a later
 namespace, so the layout record also holds the namespace's cookie (SO_NETNS_COOKIE, never
 reused within a boot): pins left by a deleted namespace are discarded, not adopted.
-`<bpffs>` is /sys/fs/bpf of the *host's* mount namespace (PID 1's): `ip netns exec` gives its
-command a private mount namespace with a fresh /sys in which bpffs is not mounted, and pins
-made in a bpffs mounted there would die with the process. So from a private mount namespace
-the node reaches the host's bpffs through /proc/1/root, and if bpffs is mounted nowhere it is
-mounted at /sys/fs/bpf in the host's namespace (nsenter).
+`<bpffs>` is /sys/fs/bpf where bpffs is mounted there (systemd does), else /run/lbnode/bpffs
+if bpffs is mounted there, else bpffs is mounted at /sys/fs/bpf. Why the second: `ip netns
+exec` gives its command a private mount namespace with a fresh /sys, in which the host's
+/sys/fs/bpf is not visible, and a bpffs the node mounted there would die with the process (and
+the pins with it). /run is not remounted, so a bpffs mounted at /run/lbnode/bpffs in the host's
+namespace (`ensure_shared_bpffs`; the lab does it) is seen by every node started that way.
 
 What is in it. `prog` (the XDP program), one pin per map of lbnode.h (`MAP_SPECS`), and two
 maps user space creates: `index_state` (which service and backend indexes are in use, owned by
@@ -59,7 +60,7 @@ from bpf.loader import BPF_DIR, BpfError, CompileError, Limits
 log = logging.getLogger(__name__)
 
 BPFFS_MOUNT = "/sys/fs/bpf"
-HOST_BPFFS = "/proc/1/root" + BPFFS_MOUNT
+SHARED_BPFFS = "/run/lbnode/bpffs"
 LAYOUT_VERSION = 1
 LAYOUT_VALUE_SIZE = 4096
 PROG_PIN = "prog"
@@ -108,47 +109,58 @@ class PinError(BpfError):
 # ---- where ---------------------------------------------------------------------------------------
 
 
-def _mounted_bpffs(mountinfo: str) -> bool:
+def _mounted_bpffs(mount_point: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     try:
         text = Path(mountinfo).read_text()
     except OSError:
         return False
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) > 4 and fields[4] == BPFFS_MOUNT and " - bpf " in line:
+        if len(fields) > 4 and fields[4] == mount_point and " - bpf " in line:
             return True
     return False
 
 
-def _private_mount_ns() -> bool:
+def _host_mount_ns() -> bool | None:
+    """Are we in PID 1's mount namespace? None: cannot tell (no access to PID 1's)."""
     try:
-        return os.stat("/proc/self/ns/mnt").st_ino != os.stat("/proc/1/ns/mnt").st_ino
+        return os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino
     except OSError:
-        return False  # no access to PID 1's: use our own view
+        return None
 
 
 def bpffs_root() -> Path:
-    """The bpffs directory pins go to: the host's /sys/fs/bpf, mounted there if it is not."""
-    if not _private_mount_ns():
-        if not _mounted_bpffs("/proc/self/mountinfo"):
-            _mount(["mount", "-t", "bpf", "bpf", BPFFS_MOUNT])
-        return Path(BPFFS_MOUNT)
-    if _mounted_bpffs("/proc/self/mountinfo") and not _mounted_bpffs("/proc/1/mountinfo"):
-        log.warning("bpffs is mounted at %s in this private mount namespace only: pins will not outlive it",
-                    BPFFS_MOUNT)
-        return Path(BPFFS_MOUNT)
-    if not _mounted_bpffs("/proc/1/mountinfo"):
-        _mount(["nsenter", "--mount=/proc/1/ns/mnt", "mount", "-t", "bpf", "bpf", BPFFS_MOUNT])
-    return Path(HOST_BPFFS)
+    """The bpffs directory pins go to: /sys/fs/bpf, else the shared /run/lbnode/bpffs, else
+    bpffs is mounted at /sys/fs/bpf (see the module docstring)."""
+    for root in (BPFFS_MOUNT, SHARED_BPFFS):
+        if _mounted_bpffs(root):
+            return Path(root)
+    _mount(BPFFS_MOUNT)
+    if not _host_mount_ns():
+        log.warning("bpffs was mounted at %s in what may be a private mount namespace (ip netns exec?): pins made "
+                    "there die with it, and a restarted node starts empty. Mount bpffs at %s or %s in the host's "
+                    "mount namespace", BPFFS_MOUNT, BPFFS_MOUNT, SHARED_BPFFS)
+    return Path(BPFFS_MOUNT)
 
 
-def _mount(cmd: list[str]) -> None:
+def ensure_shared_bpffs() -> Path:
+    """Mount bpffs at /run/lbnode/bpffs unless it is: call it in the host's mount namespace
+    before starting nodes with `ip netns exec` (the lab does), whose private /sys hides
+    /sys/fs/bpf, so that their pins outlive them."""
+    if not _mounted_bpffs(SHARED_BPFFS):
+        os.makedirs(SHARED_BPFFS, mode=0o700, exist_ok=True)
+        _mount(SHARED_BPFFS)
+    return Path(SHARED_BPFFS)
+
+
+def _mount(mount_point: str) -> None:
+    cmd = ["mount", "-t", "bpf", "bpf", mount_point]
     log.info("bpffs is not mounted: %s", " ".join(cmd))
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        raise PinError(f"cannot mount bpffs at {BPFFS_MOUNT} ({' '.join(cmd)}): {detail}") from exc
+        raise PinError(f"cannot mount bpffs at {mount_point} ({' '.join(cmd)}): {detail}") from exc
 
 
 def netns_inode() -> int:
@@ -190,8 +202,7 @@ class PinDir:
 def remove_netns_pins(netns_inode: int, root: Path | None = None) -> list[Path]:
     """Remove the pin directories of every interface of one namespace (a lab being torn down)."""
     if root is None:  # only where bpffs is mounted already: nothing can be pinned elsewhere
-        mounted = [Path(HOST_BPFFS)] if _mounted_bpffs("/proc/1/mountinfo") else []
-        mounted += [Path(BPFFS_MOUNT)] if _mounted_bpffs("/proc/self/mountinfo") else []
+        mounted = [Path(m) for m in (BPFFS_MOUNT, SHARED_BPFFS) if _mounted_bpffs(m)]
         return [d for r in mounted for d in remove_netns_pins(netns_inode, r)]
     base = root / "lbnode"
     gone = []

@@ -52,6 +52,11 @@ class Lab:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
+        # Nodes run under `ip netns exec`, whose private /sys hides /sys/fs/bpf: a bpffs here
+        # (host namespace) is where their pins outlive them (bpf/pinned.py).
+        from bpf.pinned import ensure_shared_bpffs
+
+        ensure_shared_bpffs()
         return self
 
     def __exit__(self, *exc: object) -> None:
