@@ -192,4 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m cluster.cli` runs this file as __main__, a second copy of the module: run the
+    # one every import sees, or an error raised as cluster.cli.UsageError would escape main().
+    from cluster import cli
+
+    sys.exit(cli.main())

@@ -15,7 +15,6 @@ a node runs on that interface.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import os
 import signal
@@ -48,11 +47,13 @@ def _running_pid(ifname: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Still running: a zombie (exited, not yet reaped by its parent) is not."""
     try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def stop(argv: list[str]) -> int:
