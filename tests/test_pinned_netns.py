@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from bpf.loader import attached_program_id
-from cluster import status
 from examples.lab.ecmp import Load
 from examples.lab.hosts import ECHO_PORT, HTTP_PORT, REPO, add_host
-from examples.lab.netns import Lab, read_line, wait_until
-from examples.lab.single_node import VIP4, SingleNodeLab
+from examples.lab.netns import read_line, wait_until
+from examples.lab.single_node import VIP4, SingleNodeLab, node_status, running_lab
 
 pytestmark = pytest.mark.netns
 
@@ -58,21 +57,8 @@ class SingleLoad(Load):
 
 @pytest.fixture
 def lab() -> Iterator[SingleNodeLab]:
-    with Lab(prefix="lbp") as owner:
-        single = SingleNodeLab(owner, backends=4)
-        try:
-            single.start_backends()
-            single.attach_peer_pass()
-            yield single
-        finally:
-            single.stop_dataplane()
-
-
-def node_status(sock: Path) -> dict[str, Any] | None:
-    try:
-        return status.query(str(sock))
-    except OSError:
-        return None
+    with running_lab("lbp", backends=4) as single:
+        yield single
 
 
 def serving_in_hash(sock: Path, count: int) -> dict[str, Any] | None:
