@@ -7,9 +7,10 @@ process. bcc compiles lbnode.c and creates fresh maps; then, for every map whose
 predecessor has the same signature (bpf/pinned.py), the program is pointed at the pinned map
 instead: its instructions name maps by fd (BPF_LD_IMM64 with src_reg BPF_PSEUDO_MAP_FD), so
 the fds of bcc's fresh maps are rewritten to those of the pins before the program is loaded
-through bpf(2). Fresh maps are pinned in place of old ones, the program is pinned as `prog`,
-and the `layout` record is written last (removed first), so a child that dies half-way leaves
-a directory the next one treats as unknown: it starts empty rather than adopting a mix.
+through bpf(2). A flow table of another size is migrated (bpf/pinned.py). Fresh maps are
+pinned in place of old ones, the program is pinned as `prog`, and the `layout` record is
+written last (removed first), so a child that dies half-way leaves a directory the next one
+treats as unknown: it starts empty rather than adopting a mix.
 
 Exit status 0 with one JSON line (`BuildReport`) on stdout; otherwise the reason on stderr
 (the verifier's log for a refused program), which the node puts in its error.
@@ -27,9 +28,11 @@ import sys
 from pathlib import Path
 
 from bpf import syscall
+from bpf.flowtable import FlowCursor
 from bpf.loader import BPF_DIR, PROGRAM_SOURCE, BpfError, Limits, bcc_table_fd, compile_module
 from bpf.maps import MAP_SPECS, OPTIONAL_MAPS
 from bpf.pinned import (
+    FLOW_TYPES,
     FORWARDING_GROUP,
     INDEX_STATE_PIN,
     LAYOUT_PIN,
@@ -92,6 +95,8 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
     index_entries = limits.max_services + limits.max_backends
     shapes[INDEX_STATE_PIN] = (syscall.BPF_MAP_TYPE_ARRAY, 4, 4, index_entries, 0)
     signatures = {name: map_signature(name, shape, header) for name, shape in shapes.items()}
+    flow_shape = shapes["flows"]
+    signatures[FLOW_TYPES] = map_signature(FLOW_TYPES, (*flow_shape[:3], flow_shape[4]), header)
     signatures[INDEX_STATE_PIN] = hashlib.sha256(f"{INDEX_STATE_PIN} {shapes[INDEX_STATE_PIN]} {LAYOUT_VERSION}"
                                                  .encode()).hexdigest()[:32]
     cookie = netns_cookie()
@@ -104,8 +109,11 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
     elif old is not None and (old.netns_cookie, old.ifname) != (cookie, ifname):
         old, note = None, "pins of another network namespace that had the same inode number (deleted since)"
     pinned: dict[str, int] = {}  # reused map -> fd of its pin
+    migrated = -1  # flows copied from a flow table of another size (-1: none was)
     if old is not None:
         for name, sig in signatures.items():
+            if name not in shapes:
+                continue  # FLOW_TYPES: no map of its own
             path = pin_dir / name
             if old.maps.get(name) != sig or not path.exists():
                 continue
@@ -115,7 +123,11 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
                 continue
             pinned[name] = fd
         missing = [m for m in FORWARDING_GROUP if m not in pinned]
-        if missing:
+        resized = old.maps.get(FLOW_TYPES) == signatures[FLOW_TYPES] and (pin_dir / "flows").exists()
+        if missing == ["flows"] and resized:
+            migrated = _migrate_flows(str(pin_dir / "flows"), fresh["flows"])
+            note = f"flow table resized: {migrated} flows migrated into {limits.flow_table_size} entries"
+        elif missing:
             note = f"the layout of {', '.join(missing)} changed (lbnode.h or the limits): flows start empty"
             for name in FORWARDING_GROUP:
                 if name in pinned:
@@ -148,8 +160,25 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
     syscall.update(layout_fd, ctypes.create_string_buffer(4), ctypes.create_string_buffer(raw, len(raw)))
     syscall.obj_pin(layout_fd, str(pin_dir / LAYOUT_PIN))
     reused = tuple(sorted(pinned))
+    adopted = "flows" in pinned or migrated >= 0
     return BuildReport(str(pin_dir), syscall.prog_id(prog_fd), reused,
-                       tuple(sorted(n for n in signatures if n not in pinned)), "" if "flows" in pinned else note)
+                       tuple(sorted(n for n in shapes if n not in pinned)), "" if "flows" in pinned else note,
+                       adopted_flows=adopted, migrated_flows=max(0, migrated))
+
+
+def _migrate_flows(old_path: str, new_fd: int) -> int:
+    """Copy every flow of the pinned table at `old_path` into `new_fd`, a chunk at a time."""
+    old_fd = syscall.obj_get(old_path)
+    copied = 0
+    try:
+        for chunk in FlowCursor(old_fd):
+            n = len(chunk)
+            syscall.update_batch(new_fd, ctypes.create_string_buffer(chunk.keys, len(chunk.keys)),
+                                 ctypes.create_string_buffer(chunk.values, len(chunk.values)), n)
+            copied += n
+    finally:
+        os.close(old_fd)
+    return copied
 
 
 def main(argv: list[str] | None = None) -> int:

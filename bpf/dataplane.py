@@ -271,8 +271,8 @@ class DataPlane:
         """For `lbnode status`: where the maps are pinned and what start-up adopted (None: not pinned)."""
         if self.pins is None or self.build is None:
             return None
-        return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "reused": list(self.build.reused),
-                "fresh": list(self.build.fresh), "note": self.build.note or None}
+        return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "migrated_flows": self.build.migrated_flows,
+                "reused": list(self.build.reused), "fresh": list(self.build.fresh), "note": self.build.note or None}
 
     def _map(self, name: str) -> BpfMap:
         try:

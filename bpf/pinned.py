@@ -26,6 +26,9 @@ which service, or retired: how a restarted DataPlane rebuilds its bookkeeping) a
 plus the text of the C types and flag constants it holds). A map is reused only if its
 signature is unchanged; the forwarding state (flows, services, tables, backends,
 index_state) is reused all together or not at all, because flows name indexes in the others.
+One exception, because operators change it: a flow table of another size (`flows.table_size`)
+with the same types is *migrated*: its entries are copied into the new table (a smaller one
+keeps what fits; LRU order is lost), and the rest of the forwarding state is adopted.
 Counters, the pin windows and the event ring are reused one by one. So a header change that
 only adds counter fields keeps every flow and resets those counters; a change to the flow
 struct starts empty, and says so (log and `lbnode status`).
@@ -223,11 +226,14 @@ def _type_texts(header: str) -> dict[str, str]:
     return out
 
 
+FLOW_TYPES = "flows@types"  # the flow table's signature without its size: what a migration needs
+
+
 def map_signature(name: str, shape: Sequence[int], header: str) -> str:
     """What must not change for a pinned map to be reused (see the module docstring)."""
     texts = _type_texts(header)
     parts = [name, repr(tuple(shape))]
-    for item in _MAP_TYPES.get(name, ()):
+    for item in _MAP_TYPES.get(name.split("@")[0], ()):
         parts += [texts[k] for k in sorted(texts) if k == item or (item.endswith("_") and k.startswith(item))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -263,22 +269,21 @@ class BuildReport:
     pin_dir: str
     prog_id: int
     reused: tuple[str, ...]  # maps adopted from the previous run
-    fresh: tuple[str, ...]  # maps created empty
-    note: str  # why the forwarding state was not adopted ("" if it was, or there was none)
-
-    @property
-    def adopted_flows(self) -> bool:
-        return "flows" in self.reused
+    fresh: tuple[str, ...]  # maps created empty (or filled by a migration)
+    note: str  # why the forwarding state was not adopted, or how the flows were migrated ("": adopted as is)
+    adopted_flows: bool = False  # the forwarding state is the previous run's (its flows reused or migrated)
+    migrated_flows: int = 0  # flows copied into a flow table of another size
 
     def to_json(self) -> str:
         return json.dumps({"pin_dir": self.pin_dir, "prog_id": self.prog_id, "reused": list(self.reused),
-                           "fresh": list(self.fresh), "note": self.note})
+                           "fresh": list(self.fresh), "note": self.note, "adopted_flows": self.adopted_flows,
+                           "migrated_flows": self.migrated_flows})
 
     @classmethod
     def from_json(cls, line: str) -> BuildReport:
         doc = json.loads(line)
         return cls(str(doc["pin_dir"]), int(doc["prog_id"]), tuple(doc["reused"]), tuple(doc["fresh"]),
-                   str(doc["note"]))
+                   str(doc["note"]), bool(doc["adopted_flows"]), int(doc["migrated_flows"]))
 
 
 def build_pinned(pins: PinDir, limits: Limits, extra_cflags: Sequence[str] = (), timeout_s: float = 300.0

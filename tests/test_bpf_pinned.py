@@ -130,13 +130,32 @@ def test_restart_adopts_flows_tables_and_indexes(pins: PinDir) -> None:
     assert not pins.path.exists()
 
 
-def test_changed_flow_layout_starts_empty_and_keeps_counters(pins: PinDir) -> None:
+def test_resized_flow_table_is_migrated(pins: PinDir) -> None:
+    first = open_dp(pins)
+    spec = service(VIP_A, range(1, 3))
+    first.apply([spec])
+    pin_flows(first, spec, backend_n=1, n=50)
+    first.close(Leave.PINS)
+    bigger = Limits(max_services=4, max_backends=16, ch_table_bits=6, flow_table_size=8192, event_ring_pages=4)
+    second = open_dp(pins, bigger)
+    try:
+        assert second.build is not None and second.build.adopted_flows and second.build.migrated_flows == 50
+        assert "50 flows migrated into 8192" in second.build.note and "flows" in second.build.fresh
+        assert second.adopted == 50 and "services" in second.build.reused
+        out = run_xdp(second.fd, ack(VIP_A, "10.0.0.7"))
+        assert out.action is XdpAction.TX and mac_str(out.packet[:6]) == backend(1).mac
+    finally:
+        second.close(Leave.PINS)
+
+
+def test_changed_flow_types_start_empty_and_keep_counters(pins: PinDir) -> None:
+    """As when struct flow changes: nothing of the forwarding state is adopted, and it says why."""
     first = open_dp(pins)
     first.apply([service(VIP_A, range(1, 3))])
     pin_flows(first, service(VIP_A, range(1, 3)), backend_n=1, n=50)
     first.close(Leave.PINS)
-    bigger = Limits(max_services=4, max_backends=16, ch_table_bits=6, flow_table_size=8192, event_ring_pages=4)
-    second = open_dp(pins, bigger)
+    edit_layout(pins, {"maps": {"flows": "0" * 32, "flows@types": "0" * 32}})
+    second = open_dp(pins)
     try:
         assert second.build is not None and not second.build.adopted_flows and second.adopted == 0
         assert "flows" in second.build.note and "start empty" in second.build.note
