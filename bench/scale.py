@@ -27,6 +27,7 @@ node's own, without bcc; the pins go when it closes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -339,7 +340,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             nursery.cancel_scope.cancel()
     finally:
         node._dp = None
-        dp.close()
+        dp.close()  # removes the pins
+        with contextlib.suppress(OSError):
+            pins.path.parent.rmdir()
     rss_growth = peak.stop() - rss_before
     return (f"stall_ms={phases.stall_ms:.1f} resync_s={resync_s:.2f} apply_s={apply_s:.2f} "
             f"rss_mb={rss_before:.0f} rss_growth_mb={rss_growth:.0f} flows={flows}")

@@ -173,8 +173,7 @@ def _migrate_flows(old_path: str, new_fd: int) -> int:
     try:
         for chunk in FlowCursor(old_fd):
             n = len(chunk)
-            syscall.update_batch(new_fd, ctypes.create_string_buffer(chunk.keys, len(chunk.keys)),
-                                 ctypes.create_string_buffer(chunk.values, len(chunk.values)), n)
+            syscall.update_batch(new_fd, chunk.keys, chunk.values, n)
             copied += n
     finally:
         os.close(old_fd)

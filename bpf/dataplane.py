@@ -495,12 +495,9 @@ class DataPlane:
 
     def _write_array(self, name: str, first: int, values: Any) -> None:
         """Write a uint32 array's consecutive entries from `first` (values: a numpy uint32 array)."""
-        table = self._map(name)
         indexes = np.arange(first, first + len(values), dtype=np.uint32)
-        keys = (table.Key * len(values)).from_buffer_copy(indexes.tobytes())
-        leaves = (table.Leaf * len(values)).from_buffer_copy(np.ascontiguousarray(values, dtype=np.uint32).tobytes())
         try:
-            table.items_update_batch(keys, leaves)
+            self._map(name).update_batch(indexes.tobytes(), np.ascontiguousarray(values, dtype=np.uint32).tobytes())
         except Exception as exc:
             raise MapError(f"{name}: batch write of {len(values)} entries at {first}: {exc}") from exc
 
@@ -538,8 +535,7 @@ class DataPlane:
             raise MapError(f"flows: packed write of {len(keys)} key / {len(values)} value bytes is not whole entries")
         if n:
             try:
-                flows.items_update_batch((flows.Key * n).from_buffer_copy(keys),
-                                         (flows.Leaf * n).from_buffer_copy(values))
+                flows.update_batch(bytes(keys), bytes(values))  # no copy for bytes
             except Exception as exc:
                 raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
             self._tally.wrote(n)

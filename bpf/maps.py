@@ -52,7 +52,7 @@ class BpfMap:
     """One map by fd (owned: `close()` closes it). The subset of bcc's table API DataPlane uses:
     `Key`/`Leaf` types, `map_fd`, `total_cpu`, `m[key]` (KeyError if absent), `m[key] = v`,
     `del m[key]`, `keys()`, `getvalue(key)` (per-CPU: a list, one value per CPU),
-    `items_update_batch(keys, values)`, plus `zero(key)`."""
+    `update_batch(packed keys, packed values)`, plus `zero(key)`."""
 
     def __init__(self, fd: int, name: str, spec: MapSpec, *, owned: bool = True) -> None:
         self.map_fd = fd
@@ -140,9 +140,12 @@ class BpfMap:
             prev, cur = cur, ctypes.create_string_buffer(self.info.key_size)
         return iter(out)
 
-    def items_update_batch(self, keys: Any, values: Any) -> None:
-        n = len(keys)
+    def update_batch(self, keys: bytes, values: bytes) -> int:
+        """Write packed keys and values (whole entries) in one call; returns how many."""
+        n = len(keys) // self.info.key_size
+        if len(keys) != n * self.info.key_size or len(values) != n * self.info.value_size or self.spec.percpu:
+            raise MapError(f"map {self.name}: a batch of {len(keys)} key / {len(values)} value bytes is not whole "
+                           f"entries of {self.info.key_size} / {self.info.value_size}")
         if n:
-            kbuf = ctypes.create_string_buffer(bytes(keys), n * self.info.key_size)
-            vbuf = ctypes.create_string_buffer(bytes(values), n * self.info.value_size)
-            syscall.update_batch(self.map_fd, kbuf, vbuf, n)
+            syscall.update_batch(self.map_fd, keys, values, n)
+        return n

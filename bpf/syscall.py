@@ -221,9 +221,14 @@ def next_key(fd: int, key: ctypes.Array[ctypes.c_char] | None, out: ctypes.Array
     return True
 
 
-def update_batch(fd: int, keys: ctypes.Array[ctypes.c_char], values: ctypes.Array[ctypes.c_char], count: int) -> None:
+def _address(data: bytes) -> int:
+    """Where the bytes object's buffer is: the kernel only reads it (no copy)."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     """Write `count` packed entries in one call (the kernel may stop early on error: raise then)."""
-    attr = BatchAttr(keys=ctypes.addressof(keys), values=ctypes.addressof(values), count=count, map_fd=fd)
+    attr = BatchAttr(keys=_address(keys), values=_address(values), count=count, map_fd=fd)
     ret = bpf(BPF_MAP_UPDATE_BATCH, attr)
     _check(ret, f"BPF_MAP_UPDATE_BATCH of {count} on map fd {fd} (wrote {attr.count})")
 

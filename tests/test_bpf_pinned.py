@@ -4,6 +4,7 @@ changed layout starts empty (or keeps the flows when only counters changed), and
 (bpf tier: BPF_PROG_TEST_RUN on the pinned program, no interfaces)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import json
@@ -18,8 +19,8 @@ from scapy.all import IP, TCP, Ether, Raw  # type: ignore[attr-defined]
 from bpf import syscall
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.flowtable import synthetic_flows
-from bpf.loader import Limits
-from bpf.pinned import LAYOUT_PIN, LAYOUT_VALUE_SIZE, Leave, PinDir, bpffs_root
+from bpf.loader import CompileError, Limits
+from bpf.pinned import LAYOUT_PIN, LAYOUT_VALUE_SIZE, Leave, PinDir, bpffs_root, build_pinned
 from bpf.structs import IPPROTO_TCP, addr16, mac_str
 from bpf.testrun import XdpAction, run_xdp
 
@@ -50,6 +51,8 @@ def pins() -> Iterator[PinDir]:
         yield PinDir(path, "eth-test")
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # the last test's
 
 
 def open_dp(pins: PinDir, limits: Limits = LIMITS) -> DataPlane:
@@ -198,3 +201,10 @@ def test_foreign_or_old_layout_is_not_adopted(pins: PinDir, change: dict[str, ob
         assert second.flows() == []
     finally:
         second.close()
+
+
+def test_a_compile_error_reaches_the_caller(pins: PinDir) -> None:
+    """What bcc (or the verifier) says comes back in the error, and nothing is pinned."""
+    with pytest.raises(CompileError, match=r"compile child exited with 1: .*(error|MAX_BACKENDS)"):
+        build_pinned(pins, LIMITS, ["-DMAX_BACKENDS=not_a_number"])
+    assert not pins.exists()

@@ -100,6 +100,8 @@ def test_restarts_keep_every_connection(lab: SingleNodeLab, tmp_path: Path) -> N
     pins = Path(first["node"]["pins"]["dir"])
     assert pins.is_dir() and first["node"]["pins"]["note"] == "no pinned state"
     assert 0 < first["process"]["rss_bytes"] < 80 * 2**20, first["process"]  # no bcc / LLVM in the node
+    mapped = Path(f"/proc/{node.pid}/maps").read_text()
+    assert "libbcc" not in mapped and "libLLVM" not in mapped and "libclang" not in mapped
     load = SingleLoad(lab, LONG)
     try:
         assert load.report()["long"]["alive"] == LONG
