@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import json
 import os
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -81,7 +82,10 @@ def _rewrite(insns: bytes, fds: dict[int, int]) -> bytes:
     return bytes(out)
 
 
-def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> BuildReport:
+def build(pin_dir: Path | None, ifname: str, limits: Limits, cflags: list[str]
+          ) -> tuple[BuildReport, int, dict[str, int]]:
+    """Compile, adopt what the pins allow, load, pin: (report, program fd, map fds by name).
+    Without `pin_dir`, nothing is adopted or pinned: the fds are all there is."""
     header = (BPF_DIR / "lbnode.h").read_text()
     module = compile_module(PROGRAM_SOURCE, [*limits.cflags(), *cflags])
     fresh: dict[str, int] = {}
@@ -101,8 +105,10 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
                                                  .encode()).hexdigest()[:32]
     cookie = netns_cookie()
 
-    old: Layout | None
-    old, note = _open_layout(pin_dir) if pin_dir.exists() else (None, "no pinned state")
+    old: Layout | None = None
+    note = "not pinned"
+    if pin_dir is not None:
+        old, note = _open_layout(pin_dir) if pin_dir.exists() else (None, "no pinned state")
     if old is not None and old.version != LAYOUT_VERSION:
         note = f"pinned layout version {old.version}, this node's is {LAYOUT_VERSION}"
         old = None
@@ -110,7 +116,7 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
         old, note = None, "pins of another network namespace that had the same inode number (deleted since)"
     pinned: dict[str, int] = {}  # reused map -> fd of its pin
     migrated = -1  # flows copied from a flow table of another size (-1: none was)
-    if old is not None:
+    if old is not None and pin_dir is not None:
         for name, sig in signatures.items():
             if name not in shapes:
                 continue  # FLOW_TYPES: no map of its own
@@ -132,19 +138,30 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
             for name in FORWARDING_GROUP:
                 if name in pinned:
                     os.close(pinned.pop(name))
-    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(pin_dir / LAYOUT_PIN)  # from here until the new record, the directory is "unknown"
-
     if INDEX_STATE_PIN not in pinned:
         fresh[INDEX_STATE_PIN] = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, index_entries,
                                                     INDEX_STATE_PIN)
     insns = _rewrite(module.dump_func(b"xdp_main"), {fd: pinned.get(name, fd) for name, fd in fresh.items()})
     prog_fd = syscall.prog_load_xdp(insns, "xdp_main")
+    fds = {name: pinned[name] if name in pinned else fresh[name] for name in shapes}
+    reused = tuple(sorted(pinned))
+    adopted = "flows" in pinned or migrated >= 0
+    report = BuildReport(str(pin_dir or ""), syscall.prog_id(prog_fd), reused,
+                         tuple(sorted(n for n in shapes if n not in pinned)), "" if "flows" in pinned else note,
+                         adopted_flows=adopted, migrated_flows=max(0, migrated))
+    if pin_dir is not None:
+        _pin(pin_dir, prog_fd, {n: fd for n, fd in fresh.items() if n not in pinned},
+             Layout(LAYOUT_VERSION, cookie, ifname, signatures, limits_dict(limits)))
+    return report, prog_fd, fds
+
+
+def _pin(pin_dir: Path, prog_fd: int, fresh: dict[str, int], layout: Layout) -> None:
+    """Pin the fresh maps over the old ones, then the program, then the layout record."""
+    os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pin_dir / LAYOUT_PIN)  # from here until the new record, the directory is "unknown"
 
     for name, fd in fresh.items():
-        if name in pinned:
-            continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(pin_dir / name)
         syscall.obj_pin(fd, str(pin_dir / name))
@@ -154,16 +171,11 @@ def build(pin_dir: Path, ifname: str, limits: Limits, cflags: list[str]) -> Buil
         os.unlink(pin_dir / PROG_PIN)
     syscall.obj_pin(prog_fd, str(pin_dir / PROG_PIN))
 
-    layout = Layout(LAYOUT_VERSION, cookie, ifname, signatures, limits_dict(limits))
     layout_fd = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, LAYOUT_VALUE_SIZE, 1, LAYOUT_PIN)
     raw = layout.encode()
     syscall.update(layout_fd, ctypes.create_string_buffer(4), ctypes.create_string_buffer(raw, len(raw)))
     syscall.obj_pin(layout_fd, str(pin_dir / LAYOUT_PIN))
-    reused = tuple(sorted(pinned))
-    adopted = "flows" in pinned or migrated >= 0
-    return BuildReport(str(pin_dir), syscall.prog_id(prog_fd), reused,
-                       tuple(sorted(n for n in shapes if n not in pinned)), "" if "flows" in pinned else note,
-                       adopted_flows=adopted, migrated_flows=max(0, migrated))
+    os.close(layout_fd)
 
 
 def _migrate_flows(old_path: str, new_fd: int) -> int:
@@ -182,15 +194,21 @@ def _migrate_flows(old_path: str, new_fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bpf.compile_child", description=__doc__.splitlines()[0])
-    parser.add_argument("--pin-dir", required=True, type=Path)
+    parser.add_argument("--pin-dir", type=Path, help="pin (and adopt) here; without it, nothing is pinned")
     parser.add_argument("--ifname", required=True)
     parser.add_argument("--limits", required=True, help="JSON object of bpf.loader.Limits fields")
     parser.add_argument("--cflag", action="append", default=[])
+    parser.add_argument("--send-fds", type=int, help="a unix socket: the report and the fds go there")
     args = parser.parse_args(argv)
     try:
-        report = build(args.pin_dir, args.ifname, Limits(**json.loads(args.limits)), args.cflag)
+        report, prog_fd, fds = build(args.pin_dir, args.ifname, Limits(**json.loads(args.limits)), args.cflag)
+        if args.send_fds is not None:
+            names = sorted(fds)
+            with socket.socket(fileno=args.send_fds) as sock:
+                message = json.dumps({"report": report.to_json(), "maps": names}).encode()
+                socket.send_fds(sock, [message], [prog_fd, *(fds[n] for n in names)])
     except (BpfError, PinError, OSError) as exc:
-        print(f"{args.pin_dir}: {exc}", file=sys.stderr)
+        print(f"{args.pin_dir or args.ifname}: {exc}", file=sys.stderr)
         return 1
     print(report.to_json(), flush=True)
     return 0

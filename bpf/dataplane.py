@@ -70,12 +70,12 @@ from bpf.pinned import (
     INDEX_FREE,
     INDEX_RETIRED,
     INDEX_STATE_PIN,
-    PROG_PIN,
     SERVICE_IN_USE,
     BuildReport,
     Leave,
     PinDir,
-    build_pinned,
+    PinError,
+    build_in_child,
 )
 from bpf.structs import (
     BackendStats,
@@ -165,18 +165,20 @@ class DataPlane:
 
     Two ways to get one. `DataPlane(limits)` compiles in this process with bcc (tests, tools:
     nothing is pinned, everything goes with the process). `DataPlane(limits, pins=PinDir...)`,
-    the node's, never imports bcc: a child compiles and pins (bpf/pinned.py), this process opens
-    the pins, and if the child adopted the previous run's forwarding state, rebuilds its index
-    bookkeeping from the maps (`_adopt`), so pinned flows keep their backends."""
+    the node's, never imports bcc: a child compiles and pins (bpf/pinned.py) and hands the fds
+    over, and if the child adopted the previous run's forwarding state, this rebuilds its index
+    bookkeeping from the maps (`_adopt`), so pinned flows keep their backends. `child=True`
+    without pins is the same without bpffs: nothing outlives the process."""
 
     def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = (), *,
-                 pins: PinDir | None = None) -> None:
+                 pins: PinDir | None = None, child: bool = False) -> None:
         self.limits = limits
         self.pins = pins
         self.build: BuildReport | None = None  # what the compile child did (pinned only)
         self._module: Any = None  # the bcc module (in-process only): owns the program and map fds
         self._maps: dict[str, BpfMap] = {}
-        if pins is None:
+        self.unpinned_reason: str | None = None  # set by the owner when it could not pin (status says it)
+        if pins is None and not child:
             self._module, fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
             self._prog_fd = int(fn.fd)
             for name, spec in {**MAP_SPECS, **OPTIONAL_MAPS}.items():
@@ -187,12 +189,14 @@ class DataPlane:
                                     INDEX_STATE_PIN)
             self._maps[INDEX_STATE_PIN] = BpfMap(fd, INDEX_STATE_PIN, _INDEX_STATE_SPEC)
         else:
-            self.build = build_pinned(pins, limits, extra_cflags)
-            self._prog_fd = syscall.obj_get(pins.pin(PROG_PIN))
+            built = build_in_child(pins, pins.ifname if pins else "-", limits, extra_cflags)
+            self.build, self._prog_fd = built.report, built.prog_fd
             specs = {**MAP_SPECS, **OPTIONAL_MAPS, INDEX_STATE_PIN: _INDEX_STATE_SPEC}
-            for name in (*self.build.reused, *self.build.fresh):
+            for name, fd in built.map_fds.items():
                 if name in specs:
-                    self._maps[name] = BpfMap(syscall.obj_get(pins.pin(name)), name, specs[name])
+                    self._maps[name] = BpfMap(fd, name, specs[name])
+                else:
+                    os.close(fd)
         for m in self._maps.values():
             m.check()
         self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
@@ -207,6 +211,22 @@ class DataPlane:
         self.adopted = 0  # flows found in the pinned table at start (0 when started empty)
         if self.build is not None and self.build.adopted_flows:
             self._adopt()
+
+    @classmethod
+    def for_interface(cls, limits: Limits, ifname: str) -> DataPlane:
+        """The node's: compiled in a child, pinned for `ifname` in this namespace, adopting what a
+        previous run left. Where it cannot pin (bpffs missing and not mountable, a directory it
+        may not write), it still compiles in a child, unpinned, and says so (log and status)."""
+        try:
+            pins = PinDir.for_interface(ifname)
+            pins.prepare()
+        except (PinError, OSError) as exc:
+            log.warning("%s: cannot pin the data plane (%s): it will not outlive this process, a restart starts "
+                        "with an empty flow table", ifname, exc)
+            dp = cls(limits, child=True)
+            dp.unpinned_reason = str(exc)
+            return dp
+        return cls(limits, pins=pins)
 
     # ---- program -------------------------------------------------------------------------
 
@@ -268,9 +288,13 @@ class DataPlane:
                 log.info("%s: pins removed", self.pins.path)
 
     def pin_status(self) -> dict[str, Any] | None:
-        """For `lbnode status`: where the maps are pinned and what start-up adopted (None: not pinned)."""
-        if self.pins is None or self.build is None:
+        """For `lbnode status`: where the maps are pinned and what start-up adopted (None: an
+        in-process build)."""
+        if self.build is None:
             return None
+        if self.pins is None:
+            return {"dir": None, "adopted_flows": 0, "migrated_flows": 0, "reused": [], "fresh": list(self.build.fresh),
+                    "note": f"not pinned ({self.unpinned_reason or 'no pin directory'}): a restart starts empty"}
         return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "migrated_flows": self.build.migrated_flows,
                 "reused": list(self.build.reused), "fresh": list(self.build.fresh), "note": self.build.note or None}
 

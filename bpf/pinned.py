@@ -1,9 +1,10 @@
 """Where a node's program and maps live between runs: a directory in bpffs, and its layout.
 
 Theory of operation. The node never compiles: a short-lived child (bpf/compile_child.py)
-compiles with bcc, loads the program, pins it and every map under the node's `PinDir`, and
-exits, taking bcc's ~120 MB of LLVM with it. The node opens the pins by path
-(bpf/syscall.py) and works on them by fd. Because the maps outlive the process, a node that
+compiles with bcc, loads the program, pins it and every map under the node's `PinDir`, hands
+their fds to the node over a unix socket (SCM_RIGHTS), and exits, taking bcc's ~120 MB of LLVM
+with it. The node works on them by fd (bpf/syscall.py). Where it cannot pin (no bpffs, no
+rights), the child still compiles and hands the fds over: nothing is kept across restarts. Because the maps outlive the process, a node that
 is restarted (upgraded, killed with -9) finds its flow table, its consistent-hash tables and
 its counters, and keeps every connection.
 
@@ -195,6 +196,16 @@ class PinDir:
     def exists(self) -> bool:
         return (self.path / LAYOUT_PIN).exists() or (self.path / PROG_PIN).exists()
 
+    def prepare(self) -> None:
+        """Create the directory; PinError if this process cannot pin there (no bpffs, no rights:
+        a node without CAP_SYS_ADMIN cannot mount bpffs, nor create directories in a root-owned one)."""
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise PinError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise PinError(f"cannot pin in {self.path}: not writable by uid {os.geteuid()}")
+
     def remove(self) -> None:
         """Unpin everything (the objects go once nothing else holds them)."""
         shutil.rmtree(self.path, ignore_errors=True)
@@ -286,27 +297,51 @@ class BuildReport:
                    str(doc["note"]), bool(doc["adopted_flows"]), int(doc["migrated_flows"]))
 
 
-def build_pinned(pins: PinDir, limits: Limits, extra_cflags: Sequence[str] = (), timeout_s: float = 300.0
-                 ) -> BuildReport:
-    """Run the compile child (blocking, seconds: call it from a worker thread). A refused
-    program raises CompileError with the child's message (the verifier's log included)."""
-    cmd = [sys.executable, "-m", "bpf.compile_child", "--pin-dir", str(pins.path), "--ifname", pins.ifname,
-           "--limits", json.dumps(limits_dict(limits))]
+@dataclass
+class ChildBuild:
+    """What the compile child handed over: its report and the fds (now this process's)."""
+
+    report: BuildReport
+    prog_fd: int
+    map_fds: dict[str, int]
+
+
+def build_in_child(pins: PinDir | None, ifname: str, limits: Limits, extra_cflags: Sequence[str] = (),
+                   timeout_s: float = 300.0) -> ChildBuild:
+    """Run the compile child (blocking, seconds: call it from a worker thread); it passes the
+    program's and the maps' fds back over a unix socket (SCM_RIGHTS), so this works without
+    bpffs too (`pins` None: nothing is pinned or adopted). A refused program raises
+    CompileError with the child's message (the verifier's log included)."""
+    cmd = [sys.executable, "-m", "bpf.compile_child", "--ifname", ifname, "--limits", json.dumps(limits_dict(limits))]
+    if pins is not None:
+        cmd += ["--pin-dir", str(pins.path)]
     cmd += [f"--cflag={flag}" for flag in extra_cflags]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(BPF_DIR.parent), *filter(None, [env.get("PYTHONPATH")])])
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=BPF_DIR.parent)
-    except subprocess.TimeoutExpired as exc:
-        raise CompileError(f"compile child: no result after {timeout_s:.0f} s ({' '.join(cmd)})") from exc
-    noise = [line for line in done.stderr.splitlines() if "modprobe" not in line]
-    if done.returncode != 0:
-        raise CompileError(f"compile child exited with {done.returncode}: " + ("\n".join(noise[-60:]).strip()
-                                                                             or "(no output)"))
-    lines = done.stdout.strip().splitlines()
-    if not lines:
-        raise CompileError("compile child printed no report: " + "\n".join(noise[-20:]))
-    return BuildReport.from_json(lines[-1])
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        try:
+            with theirs:
+                done = subprocess.run([*cmd, "--send-fds", str(theirs.fileno())], capture_output=True, text=True,
+                                      timeout=timeout_s, env=env, cwd=BPF_DIR.parent, pass_fds=(theirs.fileno(),))
+        except subprocess.TimeoutExpired as exc:
+            raise CompileError(f"compile child: no result after {timeout_s:.0f} s ({' '.join(cmd)})") from exc
+        noise = [line for line in done.stderr.splitlines() if "modprobe" not in line]
+        if done.returncode != 0:
+            raise CompileError(f"compile child exited with {done.returncode}: "
+                               + ("\n".join(noise[-60:]).strip() or "(no output)"))
+        ours.setblocking(False)
+        try:
+            message, fds, _, _ = socket.recv_fds(ours, 1 << 16, 64)
+        except BlockingIOError:
+            raise CompileError("compile child exited without handing over its fds: " + "\n".join(noise[-20:])) from None
+    doc = json.loads(message)
+    names = list(doc["maps"])
+    if len(fds) != 1 + len(names):
+        for fd in fds:
+            os.close(fd)
+        raise CompileError(f"compile child handed over {len(fds)} fds for {1 + len(names)} objects")
+    return ChildBuild(BuildReport.from_json(doc["report"]), fds[0], dict(zip(names, fds[1:], strict=True)))
 
 
 def limits_dict(limits: Limits) -> dict[str, int]:

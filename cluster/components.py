@@ -85,9 +85,8 @@ def real_dataplane(limits: Limits, ifname: str) -> DataPlaneLike:
     """Compiled in a child and pinned per interface and namespace (this process never imports
     bcc); adopts the maps a previous run on `ifname` left, if their layout is unchanged."""
     from bpf.dataplane import DataPlane
-    from bpf.pinned import PinDir
 
-    return DataPlane(limits, pins=PinDir.for_interface(ifname))
+    return DataPlane.for_interface(limits, ifname)
 
 
 def real_health(services: Sequence[ServiceHealthConfig]) -> HealthLike:

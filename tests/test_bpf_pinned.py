@@ -20,7 +20,7 @@ from bpf import syscall
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.flowtable import synthetic_flows
 from bpf.loader import CompileError, Limits
-from bpf.pinned import LAYOUT_PIN, LAYOUT_VALUE_SIZE, Leave, PinDir, bpffs_root, build_pinned
+from bpf.pinned import LAYOUT_PIN, LAYOUT_VALUE_SIZE, Leave, PinDir, bpffs_root, build_in_child
 from bpf.structs import IPPROTO_TCP, addr16, mac_str
 from bpf.testrun import XdpAction, run_xdp
 
@@ -206,5 +206,22 @@ def test_foreign_or_old_layout_is_not_adopted(pins: PinDir, change: dict[str, ob
 def test_a_compile_error_reaches_the_caller(pins: PinDir) -> None:
     """What bcc (or the verifier) says comes back in the error, and nothing is pinned."""
     with pytest.raises(CompileError, match=r"compile child exited with 1: .*(error|MAX_BACKENDS)"):
-        build_pinned(pins, LIMITS, ["-DMAX_BACKENDS=not_a_number"])
+        build_in_child(pins, pins.ifname, LIMITS, ["-DMAX_BACKENDS=not_a_number"])
     assert not pins.exists()
+
+
+def test_unpinned_child_build_forwards_and_says_so() -> None:
+    """Without bpffs (a node that may not pin), the child still compiles and hands the fds over."""
+    dp = DataPlane(LIMITS, child=True)
+    try:
+        dp.set_config(OUR_MAC)
+        dp.unpinned_reason = "no bpffs here"
+        spec = service(VIP_A, range(1, 3))
+        dp.apply([spec])
+        pin_flows(dp, spec, backend_n=2, n=10)
+        out = run_xdp(dp.fd, ack(VIP_A, "10.0.0.3"))
+        assert out.action is XdpAction.TX and mac_str(out.packet[:6]) == backend(2).mac
+        status = dp.pin_status()
+        assert status is not None and status["dir"] is None and "no bpffs here" in status["note"]
+    finally:
+        dp.close()
