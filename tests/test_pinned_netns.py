@@ -133,6 +133,9 @@ def test_restarts_keep_every_connection(lab: SingleNodeLab, tmp_path: Path) -> N
         assert refused.returncode == 2 and "a node runs on eth0" in refused.stderr
         report = all_echo_again(load, LONG + 60)
         assert sum(report["long"]["by_backend"].values()) == LONG + 60
+        print(f"\nrestarts: kept={report['long']['alive']} lost={sum(report['long']['lost'].values())} "
+              f"max_stall_ms={report['long']['max_stall_ms']} short_failed={report['short']['failed']} "
+              f"node_rss_mb={third['process']['rss_bytes'] / 2**20:.1f}")
 
         # 3. A plain stop drains, detaches and removes the pins: nothing is left.
         stopped = lbnode(lab, lab.node.ns, "stop", "--if", "eth0")
