@@ -3,10 +3,10 @@
 Theory of operation. The node never compiles: a short-lived child (bpf/compile_child.py)
 compiles with bcc, loads the program, pins it and every map under the node's `PinDir`, hands
 their fds to the node over a unix socket (SCM_RIGHTS), and exits, taking bcc's ~120 MB of LLVM
-with it. The node works on them by fd (bpf/syscall.py). Where it cannot pin (no bpffs, no
-rights), the child still compiles and hands the fds over: nothing is kept across restarts. Because the maps outlive the process, a node that
-is restarted (upgraded, killed with -9) finds its flow table, its consistent-hash tables and
-its counters, and keeps every connection.
+with it. The node works on them by fd (bpf/syscall.py). Because the pinned maps outlive the
+process, a node that is restarted (upgraded, killed with -9) finds its flow table, its
+consistent-hash tables and its counters, and keeps every connection. Where it cannot pin (no
+bpffs, no rights), the child still compiles and hands the fds over: nothing is kept then.
 
 Where. bpffs is per *mount*, not per network namespace, so the directory is keyed by both:
 `<bpffs>/lbnode/<netns inode>-<ifname>/`, as cluster/cli.py's interface lock is. Two nodes on
