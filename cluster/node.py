@@ -191,7 +191,7 @@ class Node:
                 log.info("%s: stopping, the XDP program keeps forwarding with the pinned maps", name)
                 self._leave = Leave.FORWARDING
                 if self._started.is_set():
-                    self.state = "stopping"
+                    self.state = "draining"  # (the status schema's name for a node on its way out)
                     self._ready = False
                     await self._shutdown_speaker()
                 break
