@@ -19,12 +19,15 @@ its receive work is not on this loop. The refresh phase is FlowSync's own refres
 flow is "seen recently": the bench's refresh window is long), sent to that peer's address.
 
 Last line: stall_ms=<longest stall over the phases> resync_s=<the second node's resync() of the
-whole table> apply_s=<full reload, every weight changed> rss_growth_mb=<peak RSS minus RSS
-before the flows> flows=<entries>.
+whole table> apply_s=<full reload, every weight changed> rss_mb=<RSS with the tables applied,
+before the flows: the node's idle size> rss_growth_mb=<peak RSS minus that> flows=<entries>.
+The node's DataPlane is the pinned one (compiled in a child, bpf/pinned.py), so RSS is the
+node's own, without bcc; the pins go when it closes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -35,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec, monotonic_ns  # noqa: E402
 from bpf.flowtable import synthetic_flows  # noqa: E402
 from bpf.loader import Limits  # noqa: E402
+from bpf.pinned import PinDir, bpffs_root  # noqa: E402
 from bpf.structs import IPPROTO_TCP, addr16  # noqa: E402
 from cluster.config import load_file  # noqa: E402
 from cluster.desired import backend_key  # noqa: E402
@@ -234,7 +239,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
     config = load_file(config_path, NODE_IP, check_files=False)
     node = Node(NodeArgs(NODE_IP, "lo", NODE_MAC, str(config_path), str(workdir / "status.sock")), config)
     print(f"compiling (flow table {args.flows} entries, {SERVICES} x {BACKENDS} backends)...", flush=True)
-    dp = await trio.to_thread.run_sync(DataPlane, Limits(flow_table_size=args.flows))
+    # As the node does: compiled in a child and pinned (a bench directory: no interface is
+    # attached), so this process's RSS is the node's, without bcc's LLVM.
+    pins = PinDir(bpffs_root() / "lbnode-bench" / f"scale-{os.getpid()}", "lo")
+    dp = await trio.to_thread.run_sync(partial(DataPlane, Limits(flow_table_size=args.flows), pins=pins))
     dp.set_config(NODE_MAC)
     # What neighbour discovery and health checks would report: every MAC known, every backend usable.
     node._macs.update({backend_ip(s, b): f"02:00:00:{s:02x}:00:{b:02x}"
@@ -258,7 +266,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
                 await node.applied()
             await phases.run("first apply, 64 x 64 tables", first_apply)
             nursery.start_soon(node._maintain_flows)
-            rss_before = rss_mb()
+            rss_before = rss_mb()  # the node's idle RSS, tables applied, no flows yet
             peak = RssPeak()
             await phases.run(f"load {args.flows} flows (batches on a thread)", lambda: fill(node, dp, args.flows))
 
@@ -332,10 +340,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
             nursery.cancel_scope.cancel()
     finally:
         node._dp = None
-        dp.close()
+        dp.close()  # removes the pins
+        with contextlib.suppress(OSError):
+            pins.path.parent.rmdir()
     rss_growth = peak.stop() - rss_before
     return (f"stall_ms={phases.stall_ms:.1f} resync_s={resync_s:.2f} apply_s={apply_s:.2f} "
-            f"rss_growth_mb={rss_growth:.0f} flows={flows}")
+            f"rss_mb={rss_before:.0f} rss_growth_mb={rss_growth:.0f} flows={flows}")
 
 
 def main() -> None:

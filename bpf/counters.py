@@ -73,12 +73,14 @@ class FlowCount:
 class FlowTally:
     """Flows written and deleted from user space, and the last complete pass's count."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_flows_now: int = 0) -> None:
+        """`new_flows_now`: the NEW_FLOW stat at start (not 0 when the counters were adopted
+        from a previous run: its pins are in no pass's count yet, and none of ours)."""
         self._lock = threading.Lock()
         self._written = 0  # flows written from user space (replacements included)
         self._deleted = 0  # flows deleted from user space
         # (walked, NEW_FLOW stat, _written, _deleted, monotonic s) at the last complete pass
-        self._counted: tuple[int, int, int, int, float] = (0, 0, 0, 0, -math.inf)
+        self._counted: tuple[int, int, int, int, float] = (0, new_flows_now, 0, 0, -math.inf)
 
     def wrote(self, n: int) -> None:
         with self._lock:

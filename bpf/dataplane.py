@@ -36,6 +36,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bpf import structs
+from bpf import structs, syscall
 from bpf.consistent_hash import Member, build_table_array
 from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowCursor, delete_keys
@@ -59,8 +61,21 @@ from bpf.loader import (
     XdpMode,
     attach,
     attached_program_id,
+    bcc_table_fd,
     compile_program,
     detach,
+)
+from bpf.maps import MAP_SPECS, OPTIONAL_MAPS, BpfMap, MapSpec
+from bpf.pinned import (
+    INDEX_FREE,
+    INDEX_RETIRED,
+    INDEX_STATE_PIN,
+    SERVICE_IN_USE,
+    BuildReport,
+    Leave,
+    PinDir,
+    PinError,
+    build_in_child,
 )
 from bpf.structs import (
     BackendStats,
@@ -141,28 +156,83 @@ def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
+_INDEX_STATE_SPEC = MapSpec(ctypes.c_uint32, ctypes.c_uint32)
+
+
 class DataPlane:
     """A compiled lbnode XDP program and its maps. `apply` and `maintain` may run on worker
-    threads (see the module docstring); everything else belongs to one owner thread."""
+    threads (see the module docstring); everything else belongs to one owner thread.
 
-    def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = ()) -> None:
+    Two ways to get one. `DataPlane(limits)` compiles in this process with bcc (tests, tools:
+    nothing is pinned, everything goes with the process). `DataPlane(limits, pins=PinDir...)`,
+    the node's, never imports bcc: a child compiles and pins (bpf/pinned.py) and hands the fds
+    over, and if the child adopted the previous run's forwarding state, this rebuilds its index
+    bookkeeping from the maps (`_adopt`), so pinned flows keep their backends. `child=True`
+    without pins is the same without bpffs: nothing outlives the process."""
+
+    def __init__(self, limits: Limits = Limits(), extra_cflags: Sequence[str] = (), *,
+                 pins: PinDir | None = None, child: bool = False) -> None:
         self.limits = limits
-        self._bpf, self._fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
+        self.pins = pins
+        self.build: BuildReport | None = None  # what the compile child did (pinned only)
+        self._module: Any = None  # the bcc module (in-process only): owns the program and map fds
+        self._maps: dict[str, BpfMap] = {}
+        self.unpinned_reason: str | None = None  # set by the owner when it could not pin (status says it)
+        if pins is None and not child:
+            self._module, fn = compile_program(PROGRAM_SOURCE, "xdp_main", [*limits.cflags(), *extra_cflags])
+            self._prog_fd = int(fn.fd)
+            for name, spec in {**MAP_SPECS, **OPTIONAL_MAPS}.items():
+                fd = bcc_table_fd(self._module, name)
+                if fd >= 0:
+                    self._maps[name] = BpfMap(fd, name, spec, owned=False)
+            fd = syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 4, limits.max_services + limits.max_backends,
+                                    INDEX_STATE_PIN)
+            self._maps[INDEX_STATE_PIN] = BpfMap(fd, INDEX_STATE_PIN, _INDEX_STATE_SPEC)
+        else:
+            built = build_in_child(pins, pins.ifname if pins else "-", limits, extra_cflags)
+            self.build, self._prog_fd = built.report, built.prog_fd
+            specs = {**MAP_SPECS, **OPTIONAL_MAPS, INDEX_STATE_PIN: _INDEX_STATE_SPEC}
+            for name, fd in built.map_fds.items():
+                if name in specs:
+                    self._maps[name] = BpfMap(fd, name, specs[name])
+                else:
+                    os.close(fd)
+        for m in self._maps.values():
+            m.check()
         self._services: dict[tuple[IPAddress, int, int], _ServiceState] = {}
         self._indexes = Indexes(limits.max_services, limits.max_backends)
         self._published = _EMPTY
         self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
-        self._tally = FlowTally()  # for flow_count() without a walk (bpf/counters.py)
+        self._tally = FlowTally(self._stat(Stat.NEW_FLOW))  # for flow_count() without a walk (bpf/counters.py)
         self._sweeper = Sweeper(self._flows_fd, self._indexes, self._lock, self._tally,
                                 lambda: self._stat(Stat.NEW_FLOW))
         self._attachments: list[Attachment] = []
         self._config = LbConfig()
+        self.adopted = 0  # flows found in the pinned table at start (0 when started empty)
+        if self.build is not None and self.build.adopted_flows:
+            self._adopt()
+
+    @classmethod
+    def for_interface(cls, limits: Limits, ifname: str) -> DataPlane:
+        """The node's: compiled in a child, pinned for `ifname` in this namespace, adopting what a
+        previous run left. Where it cannot pin (bpffs missing and not mountable, a directory it
+        may not write), it still compiles in a child, unpinned, and says so (log and status)."""
+        try:
+            pins = PinDir.for_interface(ifname)
+            pins.prepare()
+        except (PinError, OSError) as exc:
+            log.warning("%s: cannot pin the data plane (%s): it will not outlive this process, a restart starts "
+                        "with an empty flow table", ifname, exc)
+            dp = cls(limits, child=True)
+            dp.unpinned_reason = str(exc)
+            return dp
+        return cls(limits, pins=pins)
 
     # ---- program -------------------------------------------------------------------------
 
     @property
     def fd(self) -> int:
-        return int(self._fn.fd)
+        return self._prog_fd
 
     reattached = 0  # times `keep_attached` found the program gone and attached it again
 
@@ -195,14 +265,91 @@ class DataPlane:
         while self._attachments:
             detach(self._attachments.pop())
 
-    def close(self) -> None:
+    def close(self, leave: Leave = Leave.NOTHING) -> None:
+        """Detach (unless `leave` is FORWARDING) and close; with NOTHING, also remove the pins
+        (bpf/pinned.py says which state each choice leaves behind)."""
         try:
-            self.detach_all()
+            if leave is not Leave.FORWARDING:
+                self.detach_all()
+            else:
+                for a in self._attachments:
+                    log.info("%s: XDP program id %d left attached, forwarding with the maps pinned in %s",
+                             a.ifname, a.prog_id, self.pins.path if self.pins else "(nowhere: not pinned)")
         finally:
-            self._bpf.cleanup()
+            for m in self._maps.values():
+                m.close()
+            if self._module is not None:
+                self._module.cleanup()
+            elif self._prog_fd >= 0:
+                os.close(self._prog_fd)
+            self._prog_fd = -1
+            if self.pins is not None and leave is Leave.NOTHING:
+                self.pins.remove()
+                log.info("%s: pins removed", self.pins.path)
 
-    def _map(self, name: str) -> Any:
-        return self._bpf[name.encode()]
+    def pin_status(self) -> dict[str, Any] | None:
+        """For `lbnode status`: where the maps are pinned and what start-up adopted (None: an
+        in-process build)."""
+        if self.build is None:
+            return None
+        if self.pins is None:
+            return {"dir": None, "adopted_flows": 0, "migrated_flows": 0, "reused": [], "fresh": list(self.build.fresh),
+                    "note": f"not pinned ({self.unpinned_reason or 'no pin directory'}): a restart starts empty"}
+        return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "migrated_flows": self.build.migrated_flows,
+                "reused": list(self.build.reused), "fresh": list(self.build.fresh), "note": self.build.note or None}
+
+    def _map(self, name: str) -> BpfMap:
+        try:
+            return self._maps[name]
+        except KeyError:
+            raise MapError(f"this build has no map {name!r}") from None
+
+    # ---- adopting a previous run's state --------------------------------------------------------
+
+    def _adopt(self) -> None:
+        """Rebuild the index bookkeeping from pinned maps the previous run left: services from
+        `services` and `service_slots`, backends from `index_state` and `backends`. Indexes it
+        marked retired, or that no live service owns any more, wait in quarantine for the
+        first maintenance pass; never-used ones are free. The next apply() rewrites every
+        table into its idle half (nothing is skipped as unchanged) and flips."""
+        max_services = self.limits.max_services
+        size = self.limits.ch_table_size
+        state_map = self._map(INDEX_STATE_PIN)
+        states = [int(state_map[ctypes.c_uint32(i)].value) for i in range(max_services + self.limits.max_backends)]
+        live: dict[int, tuple[IPAddress, int, int]] = {}
+        for key in self._map("services").keys():
+            index = int(self._map("services")[key].value)
+            slot = self._map("service_slots")[ctypes.c_uint32(index)]
+            half = slot.table_base // size - 2 * index
+            if index >= max_services or not slot.flags & structs.SERVICE_F_ACTIVE or half not in (0, 1):
+                continue
+            spec_key = (structs.from_addr16(bytes(key.vip)), socket.ntohs(key.port), int(key.proto))
+            live[index] = spec_key
+            self._services[spec_key] = _ServiceState(index=index, active_half=half, backends={})
+        used_backends: set[int] = set()
+        for slot in range(self.limits.max_backends):
+            owner = states[max_services + slot]
+            if owner in (INDEX_FREE, INDEX_RETIRED) or owner - 1 not in live:
+                continue
+            backend = self._map("backends")[ctypes.c_uint32(slot)]
+            if backend.flags & structs.BACKEND_F_VALID:
+                self._services[live[owner - 1]].backends[structs.from_addr16(bytes(backend.addr))] = slot
+                used_backends.add(slot)
+        self._indexes.adopt(
+            used_services=set(live), used_backends=used_backends,
+            never_used_services={i for i in range(max_services) if states[i] == INDEX_FREE and i not in live},
+            never_used_backends={i for i in range(self.limits.max_backends)
+                                 if states[max_services + i] == INDEX_FREE and i not in used_backends})
+        self._publish()
+        while not self.maintain(1 << 30):  # one pass: counts the adopted flows, deletes stale ones
+            pass
+        self.adopted = self.flow_count().walked
+        log.info("%s: adopted %d services, %d backends and the flow table from the previous run",
+                 self.pins.path if self.pins else "?", len(live), len(used_backends))
+
+    def _mark(self, index: int, value: int) -> None:
+        """Record an index's state in `index_state` (read back by `_adopt` after a restart)."""
+        self._map(INDEX_STATE_PIN)[ctypes.c_uint32(index)] = ctypes.c_uint32(value)
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -244,6 +391,7 @@ class DataPlane:
         if state is None:
             index = self._take(self._indexes.services, self._indexes.quarantined_services)
             self._zero_percpu("service_stats", index)
+            self._mark(index, SERVICE_IN_USE)
             state = _ServiceState(index=index, active_half=1, backends={})
             self._services[spec.key] = state
         wanted = {b.address: b for b in spec.backends}
@@ -262,6 +410,7 @@ class DataPlane:
                     self._publish()
                     self._sweeper.purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
                 self._zero_percpu("backend_stats", slot)
+                self._mark(self.limits.max_services + slot, state.index + 1)
                 state.backends[address] = slot
         applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
         if applied == state.applied and not removed:
@@ -294,11 +443,13 @@ class DataPlane:
         del self._map("services")[ServiceKey.make(*key)]
         for index in state.backends.values():
             self._retire_backend(index)
+        self._mark(state.index, INDEX_RETIRED)
         self._indexes.quarantined_services.add(state.index)
 
     def _retire_backend(self, index: int, *, quarantine: bool = True) -> None:
         """Invalid backends make their pinned flows re-choose instead of going nowhere."""
         self._map("backends")[ctypes.c_int(index)] = structs.Backend()
+        self._mark(self.limits.max_services + index, INDEX_RETIRED)
         if quarantine:
             self._indexes.quarantined_backends.add(index)
 
@@ -368,18 +519,14 @@ class DataPlane:
 
     def _write_array(self, name: str, first: int, values: Any) -> None:
         """Write a uint32 array's consecutive entries from `first` (values: a numpy uint32 array)."""
-        table = self._map(name)
         indexes = np.arange(first, first + len(values), dtype=np.uint32)
-        keys = (table.Key * len(values)).from_buffer_copy(indexes.tobytes())
-        leaves = (table.Leaf * len(values)).from_buffer_copy(np.ascontiguousarray(values, dtype=np.uint32).tobytes())
         try:
-            table.items_update_batch(keys, leaves)
+            self._map(name).update_batch(indexes.tobytes(), np.ascontiguousarray(values, dtype=np.uint32).tobytes())
         except Exception as exc:
             raise MapError(f"{name}: batch write of {len(values)} entries at {first}: {exc}") from exc
 
     def _zero_percpu(self, name: str, index: int) -> None:
-        table = self._map(name)
-        table[ctypes.c_int(index)] = table.Leaf()
+        self._map(name).zero(ctypes.c_int(index))
 
     # ---- lookups for callers ------------------------------------------------------------------
 
@@ -412,8 +559,7 @@ class DataPlane:
             raise MapError(f"flows: packed write of {len(keys)} key / {len(values)} value bytes is not whole entries")
         if n:
             try:
-                flows.items_update_batch((flows.Key * n).from_buffer_copy(keys),
-                                         (flows.Leaf * n).from_buffer_copy(values))
+                flows.update_batch(bytes(keys), bytes(values))  # no copy for bytes
             except Exception as exc:
                 raise MapError(f"flows: batch write of {n} entries: {exc}") from exc
             self._tally.wrote(n)

@@ -21,7 +21,6 @@ and only yields after the walk is complete.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from bpf import syscall
 from bpf.loader import BpfError
 from bpf.structs import Flow, FlowKey
 
@@ -41,36 +41,18 @@ DEFAULT_CHUNK_ENTRIES = 4096
 FLOW_DTYPE = np.dtype([("backend", "<u4"), ("service", "<u2"), ("flags", "<u2"), ("last_seen_ns", "<u8")])
 assert FLOW_DTYPE.itemsize == VALUE_SIZE
 
-_SYS_BPF = 321  # x86_64
-_BPF_MAP_LOOKUP_BATCH = 24
-_BPF_MAP_DELETE_BATCH = 27
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_BPF_MAP_LOOKUP_BATCH = syscall.BPF_MAP_LOOKUP_BATCH
+_BPF_MAP_DELETE_BATCH = syscall.BPF_MAP_DELETE_BATCH
+_BatchAttr = syscall.BatchAttr
 
 
 class FlowTableError(BpfError):
     """A batch operation on the flow table failed."""
 
 
-class _BatchAttr(ctypes.Structure):
-    """The BPF_MAP_*_BATCH member of union bpf_attr (include/uapi/linux/bpf.h)."""
-
-    _fields_ = [
-        ("in_batch", ctypes.c_uint64),
-        ("out_batch", ctypes.c_uint64),
-        ("keys", ctypes.c_uint64),
-        ("values", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("map_fd", ctypes.c_uint32),
-        ("elem_flags", ctypes.c_uint64),
-        ("flags", ctypes.c_uint64),
-    ]
-
-
 def _bpf(cmd: int, attr: _BatchAttr) -> int:
     """0, or the errno of a failed call."""
-    if _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
-        return 0
-    return ctypes.get_errno()
+    return max(0, -syscall.bpf(cmd, attr))
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,20 @@ class Indexes:
             self.quarantined_backends.discard(index)
             self.backends.give_back(index)
 
+    def adopt(self, used_services: Set[int], used_backends: Set[int], never_used_services: Set[int],
+              never_used_backends: Set[int]) -> None:
+        """Start from a previous run's state (DataPlane._adopt): the used indexes are taken, the
+        never-used ones free, and every other one (retired, or owned by a service that is gone)
+        quarantined: stale flows may still name it."""
+        for pool, used, free, quarantine in ((self.services, used_services, never_used_services,
+                                              self.quarantined_services),
+                                             (self.backends, used_backends, never_used_backends,
+                                              self.quarantined_backends)):
+            pool.next_unused = pool.size
+            pool.freed = deque(sorted(free))
+            quarantine.clear()
+            quarantine.update(i for i in range(pool.size) if i not in used and i not in free)
+
     def plan(self, current: Mapping[K, Set[A]], wanted: Mapping[K, Set[A]]) -> list[K]:
         """The order in which to apply `wanted` (service key -> backend addresses) over
         `current` (the same, as applied now) so that it fits: services that give backend

@@ -2,7 +2,8 @@
 
 Attach and detach go through a netlink socket opened inside the namespace that owns the
 device (pyroute2's `IPRoute(netns=...)`), so an interface index is only ever resolved and used
-there. A program left attached by a killed process is replaced, not a reason to fail.
+there. A program left attached (by a killed process, or on purpose: `lbnode stop --keep-forwarding`)
+is replaced in place, atomically when the mode is the same, not a reason to fail.
 """
 from __future__ import annotations
 
@@ -92,15 +93,34 @@ def _captured_stderr() -> Iterator[list[str]]:
 
 
 def compile_program(source: Path, function: str, cflags: Sequence[str] = ()) -> tuple[Any, Any]:
-    """Compile `source` and load `function` as an XDP program; returns (bcc.BPF, loaded function)."""
+    """Compile `source` and load `function` as an XDP program; returns (bcc.BPF, loaded function).
+    In-process: for tests and tools. The node compiles in a child (bpf/compile_child.py)."""
+    return _compile(source, cflags, function)
+
+
+def compile_module(source: Path, cflags: Sequence[str] = ()) -> Any:
+    """Compile `source` with bcc (which creates its maps) without loading a program: bcc.BPF."""
+    return _compile(source, cflags, None)[0]
+
+
+def bcc_table_fd(module: Any, name: str) -> int:
+    """The fd of map `name` of a bcc module, -1 if the build declares none."""
+    import bcc
+
+    return int(bcc.lib.bpf_table_fd(module.module, name.encode()))  # type: ignore[attr-defined]
+
+
+def _compile(source: Path, cflags: Sequence[str], function: str | None) -> tuple[Any, Any]:
     import bcc  # Debian's python3-bpfcc; imported here so pure modules never need it
 
     flags = [f"-I{BPF_DIR}", *cflags]
     failure: Exception | None = None
+    fn = None
     with _captured_stderr() as output:
         try:
             bpf = bcc.BPF(src_file=str(source).encode(), cflags=flags)
-            fn = bpf.load_func(function.encode(), bcc.BPF.XDP)
+            if function is not None:
+                fn = bpf.load_func(function.encode(), bcc.BPF.XDP)
         except Exception as exc:
             failure = exc
     if failure is not None:
@@ -152,9 +172,15 @@ def attach(fd: int, ifname: str, mode: XdpMode, netns: str | None = None) -> Att
         with _ipr(netns) as ipr:
             index = _lookup(ipr, ifname, netns)
             stale_id, stale_flags = _xdp_state(ipr, index)
-            if stale_id:
-                log.warning("%s: replacing XDP program id %d left attached (by a killed process?)", where, stale_id)
+            if stale_id and stale_flags != mode.flags:
+                # Another mode: the kernel refuses both at once, so this one has a gap.
+                log.warning("%s: detaching XDP program id %d (other mode) to attach in %s mode", where, stale_id,
+                            mode.value)
                 _set_xdp(ipr, index, -1, stale_flags)
+            elif stale_id:
+                # Same mode: the new program replaces the old one in one netlink request, no packet
+                # without a program (a restart over a program left forwarding, or by a killed node).
+                log.info("%s: replacing XDP program id %d in place", where, stale_id)
             _set_xdp(ipr, index, fd, mode.flags)
             prog_id, _ = _xdp_state(ipr, index)
     except AttachError:

@@ -6,6 +6,8 @@
     lbnode status [--if IF | --socket PATH] [--json]   ask a running node
     lbnode drain|undrain BACKEND [--service NAME] [--if IF | --socket PATH]   runtime admin state
     lbnode disable VIP [--grace-s S] | enable VIP [--if IF | --socket PATH]    (root; see README)
+    lbnode stop --if IF [--keep-forwarding]   stop a node (SIGTERM; SIGUSR2 leaves it forwarding)
+    lbnode cleanup [--if IF]                  detach and unpin what stopped nodes left (bpffs)
 
 Exit codes: 0 ok, 1 the node failed while running, 2 bad command line, interface, address or
 config (with a one-line reason on stderr).
@@ -125,9 +127,8 @@ def interface_lock(ifname: str) -> tuple[int, str]:
     A node that exits unlinks the file while it still holds the lock. So a lock won on a file
     that is no longer at `path` (opened just before that unlink) is worth nothing: another node
     may lock the new file. Only a lock on the file that `path` names now counts."""
-    netns = os.stat("/proc/self/ns/net").st_ino  # interface names repeat across namespaces
     os.makedirs(status.RUN_DIR, mode=0o750, exist_ok=True)
-    path = f"{status.RUN_DIR}/{netns}-{ifname}.lock"
+    path = lock_path(ifname)
     for _ in range(LOCK_ATTEMPTS):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -138,6 +139,8 @@ def interface_lock(ifname: str) -> tuple[int, str]:
                              f"({path})") from None
         try:
             if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for `lbnode stop`
                 return fd, path
         except FileNotFoundError:
             pass
@@ -145,9 +148,18 @@ def interface_lock(ifname: str) -> tuple[int, str]:
     raise UsageError(f"--if: could not lock {path}: it keeps being replaced")
 
 
+def run_file(ifname: str, suffix: str) -> str:
+    """/run/lbnode/<netns inode>-<ifname><suffix>: interface names repeat across namespaces."""
+    return f"{status.RUN_DIR}/{os.stat('/proc/self/ns/net').st_ino}-{ifname}{suffix}"
+
+
 def admin_state_path(ifname: str) -> str:
-    """Next to the interface lock, and named the same way (interface names repeat across netns)."""
-    return f"{status.RUN_DIR}/{os.stat('/proc/self/ns/net').st_ino}-{ifname}.admin.json"
+    """Next to the interface lock, and named the same way."""
+    return run_file(ifname, ".admin.json")
+
+
+def lock_path(ifname: str) -> str:
+    return run_file(ifname, ".lock")
 
 
 def check_config(argv: list[str]) -> int:
@@ -214,6 +226,18 @@ def show_status(argv: list[str]) -> int:
     return 0
 
 
+def stop_node(argv: list[str]) -> int:
+    from cluster.stopctl import stop
+
+    return stop(argv)
+
+
+def cleanup(argv: list[str]) -> int:
+    from cluster.stopctl import cleanup
+
+    return cleanup(argv)
+
+
 def admin_command(cmd: str, argv: list[str]) -> int:
     """drain/undrain BACKEND [--service NAME], disable VIP [--grace-s S], enable VIP."""
     backend = cmd in ("drain", "undrain")
@@ -256,7 +280,7 @@ def parse_address(text: str, what: str) -> IPAddress:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "check-config": check_config, "status": show_status, "keygen": keygen,
+    "check-config": check_config, "status": show_status, "keygen": keygen, "stop": stop_node, "cleanup": cleanup,
     **{cmd: functools.partial(admin_command, cmd) for cmd in ("drain", "undrain", "disable", "enable")}}
 
 
@@ -271,4 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m cluster.cli` runs this file as __main__, a second copy of the module: run the
+    # one every import sees, or an error raised as cluster.cli.UsageError would escape main().
+    from cluster import cli
+
+    sys.exit(cli.main())

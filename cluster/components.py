@@ -8,7 +8,7 @@ with fakes of the kernel. The real factories import their modules when called.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +18,7 @@ from bgp.rib import RouteAttrs
 from bpf.counters import FlowCount
 from bpf.dataplane import ServiceSpec
 from bpf.loader import Limits, XdpMode
+from bpf.pinned import Leave
 from cluster.config import IPAddress
 from cluster.desired import Prefix
 from cluster.events import MacsLearned
@@ -43,7 +44,8 @@ class DataPlaneLike(StatusSource, Protocol):
     def apply(self, services: Iterable[ServiceSpec]) -> None: ...  # on a worker thread
     def maintain(self) -> bool: ...  # on a worker thread; True: a pass finished
     def flow_count(self) -> FlowCount: ...
-    def close(self) -> None: ...  # detach: synchronous
+    def pin_status(self) -> Mapping[str, Any] | None: ...  # where the maps are pinned, what was adopted
+    def close(self, leave: Leave = Leave.NOTHING) -> None: ...  # detach (bpf/pinned.py): synchronous
 
 
 class HealthLike(Protocol):
@@ -79,10 +81,12 @@ class NeighboursLike(Protocol):
     def set_addresses(self, addresses: Iterable[IPAddress]) -> None: ...
 
 
-def real_dataplane(limits: Limits) -> DataPlaneLike:
+def real_dataplane(limits: Limits, ifname: str) -> DataPlaneLike:
+    """Compiled in a child and pinned per interface and namespace (this process never imports
+    bcc); adopts the maps a previous run on `ifname` left, if their layout is unchanged."""
     from bpf.dataplane import DataPlane
 
-    return DataPlane(limits)
+    return DataPlane.for_interface(limits, ifname)
 
 
 def real_health(services: Sequence[ServiceHealthConfig]) -> HealthLike:
@@ -133,9 +137,9 @@ def local_addresses() -> set[IPAddress]:
 @dataclass(frozen=True, slots=True)
 class Components:
     """How the node builds each component (the data plane's factory runs on a worker thread:
-    it compiles the program)."""
+    it waits for the compile child)."""
 
-    dataplane: Callable[[Limits], DataPlaneLike] = real_dataplane
+    dataplane: Callable[[Limits, str], DataPlaneLike] = real_dataplane  # (limits, ifname)
     health: Callable[[Sequence[ServiceHealthConfig]], HealthLike] = real_health
     speaker: Callable[[SpeakerConfig, Callable[[], None]], SpeakerLike] = real_speaker
     sync: Callable[[SyncConfig, DataPlaneLike, IPAddress, str], SyncLike] = real_sync

@@ -21,16 +21,23 @@ announced before the data plane has its services. Components come from the facto
 `Components` (cluster.components), so tests can run all this with fakes of them.
 
 Signals: SIGTERM/SIGINT drain (withdraw routes, gracefully if configured; keep forwarding for
-`drain_s`; then detach); SIGHUP reloads the config atomically: a bad file is refused with its
-error logged and the running config stays.
+`drain_s`; then detach and remove the pins); SIGUSR2 (`lbnode stop --keep-forwarding`, for
+upgrades) withdraws routes and exits at once, leaving the program attached and the maps pinned:
+it forwards while no node runs, and the next start adopts the maps and replaces the program in
+place. SIGHUP reloads the config atomically: a bad file is refused with its error logged and the
+running config stays.
+
+The data plane never compiles in this process (bcc's LLVM would stay resident): a child does,
+and pins everything in bpffs (bpf/pinned.py says where, and what each way of stopping leaves).
 
 When the control plane dies: a component that raises takes the node down, its BGP session
-closes and the router withdraws the node's routes; the XDP program is detached in `finally`.
-A SIGKILLed node cannot detach: its program stays attached and keeps forwarding pinned and
-hashed flows correctly (the tables are still valid) while the router, told by the closed BGP
-session (or BFD / hold timer for a frozen node), moves traffic away. That beats falling back
-to XDP_PASS (vc5's choice after 60 s), which would blackhole: the node holds no VIP. A restart
-replaces the stale program.
+closes and the router withdraws the node's routes; the XDP program is detached in `finally`
+(the pins stay, so a supervisor's restart keeps the flows). A SIGKILLed node cannot detach:
+its program stays attached and keeps forwarding pinned and hashed flows correctly (the tables
+are still valid) while the router, told by the closed BGP session (or BFD / hold timer for a
+frozen node), moves traffic away. That beats falling back to XDP_PASS (vc5's choice after
+60 s), which would blackhole: the node holds no VIP. A restart adopts the pinned maps (flows,
+tables, counters) and replaces the stale program in place.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import trio
 
 from bgp.rib import RouteAttrs
 from bpf.loader import Limits, XdpMode
+from bpf.pinned import Leave
 from cluster import control, feeds, metrics, status_doc
 from cluster.adminctl import AdminControl
 from cluster.applier import Applier
@@ -106,6 +114,7 @@ class Node:
         self._started = trio.Event()  # start-up finished: serving
         self._reload_pending = False  # a SIGHUP came during start-up
         self._reload_lock = trio.Lock()
+        self._leave = Leave.PINS  # what stopping leaves behind: a signal decides, an error keeps the pins
         self._forwarding_problem: str | None = None  # why the data plane cannot forward now
         self._status = DocumentCache(self._status_build, STATUS_REUSE_S)
         self._web = Listener(self.status, self._metrics_build)  # metrics, /api/v1/status, console
@@ -134,7 +143,7 @@ class Node:
         must neither kill the process by default action (leaving the program attached) nor wait
         for start-up to finish. SIGTERM during start-up stops at once (nothing is announced
         yet); SIGHUP then is applied once the node is up."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2) as signals:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._handle_signals, signals, outer.cancel_scope)
                 await self._serve(task_status=task_status)
@@ -142,7 +151,7 @@ class Node:
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         limits = Limits(flow_table_size=self.config.flows.table_size)
         log.info("compiling the XDP program (flow table %d entries)", limits.flow_table_size)
-        dp = await trio.to_thread.run_sync(self.components.dataplane, limits)
+        dp = await trio.to_thread.run_sync(self.components.dataplane, limits, self.args.ifname)
         self._dp = dp
         trio.lowlevel.add_instrument(self._loop_watch)
         try:
@@ -180,7 +189,7 @@ class Node:
         finally:
             trio.lowlevel.remove_instrument(self._loop_watch)
             self._dp = None
-            dp.close()  # detach: synchronous, survives cancellation
+            dp.close(self._leave)  # detach (unless leaving it forwarding): synchronous, survives cancellation
 
     async def _handle_signals(self, signals: Any, stop: trio.CancelScope) -> None:
         async for signum in signals:
@@ -191,10 +200,20 @@ class Node:
                 else:
                     log.info("SIGHUP during start-up: reloading once the node is up")
                     self._reload_pending = True
+            elif signum == signal.SIGUSR2:
+                log.info("%s: stopping, the XDP program keeps forwarding with the pinned maps", name)
+                self._leave = Leave.FORWARDING
+                if self._started.is_set():
+                    self.state = "draining"  # (the status schema's name for a node on its way out)
+                    self._ready = False
+                    await self._shutdown_speaker()
+                break
             elif not self._started.is_set():
                 log.info("%s during start-up: stopping", name)
+                self._leave = Leave.NOTHING
                 break
             else:
+                self._leave = Leave.NOTHING
                 log.info("%s: draining", name)
                 await self.drain()
                 break
@@ -517,6 +536,7 @@ class Node:
                   "last_reload_error": self.last_reload_error,
                   "forwarding_problem": self._forwarding_problem,
                   "xdp_reattached": self._dp.reattached if self._dp is not None else 0,
+                  "pins": self._dp.pin_status() if self._dp is not None else None,
                   "announced": sorted(str(p) for p in self._announced),
                   "admin": self._admin.state.document(),
                   "http": list(self._web.urls),

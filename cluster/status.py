@@ -184,10 +184,16 @@ def _weight(w: Any) -> str:
 
 
 def render(status: dict[str, Any]) -> str:
+    process = status.get("process") or {}
+    lines = [f"node {status['node']['ip']} on {status['node']['interface']} ({status['node']['xdp']}): "
+             f"{status['node']['state']}  rss={process.get('rss_bytes', 0) / 2**20:.0f} MB"]
     node = status["node"]
-    lines = [f"node {node['ip']} on {node['interface']} ({node['xdp']}): {node['state']}"]
     if "http" in node:  # not from a node older than the listener
         lines.append(f"http: {', '.join(node['http']) or 'off'}")
+    pins = status["node"].get("pins")
+    if pins:
+        lines.append(f"pins: {pins['dir']}  adopted {pins['adopted_flows']} flows"
+                     + (f"  ({pins['note']})" if pins.get("note") else ""))
     lines.append("services:")
     for svc in status["services"]:
         disabled = (f"  DISABLED ({svc.get('admin_phase')}) by {svc.get('admin_by')} at {svc.get('admin_at')}"

@@ -9,6 +9,7 @@ calls that are safe from other threads (`counters`, `stats`, `service_index`, `b
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -122,6 +123,7 @@ def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
         "flows": dict(inputs.flows),
         "loop": dict(inputs.loop),
         "counters": {k.name.lower(): v for k, v in dp.stats().items()} if dp else {},
+        "process": {"rss_bytes": rss_bytes()},
     }
     if inputs.bgp is not None:
         out["bgp"] = dict(inputs.bgp)
@@ -130,6 +132,15 @@ def document(inputs: StatusInputs, dp: StatusSource | None) -> dict[str, Any]:
     if inputs.load:
         out["load"] = dict(inputs.load)
     return out
+
+
+def rss_bytes() -> int:
+    """This process's resident set (the node must stay small: it never loads bcc's LLVM)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:

@@ -7,14 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bpf.loader import attached_program_id
-from cluster import status
-from examples.lab.netns import Lab, wait_until
-from examples.lab.single_node import VIP4, SingleNodeLab
+from examples.lab.netns import wait_until
+from examples.lab.single_node import VIP4, SingleNodeLab, node_status, running_lab
 
 pytestmark = pytest.mark.netns
 
@@ -39,21 +37,8 @@ def config_text(backends: list[str], weights: dict[str, int] | None = None) -> s
 
 @pytest.fixture
 def lab() -> Iterator[SingleNodeLab]:
-    with Lab(prefix="lbn") as owner:
-        single = SingleNodeLab(owner)
-        try:
-            single.start_backends()
-            single.attach_peer_pass()
-            yield single
-        finally:
-            single.stop_dataplane()
-
-
-def node_status(sock: Path) -> dict[str, Any] | None:
-    try:
-        return status.query(str(sock))
-    except OSError:
-        return None
+    with running_lab("lbn") as single:
+        yield single
 
 
 def usable_backends(sock: Path) -> set[str] | None:

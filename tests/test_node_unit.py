@@ -17,6 +17,7 @@ from bgp.rib import RouteAttrs
 from bpf.counters import Counters, FlowCount
 from bpf.dataplane import ServiceSpec
 from bpf.loader import Limits, XdpMode
+from bpf.pinned import Leave
 from bpf.structs import Stat
 from cluster.components import Components
 from cluster.config import IPAddress, load_text
@@ -78,7 +79,7 @@ class World:
         return Components(dataplane=self._dataplane, health=self._health, speaker=self._speaker, sync=self._sync,
                           neighbours=self._neighbours, interface_mac=lambda ifname: "02:00:00:00:00:05")
 
-    def _dataplane(self, limits: Limits) -> FakeDataPlane:
+    def _dataplane(self, limits: Limits, ifname: str) -> FakeDataPlane:
         self.dp = FakeDataPlane(self.log)
         return self.dp
 
@@ -138,7 +139,10 @@ class FakeDataPlane:
     def flow_count(self) -> FlowCount:
         return FlowCount(0, 0, math.inf, 1024)
 
-    def close(self) -> None:
+    def pin_status(self) -> None:
+        return None
+
+    def close(self, leave: Leave = Leave.NOTHING) -> None:
         self.closed = True
         self.log.append("detach")
 

@@ -52,6 +52,11 @@ class Lab:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __enter__(self) -> Lab:
+        # Nodes run under `ip netns exec`, whose private /sys hides /sys/fs/bpf: a bpffs here
+        # (host namespace) is where their pins outlive them (bpf/pinned.py).
+        from bpf.pinned import ensure_shared_bpffs
+
+        ensure_shared_bpffs()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,12 +125,24 @@ class Lab:
         self.processes.clear()
         for ns in reversed(self.namespaces):
             _kill_namespace_pids(ns)
+            _remove_pins(ns)
             deleted = run(["ip", "netns", "delete", ns], check=False)
             if deleted.returncode != 0:
                 errors.append(f"netns {ns}: {deleted.stderr.strip()}")
         self.namespaces.clear()
         if errors:
             raise LabError("lab teardown: " + "; ".join(errors))
+
+
+def _remove_pins(ns: str) -> None:
+    """What a killed node of this namespace left pinned in bpffs (the host's: it outlives the
+    namespace, and a flow table holds tens of MB)."""
+    from bpf.pinned import remove_netns_pins
+
+    try:
+        remove_netns_pins(os.stat(f"/run/netns/{ns}").st_ino)
+    except OSError:
+        pass
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -13,15 +13,19 @@ would vanish in the veth driver.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.loader import XdpMode
 from bpf.structs import IPPROTO_TCP
+from cluster import status
 from examples.lab.hosts import (
     ECHO_PORT,
     HTTP_PORT,
@@ -37,7 +41,8 @@ from examples.lab.netns import Lab, read_line
 
 VIP4 = ipaddress.ip_address("10.99.1.100")
 VIP6 = ipaddress.ip_address("fd00:99:1::100")
-__all__ = ["ECHO_PORT", "HTTP_PORT", "VIP4", "VIP6", "Host", "SingleNodeLab", "EchoSession"]
+__all__ = ["ECHO_PORT", "HTTP_PORT", "VIP4", "VIP6", "Host", "SingleNodeLab", "EchoSession", "node_status",
+           "running_lab"]
 
 
 class SingleNodeLab:
@@ -147,3 +152,25 @@ class EchoSession:
         self.proc.stdin.write(f"ping-{self.sent}\n".encode())
         self.proc.stdin.flush()
         return read_line(self.proc, timeout_s=timeout_s)
+
+
+@contextlib.contextmanager
+def running_lab(prefix: str, backends: int = 3) -> Iterator[SingleNodeLab]:
+    """A `SingleNodeLab` with its backend servers up and the XDP_PASS peer attached, torn down
+    (data plane closed, namespaces deleted) on exit, even on failure."""
+    with Lab(prefix=prefix) as owner:
+        single = SingleNodeLab(owner, backends)
+        try:
+            single.start_backends()
+            single.attach_peer_pass()
+            yield single
+        finally:
+            single.stop_dataplane()
+
+
+def node_status(sock: Path) -> dict[str, Any] | None:
+    """A node's status document, None while it does not answer."""
+    try:
+        return status.query(str(sock))
+    except OSError:
+        return None
