@@ -32,6 +32,7 @@
 
 #define LBNODE_MAPS
 #include "lbnode.h"
+#include "flowhash.h"
 
 /* What the parser found. */
 enum parse_result {
@@ -64,32 +65,6 @@ static __always_inline int verdict(__u32 stat, int action)
 {
 	count(stat);
 	return action;
-}
-
-static __always_inline __u32 rotl32(__u32 x, __u32 r)
-{
-	return (x << r) | (x >> (32 - r));
-}
-
-/* murmur3_32 over the key's ten 32-bit words (host order); bpf/flowhash.py mirrors it. */
-static __always_inline __u32 flow_hash(const struct flow_key *key)
-{
-	const __u32 *words = (const __u32 *)key;
-	__u32 h = FLOW_HASH_SEED;
-#pragma unroll
-	for (int i = 0; i < sizeof(*key) / 4; i++) {
-		__u32 k = words[i] * 0xcc9e2d51u;
-		k = rotl32(k, 15) * 0x1b873593u;
-		h ^= k;
-		h = rotl32(h, 13) * 5 + 0xe6546b64u;
-	}
-	h ^= sizeof(*key);
-	h ^= h >> 16;
-	h *= 0x85ebca6bu;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35u;
-	h ^= h >> 16;
-	return h;
 }
 
 static __always_inline void ipv4_to_16(__be32 *out, __be32 addr)
