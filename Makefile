@@ -55,3 +55,11 @@ faults: setup
 .PHONY: bench-scale
 bench-scale: setup
 	$(PY) bench/scale.py
+
+.PHONY: bench-pps
+bench-pps: setup
+	$(PY) bench/pps.py
+
+.PHONY: bench-http
+bench-http: setup
+	$(PY) bench/http.py

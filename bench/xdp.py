@@ -18,6 +18,10 @@ with the baseline (bench/baseline.c: parse Ethernet+IPv4, swap MACs, XDP_TX) of 
 - pass: UDP to an address that is no VIP (flow miss + service miss, XDP_PASS), one 5-tuple (a
   node's own traffic has few), on the one-client build: the spread build would vary its key.
 
+- hash: the flow hash alone (bpf/flowhash.h, XXH32) against the alternative it replaced (murmur3_32),
+  from bench/flowhash.c: a chain of HASH_ROUNDS dependent hashes per run, minus the same chain
+  with a trivial step, divided by HASH_ROUNDS: the latency one new flow (or SYN) pays.
+
 Every round checks the program's per-CPU counters: each repetition took the path its case claims
 (tx / new_flow / pass deltas equal the repetitions, no repins, no lost events; the drain thread
 read one event per new flow). The new-flow case is repeated for other flow-table sizes: its cost
@@ -26,6 +30,7 @@ Last line: established=<ratio>x new=<ratio>x pass=<ratio>x
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import statistics
@@ -49,6 +54,8 @@ NEW_CHUNK = 8192  # events the ring holds with room to spare (256 pages / 72-byt
 ROUNDS = 5
 SPREAD_BITS = 18  # 2^18 = 262,144 = Limits().flow_table_size
 SIZE_SWEEP = (16384, 65536, 1048576)
+HASH_ROUNDS = 64  # bench/flowhash.c's default
+HASH_REPEAT = 200_000
 OUR_MAC = "02:00:00:00:00:01"
 VIP = ipaddress.ip_address("10.0.0.100")
 BENCH_CPU, DRAIN_CPU = 0, 1
@@ -152,6 +159,8 @@ def main() -> int:
     drain = RingDrain(lb_new)
     drain.empty()
 
+    hash_fd = {name: compile_program(Path(__file__).with_name("flowhash.c"), "xdp_hash", flags)
+               for name, flags in (("none", ["-DHASH_NONE"]), ("xxh32", []), ("murmur3", ["-DHASH_CHALLENGER"]))}
     fwd = {Stat.TX: REPEAT}
     cases: dict[str, Callable[[], float]] = {
         "baseline": lambda: checked(None, lambda: run_xdp(base_fn.fd, ack, repeat=REPEAT).duration_ns, {}),
@@ -163,10 +172,15 @@ def main() -> int:
         "pass": lambda: checked(hot, lambda: run_xdp(hot.fd, other, repeat=REPEAT).duration_ns,
                                 {Stat.PASS: REPEAT}),
     }
+    for name, (_, fn) in hash_fd.items():
+        cases[f"hash-{name}"] = functools.partial(hash_chain, fn.fd, other)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
         for name, measure in cases.items():
             samples[name].append(measure())
+    hash_ns = {name: (statistics.median(samples.pop(f"hash-{name}")) - statistics.median(samples["hash-none"]))
+               / HASH_ROUNDS for name in ("xxh32", "murmur3")}
+    del samples["hash-none"]
     median = {name: statistics.median(values) for name, values in samples.items()}
     assert len(spread.flows()) == size, "the established table lost entries"
     lost = lb_new.stats()[Stat.EVENT_LOST]
@@ -175,6 +189,8 @@ def main() -> int:
     print(f"{'case':16} {'median ns':>9}  {'ratio':>6}  samples")
     for name, values in samples.items():
         print(f"{name:16} {median[name]:9.0f}  {median[name] / median['baseline']:5.2f}x  {[round(v) for v in values]}")
+    print(f"flow hash alone, ns a hash (chain of {HASH_ROUNDS}): xxh32 (lbnode's) {hash_ns['xxh32']:.1f}, "
+          f"murmur3 (the alternative) {hash_ns['murmur3']:.1f}")
     print(f"established: {size} flows in the table, 2^{SPREAD_BITS} clients visited in spread order; "
           f"established-hot: one flow (reference only)")
     print(f"new-flow build: {lb_new.stats()[Stat.NEW_FLOW]} flows pinned, {len(lb_new.flows())} in the LRU "
@@ -197,9 +213,15 @@ def main() -> int:
         ns = statistics.median(r for r, _ in runs)
         print(f"  {table:>8} entries: {ns:6.0f} ns  {ns / statistics.median(b for _, b in runs):5.2f}x")
     base_bpf.cleanup()
+    for hash_bpf, _ in hash_fd.values():
+        hash_bpf.cleanup()
     ratio = {name: median[name] / median["baseline"] for name in ("established", "new", "pass")}
     print(f"established={ratio['established']:.2f}x new={ratio['new']:.2f}x pass={ratio['pass']:.2f}x")
     return 0
+
+
+def hash_chain(fd: int, pkt: bytes) -> float:
+    return run_xdp(fd, pkt, repeat=HASH_REPEAT).duration_ns
 
 
 def new_case(dp: DataPlane, drain: RingDrain, pkt: bytes, total: int) -> float:
