@@ -18,17 +18,21 @@ in the same run:
 The node's veth peer on the bridge carries an XDP_PASS program while a forwarder is attached
 (a veth delivers XDP_TX only to a peer with an XDP program), and no program otherwise.
 
-Throughput: wrk, 2 threads, 50 connections, DURATION s, keep-alive and with `Connection: close`
-(a new TCP connection per request); ROUNDS rounds, each case once per round, interleaved;
-median requests/s. Latency: wrk at a low request rate with keep-alive, LATENCY_CONNS
-connections each pausing LATENCY_DELAY_MS after every response (wrk's Lua `delay()`; a closed
-loop with think time, about LATENCY_CONNS / (delay + latency) requests/s, so the offered rate is
-nearly the same in every case; wrk2's open-loop constant rate is not available here). The
-table shows min, mean, p50, p90, p95, p99 of wrk's per-request latency (write of the request to
-read of the response), the median over rounds.
+Throughput: wrk, 2 threads, 50 connections, DURATION_S s, keep-alive and with `Connection: close`
+(a new TCP connection per request). ROUNDS rounds; in each, every mode runs its four cases back
+to back. The tables show medians over rounds; the ratios (and the last line) are paired: the
+median over rounds of the ratio of two runs of the same round, seconds apart, which a shared
+machine's changing load disturbs far less than a ratio of medians.
 
-Last line: lbnode_vs_bare=<r> lbnode_vs_haproxy=<r> p50_vs_direct=<r> (requests/s ratios with
-keep-alive; p50 latency of lbnode / direct at the low rate).
+Latency: wrk at a low request rate with keep-alive, LATENCY_CONNS connections each pausing
+LATENCY_DELAY_MS after every response (wrk's Lua `delay()`: a closed loop with think time,
+about LATENCY_CONNS / (delay + latency) requests/s, so the offered rate is nearly the same in
+every case; wrk2's open-loop constant rate is not available here). The table shows min, mean,
+p50, p90, p95, p99 of wrk's per-request latency (write of the request to read of the
+response), each the median over rounds.
+
+Last line: lbnode_vs_bare=<r> lbnode_vs_haproxy=<r> p50_vs_direct=<r> (paired requests/s ratios
+with keep-alive; paired p50 latency of lbnode / direct at the low rate).
 """
 from __future__ import annotations
 
@@ -55,8 +59,8 @@ CLIENT, NODE, BACKEND = "10.78.0.1", "10.78.0.2", "10.78.0.3"
 VIP = "10.78.1.100"
 PORT = 80
 CONNS, THREADS = 50, 2
-DURATION_S = 4
-ROUNDS = 5  # short runs, many rounds: noise from a shared machine spreads over every case
+DURATION_S = 3
+ROUNDS = 7  # short runs, many rounds: noise from a shared machine spreads over every case
 LATENCY_CONNS, LATENCY_DELAY_MS = 10, 10  # ~1,000 requests/s
 CASES = ("direct", "bare", "lbnode", "haproxy")
 
@@ -252,11 +256,11 @@ def main() -> int:
         }
         try:
             for _ in range(args.rounds):
-                for case in CASES:
-                    node.set(case)
-                    for mode, run in modes.items():
+                for mode, run in modes.items():  # the cases of one mode back to back: close in time
+                    for case in CASES:
+                        node.set(case)
                         runs.setdefault((case, mode), []).append(run(url(case)))
-                    node.clear()
+                        node.clear()
             from bpf.structs import Stat
 
             lb = node.dp.stats()
@@ -291,9 +295,22 @@ def report(runs: dict[tuple[str, str], list[dict[str, Any]]], rounds: int, secon
 
     print(f"lbnode counters over the run: tx {lb[Stat.TX]}, new flows {lb[Stat.NEW_FLOW]}, "
           f"SYNs forwarded unpinned {lb[Stat.SYN_UNPINNED]}, events lost (no ring reader) {lb[Stat.EVENT_LOST]}")
-    ka = {c: med(c, "keepalive", "rps") for c in CASES}
-    print(f"lbnode_vs_bare={ka['lbnode'] / ka['bare']:.2f} lbnode_vs_haproxy={ka['lbnode'] / ka['haproxy']:.2f} "
-          f"p50_vs_direct={med('lbnode', 'latency', 'p50') / med('direct', 'latency', 'p50'):.2f}")
+    def paired(case: str, other: str, mode: str, field: str) -> float:
+        """The median over rounds of case / other, each pair measured seconds apart in one round."""
+        return float(statistics.median(a[field] / b[field] for a, b in zip(runs[(case, mode)], runs[(other, mode)],
+                                                                            strict=True)))
+
+    print("paired ratios (median over rounds of the ratio within a round):")
+    for mode in ("keepalive", "close"):
+        print(f"  {mode:9} req/s: " + ", ".join(f"{case}/{other} {paired(case, other, mode, 'rps'):.2f}"
+                                               for case, other in (("bare", "direct"), ("lbnode", "direct"),
+                                                                   ("haproxy", "direct"), ("lbnode", "bare"),
+                                                                   ("lbnode", "haproxy"))))
+    print(f"  latency p50: lbnode/direct {paired('lbnode', 'direct', 'latency', 'p50'):.2f}, "
+          f"haproxy/direct {paired('haproxy', 'direct', 'latency', 'p50'):.2f}")
+    print(f"lbnode_vs_bare={paired('lbnode', 'bare', 'keepalive', 'rps'):.2f} "
+          f"lbnode_vs_haproxy={paired('lbnode', 'haproxy', 'keepalive', 'rps'):.2f} "
+          f"p50_vs_direct={paired('lbnode', 'direct', 'latency', 'p50'):.2f}")
     return 0
 
 

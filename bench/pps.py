@@ -29,7 +29,8 @@ re-chosen while measuring.
 Scaling: the same cases with two generator threads, one per CPU (each sends on its own veth
 queue, so each CPU runs its own NAPI): the sum of the threads' rates, and that over one core's.
 
-Last line: lbnode_vs_bare=<1 flow> lbnode_vs_bare_64k=<r> bare_vs_limit=<r>
+Last line: lbnode_vs_bare=<1 flow> lbnode_vs_bare_64k=<r> bare_vs_limit=<r>, one generator
+thread, each the median over rounds of the ratio of two cases measured in the same round.
 """
 from __future__ import annotations
 
@@ -273,9 +274,14 @@ def report(cases: list[Case], samples: dict[Case, list[float]], delivered: dict[
                   f"{statistics.median(delivered[c]):9.3f}  {[round(v, 2) for v in samples[c]]}")
     print("scaling, 1 -> 2 cores (rate with 2 threads / rate with 1): " + ", ".join(
         f"{name} {by[(name, 2)] / by[(name, 1)]:.2f}x" for name in ("limit", "bare", "lbnode", "lbnode_64k")))
-    print(f"lbnode_vs_bare={by[('lbnode', 1)] / by[('bare', 1)]:.2f} "
-          f"lbnode_vs_bare_64k={by[('lbnode_64k', 1)] / by[('bare', 1)]:.2f} "
-          f"bare_vs_limit={by[('bare', 1)] / by[('limit', 1)]:.2f}")
+    # The last line's ratios are paired: the median over rounds of the ratio within a round.
+    one = {c.name: samples[c] for c in cases if c.threads == 1}
+
+    def paired(a: str, b: str) -> float:
+        return float(statistics.median(x / y for x, y in zip(one[a], one[b], strict=True)))
+
+    print(f"lbnode_vs_bare={paired('lbnode', 'bare'):.2f} lbnode_vs_bare_64k={paired('lbnode_64k', 'bare'):.2f} "
+          f"bare_vs_limit={paired('bare', 'limit'):.2f}")
     return 0
 
 
