@@ -7,8 +7,9 @@ layer-2 DSR backend does. The client routes the VIP's subnet via the node. Cases
 in the same run:
 
 - direct: the client to the backend's own address;
-- bare: to the VIP, through bench/forward.c on the node's veth (native XDP: a frame to the VIP
-  gets the backend's MAC, XDP_TX), answered directly: what the DSR topology costs;
+- bare: to the VIP, through bench/baseline.c built as a DSR forwarder on the node's veth (native
+  XDP: a frame to the VIP gets the backend's MAC, XDP_TX), answered directly: what the DSR
+  topology costs;
 - lbnode: to the VIP, through lbnode's program (`DataPlane`, one TCP service, one backend);
   its flow-event ring has no reader here, so after the first ~13k new flows it counts lost
   events instead of writing them (flow sync would read them in another process);
@@ -184,7 +185,7 @@ class Node:
 
         self.t = t
         vip_be32 = int.from_bytes(ipaddress.ip_address(VIP).packed, "little")  # as the program reads it
-        self._fwd_bpf, self._fwd = compile_program(BENCH / "forward.c", "xdp_forward", [
+        self._fwd_bpf, self._fwd = compile_program(BENCH / "baseline.c", "xdp_baseline", [
             f"-DFWD_VIP={vip_be32}u", f"-DFWD_DST_MAC={mac_c(t.backend_mac)}", f"-DFWD_SRC_MAC={mac_c(t.node_mac)}"])
         self._pass_bpf, self._pass = compile_program(PASS_SOURCE, "xdp_pass")
         self.dp = DataPlane()

@@ -27,14 +27,23 @@ Every round checks the program's per-CPU counters: each repetition took the path
 read one event per new flow). The new-flow case is repeated for other flow-table sizes: its cost
 is dominated by cache misses in the LRU table, so it grows with the table.
 Last line: established=<ratio>x new=<ratio>x pass=<ratio>x
+
+`bench/xdp.py --profile` instead samples the established-hot and new cases with `perf record`
+on the benchmark's CPU (bpftool's `prog profile` is not installed here) and prints, per case,
+the kernel symbols' shares of the samples taken inside the test run: the program itself
+(bpf_prog_*_xdp_main) against the map code it calls.
 """
 from __future__ import annotations
 
 import functools
 import ipaddress
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,7 +148,55 @@ def checked(dp: DataPlane | None, measure: Callable[[], float], expect: dict[Sta
     return ns
 
 
+PROFILE_SYMBOLS = 12  # the top kernel symbols per case
+
+
+def perf_profile(name: str, run: Callable[[], object]) -> None:
+    """Run `run` under `perf record -C BENCH_CPU`; print the top kernel symbols' shares."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "perf.data")
+        perf = subprocess.Popen(["perf", "record", "-q", "-C", str(BENCH_CPU), "-o", data],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not Path(data).exists():  # perf writes its header once it samples
+                if perf.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"perf record did not start (exit {perf.poll()})")
+                time.sleep(0.05)
+            run()
+        finally:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=60)
+        report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol", "-q"],
+                                capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [(float(line.split("%")[0]), line.split("[k]")[1].strip()) for line in report.splitlines()
+            if "%" in line and "[k]" in line]
+    total = sum(share for share, _ in rows if not _.startswith(("pv_native_safe_halt", "native_safe_halt")))
+    print(f"{name}: kernel symbols, % of the kernel samples (idle excluded), top {PROFILE_SYMBOLS}:")
+    for share, symbol in [r for r in rows if "safe_halt" not in r[1]][:PROFILE_SYMBOLS]:
+        print(f"  {100 * share / total:5.1f}%  {symbol}")
+
+
+def profile() -> int:
+    os.sched_setaffinity(0, {BENCH_CPU})
+    hot = dataplane(["-DLB_BENCH_SPREAD_BITS=0"])
+    lb_new = dataplane(["-DLB_BENCH_NEW_FLOW"])
+    ack = frame(str(VIP), TCP(sport=40000, dport=80, flags="A"))
+    assert fill_spread(hot, ack, 0) == 1
+    run_xdp(lb_new.fd, ack, repeat=lb_new.limits.flow_table_size + NEW_CHUNK)
+    drain = RingDrain(lb_new)
+    drain.empty()
+    perf_profile("established-hot", lambda: [run_xdp(hot.fd, ack, repeat=5 * REPEAT) for _ in range(4)])
+    perf_profile("new", lambda: run_new(lb_new, drain, ack, 4 * NEW_REPEAT))
+    drain.close()
+    for dp in (hot, lb_new):
+        dp.close()
+    return 0
+
+
 def main() -> int:
+    if "--profile" in sys.argv[1:]:
+        return profile()
     os.sched_setaffinity(0, {BENCH_CPU})  # the bench counter is per CPU: keep every run on one
     base_bpf, base_fn = compile_program(Path(__file__).with_name("baseline.c"), "xdp_baseline")
     spread = dataplane([f"-DLB_BENCH_SPREAD_BITS={SPREAD_BITS}"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TX_BUDGET = 50  # what the machine's own background chatter sends in a minute or two
+TX_BUDGET = 50  # packets; what the machine's own chatter sends during a run of a few minutes
 
 
 def real_nic_tx_packets() -> dict[str, int]:
