@@ -169,7 +169,7 @@ def perf_profile(name: str, run: Callable[[], object]) -> None:
             perf.wait(timeout=60)
         report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol", "-q"],
                                 capture_output=True, text=True, timeout=120, check=True).stdout
-    rows = [(float(line.split("%")[0]), line.split("[k]")[1].strip()) for line in report.splitlines()
+    rows = [(float(line.split("%")[0]), line.split("[k]")[1].split()[0]) for line in report.splitlines()
             if "%" in line and "[k]" in line]
     total = sum(share for share, _ in rows if not _.startswith(("pv_native_safe_halt", "native_safe_halt")))
     print(f"{name}: kernel symbols, % of the kernel samples (idle excluded), top {PROFILE_SYMBOLS}:")
