@@ -63,3 +63,11 @@ demo-load: setup
 
 bench-load: setup
 	$(PY) bench/load.py
+
+.PHONY: bench-pps
+bench-pps: setup
+	$(PY) bench/pps.py
+
+.PHONY: bench-http
+bench-http: setup
+	$(PY) bench/http.py

@@ -18,18 +18,32 @@ with the baseline (bench/baseline.c: parse Ethernet+IPv4, swap MACs, XDP_TX) of 
 - pass: UDP to an address that is no VIP (flow miss + service miss, XDP_PASS), one 5-tuple (a
   node's own traffic has few), on the one-client build: the spread build would vary its key.
 
+- hash: the flow hash alone (bpf/flowhash.h, XXH32) against the alternative it replaced (murmur3_32),
+  from bench/flowhash.c: a chain of HASH_ROUNDS dependent hashes per run, minus the same chain
+  with a trivial step, divided by HASH_ROUNDS: the latency one new flow (or SYN) pays.
+
 Every round checks the program's per-CPU counters: each repetition took the path its case claims
 (tx / new_flow / pass deltas equal the repetitions, no repins, no lost events; the drain thread
 read one event per new flow). The new-flow case is repeated for other flow-table sizes: its cost
 is dominated by cache misses in the LRU table, so it grows with the table.
 Last line: established=<ratio>x new=<ratio>x pass=<ratio>x
+
+`bench/xdp.py --profile` instead samples the established-hot and new cases with `perf record`
+on the benchmark's CPU (bpftool's `prog profile` is not installed here) and prints, per case,
+the kernel symbols' shares of the samples taken inside the test run: the program itself
+(bpf_prog_*_xdp_main) against the map code it calls.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,6 +63,8 @@ NEW_CHUNK = 8192  # events the ring holds with room to spare (256 pages / 72-byt
 ROUNDS = 5
 SPREAD_BITS = 18  # 2^18 = 262,144 = Limits().flow_table_size
 SIZE_SWEEP = (16384, 65536, 1048576)
+HASH_ROUNDS = 64  # bench/flowhash.c's default
+HASH_REPEAT = 200_000
 OUR_MAC = "02:00:00:00:00:01"
 VIP = ipaddress.ip_address("10.0.0.100")
 BENCH_CPU, DRAIN_CPU = 0, 1
@@ -132,7 +148,55 @@ def checked(dp: DataPlane | None, measure: Callable[[], float], expect: dict[Sta
     return ns
 
 
+PROFILE_SYMBOLS = 12  # the top kernel symbols per case
+
+
+def perf_profile(name: str, run: Callable[[], object]) -> None:
+    """Run `run` under `perf record -C BENCH_CPU`; print the top kernel symbols' shares."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "perf.data")
+        perf = subprocess.Popen(["perf", "record", "-q", "-C", str(BENCH_CPU), "-o", data],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not Path(data).exists():  # perf writes its header once it samples
+                if perf.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"perf record did not start (exit {perf.poll()})")
+                time.sleep(0.05)
+            run()
+        finally:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(timeout=60)
+        report = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "symbol", "-q"],
+                                capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = [(float(line.split("%")[0]), line.split("[k]")[1].split()[0]) for line in report.splitlines()
+            if "%" in line and "[k]" in line]
+    total = sum(share for share, _ in rows if not _.startswith(("pv_native_safe_halt", "native_safe_halt")))
+    print(f"{name}: kernel symbols, % of the kernel samples (idle excluded), top {PROFILE_SYMBOLS}:")
+    for share, symbol in [r for r in rows if "safe_halt" not in r[1]][:PROFILE_SYMBOLS]:
+        print(f"  {100 * share / total:5.1f}%  {symbol}")
+
+
+def profile() -> int:
+    os.sched_setaffinity(0, {BENCH_CPU})
+    hot = dataplane(["-DLB_BENCH_SPREAD_BITS=0"])
+    lb_new = dataplane(["-DLB_BENCH_NEW_FLOW"])
+    ack = frame(str(VIP), TCP(sport=40000, dport=80, flags="A"))
+    assert fill_spread(hot, ack, 0) == 1
+    run_xdp(lb_new.fd, ack, repeat=lb_new.limits.flow_table_size + NEW_CHUNK)
+    drain = RingDrain(lb_new)
+    drain.empty()
+    perf_profile("established-hot", lambda: [run_xdp(hot.fd, ack, repeat=5 * REPEAT) for _ in range(4)])
+    perf_profile("new", lambda: run_new(lb_new, drain, ack, 4 * NEW_REPEAT))
+    drain.close()
+    for dp in (hot, lb_new):
+        dp.close()
+    return 0
+
+
 def main() -> int:
+    if "--profile" in sys.argv[1:]:
+        return profile()
     os.sched_setaffinity(0, {BENCH_CPU})  # the bench counter is per CPU: keep every run on one
     base_bpf, base_fn = compile_program(Path(__file__).with_name("baseline.c"), "xdp_baseline")
     spread = dataplane([f"-DLB_BENCH_SPREAD_BITS={SPREAD_BITS}"])
@@ -152,6 +216,8 @@ def main() -> int:
     drain = RingDrain(lb_new)
     drain.empty()
 
+    hash_fd = {name: compile_program(Path(__file__).with_name("flowhash.c"), "xdp_hash", flags)
+               for name, flags in (("none", ["-DHASH_NONE"]), ("xxh32", []), ("murmur3", ["-DHASH_CHALLENGER"]))}
     fwd = {Stat.TX: REPEAT}
     cases: dict[str, Callable[[], float]] = {
         "baseline": lambda: checked(None, lambda: run_xdp(base_fn.fd, ack, repeat=REPEAT).duration_ns, {}),
@@ -163,10 +229,15 @@ def main() -> int:
         "pass": lambda: checked(hot, lambda: run_xdp(hot.fd, other, repeat=REPEAT).duration_ns,
                                 {Stat.PASS: REPEAT}),
     }
+    for name, (_, fn) in hash_fd.items():
+        cases[f"hash-{name}"] = functools.partial(hash_chain, fn.fd, other)
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(ROUNDS):
         for name, measure in cases.items():
             samples[name].append(measure())
+    hash_ns = {name: (statistics.median(samples.pop(f"hash-{name}")) - statistics.median(samples["hash-none"]))
+               / HASH_ROUNDS for name in ("xxh32", "murmur3")}
+    del samples["hash-none"]
     median = {name: statistics.median(values) for name, values in samples.items()}
     assert len(spread.flows()) == size, "the established table lost entries"
     lost = lb_new.stats()[Stat.EVENT_LOST]
@@ -175,6 +246,8 @@ def main() -> int:
     print(f"{'case':16} {'median ns':>9}  {'ratio':>6}  samples")
     for name, values in samples.items():
         print(f"{name:16} {median[name]:9.0f}  {median[name] / median['baseline']:5.2f}x  {[round(v) for v in values]}")
+    print(f"flow hash alone, ns a hash (chain of {HASH_ROUNDS}): xxh32 (lbnode's) {hash_ns['xxh32']:.1f}, "
+          f"murmur3 (the alternative) {hash_ns['murmur3']:.1f}")
     print(f"established: {size} flows in the table, 2^{SPREAD_BITS} clients visited in spread order; "
           f"established-hot: one flow (reference only)")
     print(f"new-flow build: {lb_new.stats()[Stat.NEW_FLOW]} flows pinned, {len(lb_new.flows())} in the LRU "
@@ -197,9 +270,15 @@ def main() -> int:
         ns = statistics.median(r for r, _ in runs)
         print(f"  {table:>8} entries: {ns:6.0f} ns  {ns / statistics.median(b for _, b in runs):5.2f}x")
     base_bpf.cleanup()
+    for hash_bpf, _ in hash_fd.values():
+        hash_bpf.cleanup()
     ratio = {name: median[name] / median["baseline"] for name in ("established", "new", "pass")}
     print(f"established={ratio['established']:.2f}x new={ratio['new']:.2f}x pass={ratio['pass']:.2f}x")
     return 0
+
+
+def hash_chain(fd: int, pkt: bytes) -> float:
+    return run_xdp(fd, pkt, repeat=HASH_REPEAT).duration_ns
 
 
 def new_case(dp: DataPlane, drain: RingDrain, pkt: bytes, total: int) -> float:

@@ -32,6 +32,7 @@
 
 #define LBNODE_MAPS
 #include "lbnode.h"
+#include "flowhash.h"
 
 /* What the parser found. */
 enum parse_result {
@@ -64,32 +65,6 @@ static __always_inline int verdict(__u32 stat, int action)
 {
 	count(stat);
 	return action;
-}
-
-static __always_inline __u32 rotl32(__u32 x, __u32 r)
-{
-	return (x << r) | (x >> (32 - r));
-}
-
-/* murmur3_32 over the key's ten 32-bit words (host order); bpf/flowhash.py mirrors it. */
-static __always_inline __u32 flow_hash(const struct flow_key *key)
-{
-	const __u32 *words = (const __u32 *)key;
-	__u32 h = FLOW_HASH_SEED;
-#pragma unroll
-	for (int i = 0; i < sizeof(*key) / 4; i++) {
-		__u32 k = words[i] * 0xcc9e2d51u;
-		k = rotl32(k, 15) * 0x1b873593u;
-		h ^= k;
-		h = rotl32(h, 13) * 5 + 0xe6546b64u;
-	}
-	h ^= sizeof(*key);
-	h ^= h >> 16;
-	h *= 0x85ebca6bu;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35u;
-	h ^= h >> 16;
-	return h;
 }
 
 static __always_inline void ipv4_to_16(__be32 *out, __be32 addr)
@@ -285,18 +260,50 @@ static __always_inline int pin_allowed(const struct lb_config *cfg, __u64 now)
 	return 1;
 }
 
+/* Written in place in the ring (reserve + submit): no copy of the record through the stack. */
 static __always_inline void emit(struct packet *pkt, struct backend *be, __u32 backend_idx,
 				 __u32 service_idx, __u64 now, __u8 kind)
 {
-	struct flow_event ev = {};
-	ev.key = pkt->key;
-	__builtin_memcpy(ev.backend_addr, be->addr, sizeof(ev.backend_addr));
-	ev.backend = backend_idx;
-	ev.service = service_idx;
-	ev.time_ns = now;
-	ev.kind = kind;
-	if (flow_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+	struct flow_event *ev = flow_events.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
 		count(STAT_EVENT_LOST);
+		return;
+	}
+	ev->key = pkt->key;
+	__builtin_memcpy(ev->backend_addr, be->addr, sizeof(ev->backend_addr));
+	ev->backend = backend_idx;
+	ev->service = service_idx;
+	ev->time_ns = now;
+	ev->kind = kind;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad)); /* the ring's memory is not zeroed */
+	flow_events.ringbuf_submit(ev, 0);
+}
+
+/* Count the packet for its service and backend, address it to the backend, XDP_TX. Inlined at
+ * each call: on the established path new_flow is the constant 0 and its branches vanish. */
+static __always_inline int forward(struct ethhdr *eth, void *data_end, struct packet *pkt,
+				   const struct lb_config *cfg, const struct backend *be, __u32 service_idx,
+				   __u32 backend_idx, __u32 new_flow, __u32 closed)
+{
+	if (pkt->icmp_too_big)
+		count(STAT_ICMP_TOO_BIG);
+	__u64 bytes = data_end - (void *)eth;
+	struct service_stats *ss = service_stats.lookup(&service_idx);
+	if (ss) {
+		ss->packets += 1;
+		ss->bytes += bytes;
+		ss->new_flows += new_flow; /* one lookup of each stats entry for a new flow too */
+	}
+	struct backend_stats *bs = backend_stats.lookup(&backend_idx);
+	if (bs) {
+		bs->packets += 1;
+		bs->bytes += bytes;
+		bs->new_flows += new_flow;
+		bs->closed += closed; /* least connections: a flow's first FIN or RST */
+	}
+	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, cfg->mac, ETH_ALEN);
+	return verdict(STAT_TX, XDP_TX);
 }
 
 int xdp_main(struct xdp_md *ctx)
@@ -361,6 +368,8 @@ int xdp_main(struct xdp_md *ctx)
 	struct backend *be;
 	struct service *svc;
 	__u32 backend_idx, service_idx;
+	__u32 new_flow = 0; /* this packet pinned its flow */
+	__u32 closed = 0; /* this packet is its pinned flow's first FIN or RST */
 
 	/* Fast path: a pinned flow of a live service to a valid backend. Looked up before the
 	 * service, so an established packet costs one hash lookup. */
@@ -382,12 +391,10 @@ int xdp_main(struct xdp_md *ctx)
 				flow->last_seen_ns = now;
 			if (closing && !(flow->flags & FLOW_F_CLOSING)) {
 				flow->flags |= FLOW_F_CLOSING;
-				struct backend_stats *bs_closed = backend_stats.lookup(&backend_idx);
-				if (bs_closed)
-					bs_closed->closed += 1;
+				closed = 1;
 				emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_CLOSE);
 			}
-			goto forward;
+			return forward(eth, data_end, &pkt, cfg, be, service_idx, backend_idx, 0, closed);
 		}
 		count(STAT_FLOW_REPINNED);
 	}
@@ -425,35 +432,12 @@ int xdp_main(struct xdp_md *ctx)
 				      .flags = closing ? FLOW_F_CLOSING : 0};
 		flows.update(&pkt.key, &pinned);
 		count(STAT_NEW_FLOW);
-		struct service_stats *ss_new = service_stats.lookup(&service_idx);
-		if (ss_new)
-			ss_new->new_flows += 1;
-		struct backend_stats *bs_new = backend_stats.lookup(&backend_idx);
-		if (bs_new) {
-			bs_new->new_flows += 1;
-			if (closing)
-				bs_new->closed += 1; /* pinned at its FIN: opened and closed at once */
-		}
+		new_flow = 1; /* counted by forward() */
+		closed = closing; /* pinned at its FIN (moved from another node): opened and closed at once */
 		emit(&pkt, be, backend_idx, service_idx, now, EVENT_FLOW_NEW);
 	}
 
-forward:
-	if (pkt.icmp_too_big)
-		count(STAT_ICMP_TOO_BIG);
-	__u64 bytes = data_end - data;
-	struct service_stats *ss = service_stats.lookup(&service_idx);
-	if (ss) {
-		ss->packets += 1;
-		ss->bytes += bytes;
-	}
-	struct backend_stats *bs = backend_stats.lookup(&backend_idx);
-	if (bs) {
-		bs->packets += 1;
-		bs->bytes += bytes;
-	}
-	__builtin_memcpy(eth->h_dest, be->mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, cfg->mac, ETH_ALEN);
-	return verdict(STAT_TX, XDP_TX);
+	return forward(eth, data_end, &pkt, cfg, be, service_idx, backend_idx, new_flow, closed);
 
 no_backend:;
 	struct service_stats *ss_drop = service_stats.lookup(&service_idx);

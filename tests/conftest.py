@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from examples.lab.netguard import real_nic_tx_packets
+
 TIERS = ("unit", "bpf", "netns")
 SKIPPED_TIERS = frozenset(t.strip() for t in os.environ.get("LBNODE_SKIP_TIERS", "").split(",") if t.strip())
 
@@ -67,24 +69,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
         terminalreporter.write_line(f"NOTE: tiers opted out by LBNODE_SKIP_TIERS: {', '.join(sorted(SKIPPED_TIERS))}")
 
 
-def _real_nic_tx_packets() -> dict[str, int]:
-    """tx_packets of the root namespace's physical interfaces (those backed by a device)."""
-    counts = {}
-    for dev in Path("/sys/class/net").iterdir():
-        if (dev / "device").exists():
-            counts[dev.name] = int((dev / "statistics" / "tx_packets").read_text())
-    return counts
-
-
 @pytest.fixture(autouse=True)
 def real_nic_stays_quiet(request: pytest.FixtureRequest) -> Iterator[None]:
     """Netns tests must keep their traffic inside their namespaces: fail if a real NIC talked."""
     if request.node.get_closest_marker("netns") is None:
         yield
         return
-    before = _real_nic_tx_packets()
+    before = real_nic_tx_packets()
     yield
-    after = _real_nic_tx_packets()
+    after = real_nic_tx_packets()
     for name, count in after.items():
         sent = count - before.get(name, count)
         assert sent <= REAL_NIC_TX_BUDGET, f"real NIC {name} sent {sent} packets during a netns test"
