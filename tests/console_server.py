@@ -1,6 +1,6 @@
 """`python -m tests.console_server PORT`: the node's HTTP listener over a unit-built status
 document (tests/web_fixtures.py) whose counters grow with every request, with load-aware
-weights ({configured, observed, effective}), a backend disabled in the config, one drained and a
+weights ({configured, observed, effective, multiplier}), a backend disabled in the config, one drained and a
 VIP disabled at run time (tests/web_fixtures.py admin_state), for the console's browser test.
 Prints "ready" once listening on 127.0.0.1:PORT (run it in a lab namespace)."""
 from __future__ import annotations
@@ -18,9 +18,10 @@ from cluster.status_doc import document
 from cluster.web import Listener
 from tests.web_fixtures import FakeSource, admin_state, unit_inputs
 
-WEIGHTS = {"10.0.0.11:80": {"configured": 2, "observed": 0.25, "effective": 3},
-           "10.0.0.12:80": {"configured": 1, "observed": 0.6, "effective": 0.5},
-           "10.0.0.13:80": {"configured": 1, "observed": 0.15, "effective": 1}}
+# As cluster.status_doc.weight_doc writes them for a load-aware service (a static one has no multiplier).
+WEIGHTS = {"10.0.0.11:80": {"configured": 2, "observed": 0.25, "effective": 3, "multiplier": 1.5, "agent": None},
+           "10.0.0.12:80": {"configured": 1, "observed": 0.6, "effective": 0.5, "multiplier": 0.5, "agent": None},
+           "10.0.0.13:80": {"configured": 1, "observed": 0.15, "effective": 1, "multiplier": 1.0, "agent": None}}
 
 
 def build(source: FakeSource) -> dict[str, Any]:

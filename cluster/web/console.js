@@ -159,14 +159,15 @@ function renderServices(doc, at) {
 }
 
 // ---- loads and weights (load-aware weights) ------------------------------------------------------
-// Shown only when the document carries computed weights: backends[].weight = {configured,
-// observed, effective}. Each is drawn as a share of its service's total, so they compare.
+// Shown only for services whose weights are computed (load-aware: backends[].weight carries a
+// `multiplier` besides {configured, observed, effective}; static ones carry only the three).
+// Each is drawn as a share of its service's total, so they compare.
 function renderWeights(doc) {
   const section = document.getElementById("weights-chart");
   const rows = [];
   for (const s of doc.services) {
     const ws = s.backends.map(b => weightOf(b.weight));
-    if (!ws.some(w => w.observed !== undefined || w.effective !== undefined)) continue;
+    if (!ws.some(w => w.multiplier !== undefined)) continue;
     const total = k => ws.reduce((a, w) => a + (Number(w[k]) || 0), 0) || 1;
     const totals = {observed: total("observed"), configured: total("configured"), effective: total("effective")};
     s.backends.forEach((b, i) => {

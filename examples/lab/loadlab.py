@@ -39,6 +39,7 @@ from cluster import status
 from examples.lab.ecmp import VIP as ECMP_VIP
 from examples.lab.ecmp import EcmpLab
 from examples.lab.hosts import REPO, Host
+from examples.lab.loadsim import read_stats
 from examples.lab.loadstats import Interval, disagreement, phase_spread, phase_utilisation, settle_time
 from examples.lab.netns import Lab, LabError, read_line, wait_until
 from examples.lab.single_node import VIP4, SingleNodeLab
@@ -151,8 +152,7 @@ class Sampler:
         while not self._stop.is_set():
             now = time.monotonic()
             try:
-                # The backends' stats sockets speak the status socket's protocol: one JSON document, then EOF.
-                stats = {name: status.query(str(path), timeout_s=2) for name, path in self.stats_sockets.items()}
+                stats = {name: read_stats(str(path), timeout_s=2) for name, path in self.stats_sockets.items()}
             except (OSError, ValueError) as exc:
                 self.errors += 1
                 log.warning("load sampler: %s", exc)

@@ -200,6 +200,21 @@ async def _send_and_close(stream: trio.SocketStream, data: bytes) -> None:
             pass
 
 
+def read_stats(path: str, timeout_s: float) -> dict[str, object]:
+    """A backend's stats (blocking, for the lab's sampler): its socket sends one JSON line and
+    closes, whatever is asked. Not lbnode's control protocol: these servers are not nodes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(path)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    stats = json.loads(b"".join(chunks))
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path}: not a stats document")
+    return stats
+
+
 async def serve(args: argparse.Namespace) -> None:
     backend = Backend(args.name, args.capacity, args.slots_per_unit, args.service_ms / 1000,
                       args.agent_window_ms / 1000)
