@@ -12,6 +12,12 @@ pinned in place of old ones, the program is pinned as `prog`, and the `layout` r
 written last (removed first), so a child that dies half-way leaves a directory the next one
 treats as unknown: it starts empty rather than adopting a mix.
 
+Pinning is best effort: a directory this user may not write in, pins of another user, a
+directory that is not in a bpffs (EACCES, EPERM) do not fail the build. The previous state is
+then not adopted (if it cannot be read) or not kept (if it cannot be written): whatever this run
+pinned is removed again, the fds are handed over all the same, and the report's `pin_error`
+says why, for the node's warning and status (bpf/pinned.py: a node that cannot pin runs unpinned).
+
 Exit status 0 with one JSON line (`BuildReport`) on stdout; otherwise the reason on stderr
 (the verifier's log for a refused program), which the node puts in its error.
 """
@@ -23,6 +29,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -108,7 +115,10 @@ def build(pin_dir: Path | None, ifname: str, limits: Limits, cflags: list[str]
     old: Layout | None = None
     note = "not pinned"
     if pin_dir is not None:
-        old, note = _open_layout(pin_dir) if pin_dir.exists() else (None, "no pinned state")
+        try:
+            old, note = _open_layout(pin_dir) if pin_dir.exists() else (None, "no pinned state")
+        except (OSError, BpfError) as exc:  # pins this user may not open (EACCES)
+            old, note = None, f"cannot read the pinned state ({exc})"
     if old is not None and old.version != LAYOUT_VERSION:
         note = f"pinned layout version {old.version}, this node's is {LAYOUT_VERSION}"
         old = None
@@ -123,7 +133,10 @@ def build(pin_dir: Path | None, ifname: str, limits: Limits, cflags: list[str]
             path = pin_dir / name
             if old.maps.get(name) != sig or not path.exists():
                 continue
-            fd = syscall.obj_get(str(path))
+            try:
+                fd = syscall.obj_get(str(path))
+            except BpfError:  # a pin this user may not open: not reused
+                continue
             if syscall.map_info(fd).shape() != shapes[name]:
                 os.close(fd)
                 continue
@@ -146,12 +159,19 @@ def build(pin_dir: Path | None, ifname: str, limits: Limits, cflags: list[str]
     fds = {name: pinned[name] if name in pinned else fresh[name] for name in shapes}
     reused = tuple(sorted(pinned))
     adopted = "flows" in pinned or migrated >= 0
+    pin_error = ""
+    if pin_dir is not None:
+        try:
+            _pin(pin_dir, prog_fd, {n: fd for n, fd in fresh.items() if n not in pinned},
+                 Layout(LAYOUT_VERSION, cookie, ifname, signatures, limits_dict(limits)))
+        except (OSError, BpfError) as exc:
+            # Half a directory helps nobody (and holds kernel memory): remove what can be. What
+            # this run uses lives on by the fds handed over.
+            shutil.rmtree(pin_dir, ignore_errors=True)
+            pin_error = str(exc)
     report = BuildReport(str(pin_dir or ""), syscall.prog_id(prog_fd), reused,
                          tuple(sorted(n for n in shapes if n not in pinned)), "" if "flows" in pinned else note,
-                         adopted_flows=adopted, migrated_flows=max(0, migrated))
-    if pin_dir is not None:
-        _pin(pin_dir, prog_fd, {n: fd for n, fd in fresh.items() if n not in pinned},
-             Layout(LAYOUT_VERSION, cookie, ifname, signatures, limits_dict(limits)))
+                         adopted_flows=adopted, migrated_flows=max(0, migrated), pin_error=pin_error)
     return report, prog_fd, fds
 
 

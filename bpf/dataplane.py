@@ -159,6 +159,12 @@ def monotonic_ns() -> int:
 _INDEX_STATE_SPEC = MapSpec(ctypes.c_uint32, ctypes.c_uint32)
 
 
+def _warn_unpinned(ifname: str, why: str) -> None:
+    log.warning("%s: cannot pin the data plane (%s): it will not outlive this process, a restart starts with an "
+                "empty flow table. To keep it, give the node a bpffs it may write in (README: State in bpffs)",
+                ifname, why)
+
+
 class DataPlane:
     """A compiled lbnode XDP program and its maps. `apply` and `maintain` may run on worker
     threads (see the module docstring); everything else belongs to one owner thread.
@@ -191,6 +197,9 @@ class DataPlane:
         else:
             built = build_in_child(pins, pins.ifname if pins else "-", limits, extra_cflags)
             self.build, self._prog_fd = built.report, built.prog_fd
+            if pins is not None and built.report.pin_error:
+                _warn_unpinned(pins.ifname, f"{pins.path}: {built.report.pin_error}")
+                self.pins, self.unpinned_reason = None, built.report.pin_error
             specs = {**MAP_SPECS, **OPTIONAL_MAPS, INDEX_STATE_PIN: _INDEX_STATE_SPEC}
             for name, fd in built.map_fds.items():
                 if name in specs:
@@ -221,8 +230,7 @@ class DataPlane:
             pins = PinDir.for_interface(ifname)
             pins.prepare()
         except (PinError, OSError) as exc:
-            log.warning("%s: cannot pin the data plane (%s): it will not outlive this process, a restart starts "
-                        "with an empty flow table", ifname, exc)
+            _warn_unpinned(ifname, str(exc))
             dp = cls(limits, child=True)
             dp.unpinned_reason = str(exc)
             return dp
@@ -292,8 +300,9 @@ class DataPlane:
         in-process build)."""
         if self.build is None:
             return None
-        if self.pins is None:
-            return {"dir": None, "adopted_flows": 0, "migrated_flows": 0, "reused": [], "fresh": list(self.build.fresh),
+        if self.pins is None:  # (what it adopted, if it could read old pins but not pin its own)
+            return {"dir": None, "adopted_flows": self.adopted, "migrated_flows": self.build.migrated_flows,
+                    "reused": list(self.build.reused), "fresh": list(self.build.fresh),
                     "note": f"not pinned ({self.unpinned_reason or 'no pin directory'}): a restart starts empty"}
         return {"dir": str(self.pins.path), "adopted_flows": self.adopted, "migrated_flows": self.build.migrated_flows,
                 "reused": list(self.build.reused), "fresh": list(self.build.fresh), "note": self.build.note or None}

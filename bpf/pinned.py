@@ -13,12 +13,25 @@ Where. bpffs is per *mount*, not per network namespace, so the directory is keye
 `eth0` in two namespaces never see each other's pins. An inode number can be reused by a later
 namespace, so the layout record also holds the namespace's cookie (SO_NETNS_COOKIE, never
 reused within a boot): pins left by a deleted namespace are discarded, not adopted.
-`<bpffs>` is /sys/fs/bpf where bpffs is mounted there (systemd does), else /run/lbnode/bpffs
-if bpffs is mounted there, else bpffs is mounted at /sys/fs/bpf. Why the second: `ip netns
-exec` gives its command a private mount namespace with a fresh /sys, in which the host's
-/sys/fs/bpf is not visible, and a bpffs the node mounted there would die with the process (and
-the pins with it). /run is not remounted, so a bpffs mounted at /run/lbnode/bpffs in the host's
-namespace (`ensure_shared_bpffs`; the lab does it) is seen by every node started that way.
+`<bpffs>` is /run/lbnode/bpffs where a bpffs is mounted there, else /sys/fs/bpf where one is
+(systemd mounts it at boot), else bpffs is mounted at /sys/fs/bpf. /run/lbnode/bpffs is lbnode's
+own bpffs, for two kinds of node. One run by `ip netns exec` (the lab's) gets a private mount
+namespace with a fresh /sys, in which the host's /sys/fs/bpf is not visible, and a bpffs it
+mounted there would die with the process (and the pins with it); /run is not remounted, so a
+bpffs mounted at /run/lbnode/bpffs in the host's namespace (`ensure_shared_bpffs`; the lab does
+it) is seen by every node started that way. And one run as an unprivileged user (the systemd
+unit: examples/systemd/lbnode@.service): systemd mounts /sys/fs/bpf with mode 0700, which that
+user cannot even traverse, so the unit's ExecStartPre (run as root) mounts a bpffs instance at
+/run/lbnode/bpffs and gives it to the unit's user. "Mounted" means the path *is* a bpffs (its
+device is one of /proc/self/mountinfo's bpf mounts), not merely that mountinfo lists a bpf
+mount there: a mount can be covered by another one over a parent directory (a bind mount of
+/run/lbnode), and pinning into the plain directory below fails with EPERM.
+
+Where pinning fails anyway (no bpffs and no CAP_SYS_ADMIN to mount one, a directory this user
+may not write, pins of another user), the node still runs, unpinned: the child hands the fds
+over in every case, the node logs a warning and `lbnode status` says `not pinned (why)` in
+`node.pins.note`. A load balancer that forwards but forgets its flows on a restart is better
+than one that does not start; the warning says how to fix it.
 
 What is in it. `prog` (the XDP program), one pin per map of lbnode.h (`MAP_SPECS`), and two
 maps user space creates: `index_state` (which service and backend indexes are in use, owned by
@@ -113,16 +126,33 @@ class PinError(BpfError):
 # ---- where ---------------------------------------------------------------------------------------
 
 
-def _mounted_bpffs(mount_point: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+def _bpffs_devices(mountinfo: str = "/proc/self/mountinfo") -> set[int]:
+    """The device numbers of the bpffs mounts of this mount namespace."""
     try:
         text = Path(mountinfo).read_text()
     except OSError:
-        return False
+        return set()
+    devices = set()
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) > 4 and fields[4] == mount_point and " - bpf " in line:
-            return True
-    return False
+        if len(fields) > 4 and " - bpf " in line:
+            major, _, minor = fields[2].partition(":")
+            devices.add(os.makedev(int(major), int(minor)))
+    return devices
+
+
+def is_bpffs(path: str | Path, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """Is `path` in a bpffs? By its device, so a bpf mount that another mount covers (listed in
+    mountinfo at that path, but no longer reachable there) does not count."""
+    try:
+        return os.stat(path).st_dev in _bpffs_devices(mountinfo)
+    except OSError:
+        return False
+
+
+def mounted_bpffs_roots() -> list[Path]:
+    """The roots pins may be under, in the order `bpffs_root` prefers them; only mounted ones."""
+    return [Path(root) for root in (SHARED_BPFFS, BPFFS_MOUNT) if is_bpffs(root)]
 
 
 def _host_mount_ns() -> bool | None:
@@ -134,11 +164,11 @@ def _host_mount_ns() -> bool | None:
 
 
 def bpffs_root() -> Path:
-    """The bpffs directory pins go to: /sys/fs/bpf, else the shared /run/lbnode/bpffs, else
+    """The bpffs directory pins go to: lbnode's own /run/lbnode/bpffs, else /sys/fs/bpf, else
     bpffs is mounted at /sys/fs/bpf (see the module docstring)."""
-    for root in (BPFFS_MOUNT, SHARED_BPFFS):
-        if _mounted_bpffs(root):
-            return Path(root)
+    mounted = mounted_bpffs_roots()
+    if mounted:
+        return mounted[0]
     _mount(BPFFS_MOUNT)
     if not _host_mount_ns():
         log.warning("bpffs was mounted at %s in what may be a private mount namespace (ip netns exec?): pins made "
@@ -151,7 +181,7 @@ def ensure_shared_bpffs() -> Path:
     """Mount bpffs at /run/lbnode/bpffs unless it is: call it in the host's mount namespace
     before starting nodes with `ip netns exec` (the lab does), whose private /sys hides
     /sys/fs/bpf, so that their pins outlive them."""
-    if not _mounted_bpffs(SHARED_BPFFS):
+    if not is_bpffs(SHARED_BPFFS):
         os.makedirs(SHARED_BPFFS, mode=0o700, exist_ok=True)
         _mount(SHARED_BPFFS)
     return Path(SHARED_BPFFS)
@@ -205,6 +235,8 @@ class PinDir:
             raise PinError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise PinError(f"cannot pin in {self.path}: not writable by uid {os.geteuid()}")
+        if not is_bpffs(self.path):  # BPF_OBJ_PIN would fail with EPERM
+            raise PinError(f"cannot pin in {self.path}: not in a bpffs")
 
     def remove(self) -> None:
         """Unpin everything (the objects go once nothing else holds them)."""
@@ -216,8 +248,7 @@ class PinDir:
 def remove_netns_pins(netns_inode: int, root: Path | None = None) -> list[Path]:
     """Remove the pin directories of every interface of one namespace (a lab being torn down)."""
     if root is None:  # only where bpffs is mounted already: nothing can be pinned elsewhere
-        mounted = [Path(m) for m in (BPFFS_MOUNT, SHARED_BPFFS) if _mounted_bpffs(m)]
-        return [d for r in mounted for d in remove_netns_pins(netns_inode, r)]
+        return [d for r in mounted_bpffs_roots() for d in remove_netns_pins(netns_inode, r)]
     base = root / "lbnode"
     gone = []
     for d in sorted(base.glob(f"{netns_inode}-*")) if base.is_dir() else []:
@@ -284,17 +315,18 @@ class BuildReport:
     note: str  # why the forwarding state was not adopted, or how the flows were migrated ("": adopted as is)
     adopted_flows: bool = False  # the forwarding state is the previous run's (its flows reused or migrated)
     migrated_flows: int = 0  # flows copied into a flow table of another size
+    pin_error: str = ""  # why pinning failed (the build is good, but nothing is pinned: "": pinned, or not asked)
 
     def to_json(self) -> str:
         return json.dumps({"pin_dir": self.pin_dir, "prog_id": self.prog_id, "reused": list(self.reused),
                            "fresh": list(self.fresh), "note": self.note, "adopted_flows": self.adopted_flows,
-                           "migrated_flows": self.migrated_flows})
+                           "migrated_flows": self.migrated_flows, "pin_error": self.pin_error})
 
     @classmethod
     def from_json(cls, line: str) -> BuildReport:
         doc = json.loads(line)
         return cls(str(doc["pin_dir"]), int(doc["prog_id"]), tuple(doc["reused"]), tuple(doc["fresh"]),
-                   str(doc["note"]), bool(doc["adopted_flows"]), int(doc["migrated_flows"]))
+                   str(doc["note"]), bool(doc["adopted_flows"]), int(doc["migrated_flows"]), str(doc["pin_error"]))
 
 
 @dataclass

@@ -9,7 +9,9 @@ SIGUSR2 (routes withdrawn, the program left attached forwarding with the pinned 
 upgrade: the next start adopts them), and waits for the process to exit.
 `cleanup` is for what a killed or keep-forwarding node left in bpffs (bpf/pinned.py): it
 detaches the pinned program from its interface (only if that program is still the one
-attached) and removes the pins, for IF or every interface of this namespace. It refuses while
+attached) and removes the pins, for IF or every interface of this namespace, in every bpffs
+root (/run/lbnode/bpffs, /sys/fs/bpf). Run as root, it removes pins of any owner (the systemd
+unit's belong to its user). It refuses while
 a node runs on that interface.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 
 from bpf import syscall
 from bpf.loader import AttachError, Attachment, XdpMode, attached_program_id, detach
-from bpf.pinned import PROG_PIN, PinDir, PinError, bpffs_root, netns_inode
+from bpf.pinned import PROG_PIN, PinDir, PinError, mounted_bpffs_roots, netns_inode
 from cluster.cli import UsageError, lock_path
 
 
@@ -105,12 +107,18 @@ def cleanup(argv: list[str]) -> int:
     parser.add_argument("--if", dest="interface", help="only this interface (default: every one in this namespace)")
     args = parser.parse_args(argv)
     try:
-        if args.interface:
-            dirs = [PinDir.for_interface(args.interface)]
-        else:
-            base = bpffs_root() / "lbnode"
-            prefix = f"{netns_inode()}-"
-            dirs = [PinDir(d, d.name[len(prefix):]) for d in sorted(base.glob(prefix + "*"))] if base.is_dir() else []
+        # Every mounted root, not only the one a node would pick now: pins a node left in
+        # /sys/fs/bpf before /run/lbnode/bpffs was mounted (bpf/pinned.py) are found too.
+        roots = mounted_bpffs_roots()
+        if not roots:
+            print("nothing pinned: no bpffs is mounted")
+        dirs = []
+        for root in roots:
+            if args.interface:
+                dirs.append(PinDir.for_interface(args.interface, root))
+            elif (root / "lbnode").is_dir():
+                prefix = f"{netns_inode()}-"
+                dirs += [PinDir(d, d.name[len(prefix):]) for d in sorted((root / "lbnode").glob(prefix + "*"))]
         for pins in dirs:
             if _running_pid(pins.ifname) is not None:
                 raise UsageError(f"cleanup: a node runs on {pins.ifname}: stop it first (lbnode stop --if "

@@ -6,7 +6,7 @@ expands a command line the way systemd.service(5) does for the parts our unit us
 `Unit.sandbox_argv` wraps it with what the [Service] section asks for and what can be reproduced
 with util-linux: the user (setpriv --reuid/--regid --clear-groups), the capabilities (ambient,
 inheritable and bounding set exactly as listed), NoNewPrivileges, RuntimeDirectory (a directory
-owned by the user bind-mounted at /run/<name> in a private mount namespace) and ProtectSystem=full
+owned by the user bind-mounted, with its submounts, at /run/<name> in a private mount namespace) and ProtectSystem=full
 (/usr, /boot and /etc read-only). PrivateTmp and ProtectHome are not reproduced.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _VAR = re.compile(r"\$\{(\w+)\}")
+_PREFIXES = "+-@:!"
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,17 @@ class Unit:
         return {key: frozenset(" ".join(self.values(key)).split())
                 for key in ("AmbientCapabilities", "CapabilityBoundingSet")}
 
+    def exec_prefixes(self, key: str, index: int = 0) -> str:
+        """The special prefixes of the `index`th `key` command line: `+` (full privileges), `-`
+        (failure ignored), `@`, `:`, `!`."""
+        line = self.values(key)[index]
+        return line[:len(line) - len(line.lstrip(_PREFIXES))]
+
     def exec_argv(self, key: str, instance: str, env: Mapping[str, str], index: int = 0) -> list[str]:
-        """The `index`th `key` command line (ExecStart, ExecReload...) for unit instance `instance`."""
-        line = self.values(key)[index].replace("%%", "\0").replace("%i", instance).replace("\0", "%")
+        """The `index`th `key` command line (ExecStart, ExecReload...) for unit instance `instance`,
+        without its prefixes (`exec_prefixes`)."""
+        line = self.values(key)[index].lstrip(_PREFIXES)
+        line = line.replace("%%", "\0").replace("%i", instance).replace("\0", "%")
         argv: list[str] = []
         for word in shlex.split(line):
             bare = re.fullmatch(r"\$(\w+)", word)
@@ -82,7 +91,9 @@ class Unit:
                    f"--inh-caps=-all,{ambient}", f"--ambient-caps=-all,{ambient}", f"--bounding-set=-all,{bounding}"]
         if self.value("NoNewPrivileges") == "yes":
             setpriv.append("--no-new-privs")
-        mounts = [f"mount --bind {shlex.quote(str(runtime_dir))} /run/{self.value('RuntimeDirectory')}"]
+        # --rbind: with what is mounted in it (the unit's bpffs), as the service's mount namespace,
+        # a copy of the host's, shows /run/lbnode.
+        mounts = [f"mount --rbind {shlex.quote(str(runtime_dir))} /run/{self.value('RuntimeDirectory')}"]
         if self.value("ProtectSystem") == "full":
             mounts += [f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in ("/usr", "/boot", "/etc")
                        if Path(d).is_dir()]

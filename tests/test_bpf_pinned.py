@@ -10,8 +10,11 @@ import ipaddress
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from scapy.all import IP, TCP, Ether, Raw  # type: ignore[attr-defined]
@@ -20,11 +23,22 @@ from bpf import syscall
 from bpf.dataplane import BackendSpec, DataPlane, ServiceSpec
 from bpf.flowtable import synthetic_flows
 from bpf.loader import CompileError, Limits
-from bpf.pinned import LAYOUT_PIN, LAYOUT_VALUE_SIZE, Leave, PinDir, bpffs_root, build_in_child
+from bpf.pinned import (
+    LAYOUT_PIN,
+    LAYOUT_VALUE_SIZE,
+    Leave,
+    PinDir,
+    PinError,
+    bpffs_root,
+    build_in_child,
+    is_bpffs,
+    limits_dict,
+)
 from bpf.structs import IPPROTO_TCP, addr16, mac_str
 from bpf.testrun import XdpAction, run_xdp
 
 pytestmark = pytest.mark.bpf
+REPO = Path(__file__).resolve().parents[1]
 
 ip = ipaddress.ip_address
 OUR_MAC = "02:00:00:00:00:01"
@@ -225,3 +239,64 @@ def test_unpinned_child_build_forwards_and_says_so() -> None:
         assert status is not None and status["dir"] is None and "no bpffs here" in status["note"]
     finally:
         dp.close()
+
+
+def test_a_pin_that_fails_runs_unpinned_and_says_so(tmp_path: Path) -> None:
+    """BPF_OBJ_PIN refused (EPERM: here the directory is no bpffs, as under a bind mount that
+    covers one): the build is good, nothing is left half-pinned, the node is told why."""
+    pins = PinDir(tmp_path / "pins", "eth-test")
+    dp = open_dp(pins)
+    try:
+        assert dp.pins is None and dp.build is not None and "Operation not permitted" in dp.build.pin_error
+        status = dp.pin_status()
+        assert status is not None and status["dir"] is None and "not pinned (BPF_OBJ_PIN" in status["note"], status
+        spec = service(VIP_A, range(1, 3))
+        dp.apply([spec])
+        pin_flows(dp, spec, backend_n=2, n=10)
+        out = run_xdp(dp.fd, ack(VIP_A, "10.0.0.3"))
+        assert out.action is XdpAction.TX and mac_str(out.packet[:6]) == backend(2).mac
+    finally:
+        dp.close()  # Leave.NOTHING: no pins to remove, none removed
+    assert not pins.path.exists()
+
+
+UNPRIVILEGED = """
+import json, sys
+from bpf.dataplane import DataPlane
+from bpf.loader import Limits
+from bpf.pinned import PinDir
+dp = DataPlane(Limits(**json.loads(sys.argv[2])), pins=PinDir(__import__("pathlib").Path(sys.argv[1]), "eth-test"))
+print(json.dumps({**dp.pin_status(), "build_note": dp.build.note}))
+dp.close()
+"""
+
+
+def test_an_unprivileged_node_on_root_owned_pins_runs_unpinned(pins: PinDir) -> None:
+    """The systemd unit's user (uid 65534 here, with the unit's capabilities) on a directory a
+    root node left: it may neither read those pins nor write its own. It runs unpinned with a
+    warning and a status note, and leaves root's pins alone."""
+    first = open_dp(pins)
+    first.apply([service(VIP_A, range(1, 3))])
+    first.close(Leave.PINS)
+    for d in (pins.path.parent, pins.path):
+        d.chmod(0o755)  # traversable, not writable; the pins themselves are root's, mode 0600
+    caps = "-all,+bpf,+net_admin,+perfmon"
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", f"--inh-caps={caps}",
+                             f"--ambient-caps={caps}", f"--bounding-set={caps}", "--no-new-privs", sys.executable,
+                             "-c", UNPRIVILEGED, str(pins.path), json.dumps(limits_dict(LIMITS))],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = json.loads(result.stdout.splitlines()[-1])
+    assert status["dir"] is None and status["note"].startswith("not pinned ("), status
+    assert status["build_note"].startswith("cannot read the pinned state (BPF_OBJ_GET"), status
+    assert "cannot pin the data plane" in result.stderr and "a restart starts with an empty flow table" in result.stderr
+    assert pins.exists() and (pins.path / "flows").stat().st_uid == 0  # root's pins, untouched
+
+
+def test_prepare_refuses_a_directory_outside_bpffs(tmp_path: Path) -> None:
+    """What a bind mount over /run/lbnode leaves at /run/lbnode/bpffs: a plain directory, though
+    mountinfo still lists the bpffs it covers. The node runs unpinned then, before any compile."""
+    assert is_bpffs(bpffs_root()) and not is_bpffs(tmp_path)
+    with pytest.raises(PinError, match="not in a bpffs"):
+        PinDir(tmp_path / "lbnode" / "1-eth0", "eth0").prepare()

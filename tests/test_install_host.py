@@ -62,6 +62,8 @@ def test_install_host_into_a_staged_root(tmp_path: Path) -> None:
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING" not in result.stdout, result.stdout  # bcc imports in the venv
+    # Not the unit's user: its User= and the owner of its bpffs (ExecStartPre) need a drop-in.
+    assert "override User=, Group= and ExecStartPre=" in result.stdout, result.stdout
     # pip built from a copy: the checkout has no new build/ or egg-info.
     assert subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True,
                           text=True, check=True).stdout == before

@@ -9,9 +9,16 @@ paths: the venv's `lbnode` script is `python -m cluster.cli` from this checkout,
 is a temporary directory laid out as the README's set-up leaves /etc/lbnode (config, env file, a
 key made by `lbnode keygen`).
 
-In the ECMP lab (BIRD router, real backends) the node must attach XDP, answer `lbnode status` on
-its default socket, announce the VIP to BIRD and forward HTTP through it; the unit's ExecReload
-must reload it and its KillSignal must drain and detach within TimeoutStopSec.
+The unit's ExecStartPre (`+`: as root, in the host's mount namespace) runs as systemd would run it,
+as root in the test's own mount namespace, with the same stand-in for /run/lbnode (the directory
+bind-mounted there for the node) and uid 65534 for the unit's user: it mounts the unit's bpffs in
+that directory, which the node's namespace then shows at /run/lbnode/bpffs, as systemd's would.
+
+In the ECMP lab (BIRD router, real backends) the node must attach XDP, pin its program and maps
+in that bpffs (owned by its user), answer `lbnode status` on its default socket, announce the VIP
+to BIRD and forward HTTP through it; the unit's ExecReload must reload it. An upgrade's restart
+(`lbnode stop --keep-forwarding`, then ExecStartPre and ExecStart again) must adopt the pinned flow
+table; the unit's KillSignal must drain, detach and remove the pins within TimeoutStopSec.
 """
 from __future__ import annotations
 
@@ -24,11 +31,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from bpf.loader import attached_program_id
+from bpf.pinned import is_bpffs
 from cluster import status
 from examples.lab.ecmp import REPO, EcmpLab
 from examples.lab.netns import wait_until
@@ -49,6 +58,11 @@ def world_dir() -> Iterator[Path]:
         path.chmod(0o755)
         yield path
     finally:
+        # What the unit's ExecStartPre mounted in it first (the bpffs: its pins go with it).
+        inside = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split()[4].startswith(f"{path}/")]
+        for mount_point in sorted(inside, reverse=True):
+            subprocess.run(["umount", "-l", mount_point], check=False, timeout=30)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -118,6 +132,19 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         argv = unit.exec_argv("ExecStart", "eth0", env)
         assert argv[0] == VENV_LBNODE and argv[1:] == ["--ip", host.ip4, "--if", "eth0", "--config",
                                                       "/etc/lbnode/eth0.yaml"], argv
+        # ExecStartPre as systemd runs a `+` command: as root, in the host's mount namespace, where
+        # /run/lbnode is the RuntimeDirectory; run_dir stands in for it (as etc for /etc/lbnode), and
+        # uid 65534 for the unit's user.
+        owner = f"{unit.value('User')}:{unit.value('Group')}"
+        pre = unit.exec_argv("ExecStartPre", "eth0", env)
+        assert "+" in unit.exec_prefixes("ExecStartPre") and owner in " ".join(pre), pre
+        exec_start_pre = [w.replace("/run/lbnode", str(run_dir)).replace(owner, f"{NOBODY}:{NOBODY}") for w in pre]
+
+        def start_pre() -> None:
+            done = subprocess.run(exec_start_pre, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and not done.stderr, done
+            assert is_bpffs(run_dir / "bpffs") and (run_dir / "bpffs").stat().st_uid == NOBODY
+
         # A hardened host filters by reverse path; checks through the VIP need it off, so the node
         # (as uid 65534: CAP_NET_ADMIN is what lets it write net sysctls) turns it off, then back.
         rp_filter = ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.eth0.rp_filter")
@@ -132,24 +159,41 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
                                  capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and not checked.stderr, checked
         command = [*lbnode, *(a.replace("/etc/lbnode", str(etc)) for a in argv[1:])]
-        log_path = tmp_path / "node1.log"
-        with open(log_path, "wb") as log:
-            node = e.lab.spawn(host.ns, *unit.sandbox_argv(command, uid=NOBODY, gid=NOBODY, runtime_dir=run_dir),
-                               cwd=REPO, stdout=log, stderr=log)
-
-        def log_text() -> str:
-            return log_path.read_text(errors="replace")
-
+        # The operator's `lbnode ...` as root, seeing /run/lbnode as the node does.
+        as_operator = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+                       f'mount --rbind {run_dir} /run/lbnode && exec "$@"', "sh", *lbnode]
         sock = run_dir / "eth0.sock"  # the default /run/lbnode/<if>.sock, inside the RuntimeDirectory
+        pin_name = f"lbnode/{os.stat(f'/run/netns/{host.ns}').st_ino}-eth0"  # <netns inode>-<if>
+        pin_dir = run_dir / "bpffs" / pin_name
 
-        def serving() -> bool:
-            try:
-                return status.query(str(sock))["node"]["state"] == "serving"
-            except OSError:
-                assert node.poll() is None, f"the node exited {node.returncode}:\n{log_text()[-3000:]}"
-                return False
+        def start(name: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+            """systemctl start: ExecStartPre, then ExecStart; returns the node and its pins once serving."""
+            start_pre()
+            log_path = tmp_path / f"{name}.log"
+            with open(log_path, "wb") as log:
+                node = e.lab.spawn(host.ns, *unit.sandbox_argv(command, uid=NOBODY, gid=NOBODY, runtime_dir=run_dir),
+                                   cwd=REPO, stdout=log, stderr=log)
 
-        wait_until(serving, timeout_s=60, what="the node serving")
+            def serving() -> dict[str, Any] | None:
+                try:
+                    doc = status.query(str(sock))["node"]
+                except OSError:
+                    assert node.poll() is None, (f"the node exited {node.returncode}:\n"
+                                                 f"{log_path.read_text(errors='replace')[-3000:]}")
+                    return None
+                return doc["pins"] if doc["state"] == "serving" else None
+
+            pins = wait_until(serving, timeout_s=60, what=f"{name} serving")
+            assert pins is not None
+            # Pinned in the unit's bpffs, by the unit's user: a restart keeps the flow table.
+            assert pins["dir"] == f"/run/lbnode/bpffs/{pin_name}", (pins, log_path.read_text(errors="replace"))
+            assert "cannot pin" not in log_path.read_text(errors="replace")
+            owners = {p.name: p.stat().st_uid for p in [pin_dir, *pin_dir.iterdir()]}
+            assert set(owners.values()) == {NOBODY} and {"prog", "layout", "flows"} <= owners.keys(), owners
+            return node, pins
+
+        node, pins = start("node1")
+        assert pins["adopted_flows"] == 0 and pins["note"] == "no pinned state", pins
         # The process (the same PID: every wrapper execs) runs as the unit says, nothing more.
         caps = unit.capabilities()
         st = proc_status(node.pid)
@@ -159,10 +203,9 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
 
         assert attached_program_id("eth0", netns=host.ns) != 0
         assert rp_filters() == ["0", "0"]
-        # The README's `lbnode status --if eth0`, seeing /run/lbnode as the node does.
-        shown = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                                f'mount --bind {run_dir} /run/lbnode && exec "$@"', "sh", *lbnode, "status", "--if",
-                                "eth0"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        # The README's `lbnode status --if eth0`.
+        shown = subprocess.run([*as_operator, "status", "--if", "eth0"], cwd=REPO, capture_output=True, text=True,
+                               timeout=30)
         assert shown.returncode == 0 and "web/192.0.2.10:80" in shown.stdout, shown
         e.wait_next_hops({host.ip4}, timeout_s=30)
         spread = e.http_spread(10)
@@ -174,11 +217,28 @@ def test_exec_start_runs_with_only_the_units_capabilities(tmp_path: Path, world_
         subprocess.run(reload, check=True, timeout=10)
         wait_until(lambda: status.query(str(sock))["node"]["reloads"]["ok"] == 1, timeout_s=20, what="reloaded")
 
-        # Stop: KillSignal drains (routes withdrawn, forwarding for drain_s) and detaches in time.
+        # An upgrade: `lbnode stop --keep-forwarding` (the operator, as root, in the node's network
+        # namespace: the lock is per namespace), then the unit started again.
+        stopped = subprocess.run(["ip", "netns", "exec", host.ns, *as_operator, "stop", "--keep-forwarding", "--if",
+                                  "eth0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0 and "program attached and pins kept" in stopped.stdout, stopped
+        assert node.wait(timeout=30) == 0
+        left = attached_program_id("eth0", netns=host.ns)
+        assert left != 0 and (pin_dir / "flows").exists()
+        node, pins = start("node1-restarted")
+        assert pins["adopted_flows"] >= 1 and "flows" in pins["reused"] and pins["note"] is None, pins
+        assert attached_program_id("eth0", netns=host.ns) not in (0, left)  # its new program, on the old maps
+        e.wait_next_hops({host.ip4}, timeout_s=30)
+        spread = e.http_spread(10)
+        assert spread["ok"] == 10, spread
+        print(f"\nrestart: adopted {pins['adopted_flows']} flows from {pins['dir']}")
+
+        # Stop: KillSignal drains (routes withdrawn, forwarding for drain_s), detaches and unpins in time.
         signal_name = unit.value("KillSignal")
         assert re.fullmatch(r"SIG[A-Z]+", signal_name)
         node.send_signal(getattr(signal, signal_name))
-        assert node.wait(timeout=float(unit.value("TimeoutStopSec"))) == 0, log_text()[-3000:]
+        assert node.wait(timeout=float(unit.value("TimeoutStopSec"))) == 0
         assert attached_program_id("eth0", netns=host.ns) == 0
         assert rp_filters() == ["1", "1"]
+        assert not pin_dir.exists()
         e.wait_next_hops(set(), timeout_s=10)
