@@ -70,4 +70,4 @@ bench-pps: setup
 
 .PHONY: bench-http
 bench-http: setup
-	$(PY) bench/http.py
+	$(PY) bench/http_paths.py
