@@ -42,6 +42,7 @@ tables, counters) and replaces the stale program in place.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 from collections.abc import Callable, Mapping
@@ -182,6 +183,7 @@ class Node:
                 self.reconcile()
                 log.info("ready: serving %d services", len(self.config.services))
                 self._loop_watch.reset()  # start-up (attach, first tables) is not a stall of the serving loop
+                gc.freeze()  # see _reload
                 self._started.set()
                 task_status.started()
                 if self._reload_pending:
@@ -269,6 +271,11 @@ class Node:
             return
         self.reloads["ok"] += 1
         self.last_reload_error = None
+        # The heap as it is now (config, views, tables' bookkeeping: ~100k objects at 4,096
+        # backends) leaves the collector's generations. A full collection walks every tracked
+        # object while holding the GIL, blocking the loop 50-70 ms at that size whichever thread
+        # triggers it; frozen objects are still freed by reference counting when dropped.
+        gc.freeze()
         log.info("reload: config from %s applied", path)
 
     async def _switch_config(self, old: NodeConfig, new: NodeConfig) -> None:
