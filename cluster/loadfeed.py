@@ -54,6 +54,13 @@ class LoadTransport(Protocol):
     def members(self) -> dict[int, bool]: ...
 
 
+@runtime_checkable
+class ActiveIdle(Protocol):
+    """A data plane that counts active connections within a per-service idle window (DataPlane)."""
+
+    def set_active_idle(self, vip: IPAddress, port: int, proto: int, idle_s: float) -> None: ...
+
+
 class LoadFeed:
     def __init__(self, services: Sequence[ServiceConfig], node_id: int, inbox: Inbox,
                  transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None]) -> None:
@@ -184,11 +191,16 @@ class LoadFeed:
         return out
 
     async def _connections(self, service: ServiceConfig) -> dict[IPAddress, Reading]:
-        """This node's share of each backend's active connections: flows pinned here minus flows
-        seen closing here (bpf/lbnode.h backend_stats), over the service's VIPs and ports."""
+        """This node's share of each backend's active connections, over the service's VIPs and
+        ports: the live connections it forwarded within idle_s as the last flow-table walk
+        counted them, corrected by its pins and closes since (bpf/counters.py ActiveTally)."""
         dp = self._dataplane()
         if dp is None:
             return {}
+        if isinstance(dp, ActiveIdle):
+            for vip in service.vips:
+                for port in service.ports:
+                    dp.set_active_idle(vip, port, service.proto, service.weighting.idle_s)
         counters = await trio.to_thread.run_sync(dp.counters)
         out = {}
         for b in service.backends:
@@ -197,7 +209,7 @@ class LoadFeed:
                 for port in service.ports:
                     index = dp.backend_index(vip, port, service.proto, b.address)
                     if index is not None:
-                        total += counters.backend(index).active
+                        total += counters.active(index)
             out[b.address] = Reading(float(total), LoadState.OK)
         return out
 
