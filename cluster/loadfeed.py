@@ -34,6 +34,7 @@ from cluster.loadshare import Reading, ServiceShare, service_id, shares_for
 from cluster.status_doc import StatusSource
 from cluster.sync.codec import Load, LoadState
 from cluster.weighting import WeightingMode
+from healthcheck.errors import SteeringError
 from healthcheck.loadprobe import AgentMemory, agent_reading, http_load
 from healthcheck.probe import make_ssl_context
 
@@ -54,6 +55,12 @@ class LoadTransport(Protocol):
     def members(self) -> dict[int, bool]: ...
 
 
+class Marks(Protocol):
+    """The health checker's through-VIP steering (healthcheck/vipnet.py VipSteering)."""
+
+    def mark_for(self, backend: IPAddress) -> int: ...
+
+
 @runtime_checkable
 class ActiveIdle(Protocol):
     """A data plane that counts active connections within a per-service idle window (DataPlane)."""
@@ -63,7 +70,8 @@ class ActiveIdle(Protocol):
 
 class LoadFeed:
     def __init__(self, services: Sequence[ServiceConfig], node_id: int, inbox: Inbox,
-                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None]) -> None:
+                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None],
+                 steering: Callable[[], Marks | None] = lambda: None) -> None:
         self.services = {s.name: s for s in services if s.weighting.dynamic}
         self.node_id = node_id
         self.shares: dict[str, ServiceShare] = shares_for(self.services.values(), node_id)
@@ -73,6 +81,7 @@ class LoadFeed:
         self._inbox = inbox
         self._transport = transport
         self._dataplane = dataplane
+        self._steering = steering  # the health checker's: http loads go through the VIP as its checks do
         self._agents: dict[tuple[str, IPAddress], AgentMemory] = {}
         self._dirty: set[str] = set(self.shares)  # the first relay reports every service's state
         self._wake = trio.Event()
@@ -182,13 +191,25 @@ class LoadFeed:
                 else:
                     check = next(c for c in service.checks if c.http is not None)
                     value = await http_load(check, str(address), service.ports[0], w.http_header,
-                                            w.http_json_field, w.timeout_ms / 1000, context)
+                                            w.http_json_field, w.timeout_ms / 1000, context,
+                                            self._via_vip(service, address))
                     out[address] = Reading(value, LoadState.OK) if value is not None else Reading()
 
         async with trio.open_nursery() as nursery:
             for b in service.backends:
                 nursery.start_soon(one, b.address)
         return out
+
+    def _via_vip(self, service: ServiceConfig, address: IPAddress) -> tuple[str, int] | None:
+        """(VIP, mark) for a load read through the VIP, like the service's health checks
+        (`through_vip`); None (straight to the backend's address) without steering for it."""
+        steering = self._steering() if service.through_vip else None
+        if steering is None:
+            return None
+        try:
+            return str(service.vips[0]), steering.mark_for(address)
+        except SteeringError:  # not applied (yet, or any more: a reload replaces the checker)
+            return None
 
     async def _connections(self, service: ServiceConfig) -> dict[IPAddress, Reading]:
         """This node's share of each backend's active connections, over the service's VIPs and
