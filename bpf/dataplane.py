@@ -49,7 +49,7 @@ import numpy as np
 
 from bpf import structs, syscall
 from bpf.consistent_hash import Member, build_table_array
-from bpf.counters import Counters, FlowCount, FlowTally, read_counters, sum_per_cpu
+from bpf.counters import ActiveTally, Counters, FlowCount, FlowTally, read_backend_net, read_counters, sum_per_cpu
 from bpf.flowtable import DEFAULT_CHUNK_ENTRIES, FlowCursor, delete_keys
 from bpf.indexes import Indexes, IndexPool
 from bpf.loader import (
@@ -151,6 +151,11 @@ class _Published:
 _EMPTY = _Published(MappingProxyType({}), MappingProxyType({}), MappingProxyType({}), MappingProxyType({}))
 
 
+# A connection counts as active here while this node forwarded a packet of it within this long
+# (weighting: leastconn's idle_s overrides it per service; see bpf/counters.py ActiveTally).
+DEFAULT_ACTIVE_IDLE_S = 30.0
+
+
 def monotonic_ns() -> int:
     """The clock of flow timestamps (the program reads it from lb_config.epoch_ns)."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -213,8 +218,13 @@ class DataPlane:
         self._published = _EMPTY
         self._lock = threading.Lock()  # apply, and the indexes (pools, quarantine) maintain() touches
         self._tally = FlowTally(self._stat(Stat.NEW_FLOW))  # for flow_count() without a walk (bpf/counters.py)
+        # Per service index: how recently a flow must have been forwarded here to be an active
+        # connection (set_active_idle); for counters().active (bpf/counters.py ActiveTally).
+        self._active_idle_ns = np.full(limits.max_services, int(DEFAULT_ACTIVE_IDLE_S * 1e9), dtype=np.int64)
+        self._active = ActiveTally(limits.max_backends, self._backend_net())
         self._sweeper = Sweeper(self._flows_fd, self._indexes, self._lock, self._tally,
-                                lambda: self._stat(Stat.NEW_FLOW))
+                                lambda: self._stat(Stat.NEW_FLOW), self._active, self._backend_net,
+                                self._active_idle_ns, monotonic_ns)
         self._attachments: list[Attachment] = []
         self._config = LbConfig()
         self.adopted = 0  # flows found in the pinned table at start (0 when started empty)
@@ -377,6 +387,14 @@ class DataPlane:
         self._config.epoch_ns = monotonic_ns() if now_ns is None else now_ns
         self._map("config")[ctypes.c_int(0)] = self._config
 
+    def set_active_idle(self, vip: IPAddress, port: int, proto: int, idle_s: float) -> None:
+        """A connection of this service counts as active (counters().active) while this node
+        forwarded a packet of it within `idle_s`; at least twice the refresh interval, since an
+        active flow's stamp is only rewritten that often. Takes effect from the next chunk walked."""
+        index = self.service_index(vip, port, proto)
+        if index is not None:
+            self._active_idle_ns[index] = max(int(idle_s * 1e9), 2 * int(self._config.refresh_ns))
+
     def apply(self, services: Iterable[ServiceSpec]) -> None:
         """Make the kernel serve exactly `services` (add, change, remove). Thread-safe (one apply
         at a time); costs a few ms per changed service and never walks the flow table, except to
@@ -419,6 +437,7 @@ class DataPlane:
                     self._publish()
                     self._sweeper.purge(frozenset(), frozenset({slot}))  # an old pin must not reach its new owner
                 self._zero_percpu("backend_stats", slot)
+                self._active.reset(slot)
                 self._mark(self.limits.max_services + slot, state.index + 1)
                 state.backends[address] = slot
         applied = tuple((a, b.mac, b.hash_weight, state.backends[a]) for a, b in wanted.items())
@@ -610,9 +629,14 @@ class DataPlane:
 
     def counters(self) -> Counters:
         """All per-service and per-backend counters, summed over CPUs: two batch syscalls, where
-        `service_stats`/`backend_stats` cost one lookup each (4096 backends: ~40 ms)."""
+        `service_stats`/`backend_stats` cost one lookup each (4096 backends: ~40 ms); with each
+        backend's active connections through this node, corrected by the maintenance walk."""
         return read_counters(self._map("service_stats"), self._map("backend_stats"), self.limits.max_services,
-                             self.limits.max_backends)
+                             self.limits.max_backends, self._active)
+
+    def _backend_net(self) -> Any:
+        """Every backend's new_flows - closed (one batch read): what ActiveTally anchors to."""
+        return read_backend_net(self._map("backend_stats"), self.limits.max_backends)
 
     def service_stats(self, index: int) -> ServiceStats:
         return sum_per_cpu(self._map("service_stats").getvalue(ctypes.c_int(index)), ServiceStats)

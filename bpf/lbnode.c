@@ -387,8 +387,12 @@ int xdp_main(struct xdp_md *ctx)
 		if (svc && (svc->flags & SERVICE_F_ACTIVE) && be && (be->flags & BACKEND_F_VALID)) {
 			if (be->flags & BACKEND_F_UNRESOLVED)
 				return verdict(STAT_DROP_UNRESOLVED, XDP_DROP); /* TCP retransmits; re-choosing would reset */
-			if ((__s64)(now - flow->last_seen_ns) > (__s64)cfg->refresh_ns)
+			if ((__s64)(now - flow->last_seen_ns) > (__s64)cfg->refresh_ns) {
 				flow->last_seen_ns = now;
+				/* Forwarded here now: this node's connection, not only a peer's copy
+				 * (least connections counts it here, bpf/counters.py ActiveTally). */
+				flow->flags &= ~FLOW_F_SYNCED;
+			}
 			if (closing && !(flow->flags & FLOW_F_CLOSING)) {
 				flow->flags |= FLOW_F_CLOSING;
 				closed = 1;

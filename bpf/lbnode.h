@@ -52,6 +52,8 @@ struct flow_key {
 /* flow.flags */
 #define FLOW_F_CLOSING 0x1 /* a FIN or RST was seen from the client */
 #define FLOW_F_SYNCED 0x2  /* written by user space (learned from a peer), not pinned here */
+/* ... and not forwarded here since: the program clears FLOW_F_SYNCED when it refreshes a flow's
+ * last_seen_ns (the #define lines above are part of the pinned flow table's signature). */
 
 /* Flow table value: the pinned backend, its service, and when the flow was last seen
  * (refreshed only when older than lb_config.refresh_ns, so established packets rarely write). */
@@ -135,9 +137,10 @@ struct service_stats {
 };
 
 /* Per-CPU counters of one backend. new_flows - closed is what this node adds to the backend's
- * active connections (weighting: leastconn sums it over the cluster): closed counts a pinned
- * flow's first FIN or RST from the client (FLOW_F_CLOSING marks it, so once), here, whichever
- * node pinned it. */
+ * active connections between two maintenance walks, which recount them from the flow table
+ * (weighting: leastconn sums it over the cluster; bpf/counters.py ActiveTally): closed counts a
+ * pinned flow's first FIN or RST from the client (FLOW_F_CLOSING marks it, so once), here,
+ * whichever node pinned it. */
 struct backend_stats {
 	__u64 packets;
 	__u64 bytes;

@@ -34,6 +34,7 @@ from cluster.loadshare import Reading, ServiceShare, service_id, shares_for
 from cluster.status_doc import StatusSource
 from cluster.sync.codec import Load, LoadState
 from cluster.weighting import WeightingMode
+from healthcheck.errors import SteeringError
 from healthcheck.loadprobe import AgentMemory, agent_reading, http_load
 from healthcheck.probe import make_ssl_context
 
@@ -54,9 +55,23 @@ class LoadTransport(Protocol):
     def members(self) -> dict[int, bool]: ...
 
 
+class Marks(Protocol):
+    """The health checker's through-VIP steering (healthcheck/vipnet.py VipSteering)."""
+
+    def mark_for(self, backend: IPAddress) -> int: ...
+
+
+@runtime_checkable
+class ActiveIdle(Protocol):
+    """A data plane that counts active connections within a per-service idle window (DataPlane)."""
+
+    def set_active_idle(self, vip: IPAddress, port: int, proto: int, idle_s: float) -> None: ...
+
+
 class LoadFeed:
     def __init__(self, services: Sequence[ServiceConfig], node_id: int, inbox: Inbox,
-                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None]) -> None:
+                 transport: Callable[[], LoadTransport | None], dataplane: Callable[[], StatusSource | None],
+                 steering: Callable[[], Marks | None] = lambda: None) -> None:
         self.services = {s.name: s for s in services if s.weighting.dynamic}
         self.node_id = node_id
         self.shares: dict[str, ServiceShare] = shares_for(self.services.values(), node_id)
@@ -66,6 +81,7 @@ class LoadFeed:
         self._inbox = inbox
         self._transport = transport
         self._dataplane = dataplane
+        self._steering = steering  # the health checker's: http loads go through the VIP as its checks do
         self._agents: dict[tuple[str, IPAddress], AgentMemory] = {}
         self._dirty: set[str] = set(self.shares)  # the first relay reports every service's state
         self._wake = trio.Event()
@@ -175,7 +191,8 @@ class LoadFeed:
                 else:
                     check = next(c for c in service.checks if c.http is not None)
                     value = await http_load(check, str(address), service.ports[0], w.http_header,
-                                            w.http_json_field, w.timeout_ms / 1000, context)
+                                            w.http_json_field, w.timeout_ms / 1000, context,
+                                            self._via_vip(service, address))
                     out[address] = Reading(value, LoadState.OK) if value is not None else Reading()
 
         async with trio.open_nursery() as nursery:
@@ -183,12 +200,28 @@ class LoadFeed:
                 nursery.start_soon(one, b.address)
         return out
 
+    def _via_vip(self, service: ServiceConfig, address: IPAddress) -> tuple[str, int] | None:
+        """(VIP, mark) for a load read through the VIP, like the service's health checks
+        (`through_vip`); None (straight to the backend's address) without steering for it."""
+        steering = self._steering() if service.through_vip else None
+        if steering is None:
+            return None
+        try:
+            return str(service.vips[0]), steering.mark_for(address)
+        except SteeringError:  # not applied (yet, or any more: a reload replaces the checker)
+            return None
+
     async def _connections(self, service: ServiceConfig) -> dict[IPAddress, Reading]:
-        """This node's share of each backend's active connections: flows pinned here minus flows
-        seen closing here (bpf/lbnode.h backend_stats), over the service's VIPs and ports."""
+        """This node's share of each backend's active connections, over the service's VIPs and
+        ports: the live connections it forwarded within idle_s as the last flow-table walk
+        counted them, corrected by its pins and closes since (bpf/counters.py ActiveTally)."""
         dp = self._dataplane()
         if dp is None:
             return {}
+        if isinstance(dp, ActiveIdle):
+            for vip in service.vips:
+                for port in service.ports:
+                    dp.set_active_idle(vip, port, service.proto, service.weighting.idle_s)
         counters = await trio.to_thread.run_sync(dp.counters)
         out = {}
         for b in service.backends:
@@ -197,7 +230,7 @@ class LoadFeed:
                 for port in service.ports:
                     index = dp.backend_index(vip, port, service.proto, b.address)
                     if index is not None:
-                        total += counters.backend(index).active
+                        total += counters.active(index)
             out[b.address] = Reading(float(total), LoadState.OK)
         return out
 

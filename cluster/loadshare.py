@@ -13,7 +13,8 @@ pinned (its SYN reached node A, its next packet node B) picks another backend. S
    start). It combines the fresh observations (heard within 3 intervals) the same way every
    time: an agent's percentage and an HTTP load are averaged over the nodes that read one, the
    agent's state is the nodes' majority (ties to the more severe: maint > down > drain > ok),
-   active connections are summed (every node counts only the flows it pinned or closed). It
+   active connections are summed (every node counts only the connections it forwards itself,
+   bpf/counters.py ActiveTally). It
    runs the damped controller (cluster/weights.py) for http and leastconn, or follows the
    agent's percentage within floor..ceiling and max_step, and publishes quantised integer
    weights under an epoch (LOAD WEIGHTS, every interval, so a lost datagram or a late joiner
@@ -271,7 +272,7 @@ class ServiceShare:
         observed: dict[IPAddress, float | None] = {}
         for address, weight, capacity in cfg.backends:
             values = [r.value for r in reported[address]]
-            # Connections: the sum of every node's (pinned minus closed here); loads: the mean.
+            # Connections: the sum of every node's (each counts those it forwards); loads: the mean.
             total = math.fsum(values) / (1 if cfg.mode is WeightingMode.LEASTCONN else max(1, len(values)))
             value = max(0.0, total) if values else None
             observed[address] = value

@@ -199,8 +199,16 @@ def _services(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
                       BACKEND_LABELS)
     drained = _gauge("backend_drained", "1 while the backend is drained at run time (`lbnode drain`), until undrained.",
                      BACKEND_LABELS)
-    weight = _gauge("backend_weight", "The backend's weight: configured, and others where the node computes them.",
-                    [*BACKEND_LABELS, "kind"])
+    weight = _gauge("backend_weight", "The backend's weight: configured, and effective (what the hash uses) where "
+                    "the node computes weights from load.", [*BACKEND_LABELS, "kind"])
+    observed = _gauge("backend_load_observed", "Load-aware weighting: the cluster's combined reading of the backend's "
+                      "load (agent: fraction of its weight; http: the reported load; leastconn: active connections "
+                      "summed over the nodes).", BACKEND_LABELS)
+    multiplier = _gauge("backend_weight_multiplier", "Load-aware weighting: the factor on the configured weight the "
+                        "controller (or the agent) sets.", BACKEND_LABELS)
+    active = _gauge("backend_active_connections", "Live connections this node forwards to the backend: not closing, "
+                    "a packet within weighting.idle_s, recounted from the flow table every maintenance pass (what "
+                    "leastconn sums over the nodes).", BACKEND_LABELS)
     b_counts = {key: _counter(f"backend_{key}_total", f"{text} sent to the backend by the XDP program.",
                               BACKEND_LABELS)
                 for key, text in (("packets", "Packets"), ("bytes", "Bytes"), ("new_flows", "New flows"))}
@@ -218,11 +226,17 @@ def _services(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
             disabled.add_metric(blabels, 1.0 if b.get("disabled") or b.get("admin") else 0.0)
             drained.add_metric(blabels, 1.0 if b.get("admin") == "drained" else 0.0)
             for kind, value in _weights(b.get("weight")):
-                weight.add_metric([*blabels, kind], value)
+                if kind == "observed":
+                    observed.add_metric(blabels, value)
+                elif kind == "multiplier":
+                    multiplier.add_metric(blabels, value)
+                else:
+                    weight.add_metric([*blabels, kind], value)
+            active.add_metric(blabels, b.get("active_connections", 0))
             for key, family in b_counts.items():
                 family.add_metric(blabels, b.get(key, 0))
-    yield from (up, usable, need, *s_counts.values(), healthy, in_hash, disabled, drained, weight,
-                *b_counts.values())
+    yield from (up, usable, need, *s_counts.values(), healthy, in_hash, disabled, drained, weight, observed,
+                multiplier, active, *b_counts.values())
     yield from _vip_admin(rows)
 
 
@@ -249,7 +263,8 @@ def _vip_admin(rows: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
 
 def _weights(weight: Any) -> Iterator[tuple[str, float]]:
     """A weight as the document holds it: a number (the configured one), or a mapping of kinds
-    (configured, observed, effective, ...) once the node computes weights from load."""
+    (configured, observed, effective, multiplier; observed is None without a reading) once the
+    node computes weights from load."""
     if isinstance(weight, bool):
         return
     if isinstance(weight, (int, float)):

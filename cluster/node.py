@@ -333,7 +333,7 @@ class Node:
     async def _run_load(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._load = feed = LoadFeed(self.config.services, node_id_of(self.args.ip), self._inbox,
                                      lambda: self._sync if isinstance(self._sync, LoadTransport) else None,
-                                     lambda: self._dp)
+                                     lambda: self._dp, lambda: getattr(self._checker, "steering", None))
         await feed.run(task_status=task_status)
 
     async def _run_speaker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

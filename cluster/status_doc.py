@@ -81,6 +81,10 @@ def services(inputs: StatusInputs, dp: StatusSource | None) -> list[dict[str, An
                 "admin_by": b.admin.by if b.admin else None, "admin_at": b.admin.at if b.admin else None,
                 "packets": bstats.packets if bstats else 0, "bytes": bstats.bytes if bstats else 0,
                 "new_flows": bstats.new_flows if bstats else 0,
+                # live connections this node forwards to it (bpf/counters.py ActiveTally); < 0 for
+                # a moment when flows counted by a peer closed here: shown as 0
+                "active_connections": max(0, counters.active(bindex)) if counters is not None and bindex is not None
+                else 0,
                 "last_error": errors[0] if errors else None,
             })
         rows.append({

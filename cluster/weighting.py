@@ -12,6 +12,8 @@ the configured weights. Validated once; errors name the key path (cluster.config
       floor: 0.1                 # bounds of the multiplier on the configured weight
       ceiling: 8.0
       max_step: 1.5              # the multiplier moves by at most this factor per interval
+      idle_s: 30                 # leastconn: a connection no packet of which this node forwarded
+                                 #   for this long is no longer counted (see below)
 
 The modes (README, "Load-aware weights"):
 
@@ -23,7 +25,11 @@ The modes (README, "Load-aware weights"):
 - http: the number is a load; the controller (cluster.weights) moves the weights towards equal
   utilisation, load / capacity.
 - leastconn: the load is the backend's active connections, counted by the data plane and summed
-  over the cluster; the same controller equalises connections per unit of capacity.
+  over the cluster; the same controller equalises connections per unit of capacity. A connection
+  counts while it is not closing (no FIN/RST from the client) and a node forwarded a packet of it
+  within `idle_s` (at least twice `flows.refresh_s`): each maintenance walk of the flow table
+  recounts, so one that ended unseen (a server reset, a vanished client) drops out after idle_s
+  plus a walk (bpf/counters.py ActiveTally). A connection idle longer than idle_s is not counted.
 
 A backend's `capacity:` (e.g. CPUs) is the denominator of its utilisation; it defaults to 1.
 """
@@ -63,6 +69,7 @@ class WeightingConfig:
     floor: float = 0.1
     ceiling: float = 8.0
     max_step: float = 1.5
+    idle_s: float = 30.0
 
     @property
     def interval_s(self) -> float:
@@ -74,9 +81,9 @@ class WeightingConfig:
 
 
 KEYS = frozenset({"mode", "agent_port", "interval_ms", "timeout_ms", "http_header", "http_json_field", "floor",
-                  "ceiling", "max_step"})
+                  "ceiling", "max_step", "idle_s"})
 _ONLY = {"agent_port": WeightingMode.AGENT, "http_header": WeightingMode.HTTP,
-         "http_json_field": WeightingMode.HTTP}
+         "http_json_field": WeightingMode.HTTP, "idle_s": WeightingMode.LEASTCONN}
 
 
 def from_config(data: Any, path: str, has_http_check: bool) -> WeightingConfig:
@@ -113,9 +120,10 @@ def from_config(data: Any, path: str, has_http_check: bool) -> WeightingConfig:
     floor = _v.number(d, "floor", path, 0.1, 0.001, 1.0)
     ceiling = _v.number(d, "ceiling", path, 8.0, 1.0, 100.0)
     max_step = _v.number(d, "max_step", path, 1.5, 1.01, 10.0)
+    idle_s = _v.number(d, "idle_s", path, 30.0, 1.0, 86_400.0)
     return WeightingConfig(mode=mode, agent_port=agent_port, interval_ms=interval_ms, timeout_ms=timeout_ms,
                            http_header=header, http_json_field=field, floor=floor, ceiling=ceiling,
-                           max_step=max_step)
+                           max_step=max_step, idle_s=idle_s)
 
 
 def capacity(d: Mapping[str, Any], path: str) -> float | None:

@@ -12,8 +12,11 @@ each category per backend, like HAProxy does, and turns it into one reading:
     drain, or 0%           -> DRAIN  (no new flows; pinned ones go on)
     otherwise              -> OK, value = percentage / 100 (1.0 until one was sent)
 
-HTTP. A GET of the service's first http(s) check (its path, host, port, TLS options) straight to
-the backend's address; the load is a number in one response header (`http_header`) or one
+HTTP. A GET of the service's first http(s) check (its path, host, port, TLS options) to the
+backend: through the VIP like the health checks (`via_vip`: connect to the VIP with the socket
+mark that healthcheck/vipnet.py steers to the backend's MAC, so a backend that serves only on
+the VIP, as DSR backends may, is read too), or straight to its address; the load is a number in
+one response header (`http_header`) or one
 top-level JSON field of the body (`http_json_field`). Any status is accepted: passing or failing
 is the health check's business, this only reads a number. A missing, non-numeric, negative or
 non-finite value is no report.
@@ -100,18 +103,23 @@ def load_from_response(response: Response, header: str | None, json_field: str |
 
 
 async def http_load(check: CheckConfig, address: str, port: int, header: str | None, json_field: str | None,
-                    timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> float | None:
-    """GET `check`'s path from `address:port` (the check's port if it has one) and read the load."""
+                    timeout_s: float, ssl_context: ssl.SSLContext | None = None,
+                    via_vip: tuple[str, int] | None = None) -> float | None:
+    """GET `check`'s path from `address:port` (the check's port if it has one) and read the load;
+    with `via_vip` (VIP, mark), from VIP:port on a socket with that mark (the backend's route)."""
     assert check.http is not None
     opts = check.http
-    family = stdsocket.AF_INET6 if ":" in address else stdsocket.AF_INET
-    host = opts.host or (f"[{address}]" if family == stdsocket.AF_INET6 else address)
+    target, mark = via_vip if via_vip is not None else (address, None)
+    family = stdsocket.AF_INET6 if ":" in target else stdsocket.AF_INET
+    host = opts.host or (f"[{target}]" if family == stdsocket.AF_INET6 else target)
     parser = ResponseParser(want_body=json_field is not None, body_cap=BODY_CAP)
     with trio.move_on_after(timeout_s):
         try:
             sock = trio.socket.socket(family, stdsocket.SOCK_STREAM)
             with sock:
-                await sock.connect((address, check.port or port))
+                if mark is not None:
+                    sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_MARK, mark)
+                await sock.connect((target, check.port or port))
                 stream: trio.abc.Stream = trio.SocketStream(sock)
                 if check.kind is CheckKind.HTTPS:
                     ctx = ssl_context or make_ssl_context(opts.verify, opts.ca_file)

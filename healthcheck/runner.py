@@ -124,6 +124,11 @@ class HealthChecker:
         self._health: dict[str, ServiceHealth] = {}
         self._ssl_contexts = _ssl_contexts(self.services)
 
+    @property
+    def steering(self) -> VipSteering | None:
+        """The through-VIP policy routing (its marks), for probes that go where the checks go."""
+        return self._steering
+
     def snapshot(self) -> tuple[ServiceStatus, ...]:
         return tuple(h.snapshot() for h in self._health.values())
 

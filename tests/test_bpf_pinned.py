@@ -165,11 +165,22 @@ def test_resized_flow_table_is_migrated(pins: PinDir) -> None:
         second.close(Leave.PINS)
 
 
+def pin_by_program(dp: DataPlane, n: int) -> int:
+    """n flows pinned by the program (clients 10.0.9.x to VIP_A); the backend index of the first."""
+    for i in range(n):
+        run_xdp(dp.fd, ack(VIP_A, f"10.0.9.{i + 1}"))
+    flows = dp.flows()
+    return flows[0][1].backend
+
+
 def test_changed_flow_types_start_empty_and_keep_counters(pins: PinDir) -> None:
-    """As when struct flow changes: nothing of the forwarding state is adopted, and it says why."""
+    """As when struct flow changes: nothing of the forwarding state is adopted, and it says why.
+    The kept counters still say new_flows - closed = 5 for connections that are gone with the old
+    table: none is counted active (the count starts from this run's own reading)."""
     first = open_dp(pins)
-    first.apply([service(VIP_A, range(1, 3))])
-    pin_flows(first, service(VIP_A, range(1, 3)), backend_n=1, n=50)
+    first.apply([service(VIP_A, range(1, 2))])
+    index = pin_by_program(first, 5)
+    assert first.counters().active(index) == 5
     first.close(Leave.PINS)
     edit_layout(pins, {"maps": {"flows": "0" * 32, "flows@types": "0" * 32}})
     second = open_dp(pins)
@@ -180,21 +191,25 @@ def test_changed_flow_types_start_empty_and_keep_counters(pins: PinDir) -> None:
         assert second.flows() == [] and second.service_index(VIP_A, 80, IPPROTO_TCP) is None
         status = second.pin_status()
         assert status is not None and status["note"] == second.build.note
+        assert second.counters().backend(index).active == 5 and second.counters().active(index) == 0
     finally:
         second.close()
 
 
 def test_counter_layout_change_keeps_the_flows(pins: PinDir) -> None:
-    """As when a header change adds counter fields: those counters restart, the flows stay."""
+    """As when a header change adds counter fields: those counters restart, the flows stay, and
+    so do their connections' active count (the adoption's pass counts them from the table)."""
     first = open_dp(pins)
-    first.apply([service(VIP_A, range(1, 3))])
-    pin_flows(first, service(VIP_A, range(1, 3)), backend_n=1, n=50)
+    first.apply([service(VIP_A, range(1, 2))])
+    pin_flows(first, service(VIP_A, range(1, 2)), backend_n=1, n=50)  # stamped 0: long idle
+    index = pin_by_program(first, 5)
     first.close(Leave.PINS)
     edit_layout(pins, {"maps": {"backend_stats": "0" * 32}})
     second = open_dp(pins)
     try:
-        assert second.build is not None and second.build.adopted_flows and second.adopted == 50
+        assert second.build is not None and second.build.adopted_flows and second.adopted == 55
         assert "backend_stats" in second.build.fresh and "service_stats" in second.build.reused
+        assert second.counters().backend(index).new_flows == 0 and second.counters().active(index) == 5
     finally:
         second.close()
 

@@ -10,14 +10,17 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, Raw  # type: ignore[attr-defined]
 from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig
 
-from bpf.dataplane import BackendSpec, DataPlane, MapError, ServiceSpec
+from bpf.counters import ActiveTally
+from bpf.dataplane import BackendSpec, DataPlane, MapError, ServiceSpec, monotonic_ns
 from bpf.flowhash import flow_hash
 from bpf.loader import Limits
 from bpf.ringbuf import RingReader
@@ -25,6 +28,7 @@ from bpf.structs import (
     EVENT_FLOW_CLOSE,
     EVENT_FLOW_NEW,
     FLOW_F_CLOSING,
+    FLOW_F_SYNCED,
     IPPROTO_TCP,
     IPPROTO_UDP,
     NEW_PIN_WINDOW_NS,
@@ -443,6 +447,87 @@ def test_active_connections_count_opened_minus_closed_once_per_flow(dp: DataPlan
     run_xdp(dp.fd, tcp4("A", sport=7000))
     stats = dp.backend_stats(backend)
     assert stats.active - a0 == 8 and stats.closed >= 4
+
+
+def _walk(dp: DataPlane) -> None:
+    while not dp.maintain():
+        pass
+
+
+def test_active_connections_are_recounted_from_the_flow_table(dp: DataPlane) -> None:
+    """The drift of new_flows - closed is corrected by each maintenance pass: connections that
+    ended unseen (idle past the window: a vanished client or a server reset; evicted) stop
+    counting, a peer's copy (FLOW_F_SYNCED) never counts until this node forwards a packet of it,
+    closing flows never count, and pins and closes between passes show at once."""
+    dp.tick()
+    _walk(dp)  # the table is empty: the baseline
+    backend, service = dp.backend_index(VIP4, 80, IPPROTO_TCP, B1.address), dp.service_index(VIP4, 80, IPPROTO_TCP)
+    assert backend is not None and service is not None
+    assert dp.counters().active(backend) == 0
+    for sport in range(7000, 7010):  # ten connections pinned here
+        run_xdp(dp.fd, tcp4("S", sport=sport))
+        run_xdp(dp.fd, tcp4("A", sport=sport))
+    run_xdp(dp.fd, tcp4("FA", sport=7009))  # one closed by its client
+    assert dp.counters().active(backend) == 9  # between passes: the counters alone
+    old_ns = monotonic_ns() - 60 * 10**9  # past the default window (30 s)
+    key = partial(FlowKey.make, CLIENT4, dst=VIP4, dport=80, proto=IPPROTO_TCP)
+    # 7000-7002 went silent a minute ago (client vanished, server reset); 7003 was evicted.
+    dp.write_flows([(key(sport=p), Flow(backend, service, 0, old_ns)) for p in range(7000, 7003)])
+    dp.delete_flows([key(sport=7003)])
+    # Five connections a peer forwards (its copy here: synced, stamped old), one of which then
+    # moves to this node (its next packet reaches us: the program clears FLOW_F_SYNCED).
+    dp.write_flows([(key(sport=p), Flow(backend, service, FLOW_F_SYNCED, old_ns)) for p in range(7500, 7505)])
+    assert dp.counters().active(backend) == 9  # drift: nothing told the counters
+    run_xdp(dp.fd, tcp4("A", sport=7500))
+    assert dp.lookup_flow(key(sport=7500)).flags == 0  # type: ignore[union-attr]
+    assert dp.lookup_flow(key(sport=7501)).flags == FLOW_F_SYNCED  # type: ignore[union-attr]
+    _walk(dp)
+    assert dp.counters().active(backend) == 6  # 7004-7008 and 7500
+    run_xdp(dp.fd, tcp4("RA", sport=7004))  # after the pass: counters again
+    run_xdp(dp.fd, tcp4("S", sport=7600))
+    run_xdp(dp.fd, tcp4("A", sport=7600))
+    assert dp.counters().active(backend) == 6
+    _walk(dp)
+    assert dp.counters().active(backend) == 6
+    # A window of its own for the service (at least 2 x refresh_s = 2 s): 10 s old is idle now.
+    dp.write_flows([(key(sport=7005), Flow(backend, service, 0, monotonic_ns() - 10 * 10**9))])
+    _walk(dp)
+    assert dp.counters().active(backend) == 6
+    dp.set_active_idle(VIP4, 80, IPPROTO_TCP, 5.0)
+    _walk(dp)
+    assert dp.counters().active(backend) == 5
+    dp.set_active_idle(VIP4, 80, IPPROTO_TCP, 30.0)
+
+
+def test_a_reused_backend_index_starts_with_no_active_connections() -> None:
+    """A backend index taken anew has its counters zeroed: its active count starts from 0 (not
+    minus what its previous owner had); also when that happens while a pass walks."""
+    small = DataPlane(Limits(max_services=4, max_backends=2, flow_table_size=1024))
+    try:
+        small.set_config(OUR_MAC)
+        small.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B1,))])
+        index = small.backend_index(VIP4, 80, IPPROTO_TCP, B1.address)
+        assert index is not None
+        for sport in range(100, 104):
+            run_xdp(small.fd, tcp4("A", sport=sport))
+        _walk(small)
+        assert small.counters().active(index) == 4
+        small.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B2,))])  # B1 retired, its index quarantined
+        small.apply([ServiceSpec(VIP4, 80, IPPROTO_TCP, (B3,))])  # B1's index purged and reused
+        reused = small.backend_index(VIP4, 80, IPPROTO_TCP, B3.address)
+        assert reused == index
+        assert small.counters().active(index) == 0
+        _walk(small)
+        assert small.counters().active(index) == 0
+        run_xdp(small.fd, tcp4("A", sport=200))
+        assert small.counters().active(index) == 1
+    finally:
+        small.close()
+    tally = ActiveTally(2, np.array([5, 5], dtype=np.int64))
+    tally.pass_started()
+    tally.reset(0)  # while the pass walks: what it read of index 0 is its previous owner's
+    tally.pass_completed(np.array([4, 2], dtype=np.int64), np.array([5, 5], dtype=np.int64))
+    assert list(tally.active(np.array([1, 6], dtype=np.int64))) == [1, 3]
 
 
 def test_weight_changes_never_move_a_pinned_flow(dp: DataPlane) -> None:

@@ -30,11 +30,6 @@ CONFIG = load_text(CONFIG_TEXT, ip("10.0.0.1"))
 
 
 @dataclass
-class Stats:
-    active: int
-
-
-@dataclass
 class FakeDataPlane:
     """Each node pinned 30 connections on each backend."""
 
@@ -43,8 +38,8 @@ class FakeDataPlane:
     def counters(self) -> FakeDataPlane:
         return self
 
-    def backend(self, index: int) -> Stats:
-        return Stats(self.conns[index])
+    def active(self, index: int) -> int:
+        return self.conns[index]
 
     def backend_index(self, vip: object, port: int, proto: int, address: ipaddress.IPv4Address) -> int | None:
         return 0 if str(address) == "10.1.0.1" else 1

@@ -163,23 +163,68 @@ def observed_connections(e: WeightLab, node: str) -> tuple[float, ...] | None:
     return None if any(o is None for o in observed) else observed
 
 
-@pytest.mark.parametrize("weight_lab", [{"mode": "leastconn", "interval_ms": 500}], indirect=True)
-def test_leastconn_every_node_sees_the_clusters_connection_counts(weight_lab: WeightLab) -> None:
-    """Each node counts the flows it pinned minus the ones it saw close; the leader's sum is the
-    cluster's count, the same on every node: the long connections, up and after they close."""
-    e = weight_lab
+def counted(e: WeightLab, total: int) -> bool:
+    """Every node shows the same connection counts, which add up to `total` (within 2)."""
+    seen = [observed_connections(e, n) for n in e.nodes]
+    return all(s is not None and abs(sum(s) - total) <= 2 for s in seen) and len(set(seen)) == 1
+
+
+def start_counting(e: WeightLab, short_rate: float) -> Load:
+    """All nodes up and routed, LONG long connections counted on every node."""
     for node in e.nodes:
         e.start_node(node)
     e.wait_next_hops(NODES, timeout_s=60)
-    load = Load(e, long=LONG, short_rate=1)
+    load = Load(e, long=LONG, short_rate=short_rate)
+    wait_until(lambda: counted(e, LONG), timeout_s=20, what=f"{LONG} connections counted on every node")
+    return load
 
-    def counted(total: int) -> bool:
-        seen = [observed_connections(e, n) for n in e.nodes]
-        return all(s is not None and abs(sum(s) - total) <= 2 for s in seen) and len(set(seen)) == 1
 
-    wait_until(lambda: counted(LONG), timeout_s=20, what=f"{LONG} connections counted on every node")
+@pytest.mark.parametrize("weight_lab", [{"mode": "leastconn", "interval_ms": 500}], indirect=True)
+def test_leastconn_every_node_sees_the_clusters_connection_counts(weight_lab: WeightLab) -> None:
+    """Each node counts the connections it forwards (pinned or closed here, recounted from its
+    flow table every pass); the leader's sum is the cluster's count, the same on every node: the
+    long connections, up and after they close."""
+    e = weight_lab
+    load = start_counting(e, short_rate=1)
     counts = observed_connections(e, "node1")
     report = load.stop()
     assert report["long"]["lost"] == {}, report
     assert counts is not None and all(c > 0 for c in counts), counts  # spread over the three backends
-    wait_until(lambda: counted(0), timeout_s=20, what="the closed connections uncounted on every node")
+    wait_until(lambda: counted(e, 0), timeout_s=20, what="the closed connections uncounted on every node")
+
+
+IDLE_S = 3.0  # weighting.idle_s of the next test (at least 2 x flows.refresh_s = 2 s)
+MAINTAIN_S = 5.0  # a maintenance pass of the flow table every 5 s while idle (cluster/node.py)
+
+
+@pytest.mark.parametrize("weight_lab", [{"mode": "leastconn", "interval_ms": 500, "idle_s": IDLE_S}],
+                         indirect=True)
+def test_leastconn_connections_that_end_unseen_stop_counting_after_the_idle_window(weight_lab: WeightLab) -> None:
+    """Connections whose end no node sees (the client's FIN and RST dropped on its way out, then the
+    client killed: as for a vanished client or a server's reset, which DSR never shows) are no longer
+    counted once they have been idle for idle_s and a maintenance pass recounted the flow table;
+    until then, and while they echo, they are counted once in the cluster's sum, not per node."""
+    e = weight_lab
+    load = start_counting(e, short_rate=0)
+    # Counted over several passes and idle windows while they echo (every 100 ms): nothing drops out.
+    deadline = time.monotonic() + 2 * MAINTAIN_S
+    while time.monotonic() < deadline:
+        assert counted(e, LONG), [observed_connections(e, n) for n in e.nodes]
+        time.sleep(0.5)  # noqa: ASYNC251 -- a sampling period under a deadline, not a wait for a condition
+    e.lab.ns_run(e.client, "nft", "add", "table", "inet", "lbunseen")
+    e.lab.ns_run(e.client, "nft", "add", "chain", "inet", "lbunseen", "out",
+                 "{ type filter hook output priority 0 ; }")
+    e.lab.ns_run(e.client, "nft", "add", "rule", "inet", "lbunseen", "out", "tcp", "flags", "&", "(fin|rst)",
+                 "!=", "0", "drop")
+    load.proc.kill()  # its sockets close: FINs (or RSTs) that never leave the client
+    load.proc.wait(timeout=30)
+    killed = time.monotonic()
+    assert counted(e, LONG)  # nothing told the nodes
+    wait_until(lambda: counted(e, 0), timeout_s=IDLE_S + 2 * MAINTAIN_S + 10,
+               what="the connections that ended unseen uncounted on every node")
+    took = time.monotonic() - killed
+    print(f"connections that ended unseen: uncounted on every node {took:.1f} s after the client died "
+          f"(idle_s {IDLE_S:g}, a pass every {MAINTAIN_S:g} s)")
+    assert took >= IDLE_S - 0.5  # not before the idle window
+    for node in e.nodes:
+        assert "Traceback" not in e.node_log(node)

@@ -21,10 +21,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from bpf.structs import Stat
 from cluster import control, metrics, status
 from cluster.config import HttpConfig, load_text
+from cluster.loadshare import BackendWeight, Published
 from cluster.node import Node, NodeArgs
+from cluster.status_doc import document
+from cluster.sync.codec import LoadState
 from cluster.web import Listener, WebError
 from healthcheck.latency import BUCKETS_S, LatencyHistogram
-from tests.web_fixtures import NODE_IP, admin_state, schema_errors, unit_document, unit_snapshot
+from tests.web_fixtures import (
+    NODE_IP,
+    FakeSource,
+    admin_state,
+    schema_errors,
+    unit_document,
+    unit_inputs,
+    unit_snapshot,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -145,18 +156,67 @@ def test_latency_histogram_is_bounded_and_a_bound_belongs_to_its_bucket() -> Non
     assert snap.cumulative()[-1] == (float("inf"), 6)
 
 
-@pytest.mark.parametrize(("weight", "expected"), [
-    (3, {"configured": 3.0}),
-    ({"configured": 2, "observed": 0.4, "effective": 1.5, "note": "x"}, {"configured": 2.0, "effective": 1.5,
-                                                                        "observed": 0.4}),
+@pytest.mark.parametrize(("weight", "expected", "observed"), [
+    (3, {"configured": 3.0}, {}),
+    ({"configured": 2, "observed": 0.4, "effective": 1.5, "note": "x"}, {"configured": 2.0, "effective": 1.5},
+     {"lbnode_backend_load_observed": 0.4}),
+    ({"configured": 2, "observed": None, "effective": 2}, {"configured": 2.0, "effective": 2.0}, {}),
 ])
-def test_a_weight_is_exported_by_kind_in_both_document_forms(weight: object, expected: dict[str, float]) -> None:
+def test_a_weight_is_exported_by_kind_in_both_document_forms(weight: object, expected: dict[str, float],
+                                                             observed: dict[str, float]) -> None:
+    """Weights by kind; the observed load (not a weight) has a gauge of its own, only with a reading."""
     doc = unit_document()
     doc["services"][0]["backends"][0]["weight"] = weight
     text = metrics.render(metrics.Snapshot(doc))
     got = {dict(k)["kind"]: v for k, v in samples(text, "lbnode_backend_weight").items()
            if dict(k)["backend"] == "10.0.0.11"}
     assert got == expected
+    assert {name: v for name in ("lbnode_backend_load_observed", "lbnode_backend_weight_multiplier")
+            for k, v in samples(text, name).items() if dict(k)["backend"] == "10.0.0.11"} == observed
+
+
+def load_aware_snapshot() -> metrics.Snapshot:
+    """The unit document with published load-aware weights for service web (as leastconn's leader
+    publishes them: observed = the cluster's connections)."""
+    inputs = unit_inputs()
+    published = Published(0x0A000001, 7, {
+        ipaddress.ip_address("10.0.0.11"): BackendWeight(150, 12.0, 1.5, LoadState.OK),
+        ipaddress.ip_address("10.0.0.12"): BackendWeight(50, 40.0, 0.5, LoadState.OK),
+        ipaddress.ip_address("10.0.0.13"): BackendWeight(100, None, 1.0, LoadState.NONE)})
+    inputs = dataclasses.replace(inputs, weights={"web": published})
+    return metrics.Snapshot(document(inputs, FakeSource()), inputs.health)
+
+
+def test_load_aware_backends_export_observed_load_multiplier_effective_weight_and_active_connections() -> None:
+    snapshot = load_aware_snapshot()
+    text = metrics.render(snapshot)
+    fams = families(text)
+    for name in ("lbnode_backend_load_observed", "lbnode_backend_weight_multiplier",
+                 "lbnode_backend_active_connections"):
+        assert fams[name].type == "gauge", name
+    web = {row["vip"]: row for row in snapshot.document["services"]}["192.0.2.10"]
+    labels = {b["address"]: (("backend", b["address"]), ("port", "80"), ("proto", "tcp"), ("service", "web"),
+                             ("vip", "192.0.2.10")) for b in web["backends"]}
+    observed = samples(text, "lbnode_backend_load_observed")
+    multiplier = samples(text, "lbnode_backend_weight_multiplier")
+    assert observed[labels["10.0.0.11"]] == 12.0 and observed[labels["10.0.0.12"]] == 40.0
+    assert labels["10.0.0.13"] not in observed  # no node read one: no sample rather than a made-up 0
+    assert multiplier[labels["10.0.0.11"]] == 1.5 and multiplier[labels["10.0.0.13"]] == 1.0
+    weights = samples(text, "lbnode_backend_weight")
+    for b in web["backends"]:
+        effective = (labels[b["address"]][0], ("kind", "effective"), *labels[b["address"]][1:])
+        assert weights[effective] == b["weight"]["effective"]
+    active = samples(text, "lbnode_backend_active_connections")
+    assert {a: active[k] for a, k in labels.items()} == {b["address"]: b["active_connections"] for b in web["backends"]}
+    assert all(b["active_connections"] > 0 for b in web["backends"])  # the fake's new_flows - closed
+    assert len(active) == sum(len(r["backends"]) for r in snapshot.document["services"])  # every backend has one
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_metrics_of_load_aware_services() -> None:
+    lint = subprocess.run(["promtool", "check", "metrics"], input=metrics.render(load_aware_snapshot()),
+                          capture_output=True, timeout=30)
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
 
 
 def test_the_unit_built_document_matches_the_schema_and_carries_its_version() -> None:
