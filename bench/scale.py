@@ -26,6 +26,7 @@ node's own, without bcc; the pins go when it closes.
 """
 from __future__ import annotations
 
+import gc
 import argparse
 import contextlib
 import ipaddress
@@ -265,6 +266,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> str:
                 await nursery.start(node._applier.run, dp)
                 await node.applied()
             await phases.run("first apply, 64 x 64 tables", first_apply)
+            gc.freeze()  # as Node._serve does once it is ready
             nursery.start_soon(node._maintain_flows)
             rss_before = rss_mb()  # the node's idle RSS, tables applied, no flows yet
             peak = RssPeak()

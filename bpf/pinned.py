@@ -364,16 +364,21 @@ def build_in_child(pins: PinDir | None, ifname: str, limits: Limits, extra_cflag
                                + ("\n".join(noise[-60:]).strip() or "(no output)"))
         ours.setblocking(False)
         try:
-            message, fds, _, _ = socket.recv_fds(ours, 1 << 16, 64)
+            message, fds, flags, _ = socket.recv_fds(ours, 1 << 16, 64)
         except BlockingIOError:
             raise CompileError("compile child exited without handing over its fds: " + "\n".join(noise[-20:])) from None
-    doc = json.loads(message)
-    names = list(doc["maps"])
-    if len(fds) != 1 + len(names):
-        for fd in fds:
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ValueError("message or fds cut short")
+        doc = json.loads(message)
+        names = list(doc["maps"])
+        if len(fds) != 1 + len(names):
+            raise ValueError(f"{len(fds)} fds for {1 + len(names)} objects")
+        return ChildBuild(BuildReport.from_json(doc["report"]), fds[0], dict(zip(names, fds[1:], strict=True)))
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        for fd in fds:  # none of them is handed on: close them all
             os.close(fd)
-        raise CompileError(f"compile child handed over {len(fds)} fds for {1 + len(names)} objects")
-    return ChildBuild(BuildReport.from_json(doc["report"]), fds[0], dict(zip(names, fds[1:], strict=True)))
+        raise CompileError(f"compile child's hand-over is unusable: {exc}") from None
 
 
 def limits_dict(limits: Limits) -> dict[str, int]:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
+from bpf.loglimit import LogLimiter
 from bpf.structs import IPAddress
 from cluster.config import ServiceConfig
 from cluster.events import Inbox, WeightsPublished
@@ -82,6 +83,7 @@ class LoadFeed:
         self._transport = transport
         self._dataplane = dataplane
         self._steering = steering  # the health checker's: http loads go through the VIP as its checks do
+        self._error_log = LogLimiter(10.0)
         self._agents: dict[tuple[str, IPAddress], AgentMemory] = {}
         self._dirty: set[str] = set(self.shares)  # the first relay reports every service's state
         self._wake = trio.Event()
@@ -160,12 +162,22 @@ class LoadFeed:
         while True:
             readings = await self._read(service, context)
             now = trio.current_time()
-            share.observe(readings, now)
             transport = self._transport()
             if transport is not None and transport.load_sink != self.receive:
                 transport.load_sink = self.receive  # a new sync (a reload) hears from now on
-            loads, changed = share.tick(transport.members() if transport else {},
-                                        transport.ready if transport else True, now)
+            try:
+                share.observe(readings, now)
+                loads, changed = share.tick(transport.members() if transport else {},
+                                            transport.ready if transport else True, now)
+            except (ArithmeticError, ValueError) as exc:
+                # Inputs are bounded where they are read and decoded; should arithmetic on them
+                # still fail, this service keeps its last weights and the node goes on.
+                share.counters["errors"] += 1
+                held = self._error_log.allow(now)
+                if held is not None:
+                    log.error("%s: load-aware weights not updated: %r%s", name, exc,
+                              f" ({held} more since the last report)" if held else "")
+                loads, changed = [], False
             if transport is not None:
                 for load in loads:
                     transport.send_load(load)

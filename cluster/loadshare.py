@@ -108,7 +108,7 @@ class ShareConfig:
         return self.params.stale_after_s
 
 
-COUNTERS = ("observations", "publications", "published", "not_leader", "mismatched", "stale")
+COUNTERS = ("observations", "publications", "published", "not_leader", "mismatched", "stale", "errors")
 
 
 @dataclass(slots=True)
@@ -252,7 +252,16 @@ class ServiceShare:
             # The same weights under the same epoch; only the readings are this interval's.
             self.published = Published(self.node_id, current.epoch, backends)
             return current.backends != backends
-        self.published = Published(self.node_id, current.epoch + 1 if current is not None else 1, backends)
+        if current is not None and current.leader == self.node_id:
+            epoch = current.epoch + 1
+        else:
+            # The first publication of a leadership (start-up, a reload that changed the service,
+            # a failover): above every epoch this node id may have published before, in this
+            # process or an earlier one, or its peers would drop its publications as stale until
+            # it caught up. Epochs grow by one an interval (>= 0.1 s); `now` (the monotonic
+            # clock, system-wide: it goes on across a process restart) by 1,000 a second.
+            epoch = max(current.epoch + 1 if current is not None else 1, int(now * 1000))
+        self.published = Published(self.node_id, epoch, backends)
         self.counters["publications"] += 1
         return True
 

@@ -183,7 +183,13 @@ class Node:
                 self.reconcile()
                 log.info("ready: serving %d services", len(self.config.services))
                 self._loop_watch.reset()  # start-up (attach, first tables) is not a stall of the serving loop
-                gc.freeze()  # see _reload
+                # What start-up built (modules, components, the first config and tables'
+                # bookkeeping: ~100k objects at 4,096 backends) leaves the collector's generations:
+                # a full collection walks every tracked object holding the GIL, 50-70 ms at that
+                # size, whichever thread triggers it. Only once: frozen objects are still freed by
+                # reference counting, but a frozen cycle dropped later never is, so freezing at
+                # every reload would leak the old config's cycles each time.
+                gc.freeze()
                 self._started.set()
                 task_status.started()
                 if self._reload_pending:
@@ -271,11 +277,6 @@ class Node:
             return
         self.reloads["ok"] += 1
         self.last_reload_error = None
-        # The heap as it is now (config, views, tables' bookkeeping: ~100k objects at 4,096
-        # backends) leaves the collector's generations. A full collection walks every tracked
-        # object while holding the GIL, blocking the loop 50-70 ms at that size whichever thread
-        # triggers it; frozen objects are still freed by reference counting when dropped.
-        gc.freeze()
         log.info("reload: config from %s applied", path)
 
     async def _switch_config(self, old: NodeConfig, new: NodeConfig) -> None:
@@ -566,11 +567,14 @@ class Node:
     async def _control(self, request: control.Request, peer: Peer) -> dict[str, Any]:
         """`lbnode drain/undrain/disable/enable` (cluster.adminctl): a change is reconciled at once,
         so a disabled VIP's route is withdrawn before the reply."""
-        reply = await self._admin.apply(request, peer, self.config)
-        if reply["changed"]:
-            self.reconcile()
-            self._status.invalidate()
-            self._web.invalidate()  # /metrics too
+        # Shielded: the socket's request deadline must not land between the admin state changing
+        # (in memory and in its file) and the reconcile that applies it.
+        with trio.CancelScope(shield=True):
+            reply = await self._admin.apply(request, peer, self.config)
+            if reply["changed"]:
+                self.reconcile()
+                self._status.invalidate()
+                self._web.invalidate()  # /metrics too
         return reply
 
     async def status(self) -> bytes:

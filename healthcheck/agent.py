@@ -38,6 +38,7 @@ import trio
 from healthcheck.probe import SocketFactory, failure_reason, plain_socket
 
 MAX_WEIGHT = 1000
+MAX_PERCENT = 100_000  # a bigger percentage means the same: the scaled weight is capped at MAX_WEIGHT
 MAX_REPLY_BYTES = 1024  # an agent line is a few words; more than this is a broken agent
 _SEPARATORS = re.compile(r"[ \t,]+")
 _PERCENT = re.compile(r"[0-9]+%")
@@ -115,7 +116,7 @@ def parse_agent_reply(text: str) -> AgentReport:
             admin = _ADMIN_WORDS[lower]
         elif word[0].isdigit() and "%" in word:
             if _PERCENT.fullmatch(word):
-                weight_pct = int(word[:-1])
+                weight_pct = min(int(word[:-1]), MAX_PERCENT)  # so weight_pct / 100 stays a float
             else:
                 warnings.append(f"bad weight {word!r}")
         elif lower.startswith("maxconn:"):

@@ -40,6 +40,8 @@ from healthcheck.probe import make_ssl_context
 __all__ = ["AgentMemory", "AgentReading", "agent_reading", "http_load", "load_from_response"]
 
 RECV_SIZE = 16384
+# A load above this is no load report (cluster.sync.codec.MAX_LOAD_VALUE refuses it on the wire too).
+MAX_LOAD_VALUE = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +99,9 @@ def load_from_response(response: Response, header: str | None, json_field: str |
         return None
     try:
         value = float(raw) if isinstance(raw, (int, float, str)) else math.nan
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer too big for a float
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    return value if math.isfinite(value) and 0 <= value <= MAX_LOAD_VALUE else None
 
 
 async def http_load(check: CheckConfig, address: str, port: int, header: str | None, json_field: str | None,

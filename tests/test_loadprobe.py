@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import trio
 
-from healthcheck.agent import parse_agent_reply
+from healthcheck.agent import MAX_PERCENT, parse_agent_reply
 from healthcheck.config import CheckConfig
 from healthcheck.http import Response
 from healthcheck.loadprobe import AgentMemory, AgentReading, agent_reading, http_load, load_from_response
@@ -40,11 +40,18 @@ def test_agent_words_hold_until_changed_like_haproxy() -> None:
     ((), b'[1, 2]', None, "load", None),
     ((), b'not json', None, "load", None),
     ((), b'{"load": 1e999}', None, "load", None),
+    ((("x-load", "1e308"),), b"", "X-Load", None, None),  # finite, but the leader sums them
+    ((), b'{"load": ' + b"9" * 400 + b"}", None, "load", None),  # an int too big for a float
 ])
 def test_a_load_is_a_finite_number_at_least_zero(headers: tuple[tuple[str, str], ...], body: bytes,
                                                  header: str | None, field: str | None,
                                                  expected: float | None) -> None:
     assert load_from_response(Response(200, "OK", headers, body, False), header, field) == expected
+
+
+def test_a_huge_agent_percentage_is_capped_not_an_overflow() -> None:
+    reading = AgentMemory().update(parse_agent_reply("9" * 400 + "%"))
+    assert reading == AgentReading("ok", MAX_PERCENT / 100)
 
 
 async def test_probes_read_real_servers_and_fail_quietly() -> None:

@@ -234,6 +234,7 @@ def test_load_golden_bytes_round_trip() -> None:
     (80, 0x04, "weight 0x04fa > 1000"),
     (68, 0x7F, "value NaN (exponent all ones)"),
     (76, 0xBF, "negative multiplier"),
+    (68, 0x7E, "value ~1e299 > MAX_LOAD_VALUE (the leader sums values)"),
 ])
 def test_bad_load_records_are_refused(offset: int, value: int, what: str) -> None:
     raw = bytearray(GOLDEN_LOAD)
@@ -248,6 +249,7 @@ def test_bad_load_records_are_refused(offset: int, value: int, what: str) -> Non
 def test_bad_loads_are_not_encoded() -> None:
     for load in (g.Load(g.LoadKind.OBSERVE, bytes(7), 1, 1, ()),
                  g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 1, (g.LoadRecord(BACKEND, float("inf")),)),
+                 g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 1, (g.LoadRecord(BACKEND, 1e10),)),
                  g.Load(g.LoadKind.WEIGHTS, bytes(8), 1, 1, (g.LoadRecord(BACKEND, 1.0, weight=1001),)),
                  g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 1, (), part=1, parts=1),
                  g.Load(g.LoadKind.OBSERVE, bytes(8), 1, 99, (g.LoadRecord(BACKEND, 0.0),) * 42)):

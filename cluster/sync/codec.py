@@ -121,6 +121,9 @@ CHUNK_PREAMBLE = struct.Struct("!IIIHH")  # target node, request id, chunk index
 LOAD_PREAMBLE = struct.Struct("!BBBBI8sQ")  # kind, part, parts, reserved, backends in the service, service id, epoch
 LOAD_RECORD = struct.Struct("!16sdfHBB")  # backend address16, value, multiplier, weight, state, reserved
 MAX_LOAD_WEIGHT = 1000  # cluster.weights.MAX_WEIGHT
+# Readings and multipliers beyond this are refused (healthcheck.loadprobe.MAX_LOAD_VALUE): the
+# leader sums up to MAX_NODES of them, and a sum of values near 1e308 overflows.
+MAX_LOAD_VALUE = 1e9
 
 
 
@@ -453,7 +456,8 @@ def encode_load(keys: Keyring, node_id: int, incarnation: int, seq: int, load: L
 def _load_values_ok(value: float, multiplier: float, weight: int) -> bool:
     # A value may be negative: a node's active-connection count is the flows it pinned minus
     # those it saw close, and a flow pinned on one node may close on another (only the sum is >= 0).
-    return math.isfinite(value) and math.isfinite(multiplier) and multiplier >= 0 and 0 <= weight <= MAX_LOAD_WEIGHT
+    return (math.isfinite(value) and abs(value) <= MAX_LOAD_VALUE and math.isfinite(multiplier)
+            and 0 <= multiplier <= MAX_LOAD_VALUE and 0 <= weight <= MAX_LOAD_WEIGHT)
 
 
 def load(body: memoryview | bytes) -> Load:
