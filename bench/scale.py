@@ -26,9 +26,9 @@ node's own, without bcc; the pins go when it closes.
 """
 from __future__ import annotations
 
-import gc
 import argparse
 import contextlib
+import gc
 import ipaddress
 import json
 import os
