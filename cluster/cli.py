@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from bpf.loader import XdpMode
+from bpf.pinned import netns_inode
 from bpf.structs import IPAddress
 from cluster import control, logfmt, status
 from cluster.config import ConfigError, NodeConfig, load_file, normalised
@@ -150,7 +151,7 @@ def interface_lock(ifname: str) -> tuple[int, str]:
 
 def run_file(ifname: str, suffix: str) -> str:
     """/run/lbnode/<netns inode>-<ifname><suffix>: interface names repeat across namespaces."""
-    return f"{status.RUN_DIR}/{os.stat('/proc/self/ns/net').st_ino}-{ifname}{suffix}"
+    return f"{status.RUN_DIR}/{netns_inode()}-{ifname}{suffix}"
 
 
 def admin_state_path(ifname: str) -> str:
