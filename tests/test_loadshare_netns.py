@@ -131,7 +131,9 @@ def test_weights_change_every_second_agree_on_every_node_and_never_move_a_pinned
     assert after is not None
     failover_s = max(s["adopted_at"] for s in after) - killed_at
     e.wait_next_hops(NODES - {"10.0.0.1"}, timeout_s=20)
-    time.sleep(2)  # noqa: ASYNC251 -- let the moved long connections echo a few more times
+    load.report("mark")  # the moved long connections echo again, each at least twice, before the checks
+    wait_until(lambda: load.report()["long"]["min_echoed_since_mark"] >= 2, timeout_s=30, interval_s=0.5,
+               what="every long connection echoing again after the failover")
     report = load.stop()
     apart_ms = 1000 * abs(after[0]["adopted_at"] - after[1]["adopted_at"])
     print(f"failover: node2 leads and node3 follows {failover_s:.2f} s after node1 was killed "
